@@ -1,0 +1,408 @@
+"""Typed training configuration: dataclasses, TOML presets and command-line overrides.
+
+One place decides what a key means and which values it accepts, so a typo in a preset or on
+the command line fails before any model is loaded, with the list of keys that do exist.
+The resolved configuration is written into the run folder so a run can be reproduced (and
+resumed) from its own record rather than from whatever the preset says today.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names it and the fix."""
+
+
+# Allowed values of the string fields that are really enumerations.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "teacher.dtype": ("bf16", "fp16", "fp32"),
+    "student.init": ("pretrained", "scratch"),
+    "data.mode": ("packed", "padded"),
+    "loss.backend": ("auto", "triton", "torch"),
+    "optim.schedule": ("constant", "cosine"),
+    "precision": ("bf16-autocast", "bf16-pure", "fp32"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/distill"
+    steps: int = 64
+    seed: int = 0
+    # "auto" continues from the newest complete checkpoint in out_dir, "none" starts fresh
+    # (refusing to overwrite existing checkpoints), anything else is a checkpoint folder.
+    resume: str = "auto"
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    keep_last: int = 2
+    log_every: int = 1
+    val_every: int = 0  # optimizer steps between validations; 0 = only at the end
+    val_batches: int = 8  # 0 = the whole validation split
+    max_bad_steps: int = 3  # non-finite steps in a row before the run stops
+    export_dir: str = ""  # final Hugging Face folder; empty = <out_dir>/final
+    tokenizer: str = ""  # tokenizer.json copied beside the exported student when set
+
+
+@dataclass
+class TeacherConfig:
+    path: str = ""  # empty = no teacher: plain cross-entropy (pre)training
+    dtype: str = "bf16"
+
+
+@dataclass
+class StudentConfig:
+    path: str = ""
+    init: str = "pretrained"
+    # Shape used only for init = "scratch".
+    num_layers: int = 6
+    hidden_size: int = 512
+    num_heads: int = 8
+    intermediate_size: int = 2048
+    vocab_size: int = 50304
+    max_positions: int = 2048
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a folder written by data.preprocess
+    mode: str = "packed"
+    val_fraction: float = 0.01
+    pad_id: int = 1
+    valid_vocab: int = 0  # real tokenizer ids; 0 = every logit column is a real token
+
+
+@dataclass
+class BatchConfig:
+    micro_batch: int = 2
+    accum_steps: int = 1
+    seq_len: int = 2048
+    memory_budget: str = ""  # e.g. "12GiB": pick micro_batch to fit, keep tokens per step
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 0.5  # weight of the hard-label CE; 1 - alpha weighs the KD term
+    temperature: float = 2.0
+    backend: str = "auto"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # max global grad norm; 0 = no clipping
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    fused: bool = True  # fused AdamW when running on CUDA
+
+
+@dataclass
+class RuntimeConfig:
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    # bf16-autocast: fp32 master weights and AdamW state, bf16 compute (the default);
+    # bf16-pure: bf16 weights and optimizer state, like the seed recipe; fp32: no autocast.
+    precision: str = "bf16-autocast"
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["optim"]["betas"] = list(self.optim.betas)
+        return out
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key the configuration accepts, in declaration order."""
+    keys = []
+    for name, typ in _field_types(Config).items():
+        if dataclasses.is_dataclass(typ):
+            keys.extend(f"{name}.{k}" for k in _field_types(typ))
+        else:
+            keys.append(name)
+    return keys
+
+
+def _keys_hint() -> str:
+    return "valid keys: " + ", ".join(valid_keys())
+
+
+def _coerce(key: str, typ: Any, value: Any, *, from_text: bool) -> Any:
+    """Turn a TOML value (or command-line text) into the field's type, or raise ConfigError."""
+    bad = ConfigError(f"{key}: cannot use {value!r} as {_type_name(typ)}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+        raise bad
+    if typ is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if from_text and isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                raise bad from None
+        raise bad
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            result = float(value)
+        elif from_text and isinstance(value, str):
+            try:
+                result = float(value.strip())
+            except ValueError:
+                raise bad from None
+        else:
+            raise bad
+        if not math.isfinite(result):
+            raise bad
+        return result
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if typing.get_origin(typ) is tuple:
+        item_types = typing.get_args(typ)
+        if from_text and isinstance(value, str):
+            text = value.strip().strip("[]()")
+            value = [part for part in text.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+            raise bad
+        return tuple(
+            _coerce(key, t, v, from_text=from_text) for t, v in zip(item_types, value, strict=True)
+        )
+    raise ConfigError(f"{key}: unsupported field type {typ!r}")  # pragma: no cover
+
+
+def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is tuple:
+        return "a list of " + ", ".join(t.__name__ for t in typing.get_args(typ))
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        typ, str(typ)
+    )
+
+
+def _set(config: Config, key: str, value: Any, *, from_text: bool) -> None:
+    parts = key.split(".")
+    top = _field_types(Config)
+    if len(parts) == 1 and parts[0] in top and not dataclasses.is_dataclass(top[parts[0]]):
+        target, name, typ = config, parts[0], top[parts[0]]
+    elif len(parts) == 2 and parts[0] in top and dataclasses.is_dataclass(top[parts[0]]):
+        fields = _field_types(top[parts[0]])
+        if parts[1] not in fields:
+            raise ConfigError(f"unknown key {key!r}; {_keys_hint()}")
+        target, name, typ = getattr(config, parts[0]), parts[1], fields[parts[1]]
+    else:
+        raise ConfigError(f"unknown key {key!r}; {_keys_hint()}")
+    coerced = _coerce(key, typ, value, from_text=from_text)
+    choices = CHOICES.get(key)
+    if choices is not None and coerced not in choices:
+        raise ConfigError(f"{key}: {coerced!r} is not one of {', '.join(choices)}")
+    setattr(target, name, coerced)
+
+
+def apply_dict(config: Config, data: dict[str, Any], *, source: str = "config") -> Config:
+    """Apply a nested dict (a parsed TOML file or a saved config) onto `config` in place."""
+    top = _field_types(Config)
+    for name, value in data.items():
+        if name not in top:
+            raise ConfigError(f"{source}: unknown key {name!r}; {_keys_hint()}")
+        if dataclasses.is_dataclass(top[name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{name}] must be a table of keys")
+            for key, item in value.items():
+                try:
+                    _set(config, f"{name}.{key}", item, from_text=False)
+                except ConfigError as exc:
+                    raise ConfigError(f"{source}: {exc}") from None
+        else:
+            try:
+                _set(config, name, value, from_text=False)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """Split ["--a.b=1", "--c.d", "2"] into [("a.b", "1"), ("c.d", "2")]."""
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"expected --section.key=value, got {arg!r}; {_keys_hint()}")
+        body = arg[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{body} needs a value (--{body}=VALUE or --{body} VALUE)")
+            key, value = body, args[i + 1]
+            i += 2
+        pairs.append((key, value))
+    return pairs
+
+
+def validate(config: Config) -> Config:
+    """Cross-field checks that single-field parsing cannot make."""
+    problems = []
+    positive = {
+        "run.steps": config.run.steps,
+        "run.log_every": config.run.log_every,
+        "run.keep_last": config.run.keep_last,
+        "run.max_bad_steps": config.run.max_bad_steps,
+        "batch.micro_batch": config.batch.micro_batch,
+        "batch.accum_steps": config.batch.accum_steps,
+        "batch.seq_len": config.batch.seq_len,
+        "loss.temperature": config.loss.temperature,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            problems.append(f"{key} must be > 0, got {value}")
+    for key, value in {
+        "run.save_every": config.run.save_every,
+        "run.val_every": config.run.val_every,
+        "run.val_batches": config.run.val_batches,
+        "optim.warmup_steps": config.optim.warmup_steps,
+        "optim.grad_clip": config.optim.grad_clip,
+        "optim.weight_decay": config.optim.weight_decay,
+        "optim.min_lr": config.optim.min_lr,
+        "data.valid_vocab": config.data.valid_vocab,
+    }.items():
+        if value < 0:
+            problems.append(f"{key} must be >= 0, got {value}")
+    if not 0.0 <= config.loss.alpha <= 1.0:
+        problems.append(f"loss.alpha must be in [0, 1], got {config.loss.alpha}")
+    if config.optim.lr <= 0:
+        problems.append(f"optim.lr must be > 0, got {config.optim.lr}")
+    if not 0.0 <= config.data.val_fraction < 1.0:
+        problems.append(f"data.val_fraction must be in [0, 1), got {config.data.val_fraction}")
+    if config.student.init == "pretrained" and not config.student.path:
+        problems.append("student.path is required when student.init = 'pretrained'")
+    if not config.data.path:
+        problems.append("data.path is required (a folder written by data.preprocess)")
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    return config
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    *,
+    check: bool = True,
+) -> Config:
+    """Defaults, then the TOML preset at `path`, then `--section.key=value` overrides.
+
+    `check=False` skips the cross-field validation (tools that only read shapes use it).
+    """
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        apply_dict(config, data, source=str(path))
+    for key, value in parse_overrides(list(overrides or [])):
+        _set(config, key, value, from_text=True)
+    return validate(config) if check else config
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. a checkpoint's config.json)."""
+    return apply_dict(Config(), data, source="saved config")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic strings
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    """Write a two-level dict (top-level scalars, then one table per section) as TOML."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for name, table in data.items():
+        if isinstance(table, dict):
+            lines.append("")
+            lines.append(f"[{name}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def write_resolved(config: Config, folder: str | os.PathLike) -> None:
+    """Write config.toml and config.json into `folder`, each atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (
+        ("config.toml", config.to_toml()),
+        ("config.json", json.dumps(config.to_dict(), indent=2) + "\n"),
+    ):
+        atomic_write_text(folder / name, text)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Temporary file in the same folder, fsync, rename: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
