@@ -1,0 +1,136 @@
+"""Memory plan of a training config: `python -m tools.memplan --config FILE --budget 12GiB`.
+
+Reads the same TOML (and `--section.key=value` overrides) that engine.train reads, takes the
+model shapes from the checkpoint folders' config.json when they exist on this machine and
+from the built-in Pythia table by name otherwise, and prints the per-component table for the
+configured micro-batch plus the largest micro-batch that fits the budget, with and without
+activation checkpointing. Exits 1 when the configured micro-batch does not fit, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engine.memory import (
+    PYTHIA_SHAPES,
+    format_bytes,
+    largest_micro_batch,
+    parse_bytes,
+    plan_memory,
+    pythia_config,
+)
+
+
+def model_config_for(path: str, *, role: str):
+    """GPTNeoXConfig for a checkpoint folder, or for a Pythia name found in the path."""
+    from engine.model import GPTNeoXConfig
+
+    folder = Path(path)
+    if (folder / "config.json").is_file():
+        return GPTNeoXConfig.from_json_file(folder / "config.json")
+    lowered = path.lower().rstrip("/")
+    # Longest name first so "pythia-410m" is never read as a shorter size.
+    for name in sorted(PYTHIA_SHAPES, key=len, reverse=True):
+        if lowered.endswith(name) or f"{name}/" in lowered or f"{name}-" in lowered:
+            return pythia_config(name)
+    raise ValueError(
+        f"{role}.path {path!r}: no config.json there and no Pythia size "
+        f"({', '.join(PYTHIA_SHAPES)}) in the name"
+    )
+
+
+def configs_from_training_config(config):
+    """(teacher_cfg or None, student_cfg) for an engine.config.Config."""
+    from engine.model import GPTNeoXConfig
+
+    teacher = model_config_for(config.teacher.path, role="teacher") if config.teacher.path else None
+    if config.student.init == "scratch":
+        s = config.student
+        student = GPTNeoXConfig(
+            vocab_size=s.vocab_size,
+            hidden_size=s.hidden_size,
+            num_layers=s.num_layers,
+            num_heads=s.num_heads,
+            intermediate_size=s.intermediate_size,
+            max_positions=s.max_positions,
+            rotary_pct=0.25,
+            rotary_base=10000.0,
+            layer_norm_eps=1e-5,
+            use_parallel_residual=True,
+        )
+    else:
+        student = model_config_for(config.student.path, role="student")
+    return teacher, student
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.memplan",
+        description="Predict device memory of a distillation config and the largest micro-batch "
+        "that fits a budget.",
+    )
+    parser.add_argument("--config", required=True, help="training TOML (as for engine.train)")
+    parser.add_argument("--budget", default="12GiB", help="device memory, e.g. 12GiB (default)")
+    parser.add_argument("--json", default="", help="also write the plans as JSON to this path")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        from engine.config import load_config
+
+        config = load_config(args.config, overrides, check=False)
+        budget = parse_bytes(args.budget)
+        teacher_cfg, student_cfg = configs_from_training_config(config)
+    except (ValueError, OSError) as exc:
+        print(f"memplan: error: {exc}", file=sys.stderr)
+        return 2
+
+    common = dict(
+        seq_len=config.batch.seq_len,
+        precision=config.precision,
+        teacher_dtype_bytes={"bf16": 2, "fp16": 2, "fp32": 4}[config.teacher.dtype],
+        in_place_loss_gradient=config.loss.backend != "torch",
+    )
+    checkpointing = config.runtime.activation_checkpointing
+    plan = plan_memory(
+        teacher_cfg,
+        student_cfg,
+        micro_batch=config.batch.micro_batch,
+        activation_checkpointing=checkpointing,
+        **common,
+    )
+    print(plan.table(budget))
+    print()
+    best = {}
+    for ckpt in (False, True):
+        best[ckpt] = largest_micro_batch(
+            teacher_cfg, student_cfg, budget_bytes=budget, activation_checkpointing=ckpt, **common
+        )
+        at_best = (
+            plan_memory(teacher_cfg, student_cfg, micro_batch=best[ckpt],
+                        activation_checkpointing=ckpt, **common).total
+            if best[ckpt]
+            else 0
+        )
+        print(
+            f"largest micro_batch x {config.batch.seq_len} within {format_bytes(budget)} "
+            f"(activation_checkpointing={ckpt}): {best[ckpt]}"
+            + (f"  (predicted {format_bytes(at_best)} on the card)" if best[ckpt] else "")
+        )
+    if args.json:
+        out = {
+            "budget_bytes": budget,
+            "plan": plan.to_dict(),
+            "largest_micro_batch": {"no_checkpointing": best[False], "checkpointing": best[True]},
+        }
+        from engine.config import atomic_write_text
+
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(out, indent=2) + "\n")
+    return 0 if plan.fits(budget) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
