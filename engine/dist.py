@@ -1,0 +1,167 @@
+"""torch.distributed plumbing for `torchrun ... -m engine.train`: init, rank helpers, teardown.
+
+Everything collective goes through the helpers here so that a failure (most often: another
+rank died) surfaces as one clear error naming this rank, instead of a hang or a bare
+gloo/NCCL message. The process-group timeout bounds how long a collective may wait for a
+dead peer; NCCL's async error handling turns that timeout into an exception.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 600
+
+
+class DistributedError(RuntimeError):
+    """A collective failed or timed out, usually because another rank died."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> this rank's GPU when CUDA is available, else the CPU."""
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {preference!r}")
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device = 'cuda' but torch sees no CUDA device")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, ...).
+
+    Without those variables (or with WORLD_SIZE=1) this is a single process and nothing is
+    initialised. NCCL serves CUDA, gloo the CPU. The timeout (NEOX_DIST_TIMEOUT_S or 600 s)
+    bounds every collective, so a dead rank makes the survivors fail instead of hang.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    target = resolve_device(device, local_rank)
+    if world_size <= 1:
+        return DistInfo(0, 0, 1, target)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), target)
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("NEOX_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+    backend = "nccl" if target.type == "cuda" else "gloo"
+    if backend == "nccl":
+        # Turn a stuck NCCL collective into an exception once the timeout passes.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        torch.cuda.set_device(target)
+    try:
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    except Exception as exc:
+        raise DistributedError(
+            f"rank {rank}/{world_size}: could not join the {backend} process group at "
+            f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({exc})"
+        ) from exc
+    return DistInfo(rank, local_rank, world_size, target)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def _collective_failed(what: str, exc: BaseException) -> DistributedError:
+    return DistributedError(
+        f"rank {get_rank()}/{get_world_size()}: {what} failed; another rank probably died or "
+        f"timed out ({type(exc).__name__}: {exc})"
+    )
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over ranks in place (identity on one process) and return it."""
+    if not is_distributed():
+        return tensor
+    try:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    except Exception as exc:
+        raise _collective_failed("all_reduce", exc) from exc
+    return tensor
+
+
+def all_gather_object(obj):
+    """List of `obj` from every rank, in rank order ([obj] on one process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    try:
+        dist.all_gather_object(out, obj)
+    except Exception as exc:
+        raise _collective_failed("all_gather_object", exc) from exc
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` as rank `src` holds it, on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    try:
+        dist.broadcast_object_list(box, src=src)
+    except Exception as exc:
+        raise _collective_failed("broadcast_object_list", exc) from exc
+    return box[0]
+
+
+def barrier() -> None:
+    if not is_distributed():
+        return
+    try:
+        dist.barrier()
+    except Exception as exc:
+        raise _collective_failed("barrier", exc) from exc
+
+
+def teardown() -> None:
+    """Leave the process group (safe to call when none was joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,150 @@
+"""Per-step numbers of a training run: the log line, metrics.jsonl, MFU, peak memory, ETA.
+
+Only rank 0 writes. metrics.jsonl is one JSON object per line, appended and flushed per
+record, so a crashed run keeps everything it logged; on resume the records after the
+checkpoint are dropped first, so the file reads as one continuous run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peak, FLOP/s (datasheet). Matched as a substring of the CUDA device
+# name, longest first. No CPU entry: a CPU's peak depends on cores and ISA, so MFU on CPU is
+# reported as null rather than as a number that means nothing.
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "RTX 3060": 25e12,
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of `device`, or None when the table does not know it."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key.lower() in name.lower():
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def flops_per_token(student_config, teacher_config, seq_len: int) -> float:
+    """Training FLOPs per token: student forward+backward plus the teacher's forward.
+
+    nanoGPT's estimate, 6N + 12*L*H*T for the trained model (N = parameters in matmuls,
+    the input embedding is a lookup) and a third of that for a forward-only teacher.
+    """
+    from engine.memory import training_flops_per_token
+
+    return training_flops_per_token(student_config, teacher_config, seq_len)
+
+
+def mfu(tokens_per_second: float, flops_token: float, peak: float | None) -> float | None:
+    if peak is None or tokens_per_second <= 0:
+        return None
+    return tokens_per_second * flops_token / peak
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory, or the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    filled = int(width * done / total) if total else width
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_step_line(record: dict, total_steps: int, *, bar: bool = False) -> str:
+    """One human line per step; the full record goes to metrics.jsonl."""
+    parts = [
+        f"step {record['step']}/{total_steps}",
+        f"loss {_fmt(record.get('loss'), '.4f')}",
+        f"ce {_fmt(record.get('ce'), '.4f')}",
+        f"kd {_fmt(record.get('kd'), '.4f')}",
+        f"lr {_fmt(record.get('lr'), '.2e')}",
+        f"gnorm {_fmt(record.get('grad_norm'), '.3f')}",
+        f"tok/s {_fmt(record.get('tokens_per_s'), ',.0f')}",
+        f"mfu {_fmt(None if record.get('mfu') is None else 100 * record['mfu'], '.1f')}%",
+        f"mem {record.get('peak_memory_bytes', 0) / 2**30:.2f}GiB",
+        f"eta {format_duration(record.get('eta_s', float('nan')))}",
+    ]
+    if record.get("skipped"):
+        parts.append("SKIPPED (non-finite)")
+    line = " | ".join(parts)
+    if bar:
+        line = progress_bar(record["step"], total_steps) + " " + line
+    return line
+
+
+class MetricsWriter:
+    """Appends records to <out_dir>/metrics.jsonl and prints step lines (rank 0 only)."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, enabled: bool, total_steps: int):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.tty = sys.stdout.isatty()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records logged after `step` (work a resumed run is about to redo)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a killed process
+            if int(record.get("step", 0)) <= step:
+                kept.append(line)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def log_step(self, record: dict, *, print_line: bool = True) -> None:
+        self.write(record)
+        if self.enabled and print_line:
+            print(format_step_line(record, self.total_steps, bar=self.tty), flush=True)
+
+    def log_text(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
