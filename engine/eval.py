@@ -1,0 +1,284 @@
+"""Held-out evaluation: perplexity, KD to a teacher, and lm-evaluation-harness task scoring.
+
+Two entry points share one scoring core, so a number printed by `python -m engine.eval` and the
+training loop's periodic validation (`heldout_metrics`) come from the same arithmetic:
+
+- `heldout_metrics(student, batches, teacher=...)`: token CE / ppl over labelled batches and,
+  with a teacher, the per-token KD term the training loss uses.
+- the CLI (`python -m engine.eval --model DIR --task ppl|lambada|mc --data FILE`), whose tasks
+  live in engine/eval_tasks.py and whose `--compare` table lives in engine/compare.py.
+
+All probability math is fp32 on chunks of rows, whatever the model's dtype: bf16 logits give
+visibly wrong log-probabilities, and a [tokens, 50304] fp32 matrix for a whole batch would not
+fit beside a training run. When the model exposes `hidden_states` and `embed_out` (our GPTNeoX),
+the vocabulary projection runs only on the positions that are scored: for pythia-70m the head
+is more than half of the FLOPs per token, and harness tasks score a few tokens per request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+# Rows of logits turned into log-probabilities at once: 1024 x 50304 x 4 B = 206 MB per tensor.
+DEFAULT_CHUNK_ROWS = 1024
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: torch.nn.Module | None):
+    """Switch models to eval mode and restore each one's previous mode afterwards.
+
+    The training loop calls heldout_metrics in the middle of training: leaving the student in
+    eval mode (or a frozen teacher in train mode) would silently change what follows.
+    """
+    present = [m for m in models if m is not None]
+    previous = [m.training for m in present]
+    try:
+        for m in present:
+            m.eval()
+        yield
+    finally:
+        for m, was_training in zip(present, previous, strict=True):
+            m.train(was_training)
+
+
+def _as_logits(output) -> torch.Tensor:
+    """Our GPTNeoX returns a tensor; transformers models return an output with `.logits`."""
+    return output.logits if hasattr(output, "logits") else output
+
+
+def _head_split(model: torch.nn.Module):
+    """(hidden_states function, head module) when the model exposes both, else None."""
+    hidden = getattr(model, "hidden_states", None)
+    head = getattr(model, "embed_out", None)
+    if callable(hidden) and isinstance(head, torch.nn.Module):
+        return hidden, head
+    return None
+
+
+def selected_logits(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> Iterator[torch.Tensor]:
+    """Yield fp32 logits [rows, V] for `positions` (flat indices into B*T), chunk by chunk.
+
+    Must run under torch.no_grad(). The forward runs once; only the chosen rows are projected
+    (or, for a model without `hidden_states`/`embed_out`, sliced out of the full logits).
+    Autocast is entered per chunk, never across a `yield`, so the caller's math stays fp32.
+    """
+    device = input_ids.device
+    split = _head_split(model)
+    with _autocast(device, autocast_dtype):
+        if split is not None:
+            hidden_fn, head = split
+            hidden = hidden_fn(input_ids)
+            rows = hidden.reshape(-1, hidden.shape[-1])
+        else:
+            head = None
+            logits = _as_logits(model(input_ids))
+            rows = logits.reshape(-1, logits.shape[-1])
+    for start in range(0, positions.numel(), chunk_rows):
+        index = positions[start : start + chunk_rows]
+        with _autocast(device, autocast_dtype):
+            chunk = rows.index_select(0, index)
+            if head is not None:
+                chunk = head(chunk)
+        yield chunk.float()
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean negative log-likelihood), inf rather than OverflowError for a hopeless model."""
+    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
+
+
+def _restrict_vocab(logits: torch.Tensor, valid_vocab: int | None) -> torch.Tensor:
+    if valid_vocab is not None and valid_vocab < logits.shape[-1]:
+        return logits[:, :valid_vocab]
+    return logits
+
+
+def _check_targets(targets: torch.Tensor, columns: int, what: str) -> None:
+    if targets.numel() and (int(targets.max()) >= columns or int(targets.min()) < 0):
+        raise ValueError(
+            f"{what}: label ids must lie in [0, {columns}) (the scored vocabulary), "
+            f"found min {int(targets.min())} max {int(targets.max())}"
+        )
+
+
+def score_batch(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    valid_vocab: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row sums for harness-style scoring of one padded batch (labels already shifted).
+
+    Returns (loglik [B] float64, all_greedy [B] bool, scored_tokens [B] int64) on the CPU:
+    the summed log p(label) over labelled positions, whether the argmax equals the label at
+    every labelled position, and how many positions were labelled. The model must already be
+    in eval mode and this must run under torch.no_grad() (the tasks do both once per run).
+    """
+    batch, length = labels.shape
+    flat_labels = labels.reshape(-1)
+    positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    targets = flat_labels.index_select(0, positions)
+    row_of = torch.div(positions, length, rounding_mode="floor")
+    loglik = torch.zeros(batch, dtype=torch.float64, device=labels.device)
+    mismatches = torch.zeros(batch, dtype=torch.int64, device=labels.device)
+    counts = torch.bincount(row_of, minlength=batch)
+    offset = 0
+    for logits in selected_logits(
+        model, input_ids, positions, autocast_dtype=autocast_dtype, chunk_rows=chunk_rows
+    ):
+        logits = _restrict_vocab(logits, valid_vocab)
+        rows = logits.shape[0]
+        chunk_targets = targets[offset : offset + rows]
+        chunk_rows_of = row_of[offset : offset + rows]
+        _check_targets(chunk_targets, logits.shape[-1], "score_batch")
+        target_logp = F.log_softmax(logits, dim=-1).gather(1, chunk_targets[:, None]).squeeze(1)
+        loglik.index_add_(0, chunk_rows_of, target_logp.double())
+        wrong = (logits.argmax(dim=-1) != chunk_targets).long()
+        mismatches.index_add_(0, chunk_rows_of, wrong)
+        offset += rows
+    return loglik.cpu(), (mismatches == 0).cpu(), counts.cpu()
+
+
+def heldout_metrics(
+    student: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    teacher: torch.nn.Module | None = None,
+    temperature: float = 2.0,
+    valid_vocab: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    reduce_across_ranks: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> dict[str, float]:
+    """Token-level held-out metrics of `student` (and its distance to `teacher`) over `batches`.
+
+    `batches` yields dicts with "input_ids" and "labels" ([B, T] int64; labels already shifted,
+    -100 = not scored), e.g. a `data.loader.BatchLoader(split="val")`. Logit columns
+    >= `valid_vocab` (the padded rows of Pythia's 50304-row head) are excluded from every
+    softmax and argmax, exactly as the training loss does.
+
+    Returns python numbers:
+      "ce"          mean token cross-entropy (nats) of the student,
+      "ppl"         exp(ce),
+      "tokens"      number of scored tokens,
+    and with a teacher also
+      "kd"          mean per token of T^2 * KL(softmax(t/T) || softmax(s/T)) (the KD term of
+                    the training loss),
+      "teacher_ce"  the teacher's mean token cross-entropy on the same tokens.
+
+    Runs under torch.no_grad() (not inference_mode: a module that caches a tensor during this
+    call, such as a rotary table, must still be usable by the next training step), puts the
+    models in eval mode and restores their previous modes. With `reduce_across_ranks` the sums
+    are all-reduced over the default torch.distributed group before the means, so ranks that
+    each evaluate their share of a split validation set report the same global numbers.
+    """
+    if temperature <= 0:
+        raise ValueError(f"heldout_metrics: temperature must be positive, got {temperature}")
+    device = _model_device(student)
+    ce_sum = torch.zeros((), dtype=torch.float64, device=device)
+    kd_sum = torch.zeros((), dtype=torch.float64, device=device)
+    teacher_ce_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    with _eval_mode(student, teacher), torch.no_grad():
+        for number, batch in enumerate(batches):
+            try:
+                input_ids = batch["input_ids"].to(device, non_blocking=True)
+                labels = batch["labels"].to(device, non_blocking=True)
+            except (KeyError, TypeError) as error:
+                raise ValueError(
+                    f"heldout_metrics: batch {number} must be a dict with tensors 'input_ids' "
+                    f"and 'labels' ({error!r})"
+                ) from None
+            if input_ids.shape != labels.shape or input_ids.dim() != 2:
+                raise ValueError(
+                    f"heldout_metrics: batch {number} input_ids {tuple(input_ids.shape)} and "
+                    f"labels {tuple(labels.shape)} must both be [B, T]"
+                )
+            flat_labels = labels.reshape(-1)
+            positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+            if positions.numel() == 0:
+                continue
+            targets = flat_labels.index_select(0, positions)
+            student_chunks = selected_logits(
+                student,
+                input_ids,
+                positions,
+                autocast_dtype=autocast_dtype,
+                chunk_rows=chunk_rows,
+            )
+            teacher_chunks = (
+                selected_logits(
+                    teacher,
+                    input_ids,
+                    positions,
+                    autocast_dtype=autocast_dtype,
+                    chunk_rows=chunk_rows,
+                )
+                if teacher is not None
+                else None
+            )
+            offset = 0
+            for s_logits in student_chunks:
+                s_logits = _restrict_vocab(s_logits, valid_vocab)
+                rows = s_logits.shape[0]
+                chunk_targets = targets[offset : offset + rows]
+                _check_targets(chunk_targets, s_logits.shape[-1], f"heldout_metrics batch {number}")
+                ce_sum += F.cross_entropy(s_logits, chunk_targets, reduction="sum").double()
+                if teacher_chunks is not None:
+                    t_logits = _restrict_vocab(next(teacher_chunks), valid_vocab)
+                    if t_logits.shape[-1] != s_logits.shape[-1]:
+                        raise ValueError(
+                            f"heldout_metrics: teacher scores {t_logits.shape[-1]} vocabulary "
+                            f"columns but the student {s_logits.shape[-1]}; pass valid_vocab "
+                            "to compare the shared tokenizer rows"
+                        )
+                    teacher_ce_sum += F.cross_entropy(
+                        t_logits, chunk_targets, reduction="sum"
+                    ).double()
+                    t_logp = F.log_softmax(t_logits / temperature, dim=-1)
+                    s_logp = F.log_softmax(s_logits / temperature, dim=-1)
+                    # p_t * (log p_t - log p_s); exp of a finite log-prob is never 0*log(0) NaN.
+                    kl = (t_logp.exp() * (t_logp - s_logp)).sum()
+                    kd_sum += (temperature**2) * kl.double()
+                offset += rows
+            tokens += positions.numel()
+    if reduce_across_ranks and dist.is_available() and dist.is_initialized():
+        packed = torch.stack([ce_sum, kd_sum, teacher_ce_sum, tokens])
+        dist.all_reduce(packed)
+        ce_sum, kd_sum, teacher_ce_sum, tokens = packed.unbind()
+    count = int(tokens.item())
+    if count == 0:
+        raise ValueError("heldout_metrics: the batches hold no labelled token (all are -100)")
+    ce = float(ce_sum.item()) / count
+    metrics = {"ce": ce, "ppl": perplexity(ce), "tokens": count}
+    if teacher is not None:
+        metrics["kd"] = float(kd_sum.item()) / count
+        metrics["teacher_ce"] = float(teacher_ce_sum.item()) / count
+    return metrics
