@@ -1,0 +1,238 @@
+"""Distillation loss in plain PyTorch: the float64 reference and the bounded-memory CPU path.
+
+Two implementations live here on purpose:
+
+* `kd_loss_reference` is the definition written as directly as PyTorch allows (log_softmax,
+  KL, cross entropy, autograd). It is what every other path is checked against, and it is
+  float64-capable so tests can compare against a result whose own rounding is negligible.
+* `kd_loss_forward_chunked` computes the same per-token losses *and* the gradient with respect to
+  the student logits by hand, a block of rows at a time. The naive composite keeps several
+  fp32 [tokens x vocab] tensors alive for autograd (~0.8 GB each at 4096 x 50304); here only one
+  row block of fp32 temporaries exists at any moment, and the gradient is written straight
+  into a buffer of the input dtype. It is the CPU backend and the fallback when Triton is absent.
+
+Definitions shared by both (per token whose label is not ignore_index, over the columns
+< valid_vocab only):
+    KD  = T^2 * KL(softmax(t / T) || softmax(s / T))
+    CE  = -log softmax(s)[label]
+    loss_token = (1 - alpha) * KD + alpha * CE
+    d loss_token / d s = (1 - alpha) * T * (softmax(s / T) - softmax(t / T))
+                         + alpha * (softmax(s) - onehot(label))
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements of fp32 scratch per row block: about 16 MiB per temporary. Large enough that the
+# per-block Python overhead vanishes, small enough that a handful of temporaries stay far below
+# the naive composite's footprint.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def flatten_inputs(student_logits, teacher_logits, labels, valid_vocab):
+    """Check shapes and flatten [B, T, V] inputs to [N, V] / [N]; return (s, t, labels, vv).
+
+    Shared by every backend so the same bad input gets the same message everywhere.
+    """
+    if student_logits.dim() not in (2, 3):
+        raise ValueError(
+            f"student_logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}"
+        )
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape "
+            f"{tuple(student_logits.shape)}"
+        )
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal the logits' leading dims "
+            f"{tuple(student_logits.shape[:-1])}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if not student_logits.dtype.is_floating_point or not teacher_logits.dtype.is_floating_point:
+        raise ValueError(
+            f"logits must be floating point, got student {student_logits.dtype} and "
+            f"teacher {teacher_logits.dtype}"
+        )
+    if student_logits.device != teacher_logits.device or labels.device != student_logits.device:
+        raise ValueError(
+            f"student_logits ({student_logits.device}), teacher_logits ({teacher_logits.device}) "
+            f"and labels ({labels.device}) must be on one device"
+        )
+    vocab = student_logits.shape[-1]
+    if vocab == 0:
+        raise ValueError("logits have an empty vocabulary dimension")
+    if valid_vocab is None:
+        valid_vocab = vocab
+    valid_vocab = int(valid_vocab)
+    if not 1 <= valid_vocab <= vocab:
+        raise ValueError(f"valid_vocab={valid_vocab} must be in [1, {vocab}] (logits last dim)")
+    s = student_logits.reshape(-1, vocab)
+    t = teacher_logits.reshape(-1, vocab)
+    return s, t, labels.reshape(-1), valid_vocab
+
+
+def check_hyperparameters(alpha, temperature):
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha={alpha} must be in [0, 1]")
+    if not float(temperature) > 0.0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+
+
+def check_labels_in_range(labels, ignore_index, valid_vocab):
+    """Raise if a non-ignored label falls outside [0, valid_vocab).
+
+    Only called for CPU tensors: on a GPU the check would force a host synchronisation, so the
+    Triton path instead turns an out-of-range label into a NaN loss the training loop stops on.
+    """
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= valid_vocab))
+    if bool(bad.any()):
+        position = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels[{position}] = {int(labels[position])} is outside [0, {valid_vocab}) "
+            f"and is not ignore_index={ignore_index}"
+        )
+
+
+def inverse_normalizer(normalizer, valid_count: torch.Tensor) -> torch.Tensor:
+    """1 / normalizer as a 0-dim fp32 tensor on the labels' device, with no host sync.
+
+    The default divisor is the local valid-token count, clamped to 1 so a micro-batch with every
+    token ignored gives a loss of exactly 0 instead of 0 / 0.
+    """
+    device = valid_count.device
+    if normalizer is None:
+        return 1.0 / valid_count.to(torch.float32).clamp_min(1.0)
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer tensor must hold one value, got shape {normalizer.shape}")
+        return 1.0 / normalizer.detach().reshape(()).to(device=device, dtype=torch.float32)
+    value = float(normalizer)
+    if not value > 0.0:
+        raise ValueError(f"normalizer={normalizer} must be > 0")
+    return torch.tensor(1.0 / value, dtype=torch.float32, device=device)
+
+
+def kd_loss_reference(
+    student_logits,
+    teacher_logits,
+    labels,
+    *,
+    alpha=0.5,
+    temperature=2.0,
+    ignore_index=-100,
+    valid_vocab=None,
+    normalizer=None,
+):
+    """The loss written as plainly as possible; differentiable by autograd; float64-capable.
+
+    Math runs in float64 when the student logits are float64, otherwise in fp32. Returns
+    (loss, stats) exactly like `kernels.kd_loss.kd_loss`.
+    """
+    check_hyperparameters(alpha, temperature)
+    s, t, labels, valid_vocab = flatten_inputs(student_logits, teacher_logits, labels, valid_vocab)
+    compute = torch.float64 if s.dtype == torch.float64 else torch.float32
+    s = s[:, :valid_vocab].to(compute)
+    t = t[:, :valid_vocab].detach().to(compute)
+    valid = labels != ignore_index
+    if s.device.type == "cpu":
+        check_labels_in_range(labels, ignore_index, valid_vocab)
+
+    log_p_student_t = torch.log_softmax(s / temperature, dim=-1)
+    log_p_teacher_t = torch.log_softmax(t / temperature, dim=-1)
+    p_teacher_t = log_p_teacher_t.exp()
+    kl = (p_teacher_t * (log_p_teacher_t - log_p_student_t)).sum(-1)
+    kd_token = temperature**2 * kl
+
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    log_p_student = torch.log_softmax(s, dim=-1)
+    ce_token = -log_p_student.gather(1, safe_labels[:, None]).squeeze(1)
+
+    zero = torch.zeros((), dtype=compute, device=s.device)
+    kd_token = torch.where(valid, kd_token, zero)
+    ce_token = torch.where(valid, ce_token, zero)
+    kd_sum = kd_token.sum()
+    ce_sum = ce_token.sum()
+    valid_count = valid.sum()
+    inv_norm = inverse_normalizer(normalizer, valid_count).to(compute)
+    loss = ((1.0 - alpha) * kd_sum + alpha * ce_sum) * inv_norm
+    stats = {
+        "ce_sum": ce_sum.detach().float(),
+        "kd_sum": kd_sum.detach().float(),
+        "valid_tokens": valid_count.detach().float(),
+    }
+    return loss, stats
+
+
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, vocab))
+
+
+@torch.no_grad()
+def kd_loss_forward_chunked(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor,
+    grad_out: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    ignore_index: int,
+    valid_vocab: int,
+    inv_norm: torch.Tensor,
+):
+    """Per-token CE and KD sums, and the gradient of the loss written into `grad_out`.
+
+    s, t: [N, V] logits (any float dtype; fp32 math, float64 stays float64). grad_out: [N, V] of
+    s's dtype; it may be `s` itself (the caller's in-place opt-in): each row block is read
+    completely into fp32 scratch before its gradient is written back, so aliasing is safe.
+    Returns (ce_sum, kd_sum) as 0-dim fp32 tensors.
+    """
+    n_rows, vocab = s.shape
+    compute = torch.float64 if s.dtype == torch.float64 else torch.float32
+    inv_t = 1.0 / temperature
+    ce_sum = torch.zeros((), dtype=compute, device=s.device)
+    kd_sum = torch.zeros((), dtype=compute, device=s.device)
+    inv_norm = inv_norm.to(compute)
+    step = _rows_per_chunk(vocab)
+    for start in range(0, n_rows, step):
+        stop = min(start + step, n_rows)
+        rows_labels = labels[start:stop]
+        valid = rows_labels != ignore_index
+        safe_labels = torch.where(valid, rows_labels, torch.zeros_like(rows_labels))[:, None]
+
+        # CE at T = 1: log-sum-exp of the raw student logits.
+        # copy=True: for fp32 inputs .to() would return a view, and scratch 1 is modified in place.
+        s_block = s[start:stop, :valid_vocab].to(compute, copy=True)  # scratch 1
+        lse_s = torch.logsumexp(s_block, dim=-1, keepdim=True)
+        ce_row = lse_s.squeeze(1) - s_block.gather(1, safe_labels).squeeze(1)
+
+        # Student and teacher at T, as log-probabilities, in place where possible.
+        log_ps_t = s_block.mul(inv_t)  # scratch 2
+        log_ps_t.sub_(torch.logsumexp(log_ps_t, dim=-1, keepdim=True))
+        log_pt_t = t[start:stop, :valid_vocab].to(compute, copy=True).mul_(inv_t)  # scratch 3
+        log_pt_t.sub_(torch.logsumexp(log_pt_t, dim=-1, keepdim=True))
+        # KL(p_t || p_s) summed per row; then scratch 3 becomes p_t.
+        kl_row = torch.sum(log_pt_t.exp() * (log_pt_t - log_ps_t), dim=-1)  # scratch 4 (temp)
+        p_t = log_pt_t.exp_()
+        kd_row = (temperature * temperature) * kl_row
+
+        # Gradient, accumulated into scratch 1 (no longer needed as raw logits).
+        grad = s_block.sub_(lse_s).exp_().mul_(alpha)  # alpha * softmax(s)
+        grad.scatter_add_(
+            1, safe_labels, torch.full_like(safe_labels, -alpha, dtype=compute)
+        )  # - alpha * onehot(label)
+        kd_scale = (1.0 - alpha) * temperature
+        grad.add_(log_ps_t.exp_().sub_(p_t), alpha=kd_scale)
+        row_scale = torch.where(valid, inv_norm, torch.zeros((), dtype=compute, device=s.device))
+        grad.mul_(row_scale[:, None])
+        grad_out[start:stop, :valid_vocab] = grad
+        if valid_vocab < vocab:
+            grad_out[start:stop, valid_vocab:] = 0
+
+        zero = torch.zeros((), dtype=compute, device=s.device)
+        ce_sum += torch.where(valid, ce_row, zero).sum()
+        kd_sum += torch.where(valid, kd_row, zero).sum()
+    return ce_sum.float(), kd_sum.float()
