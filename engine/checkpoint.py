@@ -1,0 +1,288 @@
+"""Training checkpoints: atomic folders that a killed process can never leave half-valid.
+
+Layout of <out_dir>/checkpoints/step-00000010/:
+    student/            the student in the Hugging Face layout (model.save_pretrained)
+    optimizer.pt        AdamW state (fp32 moments in the default precision)
+    trainer_state.pt    step, per-rank loader states and RNG states, run counters
+    config.json         the resolved run configuration
+    DONE                written last, after the folder was renamed into place
+
+A checkpoint is assembled in a temporary folder, every file fsynced, the folder renamed to
+its final name, and only then is DONE written. Readers (resume=auto) trust only folders
+with DONE, so a process killed at any moment leaves the previous checkpoint as the newest
+usable one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINTS_DIR = "checkpoints"
+DONE_MARKER = "DONE"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# Test hook: "STEP:SECONDS" makes the save of checkpoint STEP pause SECONDS between its
+# writes (after creating a PAUSED file in the temporary folder), so a test can SIGKILL the
+# process in the middle of a save.
+SAVE_PAUSE_ENV = "NEOX_DISTILL_TEST_SAVE_PAUSE"
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint folder that cannot be resumed from; the message names the file."""
+
+
+def checkpoint_root(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / CHECKPOINTS_DIR
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint with a DONE marker, oldest first."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir() and (child / DONE_MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    done = complete_checkpoints(out_dir)
+    return done[-1][1] if done else None
+
+
+def resolve_resume(resume: str, out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint folder to continue from, per run.resume (auto | none | <path>)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(out_dir)
+    path = Path(resume)
+    if not (path / DONE_MARKER).is_file():
+        raise CheckpointLoadError(
+            f"run.resume={resume!r}: {path} is not a complete checkpoint (no {DONE_MARKER} marker)"
+        )
+    return path
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            _fsync_file(Path(dirpath) / name)
+        _fsync_dir(Path(dirpath))
+
+
+def _maybe_pause(step: int, tmp: Path) -> None:
+    spec = os.environ.get(SAVE_PAUSE_ENV)
+    if not spec:
+        return
+    target, _, seconds = spec.partition(":")
+    if int(target) == step:
+        (tmp / "PAUSED").write_text("paused mid-save for a test\n")
+        time.sleep(float(seconds))
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from: python, numpy, torch CPU, and all CUDA devices."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    out_dir: str | os.PathLike,
+    step: int,
+    *,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    config: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step` atomically, then prune to the newest `keep_last` complete ones.
+
+    Call on rank 0 only: under DDP the weights and optimizer state are identical on every
+    rank, and `trainer_state` already holds the per-rank parts gathered by the caller.
+    """
+    root = checkpoint_root(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        student.save_pretrained(tmp / "student")
+        _maybe_pause(step, tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({**trainer_state, "step": step}, tmp / "trainer_state.pt")
+        with open(tmp / "config.json", "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+        (tmp / "PAUSED").unlink(missing_ok=True)
+        _fsync_tree(tmp)
+        if final.exists():
+            # Same step saved before (e.g. a run resumed from it and stopped at once):
+            # move the old one aside first; the new one is complete, so nothing is lost.
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=root))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    marker = final / DONE_MARKER
+    with open(marker, "w", encoding="utf-8") as f:
+        f.write(f"step {step}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(final)
+    prune_checkpoints(out_dir, keep_last)
+    return final
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and leftovers of crashes.
+
+    Incomplete folders (temporary names, or no DONE marker) older than the newest complete
+    checkpoint are debris of killed saves; the newest complete one is never touched.
+    """
+    done = complete_checkpoints(out_dir)
+    for _, folder in done[: max(0, len(done) - keep_last)]:
+        (folder / DONE_MARKER).unlink(missing_ok=True)  # first make it not-a-checkpoint
+        shutil.rmtree(folder, ignore_errors=True)
+    clean_incomplete(out_dir)
+
+
+def clean_incomplete(out_dir: str | os.PathLike) -> None:
+    """Remove temporary and marker-less folders: debris of a killed save (rank 0 only)."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return
+    for child in root.iterdir():
+        if not child.is_dir():
+            continue
+        if child.name.startswith(".step-") or (
+            _STEP_DIR.match(child.name) and not (child / DONE_MARKER).is_file()
+        ):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def load_checkpoint(
+    folder: str | os.PathLike,
+    *,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Load weights into `student` and state into `optimizer`; return the trainer state.
+
+    The weights are read through GPTNeoX.from_pretrained in the dtype of the live student,
+    then copied in place, so parameters (and the optimizer's references to them) survive.
+    """
+    from engine.model import GPTNeoX
+
+    folder = Path(folder)
+    if not (folder / DONE_MARKER).is_file():
+        raise CheckpointLoadError(f"{folder}: incomplete checkpoint (no {DONE_MARKER} marker)")
+    for name in ("student", "optimizer.pt", "trainer_state.pt"):
+        if not (folder / name).exists():
+            raise CheckpointLoadError(f"{folder}: missing {name}")
+    dtype = next(student.parameters()).dtype
+    saved = GPTNeoX.from_pretrained(folder / "student", dtype=dtype, device="cpu")
+    saved_params = dict(saved.named_parameters())
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if name not in saved_params:
+                raise CheckpointLoadError(f"{folder / 'student'}: no tensor {name}")
+            if saved_params[name].shape != param.shape:
+                raise CheckpointLoadError(
+                    f"{folder / 'student'}: {name} has shape {tuple(saved_params[name].shape)}, "
+                    f"the model expects {tuple(param.shape)}"
+                )
+            param.copy_(saved_params[name])
+    del saved, saved_params
+    if optimizer is not None:
+        # Our own file, written by save_checkpoint: the full pickle is trusted.
+        state = torch.load(folder / "optimizer.pt", map_location=map_location, weights_only=False)
+        optimizer.load_state_dict(state)
+    return torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def export_student(
+    student: torch.nn.Module,
+    export_dir: str | os.PathLike,
+    *,
+    tokenizer_path: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write the student as a plain Hugging Face folder (+ tokenizer.json), atomically."""
+    export_dir = Path(export_dir)
+    if export_dir.exists() and not (export_dir / "config.json").is_file():
+        raise FileExistsError(
+            f"{export_dir}: exists and is not a model folder (no config.json); not replacing it"
+        )
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_parent = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-", dir=export_dir.parent))
+    try:
+        staged = student.save_pretrained(tmp_parent / "model", dtype=dtype)
+        if tokenizer_path:
+            tokenizer_path = Path(tokenizer_path)
+            if not tokenizer_path.is_file():
+                raise FileNotFoundError(f"run.tokenizer: {tokenizer_path} is not a file")
+            shutil.copyfile(tokenizer_path, staged / "tokenizer.json")
+        _fsync_tree(staged)
+        if export_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.old-", dir=export_dir.parent))
+            os.replace(export_dir, old / export_dir.name)
+            os.replace(staged, export_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staged, export_dir)
+        _fsync_dir(export_dir.parent)
+    finally:
+        shutil.rmtree(tmp_parent, ignore_errors=True)
+    return export_dir
