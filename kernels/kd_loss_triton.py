@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-NEG_LARGE = -1.0e30
+NEG_LARGE = tl.constexpr(-1.0e30)
 
 
 @triton.jit
