@@ -122,8 +122,20 @@ def parameter_count(cfg) -> dict[str, int]:
     embed_in = v * h
     embed_out = v * h
     linear = n * linear_per_layer + embed_out
+    linear_weights = n * _block_weights(cfg) + embed_out
     other = n * norms_per_layer + 2 * h + embed_in
-    return {"linear": linear, "other": other, "embed_in": embed_in, "total": linear + other}
+    return {
+        "linear": linear,
+        "linear_weights": linear_weights,
+        "other": other,
+        "embed_in": embed_in,
+        "total": linear + other,
+    }
+
+
+def _block_weights(cfg) -> int:
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return 4 * h * h + 2 * h * i
 
 
 def training_flops_per_token(student_cfg, teacher_cfg, seq_len: int) -> float:
@@ -179,6 +191,9 @@ def _layer_saved_tensors(cfg, tokens: int, seq_len: int, precision: str, attenti
     if attention == "math":
         out.append(("attention probabilities [B,heads,T,T]", a * batch * heads * seq_len**2))
     out += [
+        # Counted apart from the SDPA output: the transpose+reshape copies on CPU and in the
+        # math path. CUDA flash/efficient kernels lay their output out [B,T,heads,hd], so the
+        # reshape is a view there and this entry overestimates by one [B,T,H] per layer.
         ("dense input (attention output, heads merged)", a * tokens * h),
         ("fc1 output (GELU input)", a * tokens * i),
         ("GELU output (fc2 input)", a * tokens * i),
@@ -321,7 +336,13 @@ def plan_memory(
 
     if precision == "bf16-autocast":
         add("student weights (fp32 master)", 4 * n, "student")
-        add("student bf16 weight casts (autocast)", 2 * counts["linear"], "student")
+        # Autocast's bf16 copy of each matmul weight is saved for the input gradient, so it
+        # lives until backward; the bias copies are dropped when the forward's autocast exits.
+        # With checkpointing only embed_out's copy and the re-run block's copies exist at once.
+        cast = counts["linear_weights"]
+        if activation_checkpointing:
+            cast = student_cfg.vocab_size * student_cfg.hidden_size + _block_weights(student_cfg)
+        add("student bf16 weight casts (autocast)", 2 * cast, "student")
         add("student gradients (fp32)", 4 * n, "student")
         add("AdamW moments m, v (fp32)", 8 * n, "student")
     elif precision == "bf16-pure":
