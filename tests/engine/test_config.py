@@ -1,0 +1,161 @@
+"""engine.config: presets, overrides, typed parsing, and errors that name the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    valid_keys,
+    write_resolved,
+)
+from engine.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[2]
+SEED_PRESET = REPO / "configs" / "distilpythia.toml"
+
+
+def test_seed_preset_is_the_seed_recipe():
+    config = load_config(SEED_PRESET)
+    assert config.loss.alpha == 0.5 and config.loss.temperature == 2.0
+    assert (config.batch.micro_batch, config.batch.accum_steps, config.batch.seq_len) == (
+        2,
+        2048,
+        2048,
+    )
+    assert config.optim.lr == 1e-4 and config.optim.schedule == "constant"
+    assert config.optim.warmup_steps == 0 and config.optim.grad_clip == 0.0
+    assert config.run.steps == 64
+    assert config.student.init == "pretrained"
+    assert "160m" in config.teacher.path and "70m" in config.student.path
+    assert config.teacher.dtype == "bf16" and config.precision == "bf16-pure"
+    assert config.data.valid_vocab == 50277
+    for mode in ("packed", "padded"):
+        assert load_config(SEED_PRESET, [f"--data.mode={mode}"]).data.mode == mode
+
+
+def test_overrides_both_spellings_and_types():
+    config = load_config(
+        SEED_PRESET,
+        [
+            "--run.steps=7",
+            "--optim.lr",
+            "3e-4",
+            "--optim.betas=0.8,0.95",
+            "--runtime.activation_checkpointing=true",
+            "--runtime.compile",
+            "no",
+            "--precision=fp32",
+            "--teacher.path=",
+        ],
+    )
+    assert config.run.steps == 7
+    assert config.optim.lr == pytest.approx(3e-4)
+    assert config.optim.betas == (0.8, 0.95)
+    assert config.runtime.activation_checkpointing is True
+    assert config.runtime.compile is False
+    assert config.precision == "fp32"
+    assert config.teacher.path == ""
+
+
+def test_parse_overrides_splits_pairs():
+    assert parse_overrides(["--a.b=1", "--c.d", "x=y", "--e.f=g=h"]) == [
+        ("a.b", "1"),
+        ("c.d", "x=y"),
+        ("e.f", "g=h"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("--run.stpes=3", "unknown key 'run.stpes'"),
+        ("--nosuch.key=3", "unknown key 'nosuch.key'"),
+        ("--run=3", "unknown key 'run'"),
+        ("--run.steps=three", "run.steps: cannot use 'three' as an integer"),
+        ("--run.steps=2.5", "run.steps: cannot use '2.5' as an integer"),
+        ("--optim.lr=fast", "optim.lr: cannot use 'fast' as a number"),
+        ("--optim.lr=nan", "optim.lr: cannot use 'nan' as a number"),
+        ("--optim.betas=0.9", "optim.betas"),
+        ("--runtime.compile=maybe", "runtime.compile: cannot use 'maybe' as a boolean"),
+        ("--data.mode=zigzag", "data.mode: 'zigzag' is not one of packed, padded"),
+        ("--precision=fp8", "precision: 'fp8' is not one of"),
+        ("--loss.alpha=1.5", "loss.alpha must be in [0, 1]"),
+        ("--batch.accum_steps=0", "batch.accum_steps must be > 0"),
+        ("run.steps=3", "expected --section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(SEED_PRESET, [override])
+    assert fragment in str(info.value)
+    if "unknown key" in fragment:
+        assert "valid keys:" in str(info.value) and "batch.micro_batch" in str(info.value)
+
+
+def test_missing_value_is_an_error():
+    with pytest.raises(ConfigError, match=r"--run\.steps needs a value"):
+        load_config(SEED_PRESET, ["--run.steps"])
+
+
+def test_bad_toml_files_name_the_file(tmp_path):
+    unknown_section = tmp_path / "a.toml"
+    unknown_section.write_text('[rnu]\nsteps = 3\n')
+    with pytest.raises(ConfigError, match=r"a\.toml: unknown key 'rnu'.*valid keys"):
+        load_config(unknown_section)
+    unknown_key = tmp_path / "b.toml"
+    unknown_key.write_text('[data]\npath = "x"\nmoed = "packed"\n')
+    with pytest.raises(ConfigError, match=r"b\.toml: unknown key 'data\.moed'"):
+        load_config(unknown_key)
+    ill_typed = tmp_path / "c.toml"
+    ill_typed.write_text('[data]\npath = "x"\n[batch]\nmicro_batch = "2"\n')
+    with pytest.raises(ConfigError, match=r"c\.toml: batch\.micro_batch: cannot use '2'"):
+        load_config(ill_typed)
+    not_toml = tmp_path / "d.toml"
+    not_toml.write_text("[run\nsteps = \n")
+    with pytest.raises(ConfigError, match=r"d\.toml: not valid TOML"):
+        load_config(not_toml)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_required_paths_are_checked():
+    with pytest.raises(ConfigError, match=r"data\.path is required"):
+        load_config(None, ["--student.init=scratch"])
+    with pytest.raises(ConfigError, match=r"student\.path is required"):
+        load_config(None, ["--data.path=x"])
+    # Tools that only read shapes may skip the cross-field checks.
+    assert isinstance(load_config(None, [], check=False), Config)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(SEED_PRESET, ["--optim.betas=0.85,0.9", "--run.tokenizer=tok \"x\".json"])
+    write_resolved(config, tmp_path)
+    assert load_config(tmp_path / "config.toml") == config
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert config_from_dict(saved) == config
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_valid_keys_cover_the_issue_list():
+    keys = set(valid_keys())
+    for key in (
+        "run.out_dir", "run.steps", "run.seed", "run.resume", "teacher.path", "student.path",
+        "student.init", "data.path", "data.mode", "batch.micro_batch", "batch.accum_steps",
+        "batch.seq_len", "loss.alpha", "loss.temperature", "optim.lr", "precision",
+    ):
+        assert key in keys
+
+
+def test_cli_reports_config_errors(capsys):
+    code = train_main(["--config", str(SEED_PRESET), "--batch.micro_btch=4"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'batch.micro_btch'" in err and "batch.micro_batch" in err
