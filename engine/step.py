@@ -15,6 +15,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+
 from kernels.kd_loss import kd_loss
 
 
@@ -67,6 +68,7 @@ def distill_micro_step(
     normalizer: float | torch.Tensor | None,
     autocast_dtype: torch.dtype | None = None,
     backend: str = "auto",
+    inplace_grad: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Forward both models on `batch`, backpropagate the student's loss, return detached stats.
 
@@ -75,6 +77,10 @@ def distill_micro_step(
     normaliser semantics (alpha and temperature are then unused). Gradients accumulate into
     the student's .grad; under DDP wrap the call in `student.no_sync()` on all but the last
     micro-step of a window (the forward must be inside no_sync too).
+
+    `inplace_grad` lets the loss write d loss / d logits into the student's logits buffer
+    (they are used by nothing else here: the head's backward needs its input and weight, not
+    its output), saving one [tokens x vocab] buffer at the peak.
 
     Returns 0-dim fp32 tensors on the model's device, without a host sync: "loss" (this
     micro-batch's contribution to the window loss), "ce_sum", "kd_sum", "valid_tokens".
@@ -106,6 +112,7 @@ def distill_micro_step(
             valid_vocab=valid_vocab,
             normalizer=normalizer,
             backend=backend,
+            inplace_grad=inplace_grad,
         )
         stats = dict(stats)
     else:

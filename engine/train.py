@@ -513,7 +513,6 @@ def _check_compatible(config: Config, student, teacher) -> None:
 def _validation(config, student, teacher, dataset, micro_batch, info, valid_vocab, autocast):
     """Held-out metrics on the loader's val split through engine.eval.heldout_metrics."""
     from data.loader import BatchLoader
-
     from engine.eval import heldout_metrics
 
     if config.data.val_fraction <= 0:
