@@ -1,0 +1,144 @@
+"""engine.step.distill_micro_step: gradients, normaliser semantics, frozen teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.model import GPTNeoX, GPTNeoXConfig
+from engine.step import distill_micro_step
+from kernels.kd_loss import kd_loss_reference
+
+VOCAB = 97  # odd on purpose
+VALID_VOCAB = 90
+
+
+def tiny_model(seed: int, hidden: int = 32, heads: int = 2) -> GPTNeoX:
+    torch.manual_seed(seed)
+    model = GPTNeoX(
+        GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            num_layers=2,
+            num_heads=heads,
+            intermediate_size=2 * hidden + 6,
+            max_positions=32,
+        )
+    )
+    with torch.no_grad():  # LayerNorm 1 / bias 0 would hide a missing term
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def random_batch(seed: int, rows: int = 4, seq: int = 11) -> dict[str, torch.Tensor]:
+    """Random tokens; labels ignored on a different number of positions per row."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VALID_VOCAB, (rows, seq), generator=gen)
+    labels = torch.randint(0, VALID_VOCAB, (rows, seq), generator=gen)
+    for r in range(rows):
+        labels[r, seq - 2 * r - 1 :] = -100  # row r: 2r+1 ignored targets at the end
+    labels[0, 0] = -100
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_accumulation_equals_one_big_batch(with_teacher):
+    teacher = tiny_model(1, hidden=48, heads=3).eval() if with_teacher else None
+    if teacher is not None:
+        teacher.requires_grad_(False)
+    big = random_batch(0)
+    kwargs = dict(alpha=0.3, temperature=1.7, valid_vocab=VALID_VOCAB)
+
+    student = tiny_model(0)
+    whole = distill_micro_step(student, teacher, big, normalizer=None, **kwargs)
+    expected = grads(student)
+
+    student.zero_grad(set_to_none=True)
+    total_valid = float((big["labels"] != -100).sum())
+    sums = torch.zeros(4)
+    for rows in ([0], [1, 2], [3]):  # uneven micro-batches, uneven valid counts
+        part = {k: v[rows] for k, v in big.items()}
+        stats = distill_micro_step(student, teacher, part, normalizer=total_valid, **kwargs)
+        sums += torch.stack(
+            [stats["loss"], stats["ce_sum"], stats["kd_sum"], stats["valid_tokens"]]
+        )
+    for name, grad in grads(student).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(sums[0], whole["loss"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(sums[1], whole["ce_sum"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sums[2], whole["kd_sum"], rtol=1e-6, atol=1e-6)
+    assert sums[3] == whole["valid_tokens"] == total_valid
+
+
+def test_loss_matches_float64_reference_and_teacher_stays_frozen():
+    student, teacher = tiny_model(0), tiny_model(1, hidden=48, heads=3).eval()
+    teacher.requires_grad_(False)
+    batch = random_batch(3, rows=3, seq=9)
+    stats = distill_micro_step(
+        student, teacher, batch, alpha=0.5, temperature=2.0, valid_vocab=VALID_VOCAB,
+        normalizer=17.0,
+    )
+    with torch.no_grad():
+        ref_loss, ref_stats = kd_loss_reference(
+            student(batch["input_ids"]).double(),
+            teacher(batch["input_ids"]).double(),
+            batch["labels"],
+            alpha=0.5,
+            temperature=2.0,
+            valid_vocab=VALID_VOCAB,
+            normalizer=17.0,
+        )
+    torch.testing.assert_close(stats["loss"].double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["kd_sum"].double(), ref_stats["kd_sum"].double(), rtol=1e-5,
+                               atol=1e-5)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+    for value in stats.values():
+        assert value.dim() == 0 and value.dtype == torch.float32 and not value.requires_grad
+
+
+def test_without_teacher_it_is_plain_cross_entropy():
+    student = tiny_model(0)
+    batch = random_batch(5)
+    stats = distill_micro_step(
+        student, None, batch, alpha=0.5, temperature=2.0, valid_vocab=VALID_VOCAB, normalizer=None
+    )
+    expected_grads = grads(student)
+    student.zero_grad(set_to_none=True)
+    logits = student(batch["input_ids"])[..., :VALID_VOCAB]
+    loss = F.cross_entropy(logits.reshape(-1, VALID_VOCAB), batch["labels"].reshape(-1))
+    loss.backward()
+    torch.testing.assert_close(stats["loss"], loss.detach(), rtol=1e-6, atol=1e-6)
+    assert stats["kd_sum"] == 0
+    for name, grad in grads(student).items():
+        torch.testing.assert_close(expected_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bf16_autocast_runs_and_stays_close():
+    student, teacher = tiny_model(0), tiny_model(1, hidden=48, heads=3).eval()
+    teacher.requires_grad_(False)
+    batch = random_batch(7)
+    kwargs = dict(alpha=0.5, temperature=2.0, valid_vocab=None, normalizer=None)
+    fp32 = distill_micro_step(student, teacher, batch, **kwargs)
+    bf16 = distill_micro_step(student, teacher, batch, autocast_dtype=torch.bfloat16, **kwargs)
+    assert torch.isfinite(bf16["loss"])
+    torch.testing.assert_close(bf16["loss"], fp32["loss"], rtol=0.05, atol=0.05)
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+
+
+def test_bad_batches_are_named():
+    student = tiny_model(0)
+    kwargs = dict(alpha=0.5, temperature=2.0, valid_vocab=None, normalizer=None)
+    with pytest.raises(ValueError, match="'input_ids' and 'labels'"):
+        distill_micro_step(student, None, {"input_ids": torch.zeros(1, 3, dtype=torch.long)},
+                           **kwargs)
+    bad = {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.ones(2, 4,
+                                                                                  dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"must both be \[B, T\]"):
+        distill_micro_step(student, None, bad, **kwargs)
