@@ -53,7 +53,8 @@ def lr_at(config: Config, step: int) -> float:
         return optim.lr * (step + 1) / optim.warmup_steps
     if optim.schedule == "constant":
         return optim.lr
-    decay_steps = max(1, config.run.steps - optim.warmup_steps)
+    # The last step (index steps - 1) trains at min_lr.
+    decay_steps = max(1, config.run.steps - optim.warmup_steps - 1)
     progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
     return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
 
