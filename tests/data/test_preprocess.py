@@ -83,7 +83,7 @@ def test_shards_hold_encode_plus_eos_of_every_document_in_order(tmp_path, bpe, t
 
 def test_one_and_two_workers_write_byte_identical_folders(tmp_path, bpe, texts, monkeypatch):
     monkeypatch.setattr(prep, "BATCH_DOCS", 16)  # many batches in flight
-    source = write_jsonl(tmp_path / "in.jsonl.zst", docs_lines(texts) + ["{bad json"])
+    source = write_jsonl(tmp_path / "in.jsonl.zst", [*docs_lines(texts), "{bad json"])
     preprocess([source], bpe, tmp_path / "w1", workers=1, shard_tokens=2000)
     preprocess([source], bpe, tmp_path / "w2", workers=2, shard_tokens=2000)
     assert folder_bytes(tmp_path / "w1") == folder_bytes(tmp_path / "w2")
@@ -255,7 +255,9 @@ def test_interrupted_run_keeps_finished_shards_and_continues(tmp_path, bpe, text
     with pytest.raises(KeyboardInterrupt):
         preprocess([source], bpe, out2, shard_tokens=700)
     monkeypatch.setattr(prep._Run, "consume", real_consume)
-    (out2 / "shard_00001.bin").write_bytes(b"\x00\x00" + (out2 / "shard_00001.bin").read_bytes()[2:])
+    damaged = bytearray((out2 / "shard_00001.bin").read_bytes())
+    damaged[0] ^= 0xFF
+    (out2 / "shard_00001.bin").write_bytes(bytes(damaged))
     preprocess([source], bpe, out2, shard_tokens=700)
     assert folder_bytes(out2) == folder_bytes(tmp_path / "ref")
 
