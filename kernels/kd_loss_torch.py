@@ -203,29 +203,26 @@ def kd_loss_forward_chunked(
         valid = rows_labels != ignore_index
         safe_labels = torch.where(valid, rows_labels, torch.zeros_like(rows_labels))[:, None]
 
-        # CE at T = 1: log-sum-exp of the raw student logits.
+        # Shift by the row max before scaling by 1/T: the subtraction is exact near the max, so
+        # the probabilities that matter keep full fp32 precision even for |logits| ~ 1e4.
         # copy=True: for fp32 inputs .to() would return a view, and scratch 1 is modified in place.
         s_block = s[start:stop, :valid_vocab].to(compute, copy=True)  # scratch 1
-        lse_s = torch.logsumexp(s_block, dim=-1, keepdim=True)
-        ce_row = lse_s.squeeze(1) - s_block.gather(1, safe_labels).squeeze(1)
+        s_block.sub_(s_block.amax(dim=-1, keepdim=True))
+        log_sum_s1 = torch.logsumexp(s_block, dim=-1, keepdim=True)
+        ce_row = (log_sum_s1 - s_block.gather(1, safe_labels)).squeeze(1)  # CE at T = 1
 
-        # Student and teacher at T, as log-probabilities, in place where possible.
-        log_ps_t = s_block.mul(inv_t)  # scratch 2
+        log_ps_t = s_block.mul(inv_t)  # scratch 2: student log-probabilities at T
         log_ps_t.sub_(torch.logsumexp(log_ps_t, dim=-1, keepdim=True))
-        log_pt_t = t[start:stop, :valid_vocab].to(compute, copy=True).mul_(inv_t)  # scratch 3
+        log_pt_t = t[start:stop, :valid_vocab].to(compute, copy=True)  # scratch 3: teacher at T
+        log_pt_t.sub_(log_pt_t.amax(dim=-1, keepdim=True)).mul_(inv_t)
         log_pt_t.sub_(torch.logsumexp(log_pt_t, dim=-1, keepdim=True))
-        # KL(p_t || p_s) summed per row; then scratch 3 becomes p_t.
-        kl_row = torch.sum(log_pt_t.exp() * (log_pt_t - log_ps_t), dim=-1)  # scratch 4 (temp)
-        p_t = log_pt_t.exp_()
-        kd_row = (temperature * temperature) * kl_row
+        p_t = log_pt_t.exp()  # scratch 4
+        kd_row = (temperature * temperature) * log_pt_t.sub_(log_ps_t).mul_(p_t).sum(dim=-1)
 
-        # Gradient, accumulated into scratch 1 (no longer needed as raw logits).
-        grad = s_block.sub_(lse_s).exp_().mul_(alpha)  # alpha * softmax(s)
-        grad.scatter_add_(
-            1, safe_labels, torch.full_like(safe_labels, -alpha, dtype=compute)
-        )  # - alpha * onehot(label)
-        kd_scale = (1.0 - alpha) * temperature
-        grad.add_(log_ps_t.exp_().sub_(p_t), alpha=kd_scale)
+        # Gradient, built in scratch 1 (the shifted logits are not needed any more).
+        grad = s_block.sub_(log_sum_s1).exp_().mul_(alpha)  # alpha * softmax(s)
+        grad.scatter_add_(1, safe_labels, torch.full_like(safe_labels, -alpha, dtype=compute))
+        grad.add_(log_ps_t.exp_().sub_(p_t), alpha=(1.0 - alpha) * temperature)
         row_scale = torch.where(valid, inv_norm, torch.zeros((), dtype=compute, device=s.device))
         grad.mul_(row_scale[:, None])
         grad_out[start:stop, :valid_vocab] = grad
