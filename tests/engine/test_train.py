@@ -100,12 +100,15 @@ def final_weights(result: dict) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture(scope="session")
-def straight_run(assets, tmp_path_factory):
+def do_straight_run(assets, out: Path) -> dict:
     """4 steps without interruption: the reference for every resume test."""
-    out = tmp_path_factory.mktemp("straight")
     result = run(make_config(assets, out, run__save_every=2))
     return {"result": result, "records": train_records(out), "weights": final_weights(result)}
+
+
+@pytest.fixture(scope="session")
+def straight_run(assets, tmp_path_factory):
+    return do_straight_run(assets, tmp_path_factory.mktemp("straight"))
 
 
 def assert_same_run(result, straight):

@@ -1,0 +1,185 @@
+"""engine.checkpoint: atomic saves, keep-last, resume=auto, and processes killed mid-save."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from engine.model import GPTNeoX, GPTNeoXConfig
+from engine.train import run
+from tests.engine.test_train import (
+    assert_same_run,
+    base_overrides,
+    do_straight_run,
+    make_assets,
+    make_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("checkpoint-assets"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(assets, tmp_path_factory):
+    return do_straight_run(assets, tmp_path_factory.mktemp("straight"))
+
+
+def tiny_student(seed: int = 0) -> GPTNeoX:
+    torch.manual_seed(seed)
+    return GPTNeoX(GPTNeoXConfig(vocab_size=61, hidden_size=16, num_layers=1, num_heads=2,
+                                 intermediate_size=40, max_positions=16))
+
+
+def save(out_dir, step, model, optimizer, keep_last=2):
+    return ckpt.save_checkpoint(
+        out_dir, step, student=model, optimizer=optimizer,
+        trainer_state={"loader_states": [{"position": step}], "rng_states": [{}]},
+        config={"step": step}, keep_last=keep_last,
+    )
+
+
+def test_keep_last_and_incomplete_folders(tmp_path):
+    model = tiny_student()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in (1, 2, 3, 4):
+        model(torch.randint(0, 61, (2, 5))).float().mean().backward()
+        optimizer.step()
+        path = save(tmp_path, step, model, optimizer)
+        assert (path / ckpt.DONE_MARKER).is_file()
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [3, 4]
+    # A folder without DONE (a save killed after its rename) is never picked.
+    fake = ckpt.checkpoint_root(tmp_path) / ckpt.step_dir_name(9)
+    fake.mkdir()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000004"
+    assert ckpt.resolve_resume("auto", tmp_path).name == "step-00000004"
+    assert ckpt.resolve_resume("none", tmp_path) is None
+    with pytest.raises(ckpt.CheckpointLoadError, match="no DONE marker"):
+        ckpt.resolve_resume(str(fake), tmp_path)
+    with pytest.raises(ckpt.CheckpointLoadError, match="incomplete checkpoint"):
+        ckpt.load_checkpoint(fake, student=model, optimizer=optimizer)
+    ckpt.clean_incomplete(tmp_path)
+    assert not fake.exists()
+
+    # Loading restores weights and optimizer state exactly, in place.
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_moments = [s["exp_avg"].clone() for s in optimizer.state.values()]
+    fresh = tiny_student(seed=1)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), student=fresh,
+                                 optimizer=fresh_opt)
+    assert state["step"] == 4 and state["loader_states"] == [{"position": 4}]
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    for got, want in zip([s["exp_avg"] for s in fresh_opt.state.values()], expected_moments,
+                         strict=True):
+        assert torch.equal(got, want)
+
+
+def test_load_refuses_a_different_shape(tmp_path):
+    model = tiny_student()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    path = save(tmp_path, 1, model, optimizer)
+    other = GPTNeoX(GPTNeoXConfig(vocab_size=61, hidden_size=16, num_layers=1, num_heads=2,
+                                  intermediate_size=48, max_positions=16))
+    with pytest.raises(ValueError, match="dense_h_to_4h"):
+        ckpt.load_checkpoint(path, student=other, optimizer=None)
+
+
+def test_rng_state_round_trip():
+    state = ckpt.capture_rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    ckpt.restore_rng_state(state)
+    second = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
+
+
+def test_export_with_tokenizer_and_refusal(tmp_path):
+    model = tiny_student()
+    tokenizer = tmp_path / "tok.json"
+    tokenizer.write_text('{"fake": "tokenizer"}')
+    out = ckpt.export_student(model, tmp_path / "final", tokenizer_path=tokenizer)
+    assert (out / "tokenizer.json").read_text() == tokenizer.read_text()
+    assert GPTNeoX.from_pretrained(out).config.intermediate_size == 40
+    ckpt.export_student(model, tmp_path / "final")  # replacing an export is fine
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a model folder"):
+        ckpt.export_student(model, precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "precious", "tok.json"]
+
+
+def start_training(overrides: list[str], log: Path, **env) -> subprocess.Popen:
+    # Same thread count as this process: CPU reductions are blocked per thread, and the
+    # comparison with the in-process straight run is bit-exact.
+    threads = str(torch.get_num_threads())
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": threads, **env}
+    with open(log, "w") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "engine.train", *overrides],
+            cwd=REPO, env=full_env, stdout=handle, stderr=subprocess.STDOUT,
+        )
+
+
+def wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out:\n{log.read_text()}")
+        time.sleep(0.1)
+
+
+def paused_save(out: Path) -> bool:
+    root = ckpt.checkpoint_root(out)
+    return root.is_dir() and any((p / "PAUSED").exists() for p in root.glob(".step-*"))
+
+
+def test_sigkill_mid_save_keeps_previous_checkpoint(assets, tmp_path, straight_run):
+    out = tmp_path / "killed"
+    overrides = base_overrides(assets, out, run__save_every=2)
+    log = tmp_path / "log.txt"
+    proc = start_training(overrides, log, **{ckpt.SAVE_PAUSE_ENV: "4:60"})
+    wait_for(lambda: paused_save(out), proc, log)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2]
+    assert list(ckpt.checkpoint_root(out).glob(".step-00000004.tmp-*"))  # the debris is there
+    # resume=auto continues from step 2, clears the debris, and ends where the straight run did.
+    result = run(make_config(assets, out, run__save_every=2))
+    assert not list(ckpt.checkpoint_root(out).glob(".step-*"))
+    assert_same_run(result, straight_run)
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_cleanly(assets, tmp_path, straight_run):
+    out = tmp_path / "terminated"
+    overrides = base_overrides(assets, out, run__save_every=2)
+    log = tmp_path / "log.txt"
+    proc = start_training(overrides, log, **{ckpt.SAVE_PAUSE_ENV: "2:2"})
+    wait_for(lambda: paused_save(out), proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text()
+    text = log.read_text()
+    assert "SIGTERM: finishing the current step" in text and "stopped by signal" in text
+    steps = [s for s, _ in ckpt.complete_checkpoints(out)]
+    assert steps[-1] == 3  # step 2 saved as planned; step 3 finished, saved, then exit
+    assert not (out / "final").exists()
+    result = run(make_config(assets, out, run__save_every=2))
+    assert_same_run(result, straight_run)
