@@ -171,7 +171,7 @@ class BatchLoader:
             keep = np.ones(n, dtype=bool)
             keep[val] = False
             self.items = np.flatnonzero(keep)
-        if split == "train" and self._rank_items(0).size == 0:
+        if split == "train" and len(self) == 0:
             raise ValueError(
                 f"{len(self.items)} training items are too few for micro_batch {micro_batch} "
                 f"x world_size {self.world_size}"
@@ -191,8 +191,10 @@ class BatchLoader:
         return items[self.rank :: self.world_size]
 
     def __len__(self) -> int:
-        per_rank = len(self._rank_items(0)) if self.drop_last else \
-            len(self.items[self.rank :: self.world_size])
+        n, world = len(self.items), self.world_size
+        if self.drop_last:
+            return n // (world * self.micro_batch)
+        per_rank = max(n - self.rank + world - 1, 0) // world  # len(items[rank::world])
         return -(-per_rank // self.micro_batch)
 
     def _collate(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
