@@ -7,6 +7,7 @@ The module tree mirrors transformers' GPTNeoXForCausalLM (`gpt_neox.embed_in`,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,6 +32,7 @@ _LEGACY_BUFFER = re.compile(
     r"|rotary_emb\.inv_freq)$"
 )
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_HEADER_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 class CheckpointError(ValueError):
@@ -387,6 +389,8 @@ class GPTNeoX(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Fresh weights to train from scratch: N(0, 0.02) matrices, LayerNorm 1/0, zero biases."""
+        if self.embed_out.weight.is_meta:
+            return  # shapes only (from_pretrained fills every tensor); nothing to initialise
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -456,9 +460,14 @@ class GPTNeoX(nn.Module):
     ) -> GPTNeoX:
         """Load a HF GPT-NeoX folder (config.json + single or sharded safetensors).
 
-        The module is built on the meta device and each tensor is read, cast and moved on its
-        own, so at no point do two full copies of the weights exist. Returned in eval mode.
+        Every header is checked (names, shapes, dtypes) before any tensor data is read, so a
+        bad checkpoint fails fast and names the tensor. The module is built on the meta device
+        and each tensor is then read, cast and moved on its own straight into its parameter:
+        at no point do two full copies of the weights exist. A few threads overlap the casts
+        (torch releases the GIL), as transformers does. Returned in eval mode.
         """
+        from concurrent.futures import ThreadPoolExecutor
+
         path = Path(path)
         if dtype not in _FLOAT_DTYPES:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
@@ -470,18 +479,39 @@ class GPTNeoX(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-        loaded: set[str] = set()
-        for file in files:
-            for name, tensor in _read_safetensors(file, expected, loaded):
-                module_path, _, attr = name.rpartition(".")
-                module = model.get_submodule(module_path)
-                value = tensor.to(device=device, dtype=dtype)
-                setattr(module, attr, nn.Parameter(value, requires_grad=True))
-                loaded.add(name)
-        missing = [name for name in expected if name not in loaded]
-        if missing:
-            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise CheckpointError(f"{path}: missing tensor(s) {shown} ({len(missing)} in all)")
+        with contextlib.ExitStack() as stack:
+            where: dict[str, tuple[Path, object]] = {}
+            for file in files:
+                handle = stack.enter_context(_open_safetensors(file))
+                for name in _checked_names(file, handle, expected):
+                    if name in where:
+                        raise CheckpointError(
+                            f"{file}: tensor {name!r} also appears in {where[name][0]}"
+                        )
+                    where[name] = (file, handle)
+            missing = [name for name in expected if name not in where]
+            if missing:
+                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                raise CheckpointError(
+                    f"{path}: missing tensor(s) {shown} ({len(missing)} in all)"
+                )
+
+            def materialize(name: str) -> torch.Tensor:
+                file, handle = where[name]
+                try:
+                    tensor = handle.get_tensor(name)
+                except Exception as error:  # safetensors raises its own error types
+                    message = f"{file}: cannot read tensor {name!r} ({error})"
+                    raise CheckpointError(message) from error
+                # copy=True: never alias the file's memory map, even when no cast is needed.
+                return tensor.to(device=device, dtype=dtype, copy=True)
+
+            workers = max(1, min(4, os.cpu_count() or 1))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for name, value in zip(expected, pool.map(materialize, expected), strict=True):
+                    module_path, _, attr = name.rpartition(".")
+                    module = model.get_submodule(module_path)
+                    setattr(module, attr, nn.Parameter(value, requires_grad=True))
         model.rotary.rebuild(torch.device(device))
         return model.eval()
 
@@ -564,38 +594,37 @@ def _weight_files(folder: Path) -> list[Path]:
     )
 
 
-def _read_safetensors(file: Path, expected: dict[str, tuple], already: set[str]):
-    """Yield (name, cpu tensor) for each model tensor in a file, checking names and shapes
-    from the header before any data is read."""
-    from safetensors import SafetensorError, safe_open
+def _open_safetensors(file: Path):
+    from safetensors import safe_open
 
     try:
-        handle = safe_open(str(file), framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError) as error:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as error:  # SafetensorError, OSError, ...: all mean "cannot use this file"
         raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from error
-    with handle as f:
-        for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-            if _LEGACY_BUFFER.match(name):
-                continue
-            if name not in expected:
-                raise CheckpointError(f"{file}: unexpected tensor {name!r}")
-            if name in already:
-                raise CheckpointError(f"{file}: tensor {name!r} appears in more than one file")
-            found = tuple(f.get_slice(name).get_shape())
-            if found != expected[name]:
-                raise CheckpointError(
-                    f"{file}: shape mismatch for {name!r}: expected {list(expected[name])}, "
-                    f"found {list(found)}"
-                )
-            try:
-                tensor = f.get_tensor(name)
-            except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-                raise CheckpointError(f"{file}: cannot read tensor {name!r} ({error})") from error
-            if tensor.dtype not in _FLOAT_DTYPES:
-                raise CheckpointError(
-                    f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected a float dtype"
-                )
-            yield name, tensor
+
+
+def _checked_names(file: Path, handle, expected: dict[str, tuple]) -> list[str]:
+    """The model tensors a file holds, with names, shapes and dtypes checked from its header
+    alone; legacy buffers are skipped."""
+    names = []
+    for name in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+        if _LEGACY_BUFFER.match(name):
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{file}: unexpected tensor {name!r}")
+        info = handle.get_slice(name)
+        found = tuple(info.get_shape())
+        if found != expected[name]:
+            raise CheckpointError(
+                f"{file}: shape mismatch for {name!r}: expected {list(expected[name])}, "
+                f"found {list(found)}"
+            )
+        if info.get_dtype() not in _FLOAT_HEADER_DTYPES:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has dtype {info.get_dtype()}, expected a float dtype"
+            )
+        names.append(name)
+    return names
 
 
 def _is_replaceable_model_folder(path: Path) -> bool:
