@@ -99,17 +99,31 @@ class KDLossFunction(torch.autograd.Function):
         else:
             ce_sum, kd_sum = kd_loss_forward_chunked(s, t, labels, grad, **kwargs)
         loss = ((1.0 - alpha) * kd_sum + alpha * ce_sum) * inv_norm
-        ctx.save_for_backward(grad)
+        if inplace_grad:
+            # The buffer is a view of the student logits made in no-grad mode, which saved-tensor
+            # checks forbid; keep it as an attribute and drop it in the (single) backward.
+            ctx.grad_buffer = grad
+        else:
+            # Saved tensors are freed by backward (unless retain_graph), so the buffer does not
+            # outlive the step while the caller still holds the loss.
+            ctx.save_for_backward(grad)
         ctx.student_shape = student.shape
+        ctx.dtype = grad.dtype
         ctx.inplace_grad = inplace_grad
         ctx.mark_non_differentiable(ce_sum, kd_sum)
         return loss, ce_sum, kd_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
-        (grad,) = ctx.saved_tensors
-        scale = grad_loss.to(grad.dtype)
-        grad = grad.mul_(scale) if ctx.inplace_grad else grad * scale
+        scale = grad_loss.to(ctx.dtype)
+        if ctx.inplace_grad:
+            grad, ctx.grad_buffer = ctx.grad_buffer, None
+            if grad is None:
+                raise RuntimeError("kd_loss(inplace_grad=True) supports a single backward pass")
+            grad = grad.mul_(scale)
+        else:
+            (grad,) = ctx.saved_tensors
+            grad = grad * scale
         return grad.view(ctx.student_shape), None, None, None, None, None, None, None, None, None
 
 

@@ -1,0 +1,169 @@
+"""Promises of the public kd_loss API, checked on both backends (Triton via the interpreter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.kd_loss import kd_loss, kd_loss_reference
+from tests.kernels.kd_cases import make_inputs, reference_loss_and_grad, rel_err
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.filterwarnings("ignore"))]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    return request.param
+
+
+def test_all_ignored_gives_zero_loss_zero_grad(backend):
+    student, teacher, labels = make_inputs(5, 333, kind="all_ignored", seed=1)
+    student.requires_grad_(True)
+    loss, stats = kd_loss(student, teacher, labels, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(student.grad) == 0
+    assert torch.isfinite(student.grad).all()
+    assert stats["valid_tokens"].item() == 0
+    assert stats["ce_sum"].item() == 0 and stats["kd_sum"].item() == 0
+
+
+def test_normalizer_as_number_and_tensor(backend):
+    student, teacher, labels = make_inputs(9, 257, valid_vocab=250, seed=2)
+    kwargs = dict(alpha=0.3, temperature=2.0, valid_vocab=250)
+    ref, ref_grad, _ = reference_loss_and_grad(student, teacher, labels, normalizer=37, **kwargs)
+    for normalizer in (37, 37.0, torch.tensor(37.0), torch.tensor([37], dtype=torch.int64)):
+        s = student.clone().requires_grad_(True)
+        loss, _ = kd_loss(s, teacher, labels, normalizer=normalizer, backend=backend, **kwargs)
+        loss.backward()
+        assert rel_err(loss, ref) <= 1e-5
+        assert rel_err(s.grad, ref_grad) <= 1e-4
+    with pytest.raises(ValueError, match="normalizer"):
+        kd_loss(student, teacher, labels, normalizer=0, backend=backend)
+
+
+def test_three_dim_input_matches_flat(backend):
+    student, teacher, labels = make_inputs(2 * 5, 129, seed=3)
+    s3 = student.view(2, 5, 129).clone().requires_grad_(True)
+    loss3, stats3 = kd_loss(s3, teacher.view(2, 5, 129), labels.view(2, 5), backend=backend)
+    loss3.backward()
+    ref, ref_grad, _ = reference_loss_and_grad(student, teacher, labels)
+    assert s3.grad.shape == (2, 5, 129)
+    assert rel_err(loss3, ref) <= 1e-5
+    assert rel_err(s3.grad.view(10, 129), ref_grad) <= 1e-4
+    assert stats3["valid_tokens"].item() == (labels != -100).sum().item()
+
+
+def test_grad_output_scaling_and_teacher_gets_no_grad(backend):
+    student, teacher, labels = make_inputs(6, 100, seed=4)
+    teacher.requires_grad_(True)
+    s = student.clone().requires_grad_(True)
+    loss, stats = kd_loss(s, teacher, labels, alpha=0.7, temperature=0.5, backend=backend)
+    (loss * 3.5).backward()
+    _, ref_grad, _ = reference_loss_and_grad(student, teacher, labels, alpha=0.7,
+                                             temperature=0.5)
+    assert rel_err(s.grad, 3.5 * ref_grad) <= 1e-4
+    assert teacher.grad is None
+    assert not any(v.requires_grad for v in stats.values())
+    assert all(v.dtype == torch.float32 and v.dim() == 0 for v in stats.values())
+
+
+def test_gradient_accumulates_across_two_calls(backend):
+    """Two micro-batches normalised by the window's valid count add up to one big batch."""
+    student, teacher, labels = make_inputs(12, 211, seed=5)
+    window = (labels != -100).sum()
+    s = student.clone().requires_grad_(True)
+    total = 0.0
+    for part in (slice(0, 5), slice(5, 12)):
+        loss, _ = kd_loss(s[part], teacher[part], labels[part], normalizer=window,
+                          backend=backend)
+        loss.backward()
+        total += loss.item()
+    ref, ref_grad, _ = reference_loss_and_grad(student, teacher, labels)
+    assert abs(total - ref.item()) <= 1e-5 * abs(ref.item())
+    assert rel_err(s.grad, ref_grad) <= 1e-4
+
+
+def test_default_mode_leaves_inputs_untouched_and_allows_two_backwards(backend):
+    student, teacher, labels = make_inputs(4, 77, seed=6)
+    s = student.clone().requires_grad_(True)
+    t = teacher.clone()
+    loss, _ = kd_loss(s, t, labels, backend=backend)
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    loss.backward(torch.tensor(2.0))
+    assert torch.equal(s.detach(), student) and torch.equal(t, teacher)
+    torch.testing.assert_close(s.grad, 3 * first)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_grad_reuses_the_logits_buffer(backend, dtype):
+    """The training loop's opt-in: gradient written over the (non-leaf) logits, still correct."""
+    student, teacher, labels = make_inputs(6, 300, valid_vocab=290, dtype=dtype, seed=7)
+    weight = torch.ones((), requires_grad=True)
+    logits = student * weight  # non-leaf, like the output of the LM head
+    loss, _ = kd_loss(logits, teacher, labels, valid_vocab=290, backend=backend,
+                      inplace_grad=True)
+    (loss * 2).backward()
+    _, ref_grad, _ = reference_loss_and_grad(student, teacher, labels, valid_vocab=290)
+    # d loss / d weight = sum(grad * student): checks the gradient that flowed through.
+    expected = (2 * ref_grad * student.double()).sum()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert abs(weight.grad.double() - expected) <= tol * (ref_grad.abs() * student.abs()).sum()
+    assert not torch.equal(logits.detach(), student)  # the buffer now holds the gradient
+
+
+def test_inplace_grad_is_refused_by_autograd_when_logits_were_saved(backend):
+    student, teacher, labels = make_inputs(3, 50, seed=8)
+    weight = torch.ones((), requires_grad=True)
+    logits = student * weight
+    saved_user = (logits * logits).sum()  # mul saves logits for its own backward
+    loss, _ = kd_loss(logits, teacher, labels, backend=backend, inplace_grad=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + saved_user).backward()
+
+
+def test_bad_inputs_name_the_problem(backend):
+    student, teacher, labels = make_inputs(4, 20, seed=9)
+    with pytest.raises(ValueError, match="teacher_logits shape"):
+        kd_loss(student, teacher[:, :19], labels, backend=backend)
+    with pytest.raises(ValueError, match="labels shape"):
+        kd_loss(student, teacher, labels[:3], backend=backend)
+    with pytest.raises(ValueError, match=r"labels\[2\] = 20"):
+        kd_loss(student, teacher, torch.tensor([1, -100, 20, 3]), backend=backend)
+    with pytest.raises(ValueError, match="valid_vocab=21"):
+        kd_loss(student, teacher, labels, valid_vocab=21, backend=backend)
+    with pytest.raises(ValueError, match=r"labels\[0\] = 18"):
+        kd_loss(student, teacher, torch.tensor([18, 1, 2, 3]), valid_vocab=18, backend=backend)
+    with pytest.raises(ValueError, match="temperature"):
+        kd_loss(student, teacher, labels, temperature=0.0, backend=backend)
+    with pytest.raises(ValueError, match="alpha"):
+        kd_loss(student, teacher, labels, alpha=1.5, backend=backend)
+
+
+def test_unknown_backend_and_auto_on_cpu():
+    student, teacher, labels = make_inputs(3, 40, seed=10)
+    with pytest.raises(ValueError, match="backend"):
+        kd_loss(student, teacher, labels, backend="cuda")
+    loss_auto, _ = kd_loss(student, teacher, labels)  # auto -> torch on CPU
+    loss_torch, _ = kd_loss(student, teacher, labels, backend="torch")
+    assert torch.equal(loss_auto, loss_torch)
+
+
+def test_reference_accepts_three_dims_and_matches_itself_flat():
+    student, teacher, labels = make_inputs(6, 31, seed=12)
+    flat, _ = kd_loss_reference(student, teacher, labels)
+    nested, _ = kd_loss_reference(student.view(2, 3, 31), teacher.view(2, 3, 31),
+                                  labels.view(2, 3))
+    torch.testing.assert_close(flat, nested)
+
+
+def test_inplace_grad_refuses_a_second_backward(backend):
+    student, teacher, labels = make_inputs(3, 40, seed=13)
+    logits = student * torch.ones((), requires_grad=True)
+    loss, _ = kd_loss(logits, teacher, labels, backend=backend, inplace_grad=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="single backward"):
+        loss.backward()
