@@ -128,6 +128,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def allreduce_sum_hook(process_group, bucket):
+    """DDP communication hook: sum gradient buckets over ranks (no 1/world_size scaling).
+
+    Right when every rank's loss is already normalised by the whole window's token count
+    across ranks, as engine.train does.
+    """
+    tensor = bucket.buffer()
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(tensor, group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
 def all_gather_object(obj):
     """List of `obj` from every rank, in rank order ([obj] on one process)."""
     if not is_distributed():

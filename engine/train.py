@@ -298,6 +298,9 @@ def _run(config: Config, info: dist.DistInfo) -> dict[str, Any]:
             broadcast_buffers=False,
             gradient_as_bucket_view=True,
         )
+        # Each rank's loss is already divided by the global token count, so gradients must
+        # be summed over ranks, not averaged (DDP's default divides by the world size).
+        model.register_comm_hook(state=None, hook=dist.allreduce_sum_hook)
     if config.runtime.compile:
         model = torch.compile(model)
 

@@ -1,0 +1,115 @@
+"""Two-process gloo DDP: same result as one process on the same global batch; dead ranks fail.
+
+The real command line under torchrun is used for the comparison, so the environment
+handling, the window-wide normaliser across ranks, no_sync and rank-0-only saving are all
+on the path under test.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from engine.train import run
+from tests.engine.test_train import (
+    assert_weights_close,
+    base_overrides,
+    final_weights,
+    make_assets,
+    make_config,
+    train_records,
+)
+
+pytestmark = pytest.mark.distributed
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("ddp-assets"))
+
+
+def test_two_ranks_match_one_process(assets, tmp_path):
+    # One process: 4 micro-batches of 2 per step. Two ranks: 2 micro-batches of 2 each. The
+    # loader deals the epoch's permutation out round-robin, so the global windows coincide.
+    single = run(make_config(assets, tmp_path / "single", data__mode="padded",
+                             batch__accum_steps=4, run__steps=3))
+    out = tmp_path / "ddp"
+    overrides = base_overrides(assets, out, data__mode="padded", batch__accum_steps=2,
+                               run__steps=3, run__save_every=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "NEOX_DIST_TIMEOUT_S": "120"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "engine.train",
+         *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Rank 0 alone logs and saves.
+    assert proc.stdout.count("step 3/3") == 1, proc.stdout
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2, 3]
+    state = torch.load(ckpt.latest_checkpoint(out) / "trainer_state.pt", weights_only=False)
+    assert state["world_size"] == 2 and len(state["loader_states"]) == 2
+
+    ddp_records, single_records = train_records(out), train_records(single["out_dir"])
+    assert len({r["valid_tokens"] for r in single_records}) > 1  # uneven windows
+    for d, s in zip(ddp_records, single_records, strict=True):
+        assert d["valid_tokens"] == s["valid_tokens"]
+        assert d["loss"] == pytest.approx(s["loss"], rel=1e-5)
+        assert d["ce"] == pytest.approx(s["ce"], rel=1e-5)
+        assert d["grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-4)
+    ddp_weights = final_weights({"export_dir": out / "final"})
+    assert_weights_close(ddp_weights, final_weights(single))
+
+
+def _rank_main(rank: int, port: int, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    from engine import dist
+
+    dist.init_distributed("cpu", timeout_s=30)
+    dist.all_reduce_sum(torch.ones(1))  # both alive: fine
+    if rank == 1:
+        os._exit(3)  # dies without a word
+    time.sleep(1.0)
+    start = time.monotonic()
+    try:
+        dist.all_reduce_sum(torch.ones(1))
+        message = "no error"
+    except dist.DistributedError as exc:
+        message = str(exc)
+    Path(result_dir, "rank0.txt").write_text(f"{time.monotonic() - start:.1f}\n{message}")
+    os._exit(0)
+
+
+def test_dead_rank_makes_the_survivor_fail_clearly(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, str(tmp_path))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+            pytest.fail("a rank hung instead of failing")
+    seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert "rank 0/2: all_reduce failed; another rank probably died" in message
+    assert float(seconds) < 60
