@@ -1,0 +1,132 @@
+"""`--compare`: one Markdown table (and optionally a PNG bar chart) of several models' results.
+
+The seed's Table 1 put student base, teacher and distilled student side by side over the
+same tasks; this renders exactly that shape from engine.eval's result rows: one table row
+per model, one column per (dataset, metric), the best value of each column in bold, so a
+gain or a loss of the student is visible at a glance. matplotlib is optional (the `plot`
+extra) and imported only when a PNG is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+# Metrics shown per task, and whether lower is better.
+TASK_METRICS = {
+    "ppl": [("ppl", True)],
+    "lambada": [("ppl", True), ("acc", False)],
+    "mc": [("acc", False), ("acc_norm", False)],
+}
+
+
+def _columns(rows: list[dict]) -> list[tuple[str, str, bool]]:
+    """(dataset name, metric, lower_is_better) in first-seen order."""
+    columns: list[tuple[str, str, bool]] = []
+    for row in rows:
+        for metric, lower in TASK_METRICS[row["task"]]:
+            column = (row["name"], metric, lower)
+            if column not in columns:
+                columns.append(column)
+    return columns
+
+
+def _format(value: float | None, metric: str) -> str:
+    if value is None:  # not evaluated, or null (non-finite) in the results JSON
+        return "-"
+    if math.isnan(value):
+        return "nan"
+    if metric == "ppl":
+        return f"{value:.2f}"
+    return f"{value:.4f}"
+
+
+def table_data(rows: list[dict]) -> tuple[list[str], list[tuple[str, str, bool]], dict]:
+    """(model labels, columns, {(model, dataset, metric): value}) from result rows."""
+    models: list[str] = []
+    values: dict[tuple[str, str, str], float] = {}
+    for row in rows:
+        if row["model_label"] not in models:
+            models.append(row["model_label"])
+        for metric, _ in TASK_METRICS[row["task"]]:
+            values[(row["model_label"], row["name"], metric)] = row[metric]
+    return models, _columns(rows), values
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A GitHub Markdown table: models down, (dataset metric) across, best value in bold."""
+    models, columns, values = table_data(rows)
+    best = {}
+    for name, metric, lower in columns:
+        present = [
+            value
+            for m in models
+            if (value := values.get((m, name, metric))) is not None and not math.isnan(value)
+        ]
+        if len(present) > 1:
+            best[(name, metric)] = min(present) if lower else max(present)
+    header = ["model"] + [
+        f"{name} {metric} {'↓' if lower else '↑'}" for name, metric, lower in columns
+    ]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|",
+    ]
+    for model in models:
+        cells = [model]
+        for name, metric, _ in columns:
+            value = values.get((model, name, metric))
+            text = _format(value, metric)
+            if value is not None and best.get((name, metric)) == value:
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def save_bar_chart(rows: list[dict], path: str | Path) -> Path:
+    """One bar-chart panel per table column, one bar per model; written atomically.
+
+    Raises ImportError when matplotlib is absent (the caller says so and goes on).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models, columns, values = table_data(rows)
+    path = Path(path)
+    figure, axes = plt.subplots(
+        1, len(columns), figsize=(max(3.0, 2.6 * len(columns)), 3.4), squeeze=False
+    )
+    for axis, (name, metric, lower) in zip(axes[0], columns, strict=True):
+        heights = [values.get((m, name, metric)) for m in models]
+        heights = [float("nan") if h is None else h for h in heights]
+        axis.bar(range(len(models)), heights, color=[f"C{i}" for i in range(len(models))])
+        axis.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
+        axis.set_title(f"{name} {metric} ({'lower' if lower else 'higher'} is better)", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            figure.savefig(handle, format="png", dpi=120)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(figure)
+    return path

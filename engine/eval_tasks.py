@@ -1,0 +1,627 @@
+"""The evaluation tasks behind `python -m engine.eval`: ppl, lambada, mc.
+
+lambada and mc follow lm-evaluation-harness exactly (REFERENCE.md), because the point is to
+compare our students with published Pythia numbers:
+
+- a request is (context, continuation); trailing whitespace of the context moves to the
+  front of the continuation; context+continuation are encoded together and split at
+  len(encode(context)), so the continuation's first token is the one the tokenizer really
+  produces at that boundary; an empty context is replaced by the EOS token;
+- the model sees (context+continuation)[-(max_length+1):][:-1], i.e. truncation from the
+  left, and the last len(continuation) positions are scored;
+- lambada: ppl = exp(-mean over documents of ll), acc = all continuation tokens greedy;
+  mc: acc = argmax ll, acc_norm = argmax ll / len(choice in characters).
+
+Requests are sorted by length (longest first, so an out-of-memory shows up in the first
+batch), right-padded into batches and scored with `engine.eval.score_batch`; the results are
+put back in input order.
+
+ppl scores every token of every document given the document's own preceding tokens (an EOS
+stands before the first), in windows of at most max_length inputs; with a stride S < max_length
+each later window re-reads max_length - S tokens of context and scores only its new tokens,
+like the harness's rolling log-likelihood (S = max_length) and the Hugging Face stride recipe.
+A jsonl document is tokenised as data.preprocess stores it (its tokens, then EOS), so the
+same text gives the same number from a jsonl file and from its shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.eval import IGNORE_INDEX, perplexity, score_batch
+
+TASKS = ("ppl", "lambada", "mc")
+# Documents buffered by the ppl task before sorting their windows by length and scoring them.
+PPL_BUFFER_WINDOWS = 512
+
+
+class EvalInputError(ValueError):
+    """A data file, tokenizer or model that cannot be evaluated; the message names it."""
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+
+def _open_lines(path: Path):
+    """Binary line iterator over a .jsonl or .jsonl.zst file (zstandard imported lazily:
+    the GPU machine has no zstandard and never needs it for shards)."""
+    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller through the returned stream
+    if path.suffix != ".zst":
+        return raw
+    try:
+        import zstandard
+    except ImportError as error:
+        raw.close()
+        raise EvalInputError(f"{path}: reading .zst needs the zstandard package") from error
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+    return io.BufferedReader(reader, buffer_size=1 << 20)
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line raises with file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"{path}: data file not found")
+    with _open_lines(path) as lines:
+        line_no = 0
+        while True:
+            try:
+                raw = lines.readline()
+            except Exception as error:  # zstandard.ZstdError has no importable base here
+                raise EvalInputError(f"{path}: unreadable after line {line_no}: {error}") from error
+            if not raw:
+                return
+            line_no += 1
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise EvalInputError(
+                    f"{path}:{line_no}: invalid UTF-8 at byte {error.start}"
+                ) from None
+            except json.JSONDecodeError as error:
+                raise EvalInputError(
+                    f"{path}:{line_no}: malformed JSON ({error.msg} at column {error.colno})"
+                ) from None
+            if not isinstance(obj, dict):
+                raise EvalInputError(
+                    f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}"
+                )
+            yield line_no, obj
+
+
+def _field(obj: dict, key: str, kind, path, line_no):
+    if key not in obj:
+        raise EvalInputError(f"{path}:{line_no}: missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise EvalInputError(
+            f"{path}:{line_no}: field {key!r} must be {getattr(kind, '__name__', kind)}, "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# Tokenisation
+# --------------------------------------------------------------------------------------
+
+
+class TextEncoder:
+    """A tokenizers.Tokenizer used exactly as the harness uses a HF tokenizer: no added
+    special tokens, EOS = <|endoftext|> (Pythia: 0)."""
+
+    def __init__(self, path: str | Path, *, eos_id: int = 0):
+        from tokenizers import Tokenizer
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise EvalInputError(f"{self.path}: tokenizer file not found")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.path))
+        except Exception as error:  # tokenizers raises a plain Exception on bad JSON
+            raise EvalInputError(f"{self.path}: not a tokenizers JSON file ({error})") from None
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        found = self.tokenizer.token_to_id("<|endoftext|>")
+        self.eos_id = eos_id if found is None else found
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def check_fits(self, model_vocab: int, model_name: str) -> None:
+        """Token ids >= the model's vocab_size would index past its embedding: refuse."""
+        if self.vocab_size > model_vocab:
+            raise EvalInputError(
+                f"tokenizer {self.path} has {self.vocab_size} tokens but model {model_name} "
+                f"has vocab_size {model_vocab}: they do not belong together"
+            )
+
+
+@dataclass
+class Request:
+    """One log-likelihood question: score `continuation` token ids after `context` ids."""
+
+    context: list[int]
+    continuation: list[int]
+
+
+def encode_requests(encoder: TextEncoder, pairs: Sequence[tuple[str, str]]) -> list[Request]:
+    """Harness tokenisation of (context, continuation) string pairs, batched for speed."""
+    contexts, continuations = [], []
+    for context, continuation in pairs:
+        stripped = context.rstrip()
+        continuations.append(context[len(stripped) :] + continuation)
+        contexts.append(stripped)
+    wholes = encoder.encode_batch([c + k for c, k in zip(contexts, continuations, strict=True)])
+    nonempty = [i for i, c in enumerate(contexts) if c]
+    context_ids = dict(
+        zip(nonempty, encoder.encode_batch([contexts[i] for i in nonempty]), strict=True)
+    )
+    empty = [i for i, c in enumerate(contexts) if not c]
+    alone = dict(zip(empty, encoder.encode_batch([continuations[i] for i in empty]), strict=True))
+    requests = []
+    for i, whole in enumerate(wholes):
+        if i in alone:
+            requests.append(Request([encoder.eos_id], alone[i]))
+        else:
+            split = len(context_ids[i])
+            requests.append(Request(whole[:split], whole[split:]))
+    return requests
+
+
+# --------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, label: str, total: int | None, unit: str, enabled: bool | None = None):
+        self.label, self.total, self.unit = label, total, unit
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.done = 0
+        self.tokens = 0
+        self.start = time.perf_counter()
+        self.last_draw = 0.0
+
+    def update(self, count: int, tokens: int = 0) -> None:
+        self.done += count
+        self.tokens += tokens
+        now = time.perf_counter()
+        if self.enabled and now - self.last_draw > 0.2:
+            self.last_draw = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        rate = self.tokens / max(now - self.start, 1e-9)
+        if self.total:
+            filled = int(30 * self.done / self.total)
+            bar = "#" * filled + "." * (30 - filled)
+            text = f"{self.label} [{bar}] {self.done}/{self.total} {self.unit}"
+        else:
+            text = f"{self.label} {self.done} {self.unit}"
+        sys.stderr.write(f"\r{text}  {rate:,.0f} tok/s ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw(time.perf_counter())
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------------------
+# Scoring requests
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoringSetup:
+    """How to run the model: shared by every task."""
+
+    model: torch.nn.Module
+    max_length: int
+    batch_size: int = 8
+    valid_vocab: int | None = None
+    autocast_dtype: torch.dtype | None = None
+    progress: bool | None = None
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pack(
+    items: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (inputs, targets) pairs into [B, T] input_ids and labels.
+
+    `targets` are the tokens the last len(targets) inputs must predict; every other label
+    (context and padding) is IGNORE_INDEX.
+    """
+    length = max(len(inputs) for inputs, _ in items)
+    input_ids = torch.full((len(items), length), pad_id, dtype=torch.int64)
+    labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.int64)
+    for row, (inputs, targets) in enumerate(items):
+        n = len(inputs)
+        input_ids[row, :n] = torch.as_tensor(np.asarray(inputs, dtype=np.int64))
+        labels[row, n - len(targets) : n] = torch.as_tensor(np.asarray(targets, dtype=np.int64))
+    return input_ids, labels
+
+
+def score_items(
+    setup: ScoringSetup,
+    items: Sequence[tuple[Sequence[int], Sequence[int]]],
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(loglik float64 [N], all-greedy bool [N]) for (inputs, targets) items, in input order.
+
+    Items are scored longest first in batches of setup.batch_size, right-padded.
+    """
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    loglik = np.zeros(len(items), dtype=np.float64)
+    greedy = np.zeros(len(items), dtype=bool)
+    device = _device(setup.model)
+    for start in range(0, len(order), setup.batch_size):
+        chosen = order[start : start + setup.batch_size]
+        input_ids, labels = _pack([items[i] for i in chosen], pad_id=0)
+        row_ll, row_greedy, _ = score_batch(
+            setup.model,
+            input_ids.to(device),
+            labels.to(device),
+            valid_vocab=setup.valid_vocab,
+            autocast_dtype=setup.autocast_dtype,
+        )
+        loglik[chosen] = row_ll.numpy()
+        greedy[chosen] = row_greedy.numpy()
+        if progress is not None:
+            progress.update(len(chosen), tokens=int(input_ids.numel()))
+    return loglik, greedy
+
+
+def request_items(
+    requests: Sequence[Request], max_length: int, where: Callable[[int], str]
+) -> list[tuple[list[int], list[int]]]:
+    """Harness truncation: inputs = (context+continuation)[-(max_length+1):][:-1]."""
+    items = []
+    for i, request in enumerate(requests):
+        if not request.continuation:
+            raise EvalInputError(f"{where(i)}: the continuation encodes to no tokens")
+        if len(request.continuation) > max_length:
+            raise EvalInputError(
+                f"{where(i)}: the continuation has {len(request.continuation)} tokens, more "
+                f"than max_length {max_length}: it cannot be scored"
+            )
+        whole = (request.context + request.continuation)[-(max_length + 1) :]
+        items.append((whole[:-1], request.continuation))
+    return items
+
+
+def score_requests(
+    setup: ScoringSetup, requests: Sequence[Request], where: Callable[[int], str], label: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Log-likelihood and greedy match of each request (the harness's loglikelihood)."""
+    items = request_items(requests, setup.max_length, where)
+    progress = Progress(label, len(items), "requests", setup.progress)
+    with torch.no_grad():
+        try:
+            return score_items(setup, items, progress)
+        finally:
+            progress.close()
+
+
+def _mean_stderr(values: np.ndarray) -> float:
+    """Standard error of a mean as the harness reports it (sample std / sqrt(n))."""
+    n = len(values)
+    return float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+# --------------------------------------------------------------------------------------
+# lambada
+# --------------------------------------------------------------------------------------
+
+
+def lambada_pair(text: str) -> tuple[str, str]:
+    """lambada_openai's split: context = all but the last space-separated word."""
+    words = text.split(" ")
+    return " ".join(words[:-1]), " " + words[-1]
+
+
+def evaluate_lambada(
+    setup: ScoringSetup,
+    encoder: TextEncoder,
+    path: str | Path,
+    limit: int | None = None,
+    samples: bool = False,
+) -> dict:
+    """lambada_openai: ppl and acc; with `samples`, each document's line, ll and greedy."""
+    pairs, lines = [], []
+    for line_no, obj in read_jsonl(path):
+        text = _field(obj, "text", str, path, line_no)
+        if not text.strip():
+            raise EvalInputError(f"{path}:{line_no}: field 'text' is empty")
+        pairs.append(lambada_pair(text))
+        lines.append(line_no)
+        if limit is not None and len(pairs) >= limit:
+            break
+    if not pairs:
+        raise EvalInputError(f"{path}: no documents")
+    requests = encode_requests(encoder, pairs)
+    loglik, greedy = score_requests(
+        setup, requests, lambda i: f"{path}:{lines[i]}", label="lambada"
+    )
+    result = {
+        "task": "lambada",
+        "documents": len(pairs),
+        "ppl": perplexity(-float(loglik.mean())),
+        "acc": float(greedy.mean()),
+        "acc_stderr": _mean_stderr(greedy.astype(np.float64)),
+        "target_tokens": int(sum(len(r.continuation) for r in requests)),
+    }
+    if samples:
+        result["samples"] = [
+            {"line": line, "ll": float(ll), "greedy": bool(g)}
+            for line, ll, g in zip(lines, loglik, greedy, strict=True)
+        ]
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# multiple choice
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChoiceDoc:
+    line: int
+    gold: int
+    pairs: list[tuple[str, str]]
+    # Characters each choice's log-likelihood is divided by for acc_norm.
+    lengths: list[int]
+
+
+def mc_doc(obj: dict, path, line_no: int) -> ChoiceDoc:
+    """One mc line -> its requests.
+
+    Plain form {"context", "choices", "gold"}: one request (context, " " + choice) per choice,
+    acc_norm divides by len(choice). Partial form (Winogrande, "partial": true): the context
+    holds a "_"; each choice fills it, and the shared remainder " " + rest.strip() is the
+    continuation scored. Its length is the same for every choice, so acc_norm equals acc
+    there (the harness reports only acc for Winogrande).
+    """
+    context = _field(obj, "context", str, path, line_no)
+    choices = _field(obj, "choices", list, path, line_no)
+    gold = _field(obj, "gold", int, path, line_no)
+    partial = obj.get("partial", False)
+    if not isinstance(partial, bool):
+        raise EvalInputError(f"{path}:{line_no}: field 'partial' must be true or false")
+    if not choices or not all(isinstance(c, str) for c in choices):
+        raise EvalInputError(f"{path}:{line_no}: 'choices' must be a non-empty list of strings")
+    if not 0 <= gold < len(choices):
+        raise EvalInputError(
+            f"{path}:{line_no}: 'gold' {gold} is not an index into {len(choices)} choices"
+        )
+    if partial:
+        blank = context.find("_")
+        if blank < 0:
+            raise EvalInputError(f"{path}:{line_no}: a partial item needs a '_' in its context")
+        continuation = " " + context[blank + 1 :].strip()
+        pairs = [(context[:blank] + choice, continuation) for choice in choices]
+        lengths = [len(continuation)] * len(choices)
+    else:
+        pairs = [(context, " " + choice) for choice in choices]
+        lengths = [len(choice) for choice in choices]
+    if min(lengths) == 0:
+        raise EvalInputError(f"{path}:{line_no}: an empty choice cannot be length-normalised")
+    return ChoiceDoc(line_no, gold, pairs, lengths)
+
+
+def evaluate_mc(
+    setup: ScoringSetup,
+    encoder: TextEncoder,
+    path: str | Path,
+    limit: int | None = None,
+    samples: bool = False,
+) -> dict:
+    """acc and acc_norm; with `samples`, each document's line, gold and per-choice ll."""
+    docs = []
+    for line_no, obj in read_jsonl(path):
+        docs.append(mc_doc(obj, path, line_no))
+        if limit is not None and len(docs) >= limit:
+            break
+    if not docs:
+        raise EvalInputError(f"{path}: no documents")
+    owners = [d for d in docs for _ in d.pairs]
+    requests = encode_requests(encoder, [pair for d in docs for pair in d.pairs])
+    loglik, _ = score_requests(setup, requests, lambda i: f"{path}:{owners[i].line}", "mc")
+    correct, correct_norm, per_doc = [], [], []
+    offset = 0
+    for doc in docs:
+        scores = loglik[offset : offset + len(doc.pairs)]
+        offset += len(doc.pairs)
+        correct.append(float(int(np.argmax(scores)) == doc.gold))
+        normed = scores / np.asarray(doc.lengths, dtype=np.float64)
+        correct_norm.append(float(int(np.argmax(normed)) == doc.gold))
+        per_doc.append({"line": doc.line, "gold": doc.gold, "ll": [float(x) for x in scores]})
+    correct, correct_norm = np.asarray(correct), np.asarray(correct_norm)
+    result = {
+        "task": "mc",
+        "documents": len(docs),
+        "acc": float(correct.mean()),
+        "acc_stderr": _mean_stderr(correct),
+        "acc_norm": float(correct_norm.mean()),
+        "acc_norm_stderr": _mean_stderr(correct_norm),
+        "requests": len(requests),
+    }
+    if samples:
+        result["samples"] = per_doc
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# perplexity
+# --------------------------------------------------------------------------------------
+
+
+def rolling_windows(
+    tokens: Sequence[int], prefix_id: int, max_length: int, stride: int
+) -> list[tuple[Sequence[int], Sequence[int]]]:
+    """(inputs, targets) windows that score every token of `tokens` exactly once.
+
+    The sequence read is [prefix_id] + tokens. The first window reads up to max_length inputs
+    and scores all its predictions; each later window scores the next `stride` tokens and
+    reads as much preceding context as fits in max_length.
+    """
+    if not 0 < stride <= max_length:
+        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
+    sequence = np.concatenate(
+        [np.asarray([prefix_id], dtype=np.int64), np.asarray(tokens, dtype=np.int64)]
+    )
+    n = len(sequence) - 1  # tokens to predict: sequence[1..n]
+    windows = []
+    scored = 0
+    while scored < n:
+        end = min(n, max_length if scored == 0 else scored + stride)  # last predicted index
+        begin = max(0, end - max_length)  # first input index
+        windows.append((sequence[begin:end], sequence[scored + 1 : end + 1]))
+        scored = end
+    return windows
+
+
+@dataclass
+class _Totals:
+    documents: int = 0
+    tokens: int = 0
+    nll: float = 0.0
+
+    def as_dict(self) -> dict:
+        ce = self.nll / self.tokens if self.tokens else float("nan")
+        return {
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "ce": ce,
+            "ppl": perplexity(ce) if self.tokens else float("nan"),
+        }
+
+
+def _corpus_documents(
+    data: Path, encoder: TextEncoder | None, model_vocab: int, eos_id: int
+) -> Iterator[tuple[str | None, np.ndarray]]:
+    """(pile_set_name or None, tokens) per document of a jsonl corpus or of shards."""
+    if data.is_dir() or data.suffix in (".idx", ".bin"):
+        from data.shards import ShardSet
+
+        shards = ShardSet(data)
+        for i in range(len(shards)):
+            tokens = np.asarray(shards.doc(i), dtype=np.int64)
+            if tokens.size and int(tokens.max()) >= model_vocab:
+                raise EvalInputError(
+                    f"{data}: document {i} holds token id {int(tokens.max())} but the model's "
+                    f"vocab_size is {model_vocab}: shards and model do not belong together"
+                )
+            yield None, tokens
+        return
+    if encoder is None:
+        raise EvalInputError(
+            f"{data}: a text corpus needs --tokenizer (or a model folder with tokenizer.json)"
+        )
+    batch: list[tuple[str | None, str]] = []
+
+    def flush():
+        encoded = encoder.encode_batch([text for _, text in batch])
+        for (name, _), ids in zip(batch, encoded, strict=True):
+            yield name, np.asarray([*ids, eos_id], dtype=np.int64)
+        batch.clear()
+
+    for line_no, obj in read_jsonl(data):
+        text = _field(obj, "text", str, data, line_no)
+        if not text:
+            continue  # data.preprocess skips empty documents too
+        meta = obj.get("meta")
+        name = meta.get("pile_set_name") if isinstance(meta, dict) else None
+        batch.append((name if isinstance(name, str) else None, text))
+        if len(batch) >= 256:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def evaluate_ppl(
+    setup: ScoringSetup,
+    encoder: TextEncoder | None,
+    path: str | Path,
+    *,
+    model_vocab: int,
+    eos_id: int = 0,
+    stride: int | None = None,
+    limit: int | None = None,
+) -> dict:
+    """Token perplexity of a corpus, overall and per meta.pile_set_name when present."""
+    path = Path(path)
+    if not path.exists():
+        raise EvalInputError(f"{path}: data not found")
+    stride = stride or setup.max_length
+    if not 0 < stride <= setup.max_length:
+        raise EvalInputError(
+            f"--stride must be in [1, max_length={setup.max_length}], got {stride}"
+        )
+    overall = _Totals()
+    by_set: dict[str, _Totals] = {}
+    pending: list[tuple[Sequence[int], Sequence[int]]] = []
+    owners: list[str | None] = []
+    progress = Progress("ppl", None, "windows", setup.progress)
+
+    def score_pending():
+        loglik, _ = score_items(setup, pending, progress)
+        for name, ll in zip(owners, loglik, strict=True):
+            overall.nll -= ll
+            if name is not None:
+                by_set[name].nll -= ll
+        pending.clear()
+        owners.clear()
+
+    with torch.no_grad():
+        try:
+            for name, tokens in _corpus_documents(path, encoder, model_vocab, eos_id):
+                if tokens.size == 0:
+                    continue
+                windows = rolling_windows(tokens, eos_id, setup.max_length, stride)
+                overall.documents += 1
+                overall.tokens += len(tokens)
+                if name is not None:
+                    totals = by_set.setdefault(name, _Totals())
+                    totals.documents += 1
+                    totals.tokens += len(tokens)
+                pending.extend(windows)
+                owners.extend([name] * len(windows))
+                if len(pending) >= PPL_BUFFER_WINDOWS:
+                    score_pending()
+                if limit is not None and overall.documents >= limit:
+                    break
+            if pending:
+                score_pending()
+        finally:
+            progress.close()
+    if overall.tokens == 0:
+        raise EvalInputError(f"{path}: no tokens to score")
+    result = {"task": "ppl", **overall.as_dict(), "max_length": setup.max_length, "stride": stride}
+    if by_set:
+        result["by_set"] = {name: by_set[name].as_dict() for name in sorted(by_set)}
+    return result
