@@ -68,7 +68,7 @@ def distill_micro_step(
     normalizer: float | torch.Tensor | None,
     autocast_dtype: torch.dtype | None = None,
     backend: str = "auto",
-    inplace_grad: bool = False,
+    inplace_grad: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Forward both models on `batch`, backpropagate the student's loss, return detached stats.
 

@@ -142,3 +142,19 @@ def test_bad_batches_are_named():
                                                                                   dtype=torch.long)}
     with pytest.raises(ValueError, match=r"must both be \[B, T\]"):
         distill_micro_step(student, None, bad, **kwargs)
+
+
+def test_in_place_logit_gradient_changes_nothing():
+    teacher = tiny_model(1, hidden=48, heads=3).eval()
+    teacher.requires_grad_(False)
+    batch = random_batch(11)
+    results = []
+    for inplace in (True, False):
+        student = tiny_model(0)
+        stats = distill_micro_step(student, teacher, batch, alpha=0.5, temperature=2.0,
+                                   valid_vocab=VALID_VOCAB, normalizer=None, inplace_grad=inplace)
+        results.append((stats, grads(student)))
+    (stats_a, grads_a), (stats_b, grads_b) = results
+    assert torch.equal(stats_a["loss"], stats_b["loss"])
+    for name, grad in grads_a.items():
+        assert torch.equal(grad, grads_b[name]), name
