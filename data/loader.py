@@ -11,6 +11,9 @@ the seed recipe):
 - ``PaddedDataset``: one document per item, truncated to seq_len + 1 tokens and padded with
   ``pad_id``; labels are -100 wherever the target position is padding.
 
+EleutherAI's preshuffled Pythia idxmaps store one 2049-token sample per sequence, so
+``PaddedDataset(path, 2048)`` over them yields exactly Pythia's training samples (no padding).
+
 ``BatchLoader`` shuffles items deterministically from (seed, epoch), splits them across
 ranks, holds out a fixed validation split, and can resume exactly from ``state_dict()``.
 

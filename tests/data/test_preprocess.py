@@ -283,3 +283,30 @@ def test_argument_errors(tmp_path, bpe):
         preprocess([source], source, tmp_path / "out")
     with pytest.raises(PreprocessError, match="workers"):
         preprocess([source], bpe, tmp_path / "out", workers=0)
+
+
+def test_cli_killed_hard_then_rerun_gives_the_same_folder(tmp_path, bpe):
+    """SIGKILL mid-run: every file under a shard's real name is complete; a rerun finishes."""
+    import signal
+    import time
+
+    texts = random_texts(6000, seed=7, max_len=120)
+    source = write_jsonl(tmp_path / "in.jsonl.zst", docs_lines(texts))
+    reference = tmp_path / "ref"
+    preprocess([source], bpe, reference, shard_tokens=3000)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "data.preprocess", "--input", str(source),
+               "--tokenizer", str(bpe), "--output", str(out), "--shard-tokens", "3000"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / ".progress.json").exists() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    for idx in out.glob("shard_*.idx"):  # complete and self-consistent, or not there at all
+        IndexedShard(idx)
+    assert not (out / "manifest.json").exists() or process.returncode == 0
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert folder_bytes(out) == folder_bytes(reference)
