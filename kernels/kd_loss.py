@@ -99,6 +99,10 @@ class KDLossFunction(torch.autograd.Function):
             from kernels.kd_loss_triton import kd_loss_forward_triton
 
             ce_sum, kd_sum = kd_loss_forward_triton(s, t, labels, grad, **kwargs)
+            if grad is s:
+                # The kernel wrote through a raw pointer, which autograd cannot see: bump the
+                # version counter so any node that saved the logits refuses to use them.
+                torch.autograd.graph.increment_version(student)
         else:
             ce_sum, kd_sum = kd_loss_forward_chunked(s, t, labels, grad, **kwargs)
         loss = ((1.0 - alpha) * kd_sum + alpha * ce_sum) * inv_norm
