@@ -1,0 +1,404 @@
+"""The offline quickstart: the whole distillation pipeline on a CPU in a few minutes.
+
+`python -m engine.train` with no arguments runs this. Nothing is downloaded and nothing is
+committed: the corpus is this machine's own Python standard library, the tokenizer is
+trained on it, and the teacher and the student's base are pretrained here, small and briefly.
+Then the base is distilled from the teacher through exactly the code a real run uses
+(data.preprocess, engine.train.run, engine.eval.heldout_metrics), and the held-out
+perplexities are printed side by side. A distilled student that is not ahead of its base
+means something in the pipeline is wrong, so that is an error (exit 1), not a footnote.
+
+    python -m engine.quickstart [--config configs/quickstart.toml] [--out-dir DIR] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "quickstart.toml"
+STAGES = ("teacher_pretrain", "student_base", "distill", "control")
+QUICKSTART_KEYS = {
+    "out_dir": str,
+    "corpus_max_bytes": int,
+    "vocab_size": int,
+    "eval_batches": int,
+    "control": bool,
+    "torch_threads": int,
+}
+MARKER = "quickstart.json"  # written at the end; also proves a folder is ours to replace
+
+
+class QuickstartError(RuntimeError):
+    """The pipeline ran but did not show what it must (or could not run); message says why."""
+
+
+def load_settings(path: str | Path) -> dict[str, Any]:
+    """Read the quickstart TOML; unknown tables or [quickstart] keys are errors naming them.
+
+    The engine.config tables are checked by engine.config itself when each stage's Config
+    is built (before any training starts).
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10 only
+        import tomli as tomllib
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QuickstartError(f"{path}: quickstart config not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise QuickstartError(f"{path}: not valid TOML: {exc}") from None
+    allowed = {"quickstart", "common", *STAGES}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise QuickstartError(f"{path}: unknown table(s) {unknown}; valid: {sorted(allowed)}")
+    qs = data.get("quickstart", {})
+    for key, value in qs.items():
+        if key not in QUICKSTART_KEYS:
+            raise QuickstartError(
+                f"{path}: unknown key quickstart.{key}; valid: {sorted(QUICKSTART_KEYS)}"
+            )
+        expected = QUICKSTART_KEYS[key]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise QuickstartError(
+                f"{path}: quickstart.{key} must be {expected.__name__}, got {value!r}"
+            )
+    missing = sorted(set(QUICKSTART_KEYS) - set(qs))
+    if missing:
+        raise QuickstartError(f"{path}: [quickstart] is missing {missing}")
+    data["source"] = str(path)
+    return data
+
+
+def shrink(settings: dict[str, Any]) -> dict[str, Any]:
+    """A much smaller version of the same pipeline (for tests): every code path, ~1 minute."""
+    small = copy.deepcopy(settings)
+    small["quickstart"].update(corpus_max_bytes=600_000, vocab_size=512, eval_batches=6)
+    small.setdefault("common", {}).setdefault("batch", {}).update(micro_batch=4, seq_len=64)
+    for stage in STAGES:
+        run = small.setdefault(stage, {}).setdefault("run", {})
+        run["steps"] = max(4, int(run.get("steps", 8)) // 4)
+    for stage in ("teacher_pretrain", "student_base"):
+        small[stage].setdefault("student", {})["max_positions"] = 64
+    return small
+
+
+def stage_config(settings: dict[str, Any], stage: str, fill: dict[str, dict[str, Any]]):
+    """engine.config.Config for one stage: defaults <- [common] <- [stage] <- filled paths."""
+    from engine.config import Config, apply_dict, validate
+
+    config = Config()
+    source = settings.get("source", "quickstart settings")
+    apply_dict(config, settings.get("common", {}), source=f"{source} [common]")
+    apply_dict(config, settings.get(stage, {}), source=f"{source} [{stage}]")
+    apply_dict(config, fill, source=f"quickstart ({stage})")
+    return validate(config)
+
+
+def _say(message: str) -> None:
+    print(f"[quickstart] {message}", flush=True)
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Start from an empty folder, replacing only a previous quickstart's own output."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / MARKER).is_file() and not (out_dir / ".quickstart-started").is_file():
+            raise QuickstartError(
+                f"{out_dir} exists and was not written by the quickstart; "
+                "pass --out-dir to use another folder"
+            )
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ".quickstart-started").write_text("the quickstart owns this folder\n")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def held_out(model_dir: str, data_dir: Path, config, *, teacher_dir: str | None,
+             eval_batches: int) -> dict[str, float]:
+    """Held-out metrics of one exported model on the val split every stage held out."""
+    import torch
+
+    from data.loader import BatchLoader, PackedDataset
+    from engine.eval import heldout_metrics
+    from engine.model import GPTNeoX
+
+    model = GPTNeoX.from_pretrained(model_dir, dtype=torch.float32, device="cpu")
+    teacher = (
+        GPTNeoX.from_pretrained(teacher_dir, dtype=torch.float32, device="cpu")
+        if teacher_dir
+        else None
+    )
+    dataset = PackedDataset(data_dir, config.batch.seq_len)
+    loader = BatchLoader(
+        dataset,
+        config.batch.micro_batch,
+        seed=config.run.seed,
+        split="val",
+        val_fraction=config.data.val_fraction,
+        drop_last=False,
+    )
+    batches = itertools.islice(iter(loader), eval_batches) if eval_batches else iter(loader)
+    metrics = heldout_metrics(
+        model,
+        batches,
+        teacher=teacher,
+        temperature=config.loss.temperature,
+        valid_vocab=config.data.valid_vocab or None,
+    )
+    metrics["params"] = model.num_parameters()
+    return metrics
+
+
+def run_pipeline(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    import torch
+
+    from data.preprocess import preprocess
+    from engine.stdlib_corpus import (
+        build_stdlib_corpus,
+        read_documents,
+        stdlib_dir,
+        stdlib_sources,
+        train_bpe_tokenizer,
+    )
+    from engine.train import run as train_run
+
+    qs = settings["quickstart"]
+    if qs["torch_threads"] > 0:
+        # These models are far too small for intra-op threads to pay; on a busy machine the
+        # spinning worker threads made every step several times slower than one thread.
+        torch.set_num_threads(qs["torch_threads"])
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def lap(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 2)
+        _say(f"{name}: {timings[name]:.1f} s")
+
+    _prepare_out_dir(out_dir)
+
+    t0 = time.perf_counter()
+    corpus_path = out_dir / "corpus" / "stdlib.jsonl.zst"
+    corpus = build_stdlib_corpus(corpus_path, max_bytes=qs["corpus_max_bytes"])
+    _say(f"corpus: {corpus['documents']} documents, {corpus['characters']:,} characters from "
+         f"{corpus['source']} -> {corpus_path}")
+    lap("corpus", t0)
+
+    t0 = time.perf_counter()
+    tokenizer_path = out_dir / "tokenizer" / "tokenizer.json"
+    root = stdlib_dir()
+    texts = (text for _, text in read_documents(
+        stdlib_sources(root, max_bytes=qs["corpus_max_bytes"]), root))
+    vocab = train_bpe_tokenizer(texts, tokenizer_path, vocab_size=qs["vocab_size"])
+    _say(f"tokenizer: byte-level BPE, {vocab} ids -> {tokenizer_path}")
+    lap("tokenizer", t0)
+
+    t0 = time.perf_counter()
+    data_dir = out_dir / "data"
+    manifest = preprocess([corpus_path], tokenizer_path, data_dir, workers=1)
+    total_tokens = manifest.get("total_tokens", manifest.get("tokens", "?"))
+    _say(f"preprocess: {total_tokens} tokens -> {data_dir}")
+    lap("preprocess", t0)
+
+    # Model vocab rounded up like Pythia's 50304 rows for 50277 ids; padding rows excluded
+    # from every softmax through data.valid_vocab.
+    model_vocab = _round_up(vocab, 64)
+    runs: dict[str, dict[str, Any]] = {}
+    exports: dict[str, str] = {}
+    configs = {}
+
+    def fill(stage: str, **sections) -> dict[str, dict[str, Any]]:
+        base = {
+            "run": {"out_dir": str(out_dir / stage), "resume": "none",
+                    "tokenizer": str(tokenizer_path)},
+            "data": {"path": str(data_dir), "valid_vocab": vocab},
+        }
+        for name, table in sections.items():
+            base.setdefault(name, {}).update(table)
+        return base
+
+    plan = [
+        ("teacher_pretrain", fill("teacher_pretrain", student={"vocab_size": model_vocab},
+                                  teacher={"path": ""})),
+        ("student_base", fill("student_base", student={"vocab_size": model_vocab},
+                              teacher={"path": ""})),
+        ("distill", None),
+        ("control", None),
+    ]
+    for stage, stage_fill in plan:
+        if stage == "control" and not qs["control"]:
+            continue
+        if stage == "distill":
+            stage_fill = fill(stage, teacher={"path": exports["teacher_pretrain"]},
+                              student={"init": "pretrained", "path": exports["student_base"]})
+        elif stage == "control":
+            stage_fill = fill(stage, teacher={"path": ""},
+                              student={"init": "pretrained", "path": exports["student_base"]})
+        config = stage_config(settings, stage, stage_fill)
+        configs[stage] = config
+        _say(f"{stage}: {config.run.steps} steps of {config.batch.micro_batch} x "
+             f"{config.batch.seq_len} tokens"
+             + (f", teacher {config.teacher.path}" if config.teacher.path else ", CE only"))
+        t0 = time.perf_counter()
+        result = train_run(config)
+        lap(stage, t0)
+        if result.get("status") != "completed":
+            raise QuickstartError(f"{stage}: training ended with status {result.get('status')!r}")
+        runs[stage] = result
+        exports[stage] = result["export_dir"]
+
+    t0 = time.perf_counter()
+    reference = configs["distill"]
+    eval_batches = qs["eval_batches"]
+    rows = []
+    models = [
+        ("student base (CE pretrain)", "student_base", runs["student_base"]["steps"]),
+        ("teacher (CE pretrain)", "teacher_pretrain", runs["teacher_pretrain"]["steps"]),
+    ]
+    if "control" in runs:
+        models.append(("student + CE only (control)", "control",
+                       runs["student_base"]["steps"] + runs["control"]["steps"]))
+    models.append(("student distilled (KD + CE)", "distill",
+                   runs["student_base"]["steps"] + runs["distill"]["steps"]))
+    for label, stage, steps in models:
+        teacher_dir = exports["teacher_pretrain"] if stage != "teacher_pretrain" else None
+        metrics = held_out(exports[stage], data_dir, reference, teacher_dir=teacher_dir,
+                           eval_batches=eval_batches)
+        rows.append({"model": label, "stage": stage, "steps": steps, "path": exports[stage],
+                     **metrics})
+    lap("evaluation", t0)
+    timings["total"] = round(time.perf_counter() - started, 2)
+    return {
+        "rows": rows,
+        "timings_s": timings,
+        "corpus": corpus,
+        "tokenizer": {"path": str(tokenizer_path), "vocab": vocab, "model_vocab": model_vocab},
+        "data_dir": str(data_dir),
+        "runs": {k: {"out_dir": v["out_dir"], "metrics_path": v.get("metrics_path"),
+                     "checkpoint": v.get("checkpoint"), "export_dir": v["export_dir"]}
+                 for k, v in runs.items()},
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = (f"{'model':<30}{'params':>10}{'steps':>7}{'held-out CE':>13}{'ppl':>10}"
+              f"{'KD to teacher':>15}")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        kd = f"{row['kd']:.4f}" if "kd" in row else "-"
+        lines.append(
+            f"{row['model']:<30}{row['params'] / 1e6:>9.2f}M{row['steps']:>7}"
+            f"{row['ce']:>13.4f}{row['ppl']:>10.2f}{kd:>15}"
+        )
+    tokens = rows[0].get("tokens")
+    lines.append(f"(held-out: {int(tokens) if tokens else '?'} tokens of the val split, "
+                 "never trained on; KD = mean T^2 KL(teacher || model), T = 2)")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict[str, Any]]) -> tuple[bool, list[str]]:
+    """(distilled ahead of its base, explanatory lines)."""
+    by_stage = {row["stage"]: row for row in rows}
+    base, distilled = by_stage["student_base"], by_stage["distill"]
+    teacher = by_stage["teacher_pretrain"]
+    notes = []
+    ok = math.isfinite(distilled["ppl"]) and distilled["ppl"] < base["ppl"]
+    gain = 100 * (1 - distilled["ppl"] / base["ppl"])
+    notes.append(f"distilled student vs its base: ppl {distilled['ppl']:.2f} vs {base['ppl']:.2f} "
+                 f"({gain:+.1f}%) -> {'AHEAD' if ok else 'NOT AHEAD'}")
+    if teacher["ppl"] >= base["ppl"]:
+        notes.append("warning: the teacher is not better than the student's base; the "
+                     "teacher needs more pretraining steps for distillation to mean anything")
+    if "control" in by_stage:
+        control = by_stage["control"]
+        better = distilled["ppl"] < control["ppl"]
+        notes.append(
+            f"distilled vs the same steps with CE only: ppl {distilled['ppl']:.2f} vs "
+            f"{control['ppl']:.2f} -> "
+            + ("the teacher helped" if better else "no gain from the teacher at this tiny scale")
+        )
+    return ok, notes
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from engine.config import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.quickstart",
+        description="Offline CPU quickstart: stdlib corpus -> BPE tokenizer -> shards -> "
+        "pretrain teacher and student base -> distill -> held-out comparison.",
+    )
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--out-dir", default=None, help="run folder (default from the config)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a much smaller run of every step (for tests), about a minute")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    started = time.perf_counter()
+    try:
+        settings = load_settings(args.config)
+        if args.tiny:
+            settings = shrink(settings)
+        out_dir = Path(args.out_dir or settings["quickstart"]["out_dir"])
+        _say(f"offline CPU quickstart ({args.config}{', tiny' if args.tiny else ''}) -> {out_dir}")
+        result = run_pipeline(settings, out_dir)
+    except Exception as exc:  # every failure becomes one clear line and a non-zero exit
+        from engine.config import ConfigError
+
+        if isinstance(exc, (QuickstartError, ConfigError, ValueError, OSError)):
+            print(f"quickstart: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+    ok, notes = verdict(result["rows"])
+    wall = time.perf_counter() - started
+    result.update(ok=ok, notes=notes, wall_s=round(wall, 1), tiny=args.tiny)
+    _write_json(out_dir / MARKER, result)
+
+    print()
+    print("Held-out perplexity (Table-1 style)")
+    print(format_table(result["rows"]))
+    print()
+    for line in notes:
+        print(line)
+    print()
+    print(f"run folder : {out_dir}")
+    for stage, info in result["runs"].items():
+        print(f"  {stage:<17} metrics {info['metrics_path']}  checkpoint {info['checkpoint']}"
+              f"  export {info['export_dir']}")
+    print(f"  corpus {result['corpus']['path']}, tokenizer {result['tokenizer']['path']}, "
+          f"shards {result['data_dir']}")
+    print(f"  summary {out_dir / MARKER}")
+    laps = ", ".join(f"{k} {v:.0f}s" for k, v in result["timings_s"].items())
+    print(f"wall time: {wall:.1f} s  ({laps})")
+    if not ok:
+        print(
+            "quickstart: FAILED: the distilled student is not ahead of its base. Continued "
+            "training alone should lower held-out perplexity, so a loss, optimizer, data or "
+            "checkpoint path is broken (or the settings were changed to train too little).",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
