@@ -336,7 +336,26 @@ def _build_parser():
         type=int,
         help="exclude logit columns >= N (default: none, as lm-evaluation-harness)",
     )
-    parser.add_argument("--limit", type=int, help="only the first N documents of each file")
+    parser.add_argument(
+        "--teacher",
+        help="ppl: also report KD (T^2 KL(teacher||model)) and the teacher's CE on the tokens",
+    )
+    parser.add_argument("--temperature", type=float, default=2.0, help="KD temperature (ppl)")
+    parser.add_argument(
+        "--heldout",
+        choices=("packed", "padded"),
+        help="ppl over shards: score the training loader's val split (packed windows or "
+        "padded documents of max-length tokens), exactly as the training validation does",
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.01, help="--heldout: the run's data.val_fraction"
+    )
+    parser.add_argument("--pad-id", type=int, default=1, help="--heldout padded: the pad id")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        help="only the first N documents of each file (--heldout: the first N sequences)",
+    )
     parser.add_argument("--json", help="write the results JSON here instead of stdout")
     parser.add_argument(
         "--samples",
@@ -397,22 +416,26 @@ def _write_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def evaluate_folder(model_dir: str, args, label: str) -> list[dict]:
+def _device_of(args) -> str:
+    if args.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return args.device
+
+
+def evaluate_folder(model_dir: str, args, label: str, teacher=None) -> list[dict]:
     """Load one model folder and run every (task, data) pair of `args` on it."""
     from engine.eval_tasks import (
         EvalInputError,
         ScoringSetup,
         TextEncoder,
+        evaluate_heldout,
         evaluate_lambada,
         evaluate_mc,
         evaluate_ppl,
     )
     from engine.model import GPTNeoX
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = GPTNeoX.from_pretrained(model_dir, dtype=DTYPES[args.dtype], device=device)
+    model = GPTNeoX.from_pretrained(model_dir, dtype=DTYPES[args.dtype], device=_device_of(args))
     config = model.config
     max_length = args.max_length or config.max_positions
     if not 0 < max_length <= config.max_positions:
@@ -448,6 +471,17 @@ def evaluate_folder(model_dir: str, args, label: str) -> list[dict]:
             metrics = evaluate_lambada(setup, encoder, data, limit=args.limit, samples=args.samples)
         elif task == "mc":
             metrics = evaluate_mc(setup, encoder, data, limit=args.limit, samples=args.samples)
+        elif args.heldout:
+            metrics = evaluate_heldout(
+                setup,
+                data,
+                packed=args.heldout == "packed",
+                val_fraction=args.val_fraction,
+                pad_id=args.pad_id,
+                limit=args.limit,
+                teacher=teacher,
+                temperature=args.temperature,
+            )
         else:
             metrics = evaluate_ppl(
                 setup,
@@ -457,6 +491,8 @@ def evaluate_folder(model_dir: str, args, label: str) -> list[dict]:
                 eos_id=encoder.eos_id if encoder is not None else config.eos_token_id,
                 stride=args.stride,
                 limit=args.limit,
+                teacher=teacher,
+                temperature=args.temperature,
             )
         rows.append(
             {
@@ -487,10 +523,21 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        if args.temperature <= 0:
+            raise ValueError(f"--temperature must be positive, got {args.temperature}")
+        if (args.teacher or args.heldout) and set(args.task) != {"ppl"}:
+            raise ValueError("--teacher and --heldout apply to the ppl task only")
+        teacher = None
+        if args.teacher:
+            from engine.model import GPTNeoX
+
+            teacher = GPTNeoX.from_pretrained(
+                args.teacher, dtype=DTYPES[args.dtype], device=_device_of(args)
+            )
         models = [args.model, *args.compare]
         rows = []
         for model_dir, label in zip(models, _model_labels(models), strict=True):
-            rows.extend(evaluate_folder(model_dir, args, label))
+            rows.extend(evaluate_folder(model_dir, args, label, teacher))
         settings = {
             "batch_size": args.batch_size,
             "dtype": args.dtype,
@@ -498,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
             "stride": args.stride,
             "valid_vocab": args.valid_vocab,
             "limit": args.limit,
+            "teacher": args.teacher,
+            "temperature": args.temperature if args.teacher else None,
+            "heldout": args.heldout,
+            "val_fraction": args.val_fraction if args.heldout else None,
         }
         document = _json_safe({"settings": settings, "results": rows})
         text = json.dumps(document, indent=2, allow_nan=False) + "\n"

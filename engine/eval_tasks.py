@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.eval import IGNORE_INDEX, perplexity, score_batch
+from engine.eval import IGNORE_INDEX, heldout_metrics, perplexity, score_batch
 
 TASKS = ("ppl", "lambada", "mc")
 # Documents buffered by the ppl task before sorting their windows by length and scoring them.
@@ -507,18 +507,34 @@ def rolling_windows(
 
 @dataclass
 class _Totals:
+    """Summed negative log-likelihoods (and KD terms) of one group of documents."""
+
     documents: int = 0
     tokens: int = 0
     nll: float = 0.0
+    kd: float = 0.0
+    teacher_nll: float = 0.0
 
-    def as_dict(self) -> dict:
+    def add(self, metrics: dict) -> None:
+        """Fold in a heldout_metrics result (means over its tokens) as sums."""
+        count = metrics["tokens"]
+        self.nll += metrics["ce"] * count
+        if "kd" in metrics:
+            self.kd += metrics["kd"] * count
+            self.teacher_nll += metrics["teacher_ce"] * count
+
+    def as_dict(self, with_teacher: bool) -> dict:
         ce = self.nll / self.tokens if self.tokens else float("nan")
-        return {
+        result = {
             "documents": self.documents,
             "tokens": self.tokens,
             "ce": ce,
             "ppl": perplexity(ce) if self.tokens else float("nan"),
         }
+        if with_teacher and self.tokens:
+            result["kd"] = self.kd / self.tokens
+            result["teacher_ce"] = self.teacher_nll / self.tokens
+        return result
 
 
 def _corpus_documents(
@@ -563,6 +579,21 @@ def _corpus_documents(
         yield from flush()
 
 
+def _window_batches(
+    windows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int,
+    device: torch.device,
+    progress: Progress,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Windows as heldout_metrics batches: longest first, right-padded, labels -100 elsewhere."""
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
+    for start in range(0, len(order), batch_size):
+        chosen = [windows[i] for i in order[start : start + batch_size]]
+        input_ids, labels = _pack(chosen, pad_id=0)
+        yield {"input_ids": input_ids.to(device), "labels": labels.to(device)}
+        progress.update(len(chosen), tokens=int(input_ids.numel()))
+
+
 def evaluate_ppl(
     setup: ScoringSetup,
     encoder: TextEncoder | None,
@@ -572,8 +603,14 @@ def evaluate_ppl(
     eos_id: int = 0,
     stride: int | None = None,
     limit: int | None = None,
+    teacher: torch.nn.Module | None = None,
+    temperature: float = 2.0,
 ) -> dict:
-    """Token perplexity of a corpus, overall and per meta.pile_set_name when present."""
+    """Token perplexity of a corpus, overall and per meta.pile_set_name when present.
+
+    Scored through heldout_metrics, one call per pile_set_name group and buffer of windows,
+    so with a teacher the KD and teacher CE come out per group as well.
+    """
     path = Path(path)
     if not path.exists():
         raise EvalInputError(f"{path}: data not found")
@@ -584,44 +621,131 @@ def evaluate_ppl(
         )
     overall = _Totals()
     by_set: dict[str, _Totals] = {}
-    pending: list[tuple[Sequence[int], Sequence[int]]] = []
-    owners: list[str | None] = []
+    pending: dict[str | None, list[tuple[Sequence[int], Sequence[int]]]] = {}
     progress = Progress("ppl", None, "windows", setup.progress)
+    device = _device(setup.model)
 
     def score_pending():
-        loglik, _ = score_items(setup, pending, progress)
-        for name, ll in zip(owners, loglik, strict=True):
-            overall.nll -= ll
+        for name, windows in pending.items():
+            metrics = heldout_metrics(
+                setup.model,
+                _window_batches(windows, setup.batch_size, device, progress),
+                teacher=teacher,
+                temperature=temperature,
+                valid_vocab=setup.valid_vocab,
+                autocast_dtype=setup.autocast_dtype,
+            )
+            overall.add(metrics)
             if name is not None:
-                by_set[name].nll -= ll
+                by_set[name].add(metrics)
         pending.clear()
-        owners.clear()
 
-    with torch.no_grad():
-        try:
-            for name, tokens in _corpus_documents(path, encoder, model_vocab, eos_id):
-                if tokens.size == 0:
-                    continue
-                windows = rolling_windows(tokens, eos_id, setup.max_length, stride)
-                overall.documents += 1
-                overall.tokens += len(tokens)
-                if name is not None:
-                    totals = by_set.setdefault(name, _Totals())
-                    totals.documents += 1
-                    totals.tokens += len(tokens)
-                pending.extend(windows)
-                owners.extend([name] * len(windows))
-                if len(pending) >= PPL_BUFFER_WINDOWS:
-                    score_pending()
-                if limit is not None and overall.documents >= limit:
-                    break
-            if pending:
+    try:
+        buffered = 0
+        for name, tokens in _corpus_documents(path, encoder, model_vocab, eos_id):
+            if tokens.size == 0:
+                continue
+            windows = rolling_windows(tokens, eos_id, setup.max_length, stride)
+            overall.documents += 1
+            overall.tokens += len(tokens)
+            if name is not None:
+                totals = by_set.setdefault(name, _Totals())
+                totals.documents += 1
+                totals.tokens += len(tokens)
+            pending.setdefault(name, []).extend(windows)
+            buffered += len(windows)
+            if buffered >= PPL_BUFFER_WINDOWS:
                 score_pending()
-        finally:
-            progress.close()
+                buffered = 0
+            if limit is not None and overall.documents >= limit:
+                break
+        score_pending()
+    finally:
+        progress.close()
     if overall.tokens == 0:
         raise EvalInputError(f"{path}: no tokens to score")
-    result = {"task": "ppl", **overall.as_dict(), "max_length": setup.max_length, "stride": stride}
+    with_teacher = teacher is not None
+    result = {
+        "task": "ppl",
+        **overall.as_dict(with_teacher),
+        "max_length": setup.max_length,
+        "stride": stride,
+    }
     if by_set:
-        result["by_set"] = {name: by_set[name].as_dict() for name in sorted(by_set)}
+        result["by_set"] = {name: by_set[name].as_dict(with_teacher) for name in sorted(by_set)}
     return result
+
+
+def evaluate_heldout(
+    setup: ScoringSetup,
+    path: str | Path,
+    *,
+    packed: bool = True,
+    val_fraction: float = 0.01,
+    pad_id: int = 1,
+    limit: int | None = None,
+    teacher: torch.nn.Module | None = None,
+    temperature: float = 2.0,
+) -> dict:
+    """The training run's validation, reproduced: the loader's val split of a shard folder.
+
+    Same dataset (packed windows or padded documents of max_length tokens), same held-out
+    items (data.loader.validation_indices), same heldout_metrics: with the run's seq_len,
+    val_fraction and valid_vocab this gives the numbers of its metrics.jsonl (val_*). `limit`
+    counts sequences.
+    """
+    from data.loader import BatchLoader, PackedDataset, PaddedDataset
+
+    path = Path(path)
+    if not path.exists():
+        raise EvalInputError(f"{path}: data not found")
+    if packed:
+        dataset = PackedDataset(path, setup.max_length)
+    else:
+        dataset = PaddedDataset(path, setup.max_length, pad_id=pad_id)
+    loader = BatchLoader(
+        dataset,
+        setup.batch_size,
+        split="val",
+        val_fraction=val_fraction,
+        rank=0,
+        world_size=1,
+        device=_device(setup.model),
+        drop_last=False,
+    )
+    if len(loader.items) == 0:
+        raise EvalInputError(
+            f"{path}: val_fraction {val_fraction} of {len(dataset)} sequences holds out none"
+        )
+    progress = Progress("heldout", len(loader.items), "sequences", setup.progress)
+
+    def batches():
+        remaining = len(loader.items) if limit is None else min(limit, len(loader.items))
+        for batch in loader:
+            if remaining <= 0:
+                return
+            batch = {key: value[:remaining] for key, value in batch.items()}
+            remaining -= batch["input_ids"].shape[0]
+            yield batch
+            progress.update(batch["input_ids"].shape[0], tokens=int(batch["input_ids"].numel()))
+
+    try:
+        metrics = heldout_metrics(
+            setup.model,
+            batches(),
+            teacher=teacher,
+            temperature=temperature,
+            valid_vocab=setup.valid_vocab,
+            autocast_dtype=setup.autocast_dtype,
+        )
+    finally:
+        progress.close()
+    return {
+        "task": "ppl",
+        "split": "val",
+        "packed": packed,
+        "val_fraction": val_fraction,
+        "sequences": min(len(loader.items), limit or len(loader.items)),
+        **metrics,
+        "max_length": setup.max_length,
+    }

@@ -516,3 +516,92 @@ def test_cli_json_and_compare_table(tmp_path, task_files, capsys):
         assert png.read_bytes()[:4] == b"\x89PNG"
     else:
         assert "matplotlib is not installed" in captured.err and not png.exists()
+
+
+def test_ppl_over_shards_equals_jsonl_and_heldout_matches_training_validation(task_files, tmp_path):
+    """Shards written by data.preprocess give the jsonl's numbers; --heldout reproduces the
+    training loop's validation (same loader split, same heldout_metrics), batch size aside."""
+    from data.loader import BatchLoader, PackedDataset
+    from data.preprocess import preprocess
+    from engine.model import GPTNeoX
+
+    root, _ = task_files
+    texts = _sentences(12, 24, low=2, high=30)
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in texts])
+    shards = tmp_path / "shards"
+    preprocess([corpus], root / "tokenizer.json", shards, show_progress=False)
+
+    student = GPTNeoX.from_pretrained(root / "student")
+    teacher = GPTNeoX.from_pretrained(root / "teacher")
+    setup = ScoringSetup(model=student, max_length=16, batch_size=4, progress=False)
+    encoder = TextEncoder(root / "tokenizer.json")
+    from_text = evaluate_ppl(setup, encoder, corpus, model_vocab=TASK_VOCAB, teacher=teacher)
+    from_shards = evaluate_ppl(setup, None, shards, model_vocab=TASK_VOCAB, teacher=teacher)
+    assert from_shards["tokens"] == from_text["tokens"]
+    assert from_shards["documents"] == len(texts)
+    for key in ("ce", "kd", "teacher_ce"):
+        assert from_shards[key] == pytest.approx(from_text[key], rel=1e-6), key
+
+    out = tmp_path / "heldout.json"
+    code = eval_main(
+        [
+            "--model",
+            str(root / "student"),
+            "--teacher",
+            str(root / "teacher"),
+            "--task",
+            "ppl",
+            "--data",
+            str(shards),
+            "--heldout",
+            "packed",
+            "--val-fraction",
+            "0.2",
+            "--max-length",
+            "16",
+            "--valid-vocab",
+            "300",
+            "--batch-size",
+            "3",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    row = json.loads(out.read_text())["results"][0]
+    training_view = BatchLoader(
+        PackedDataset(shards, 16), 2, split="val", val_fraction=0.2, drop_last=False
+    )
+    expected = heldout_metrics(student, training_view, teacher=teacher, valid_vocab=300)
+    assert row["tokens"] == expected["tokens"] > 0
+    for key in ("ce", "ppl", "kd", "teacher_ce"):
+        assert row[key] == pytest.approx(expected[key], rel=1e-6), key
+
+
+def test_shard_token_beyond_model_vocab_is_refused(task_files, tmp_path):
+    from data.preprocess import preprocess
+
+    root, _ = task_files
+    corpus = _write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in _sentences(13, 4)])
+    preprocess([corpus], root / "tokenizer.json", tmp_path / "shards", show_progress=False)
+    setup = ScoringSetup(model=random_pythia("tiny", vocab_size=TASK_VOCAB), max_length=16)
+    with pytest.raises(EvalInputError, match=r"token id \d+ but the model's vocab_size is 40"):
+        evaluate_ppl(setup, None, tmp_path / "shards", model_vocab=40)
+
+
+def test_real_neox_tokenizer_as_the_harness_uses_it(neox_tokenizer_path):
+    encoder = TextEncoder(neox_tokenizer_path)
+    assert encoder.eos_id == 0 and encoder.vocab_size == 50277
+    assert encoder.encode_batch(["Hello world, this is the Pile."]) == [
+        [12092, 1533, 13, 436, 310, 253, 367, 587, 15]
+    ]
+    encoder.check_fits(50304, "pythia-70m")
+    with pytest.raises(EvalInputError, match="50277 tokens but model m has vocab_size 50000"):
+        encoder.check_fits(50000, "m")
+    # The continuation's first token is the one produced at the boundary of the whole string.
+    from engine.eval_tasks import encode_requests
+
+    (request,) = encode_requests(encoder, [("Hello world, this is the", " Pile.")])
+    assert request.context == [12092, 1533, 13, 436, 310, 253]
+    assert request.continuation == [367, 587, 15]
