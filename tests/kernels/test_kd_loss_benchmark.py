@@ -1,0 +1,51 @@
+"""The kernel benchmark's code paths, tiny, on CPU: what the GPU suite calls works first time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import kd_loss as bench
+
+
+def test_gpu_correctness_smoke_runs_the_kernel_and_passes():
+    pytest.importorskip("triton")
+    results = bench.gpu_correctness(smoke=True)
+    assert len(results) == 2 * 2 * 3  # shapes x dtypes x temperatures
+    for row in results:
+        assert set(row) >= {"case", "loss_rel_err", "grad_rel_err", "passed"}
+        assert row["backend"] == ("triton" if torch.cuda.is_available() else
+                                  bench._kernel_backend(torch.device("cpu")))
+        assert row["passed"], row
+
+
+def test_gpu_speed_smoke_reports_every_variant(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the torch path keeps this quick
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: threads only add waiting
+    try:
+        out = bench.gpu_speed(smoke=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(out["variants"]) == {"ours_inplace", "ours", "naive_eager", "naive_compiled"}
+    assert out["copy_gbps"] > 0
+    for row in out["variants"].values():
+        assert row["median_ms"] > 0 and row["gbps"] > 0 and row["speedup_vs_eager"] > 0
+    assert out["variants"]["naive_eager"]["speedup_vs_eager"] == 1.0
+
+
+def test_naive_composite_agrees_with_the_reference():
+    student, teacher, labels = bench.make_inputs(9, 300, torch.float32, "cpu")
+    naive = bench.naive_kd_loss(student, teacher, labels, valid_vocab=273)
+    ref, _ = bench.kd_loss_reference(student.double(), teacher.double(), labels, alpha=bench.ALPHA,
+                                     temperature=bench.TEMPERATURE, valid_vocab=273)
+    assert abs(naive.item() - ref.item()) <= 1e-5 * abs(ref.item())
+
+
+def test_cpu_worker_measures_time_and_memory():
+    row = bench.cpu_worker("ours", "bf16", 16, 500, 1, 1)
+    assert row["median_s"] > 0
+    assert row["peak_rss_delta_mib"] >= 0
+    json.dumps(row)
