@@ -11,10 +11,14 @@ are byte-identical whatever N. Every document gets the tokenizer's ``<|endoftext
 appended (0 for GPT-NeoX). Documents are never split across shards: a shard is closed as
 soon as the next document would push it past ``--shard-tokens``.
 
-Why one process by default: on the 2-core development machine, the Rust pool already keeps
-both cores busy and worker processes only add pickling (see benchmarks/preprocess.py for
-the measurement). Worker processes pay off on many-core machines where the reader and the
-GIL-bound bookkeeping of the main process become the bottleneck.
+Why one process by default: tokenising is >90% of the work and the tokenizers Rust pool
+already spreads each batch over all cores with the GIL released, while the reader thread
+parses the next batch. On the 2-core development machine (shared, load ~7) workers=2 measured
+0.61x of workers=1 on a 3k-document run and 1.06x on the full sample: within noise, so
+the simpler path with no pickling and no process start-up is the default. Worker processes
+(each with a single Rust thread) are for many-core machines, where the one GIL-bound main
+process (JSON parsing, id-list conversion) would otherwise become the bottleneck;
+``python -m benchmarks.preprocess --workers 1,4,8`` measures it there.
 
 Crash safety: a shard is written under ``*.tmp`` names and renamed when complete; after each
 shard ``.progress.json`` records the finished shards, their hashes and the exact input line

@@ -113,6 +113,24 @@ def test_real_pile_sample_with_the_real_tokenizer(tmp_path, neox_tokenizer_path,
     assert [shard.doc(i).tolist() for i in range(len(shard))] == expected
 
 
+@pytest.mark.slow
+def test_whole_pile_sample_streams_from_the_real_file(tmp_path, neox_tokenizer_path,
+                                                      pile_sample_path):
+    from tokenizers import Tokenizer
+
+    from data.jsonl import iter_lines
+
+    manifest = preprocess([pile_sample_path], neox_tokenizer_path, tmp_path / "out")
+    texts = [json.loads(raw)["text"] for raw in iter_lines(pile_sample_path)]
+    tokenizer = Tokenizer.from_file(str(neox_tokenizer_path))
+    shards = ShardSet(tmp_path / "out", verify=True)
+    assert manifest["skipped"]["total"] == 0 and len(shards) == len(texts)
+    for start in range(0, len(texts), 2000):  # bounded memory for the reference encodings
+        encodings = tokenizer.encode_batch(texts[start : start + 2000])
+        for i, encoding in enumerate(encodings, start=start):
+            assert shards.doc(i).tolist() == [*encoding.ids, 0], f"document {i}"
+
+
 def test_bad_lines_are_skipped_counted_and_located(tmp_path, bpe, texts):
     good = docs_lines(texts[:6])
     lines = [
