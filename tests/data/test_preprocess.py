@@ -231,8 +231,11 @@ def test_interrupted_run_keeps_finished_shards_and_continues(tmp_path, bpe, text
     lines = docs_lines(texts)
     lines[30] = "{broken"  # skip counts must survive the resume exactly
     lines[150] = json.dumps({"text": ""})
-    source = write_jsonl(tmp_path / "in.jsonl.zst", lines, frames=2)
-    reference = preprocess([source], bpe, tmp_path / "ref", shard_tokens=700)
+    # Two inputs: the crash lands in the second, so the first one's stats must be restored.
+    first = write_jsonl(tmp_path / "a.jsonl", lines[:100])
+    source = write_jsonl(tmp_path / "in.jsonl.zst", lines[100:], frames=2)
+    inputs = [first, source]
+    reference = preprocess(inputs, bpe, tmp_path / "ref", shard_tokens=700)
 
     real_consume = prep._Run.consume
     calls = {"n": 0}
@@ -246,9 +249,10 @@ def test_interrupted_run_keeps_finished_shards_and_continues(tmp_path, bpe, text
     monkeypatch.setattr(prep._Run, "consume", consume_then_crash)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        preprocess([source], bpe, out, shard_tokens=700)
+        preprocess(inputs, bpe, out, shard_tokens=700)
     progress = json.loads((out / ".progress.json").read_text())
     finished = [s["name"] for s in progress["shards"]]
+    assert progress["shards"][-1]["resume"]["position"][0] == 1  # stopped in the 2nd file
     assert finished and not (out / "manifest.json").exists()
     assert not list(out.glob("*.tmp"))
     kept = {name: os.stat(out / f"{name}.bin").st_ino for name in finished}
@@ -260,7 +264,7 @@ def test_interrupted_run_keeps_finished_shards_and_continues(tmp_path, bpe, text
     (out / f"shard_{last:05d}.bin").write_bytes(b"junk")
     (out / f"shard_{last:05d}.idx").write_bytes(b"junk")
 
-    manifest = preprocess([source], bpe, out, shard_tokens=700)
+    manifest = preprocess(inputs, bpe, out, shard_tokens=700)
     assert manifest == reference
     assert folder_bytes(out) == folder_bytes(tmp_path / "ref")
     for name, inode in kept.items():  # finished shards were kept, not rewritten
@@ -271,12 +275,12 @@ def test_interrupted_run_keeps_finished_shards_and_continues(tmp_path, bpe, text
     calls["n"] = 0
     out2 = tmp_path / "out2"
     with pytest.raises(KeyboardInterrupt):
-        preprocess([source], bpe, out2, shard_tokens=700)
+        preprocess(inputs, bpe, out2, shard_tokens=700)
     monkeypatch.setattr(prep._Run, "consume", real_consume)
     damaged = bytearray((out2 / "shard_00001.bin").read_bytes())
     damaged[0] ^= 0xFF
     (out2 / "shard_00001.bin").write_bytes(bytes(damaged))
-    preprocess([source], bpe, out2, shard_tokens=700)
+    preprocess(inputs, bpe, out2, shard_tokens=700)
     assert folder_bytes(out2) == folder_bytes(tmp_path / "ref")
 
 
