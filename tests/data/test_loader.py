@@ -199,3 +199,31 @@ def test_cuda_batches_arrive_on_the_device(shard_dir):
     assert batch["input_ids"].is_cuda and batch["labels"].is_cuda
     cpu = next(iter(BatchLoader(PackedDataset(folder, 32), 2)))
     assert torch.equal(batch["input_ids"].cpu(), cpu["input_ids"])
+
+
+def _distributed_worker(rank, world_size, init_file, out_dir):
+    import json
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        loader = BatchLoader(IndexDataset(37), 2, seed=4, val_fraction=0.1, drop_last=False)
+        seen = flat(ids_of(itertools.islice(loader, len(loader))))
+        with open(f"{out_dir}/rank{rank}.json", "w") as handle:
+            json.dump({"rank": loader.rank, "world": loader.world_size, "seen": seen}, handle)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_rank_and_world_size_default_to_torch_distributed(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["rank"], r["world"]) for r in results] == [(0, 2), (1, 2)]
+    seen = results[0]["seen"] + results[1]["seen"]
+    assert sorted(seen) == sorted(set(range(37)) - set(validation_indices(37, 0.1).tolist()))
