@@ -74,6 +74,16 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     fsync_dir(path.parent)
 
 
+def read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PreprocessError(f"{path}: unreadable: {exc}; delete it to start over") from exc
+    if not isinstance(obj, dict):
+        raise PreprocessError(f"{path}: not a JSON object; delete it to start over")
+    return obj
+
+
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
     """Paths in the order given; a pattern that is not an existing file expands sorted."""
     paths: list[Path] = []
@@ -462,8 +472,11 @@ def preprocess(
     progress = Progress(enabled=show_progress)
     run = _Run(settings, output_dir, shard_dtype, strict, progress)
     if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
-        changed = _differences(_settings_of(old), settings)
+        old = read_json(manifest_path)
+        try:
+            changed = _differences(_settings_of(old), settings)
+        except (KeyError, TypeError) as exc:
+            raise PreprocessError(f"{manifest_path}: not a preprocess manifest ({exc})") from exc
         if changed:
             raise PreprocessError(
                 f"{manifest_path}: the folder holds shards made with other {changed}; "
@@ -476,8 +489,8 @@ def preprocess(
             "delete the folder to rebuild it"
         )
     if progress_path.is_file():
-        state = json.loads(progress_path.read_text())
-        changed = _differences(state["settings"], settings)
+        state = read_json(progress_path)
+        changed = _differences(state.get("settings", {}), settings)
         if changed:
             raise PreprocessError(
                 f"{progress_path}: an interrupted run with other {changed} is in this folder; "

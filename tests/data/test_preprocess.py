@@ -332,3 +332,16 @@ def test_cli_killed_hard_then_rerun_gives_the_same_folder(tmp_path, bpe):
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert folder_bytes(out) == folder_bytes(reference)
+
+
+def test_unreadable_state_files_are_named(tmp_path, bpe):
+    source = write_jsonl(tmp_path / "in.jsonl", docs_lines(["some text"]))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".progress.json").write_text("{truncated")
+    with pytest.raises(PreprocessError, match=r"\.progress\.json: unreadable"):
+        preprocess([source], bpe, out)
+    (out / ".progress.json").unlink()
+    (out / "manifest.json").write_text("[]")
+    with pytest.raises(PreprocessError, match=r"manifest\.json: not a JSON object"):
+        preprocess([source], bpe, out)
