@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import torch
 
-# Elements of fp32 scratch per row block: about 16 MiB per temporary. Large enough that the
-# per-block Python overhead vanishes, small enough that a handful of temporaries stay far below
-# the naive composite's footprint.
-CHUNK_ELEMENTS = 1 << 22
+# Elements of fp32 scratch per row block: 1 MiB per temporary (5 rows of a 50k vocabulary), so
+# the handful of temporaries a block needs stay in cache between the passes over it. Measured on
+# the CPU at 256 x 50304 fp32 (1 thread), fwd+bwd: 2^16 1.49 s, 2^18 1.33 s, 2^20 1.84 s,
+# 2^22 1.77 s; the naive composite 3.88 s.
+CHUNK_ELEMENTS = 1 << 18
 
 
 def flatten_inputs(student_logits, teacher_logits, labels, valid_vocab):

@@ -167,3 +167,16 @@ def test_inplace_grad_refuses_a_second_backward(backend):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="single backward"):
         loss.backward()
+
+
+def test_teacher_and_student_may_differ_in_dtype(backend):
+    """An fp32 student learning from a bf16 teacher (the seed recipe without autocast)."""
+    student, teacher, labels = make_inputs(5, 211, seed=14)
+    teacher = teacher.to(torch.bfloat16)
+    ref, ref_grad, _ = reference_loss_and_grad(student, teacher, labels)
+    s = student.clone().requires_grad_(True)
+    loss, _ = kd_loss(s, teacher, labels, backend=backend)
+    loss.backward()
+    assert s.grad.dtype == torch.float32
+    assert rel_err(loss, ref) <= 1e-5
+    assert rel_err(s.grad, ref_grad) <= 1e-4
