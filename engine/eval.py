@@ -42,7 +42,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def _eval_mode(*models: torch.nn.Module | None):
+def eval_mode(*models: torch.nn.Module | None):
     """Switch models to eval mode and restore each one's previous mode afterwards.
 
     The training loop calls heldout_metrics in the middle of training: leaving the student in
@@ -112,6 +112,16 @@ def perplexity(mean_nll: float) -> float:
     return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
 
 
+def _no_grad_iter(iterator: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Advance a generator under no_grad (its forward runs lazily, at the first next())."""
+    while True:
+        with torch.no_grad():
+            item = next(iterator, None)
+        if item is None:
+            return
+        yield item
+
+
 def _restrict_vocab(logits: torch.Tensor, valid_vocab: int | None) -> torch.Tensor:
     if valid_vocab is not None and valid_vocab < logits.shape[-1]:
         return logits[:, :valid_vocab]
@@ -139,8 +149,8 @@ def score_batch(
 
     Returns (loglik [B] float64, all_greedy [B] bool, scored_tokens [B] int64) on the CPU:
     the summed log p(label) over labelled positions, whether the argmax equals the label at
-    every labelled position, and how many positions were labelled. The model must already be
-    in eval mode and this must run under torch.no_grad() (the tasks do both once per run).
+    every labelled position, and how many positions were labelled. The model should be in
+    eval mode (engine.eval_tasks.score_items sees to it once per call).
     """
     batch, length = labels.shape
     flat_labels = labels.reshape(-1)
@@ -151,9 +161,10 @@ def score_batch(
     mismatches = torch.zeros(batch, dtype=torch.int64, device=labels.device)
     counts = torch.bincount(row_of, minlength=batch)
     offset = 0
-    for logits in selected_logits(
+    chunks = selected_logits(
         model, input_ids, positions, autocast_dtype=autocast_dtype, chunk_rows=chunk_rows
-    ):
+    )
+    for logits in _no_grad_iter(chunks):
         logits = _restrict_vocab(logits, valid_vocab)
         rows = logits.shape[0]
         chunk_targets = targets[offset : offset + rows]
@@ -207,7 +218,7 @@ def heldout_metrics(
     kd_sum = torch.zeros((), dtype=torch.float64, device=device)
     teacher_ce_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.float64, device=device)
-    with _eval_mode(student, teacher), torch.no_grad():
+    with eval_mode(student, teacher), torch.no_grad():
         for number, batch in enumerate(batches):
             try:
                 input_ids = batch["input_ids"].to(device, non_blocking=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.eval import IGNORE_INDEX, heldout_metrics, perplexity, score_batch
+from engine.eval import IGNORE_INDEX, eval_mode, heldout_metrics, perplexity, score_batch
 
 TASKS = ("ppl", "lambada", "mc")
 # Documents buffered by the ppl task before sorting their windows by length and scoring them.
@@ -273,26 +273,28 @@ def score_items(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(loglik float64 [N], all-greedy bool [N]) for (inputs, targets) items, in input order.
 
-    Items are scored longest first in batches of setup.batch_size, right-padded.
+    Items are scored longest first in batches of setup.batch_size, right-padded, with the
+    model in eval mode (its previous mode restored afterwards) and no autograd graph.
     """
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     loglik = np.zeros(len(items), dtype=np.float64)
     greedy = np.zeros(len(items), dtype=bool)
     device = _device(setup.model)
-    for start in range(0, len(order), setup.batch_size):
-        chosen = order[start : start + setup.batch_size]
-        input_ids, labels = _pack([items[i] for i in chosen], pad_id=0)
-        row_ll, row_greedy, _ = score_batch(
-            setup.model,
-            input_ids.to(device),
-            labels.to(device),
-            valid_vocab=setup.valid_vocab,
-            autocast_dtype=setup.autocast_dtype,
-        )
-        loglik[chosen] = row_ll.numpy()
-        greedy[chosen] = row_greedy.numpy()
-        if progress is not None:
-            progress.update(len(chosen), tokens=int(input_ids.numel()))
+    with eval_mode(setup.model), torch.no_grad():
+        for start in range(0, len(order), setup.batch_size):
+            chosen = order[start : start + setup.batch_size]
+            input_ids, labels = _pack([items[i] for i in chosen], pad_id=0)
+            row_ll, row_greedy, _ = score_batch(
+                setup.model,
+                input_ids.to(device),
+                labels.to(device),
+                valid_vocab=setup.valid_vocab,
+                autocast_dtype=setup.autocast_dtype,
+            )
+            loglik[chosen] = row_ll.numpy()
+            greedy[chosen] = row_greedy.numpy()
+            if progress is not None:
+                progress.update(len(chosen), tokens=int(input_ids.numel()))
     return loglik, greedy
 
 
@@ -320,11 +322,10 @@ def score_requests(
     """Log-likelihood and greedy match of each request (the harness's loglikelihood)."""
     items = request_items(requests, setup.max_length, where)
     progress = Progress(label, len(items), "requests", setup.progress)
-    with torch.no_grad():
-        try:
-            return score_items(setup, items, progress)
-        finally:
-            progress.close()
+    try:
+        return score_items(setup, items, progress)
+    finally:
+        progress.close()
 
 
 def _mean_stderr(values: np.ndarray) -> float:
