@@ -605,3 +605,35 @@ def test_real_neox_tokenizer_as_the_harness_uses_it(neox_tokenizer_path):
     (request,) = encode_requests(encoder, [("Hello world, this is the", " Pile.")])
     assert request.context == [12092, 1533, 13, 436, 310, 253]
     assert request.continuation == [367, 587, 15]
+
+
+@pytest.mark.distributed
+def test_heldout_metrics_reduce_across_ranks_single_process_group(tiny_pair, tmp_path):
+    import torch.distributed as dist
+
+    student, teacher = tiny_pair
+    batches = _random_batches(5, [(2, 8)], TINY_VOCAB)
+    local = heldout_metrics(student, batches, teacher=teacher)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        reduced = heldout_metrics(student, batches, teacher=teacher, reduce_across_ranks=True)
+    finally:
+        dist.destroy_process_group()
+    assert reduced == pytest.approx(local, rel=1e-12)
+
+
+def test_progress_bar_draws_only_when_enabled(capsys):
+    from engine.eval_tasks import Progress
+
+    quiet = Progress("lambada", 10, "requests", enabled=False)
+    quiet.update(10, tokens=100)
+    quiet.close()
+    assert capsys.readouterr().err == ""
+    shown = Progress("lambada", 10, "requests", enabled=True)
+    shown.update(4, tokens=100)
+    shown.update(6, tokens=100)
+    shown.close()
+    err = capsys.readouterr().err
+    assert "10/10 requests" in err and "tok/s" in err and err.endswith("\n")
