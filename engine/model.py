@@ -251,6 +251,12 @@ class RotaryCache(nn.Module):
         self.rebuild(self.cos.device)
 
     def rebuild(self, device) -> None:
+        device = torch.device(device)
+        if device.type == "meta":  # shapes only; arange on meta would import torch._dynamo
+            shape = (self.max_positions, self.rotary_dims)
+            self.cos = torch.empty(shape, device=device)
+            self.sin = torch.empty(shape, device=device)
+            return
         exponent = torch.arange(0, self.rotary_dims, 2, device=device, dtype=torch.float32)
         inv_freq = 1.0 / (self.base ** (exponent / self.rotary_dims))
         positions = torch.arange(self.max_positions, device=device, dtype=torch.float32)
@@ -369,7 +375,14 @@ class Backbone(nn.Module):
 
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()
-        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Handing nn.Embedding its (uninitialised) weight skips its own normal_() init:
+        # GPTNeoX.reset_parameters initialises it anyway, and on the meta device (from_pretrained)
+        # that normal_() would pull in torch._dynamo, seconds of import on a first load.
+        self.embed_in = nn.Embedding(
+            config.vocab_size,
+            config.hidden_size,
+            _weight=torch.empty(config.vocab_size, config.hidden_size),
+        )
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 

@@ -33,13 +33,14 @@ def prompts(batch=2, length=11, seed=0):
 
 
 def test_cached_and_uncached_greedy_decoding_agree():
-    model = random_model(seed=1)
+    model = random_model(seed=3)
     prompt = prompts()
     cached = generate(model, prompt, 40, use_kv_cache=True)
     recomputed = generate(model, prompt, 40, use_kv_cache=False)
     assert cached.shape == (2, 40)
     assert torch.equal(cached, recomputed)
-    assert len(set(cached[0].tolist())) > 3  # a real continuation, not one repeated id
+    for row in cached:  # real continuations, not one id repeated (that would prove little)
+        assert len(set(row.tolist())) > 5
 
 
 def test_greedy_equals_argmax_of_the_full_forward():
