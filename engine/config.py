@@ -111,7 +111,7 @@ class OptimConfig:
     schedule: str = "constant"
     warmup_steps: int = 0
     min_lr: float = 0.0
-    fused: bool = True  # fused AdamW when running on CUDA
+    fused: bool = True  # fused AdamW (CUDA, and CPU on torch >= 2.4)
 
 
 @dataclass

@@ -1,0 +1,297 @@
+"""One distillation training step: ours vs a transformers-based one, side by side in one run.
+
+    python -m benchmarks.train_step [--seq-len 256] [--micro-batch 2] [--steps 4] [--smoke]
+                                    [--json PATH]
+
+Both variants do the same work on the same token batch: a frozen pythia-160m-shaped
+teacher forward, a pythia-70m-shaped student forward + backward of
+(1 - alpha) * T^2 * KL(teacher_T || student_T) + alpha * CE over the valid tokens, then an
+AdamW step.
+
+- ours: engine.model.GPTNeoX (SDPA attention) through engine.step.distill_micro_step, whose
+  kd_loss computes loss and logit gradient together in row chunks (no [tokens x vocab] fp32
+  intermediates kept for autograd; the gradient is written into the logits buffer).
+- transformers: GPTNeoXForCausalLM teacher and student with the loss written the naive way
+  (log_softmax / softmax over the full logits, KL and CE by autograd).
+- optimizer: ours uses fused AdamW, which engine.train builds on CPU and CUDA; the baseline
+  uses torch's default AdamW (HF Trainer's "adamw_torch"). --baseline-fused-adamw gives the
+  baseline the fused one too, isolating the model + loss difference.
+
+Speed on CPU is measured in tokens per CPU-second of a single-threaded process (--threads 1):
+on a shared machine wall-clock time mostly measures the neighbours; the wall-clock ratio is
+printed beside it. On a GPU, wall-clock tokens/s.
+
+Each variant runs in its own subprocess so its peak memory (CPU: peak RSS of the process;
+CUDA: torch's max allocated) is its own. Default shape: seq 256 x micro-batch 2 (512 tokens,
+each a full 50304-wide row), fp32 on CPU, bf16 autocast on CUDA. On CPU only ratios are
+meaningful; absolute numbers are printed for a GPU. Weights are random: speed and memory do
+not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "train_step.json"
+VARIANTS = ("transformers", "ours")
+
+SHAPES = {
+    # name: (layers, hidden, heads, intermediate)
+    "pythia-70m": (6, 512, 8, 2048),
+    "pythia-160m": (12, 768, 12, 3072),
+    "tiny-student": (2, 64, 4, 256),
+    "tiny-teacher": (2, 128, 4, 512),
+}
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def make_batch(micro_batch: int, seq_len: int, vocab: int, valid_vocab: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, valid_vocab, (micro_batch, seq_len), generator=gen)
+    labels = torch.roll(input_ids, -1, dims=1)
+    labels[:, -1] = -100
+    labels[0, : seq_len // 8] = -100  # some ignored targets, as padding would give
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def build_ours(shape: str, vocab: int, max_positions: int, device, seed: int):
+    from engine.model import GPTNeoX, GPTNeoXConfig
+
+    layers, hidden, heads, inter = SHAPES[shape]
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers,
+                           num_heads=heads, intermediate_size=inter, max_positions=max_positions)
+    return GPTNeoX(config).to(device)
+
+
+def build_transformers(shape: str, vocab: int, max_positions: int, device, seed: int):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    layers, hidden, heads, inter = SHAPES[shape]
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, intermediate_size=inter,
+        max_position_embeddings=max_positions, rotary_pct=0.25, rotary_emb_base=10000,
+        use_parallel_residual=True, tie_word_embeddings=False, hidden_act="gelu",
+        attention_dropout=0.0, hidden_dropout=0.0,
+    )
+    return GPTNeoXForCausalLM(config).to(device)
+
+
+def naive_kd_loss(student_logits, teacher_logits, labels, alpha, temperature, valid_vocab):
+    """The loss as one writes it with stock PyTorch: full-vocab softmaxes, autograd for the rest."""
+    import torch.nn.functional as F
+
+    s = student_logits[..., :valid_vocab].float().flatten(0, -2)
+    t = teacher_logits[..., :valid_vocab].float().flatten(0, -2)
+    flat_labels = labels.flatten()
+    mask = flat_labels != -100
+    s_logp = F.log_softmax(s / temperature, dim=-1)
+    t_logp = F.log_softmax(t / temperature, dim=-1)
+    kd_tok = (t_logp.exp() * (t_logp - s_logp)).sum(-1) * temperature**2
+    ce_tok = F.cross_entropy(s, flat_labels.clamp(min=0), reduction="none")
+    count = mask.sum().clamp(min=1)
+    kd = (kd_tok * mask).sum() / count
+    ce = (ce_tok * mask).sum() / count
+    return (1 - alpha) * kd + alpha * ce
+
+
+def run_variant(args) -> dict:
+    """Time `args.steps` full training steps of one variant in this process."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    student_shape, teacher_shape = args.student, args.teacher
+    vocab, valid_vocab = args.vocab, args.valid_vocab
+    builder = build_ours if args.variant == "ours" else build_transformers
+    student = builder(student_shape, vocab, args.seq_len, device, seed=0)
+    teacher = builder(teacher_shape, vocab, args.seq_len, device, seed=1).eval()
+    teacher.requires_grad_(False)
+    student.train()
+    # Ours: fused AdamW, as engine.train builds it on CPU and CUDA. The transformers variant:
+    # torch's default AdamW (HF Trainer's "adamw_torch"), unless --baseline-fused-adamw.
+    fused = args.variant == "ours" or args.baseline_fused_adamw
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=fused or None)
+    batch = make_batch(args.micro_batch, args.seq_len, vocab, valid_vocab)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    alpha, temperature = 0.5, 2.0
+
+    if args.variant == "ours":
+        from engine.step import distill_micro_step
+
+        def step() -> float:
+            stats = distill_micro_step(
+                student, teacher, batch, alpha=alpha, temperature=temperature,
+                valid_vocab=valid_vocab, normalizer=None, autocast_dtype=autocast,
+            )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(stats["loss"])
+    else:
+        def step() -> float:
+            ctx = (torch.autocast(device.type, dtype=autocast) if autocast
+                   else torch.autocast(device.type, enabled=False))
+            with torch.no_grad(), ctx:
+                t_logits = teacher(input_ids=batch["input_ids"]).logits
+            with ctx:
+                s_logits = student(input_ids=batch["input_ids"]).logits
+            loss = naive_kd_loss(s_logits, t_logits, batch["labels"], alpha, temperature,
+                                 valid_vocab)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+    rss_before = current_rss() if device.type == "cpu" else 0
+    losses = [step() for _ in range(args.warmup)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times, cpu_times = [], []
+    for _ in range(args.steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        losses.append(step())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    tokens = args.micro_batch * args.seq_len
+    best, median = min(times), sorted(times)[len(times) // 2]
+    cpu_median = sorted(cpu_times)[len(cpu_times) // 2]
+    return {
+        "variant": args.variant,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "tokens_per_step": tokens,
+        "step_s_median": median,
+        "step_s_best": best,
+        "tokens_per_s": tokens / median,
+        "cpu_s_median": cpu_median,
+        "tokens_per_cpu_s": tokens / cpu_median,
+        "peak_memory_bytes": peak_memory(device),
+        "rss_before_steps_bytes": rss_before,
+        "losses": losses,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps (median is reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per variant (1: CPU time is then a stable measure "
+                        "of work on a shared machine)")
+    parser.add_argument("--baseline-fused-adamw", action="store_true",
+                        help="give the transformers variant the fused AdamW too (isolates the "
+                        "model + loss difference)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 step: paths only")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--student", default="pythia-70m", help=argparse.SUPPRESS)
+    parser.add_argument("--teacher", default="pythia-160m", help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", type=int, default=50304, help=argparse.SUPPRESS)
+    parser.add_argument("--valid-vocab", type=int, default=50277, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.variant:  # child process: one variant, result to a file
+        result = run_variant(args)
+        args.result_file.write_text(json.dumps(result))
+        return 0
+
+    if args.smoke:
+        args.student, args.teacher = "tiny-student", "tiny-teacher"
+        args.vocab, args.valid_vocab = 1000, 990
+        args.seq_len, args.steps, args.warmup = 32, 1, 1
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in VARIANTS:
+            out = Path(tmp) / f"{variant}.json"
+            cmd = [
+                sys.executable, "-m", "benchmarks.train_step", "--variant", variant,
+                "--result-file", str(out), "--seq-len", str(args.seq_len),
+                "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
+                "--warmup", str(args.warmup), "--student", args.student,
+                "--teacher", args.teacher, "--vocab", str(args.vocab),
+                "--valid-vocab", str(args.valid_vocab), "--threads", str(args.threads),
+            ]
+            if args.baseline_fused_adamw:
+                cmd.append("--baseline-fused-adamw")
+            env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stdout + proc.stderr, file=sys.stderr)
+                print(f"error: variant {variant} failed", file=sys.stderr)
+                return 1
+            results[variant] = json.loads(out.read_text())
+
+    ours, base = results["ours"], results["transformers"]
+    on_gpu = ours["device"] != "cpu"
+    # On a (shared) CPU, tokens per CPU-second of the single-threaded process measure the work
+    # without the noise of other processes; on a GPU, wall-clock tokens/s.
+    speed_key = "tokens_per_s" if on_gpu else "tokens_per_cpu_s"
+    speedup = ours[speed_key] / base[speed_key]
+    wall_speedup = ours["tokens_per_s"] / base["tokens_per_s"]
+    memory_ratio = ours["peak_memory_bytes"] / base["peak_memory_bytes"]
+    print(f"device: {ours['device']} ({platform.processor() or platform.machine()}, "
+          f"{ours['threads']} threads)")
+    print(f"shape: student {args.student}, teacher {args.teacher}, vocab {args.vocab}, "
+          f"micro-batch {args.micro_batch} x seq {args.seq_len}, {args.steps} timed steps; "
+          f"AdamW: ours fused, transformers "
+          f"{'fused' if args.baseline_fused_adamw else 'default (foreach)'}")
+    header = f"{'variant':<14}{'step (median)':>16}{'tokens/s':>12}{'peak memory':>16}"
+    print(header)
+    print("-" * len(header))
+    for name in VARIANTS:
+        r = results[name]
+        step_text = f"{r['step_s_median'] * 1e3:.1f} ms" if on_gpu else "-"
+        tps = f"{r['tokens_per_s']:,.0f}" if on_gpu else "-"
+        print(f"{name:<14}{step_text:>16}{tps:>12}{r['peak_memory_bytes'] / 2**20:>13.0f} MiB")
+    what = "tokens/s" if on_gpu else "tokens per CPU-second"
+    print(f"ours / transformers: {what} x{speedup:.2f} (wall-clock x{wall_speedup:.2f}), "
+          f"peak memory x{memory_ratio:.2f}")
+    summary = {
+        "benchmark": "train_step",
+        "shape": {"student": args.student, "teacher": args.teacher, "vocab": args.vocab,
+                  "micro_batch": args.micro_batch, "seq_len": args.seq_len,
+                  "steps": args.steps, "smoke": args.smoke, "threads": args.threads,
+                  "baseline_fused_adamw": args.baseline_fused_adamw},
+        "results": results,
+        "speed_metric": speed_key,
+        "tokens_per_s_ratio": speedup,
+        "wall_tokens_per_s_ratio": wall_speedup,
+        "peak_memory_ratio": memory_ratio,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
