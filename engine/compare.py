@@ -65,7 +65,7 @@ def markdown_table(rows: list[dict]) -> str:
             for m in models
             if (value := values.get((m, name, metric))) is not None and not math.isnan(value)
         ]
-        if len(present) > 1:
+        if len(present) > 1 and min(present) != max(present):  # a tie marks nobody
             best[(name, metric)] = min(present) if lower else max(present)
     header = ["model"] + [
         f"{name} {metric} {'↓' if lower else '↑'}" for name, metric, lower in columns
@@ -94,6 +94,12 @@ def matplotlib_available() -> bool:
     return True
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_bar_chart(rows: list[dict], path: str | Path) -> Path:
     """One bar-chart panel per table column, one bar per model; written atomically.
 
@@ -112,13 +118,19 @@ def save_bar_chart(rows: list[dict], path: str | Path) -> Path:
     for axis, (name, metric, lower) in zip(axes[0], columns, strict=True):
         heights = [values.get((m, name, metric)) for m in models]
         heights = [float("nan") if h is None else h for h in heights]
-        axis.bar(range(len(models)), heights, color=[f"C{i}" for i in range(len(models))])
+        bars = axis.bar(range(len(models)), heights, color=[f"C{i}" for i in range(len(models))])
+        axis.bar_label(bars, labels=[_format(h, metric) for h in heights], fontsize=7)
+        if all(h >= 0 for h in heights if not math.isnan(h)):
+            # Headroom for the labels; all-zero accuracies still get a readable axis.
+            finite = [h for h in heights if not math.isnan(h)]
+            axis.set_ylim(bottom=0, top=max([*finite, 0.1 if metric != "ppl" else 1.0]) * 1.15)
         axis.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
         axis.set_title(f"{name} {metric} ({'lower' if lower else 'higher'} is better)", fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the chart from others
         with os.fdopen(fd, "wb") as handle:
             figure.savefig(handle, format="png", dpi=120)
             handle.flush()
