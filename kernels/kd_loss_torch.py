@@ -113,7 +113,9 @@ def inverse_normalizer(normalizer, valid_count: torch.Tensor) -> torch.Tensor:
     value = float(normalizer)
     if not value > 0.0:
         raise ValueError(f"normalizer={normalizer} must be > 0")
-    return torch.tensor(1.0 / value, dtype=torch.float32, device=device)
+    # torch.full launches a fill; torch.tensor(..., device="cuda") would copy from host memory
+    # and synchronise.
+    return torch.full((), 1.0 / value, dtype=torch.float32, device=device)
 
 
 def kd_loss_reference(

@@ -180,3 +180,20 @@ def test_teacher_and_student_may_differ_in_dtype(backend):
     assert s.grad.dtype == torch.float32
     assert rel_err(loss, ref) <= 1e-5
     assert rel_err(s.grad, ref_grad) <= 1e-4
+
+
+def test_strided_inputs(backend):
+    """Teacher rows with a padded row stride and a non-contiguous student are handled."""
+    student, teacher, labels = make_inputs(6, 97, seed=15)
+    wide_teacher = torch.randn(6, 128)
+    wide_teacher[:, :97] = teacher
+    strided_teacher = wide_teacher[:, :97]  # row stride 128, unit column stride
+    student_t = student.t().contiguous().t()  # same values, column-major
+    ref, ref_grad, _ = reference_loss_and_grad(student, teacher, labels)
+    for inplace in (False, True):
+        s = student_t.clone(memory_format=torch.preserve_format).requires_grad_(True)
+        loss, _ = kd_loss(s * 1.0 if inplace else s, strided_teacher, labels, backend=backend,
+                          inplace_grad=inplace)
+        loss.backward()
+        assert rel_err(loss, ref) <= 1e-5
+        assert rel_err(s.grad, ref_grad) <= 1e-4
