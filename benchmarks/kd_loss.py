@@ -249,13 +249,14 @@ def gpu_speed(n_tokens=4096, vocab=50304, dtype=torch.bfloat16, repeats=50, smok
     bytes per logit (10 for bf16). On CPU (smoke) peak memory is not measured (None).
     """
     device = _device()
-    if smoke:
-        n_tokens, vocab, repeats = 64, 1000, 2
+    warmup = 2
+    if smoke:  # tiny: under TRITON_INTERPRET=1 every kernel row costs milliseconds
+        n_tokens, vocab, repeats, warmup = 16, 1000, 1, 1
     backend = _kernel_backend(device)
     valid_vocab = vocab - VALID_VOCAB_PAD
     elem = torch.empty((), dtype=dtype).element_size()
     bytes_moved = n_tokens * vocab * 5 * elem
-    copy_bps = copy_bandwidth(device, 1 << (20 if smoke else 30), repeats)
+    copy_bps = copy_bandwidth(device, 1 << (20 if smoke else 30), max(repeats, 5))
     # Inductor on a GPU; on CPU (smoke) dynamo with the eager backend exercises the same path
     # without needing a C++ toolchain.
     compiled = torch.compile(naive_kd_loss, backend="inductor" if device.type == "cuda"
@@ -290,7 +291,7 @@ def gpu_speed(n_tokens=4096, vocab=50304, dtype=torch.bfloat16, repeats=50, smok
             fn()
             torch.cuda.synchronize()
             peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-        seconds = _timed(fn, repeats, device)
+        seconds = _timed(fn, repeats, device, warmup=warmup)
         out["variants"][name] = {
             "median_ms": seconds * 1e3,
             "gbps": bytes_moved / seconds / 1e9,
