@@ -197,3 +197,11 @@ def test_strided_inputs(backend):
         loss.backward()
         assert rel_err(loss, ref) <= 1e-5
         assert rel_err(s.grad, ref_grad) <= 1e-4
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    student, teacher, labels = make_inputs(2, 30, seed=16)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kd_loss(student, teacher, labels, backend="triton")
