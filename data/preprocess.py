@@ -13,8 +13,8 @@ soon as the next document would push it past ``--shard-tokens``.
 
 Why one process by default: tokenising is >90% of the work and the tokenizers Rust pool
 already spreads each batch over all cores with the GIL released, while the reader thread
-parses the next batch. On the 2-core development machine (shared, load ~7) workers=2 measured
-0.61x of workers=1 on a 3k-document run and 1.06x on the full sample: within noise, so
+parses the next batch. On the 2-core development machine (shared, load 7-9) workers=2 ran
+at 0.61x, 1.06x and 0.91x the speed of workers=1 in three runs: no gain beyond noise, so
 the simpler path with no pickling and no process start-up is the default. Worker processes
 (each with a single Rust thread) are for many-core machines, where the one GIL-bound main
 process (JSON parsing, id-list conversion) would otherwise become the bottleneck;
