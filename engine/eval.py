@@ -319,7 +319,8 @@ def _build_parser():
         nargs="+",
         default=[],
         metavar="DIR",
-        help="more model folders evaluated on the same data; prints one Markdown table",
+        help="more model folders evaluated on the same data; prints one Markdown table "
+        "(the JSON then goes only to --json)",
     )
     parser.add_argument(
         "--tokenizer", help="tokenizer.json (default: the model folder's tokenizer.json)"

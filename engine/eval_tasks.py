@@ -26,7 +26,6 @@ same text gives the same number from a jsonl file and from its shards.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import sys
@@ -54,36 +53,19 @@ class EvalInputError(ValueError):
 # --------------------------------------------------------------------------------------
 
 
-def _open_lines(path: Path):
-    """Binary line iterator over a .jsonl or .jsonl.zst file (zstandard imported lazily:
-    the GPU machine has no zstandard and never needs it for shards)."""
-    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller through the returned stream
-    if path.suffix != ".zst":
-        return raw
-    try:
-        import zstandard
-    except ImportError as error:
-        raw.close()
-        raise EvalInputError(f"{path}: reading .zst needs the zstandard package") from error
-    reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-    return io.BufferedReader(reader, buffer_size=1 << 20)
-
-
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a bad line raises with file:line."""
+    """(line number, object) for each non-blank line; a bad line raises with file:line.
+
+    The bytes come from data.jsonl.iter_lines (streamed, .zst or plain, a truncated or corrupt
+    .zst raises naming the file): an evaluation file is small, but a ppl corpus is the Pile.
+    """
+    from data.jsonl import InputError, iter_lines
+
     path = Path(path)
     if not path.is_file():
         raise EvalInputError(f"{path}: data file not found")
-    with _open_lines(path) as lines:
-        line_no = 0
-        while True:
-            try:
-                raw = lines.readline()
-            except Exception as error:  # zstandard.ZstdError has no importable base here
-                raise EvalInputError(f"{path}: unreadable after line {line_no}: {error}") from error
-            if not raw:
-                return
-            line_no += 1
+    try:
+        for line_no, raw in enumerate(iter_lines(path), start=1):
             if not raw.strip():
                 continue
             try:
@@ -101,6 +83,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                     f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}"
                 )
             yield line_no, obj
+    except InputError as error:  # unreadable compressed data: one error type for callers
+        raise EvalInputError(str(error)) from error
 
 
 def _field(obj: dict, key: str, kind, path, line_no):
@@ -162,7 +146,12 @@ class Request:
 
 
 def encode_requests(encoder: TextEncoder, pairs: Sequence[tuple[str, str]]) -> list[Request]:
-    """Harness tokenisation of (context, continuation) string pairs, batched for speed."""
+    """Harness tokenisation of (context, continuation) string pairs, batched for speed.
+
+    One deliberate difference: a context of only whitespace is treated like an empty one
+    (EOS, then its whitespace leads the continuation). The harness would split such a pair at
+    zero context tokens and leave the first continuation token without a prediction.
+    """
     contexts, continuations = [], []
     for context, continuation in pairs:
         stripped = context.rstrip()

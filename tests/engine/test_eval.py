@@ -637,3 +637,20 @@ def test_progress_bar_draws_only_when_enabled(capsys):
     shown.close()
     err = capsys.readouterr().err
     assert "10/10 requests" in err and "tok/s" in err and err.endswith("\n")
+
+
+def test_zstd_input_and_truncated_stream(task_files, tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    root, hf_models = task_files
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in LAMBADA_TEXTS[:5]).encode()
+    packed = zstandard.ZstdCompressor().compress(lines)
+    (tmp_path / "l.jsonl.zst").write_bytes(packed)
+    _write_jsonl(tmp_path / "l.jsonl", [{"text": t} for t in LAMBADA_TEXTS[:5]])
+    setup = ScoringSetup(model=hf_models["student"], max_length=32, batch_size=2, progress=False)
+    encoder = TextEncoder(root / "tokenizer.json")
+    from_zst = evaluate_lambada(setup, encoder, tmp_path / "l.jsonl.zst")
+    from_plain = evaluate_lambada(setup, encoder, tmp_path / "l.jsonl")
+    assert from_zst == from_plain
+    (tmp_path / "cut.jsonl.zst").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(EvalInputError, match=r"cut\.jsonl\.zst"):
+        list(read_jsonl(tmp_path / "cut.jsonl.zst"))
