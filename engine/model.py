@@ -516,6 +516,10 @@ class GPTNeoX(nn.Module):
                 except Exception as error:  # safetensors raises its own error types
                     message = f"{file}: cannot read tensor {name!r} ({error})"
                     raise CheckpointError(message) from error
+                if tensor.dtype not in _FLOAT_DTYPES:
+                    raise CheckpointError(
+                        f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected a float dtype"
+                    )
                 # copy=True: never alias the file's memory map, even when no cast is needed.
                 return tensor.to(device=device, dtype=dtype, copy=True)
 
@@ -552,6 +556,7 @@ class GPTNeoX(nn.Module):
         }
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
         try:
+            os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes it 0700; a folder is public
             config_path = tmp / CONFIG_NAME
             with open(config_path, "w", encoding="utf-8") as f:
                 json.dump(self.config.to_hf_dict(save_dtype), f, indent=2)
@@ -632,9 +637,11 @@ def _checked_names(file: Path, handle, expected: dict[str, tuple]) -> list[str]:
                 f"{file}: shape mismatch for {name!r}: expected {list(expected[name])}, "
                 f"found {list(found)}"
             )
-        if info.get_dtype() not in _FLOAT_HEADER_DTYPES:
+        # get_dtype is missing from some older safetensors; materialize() checks again.
+        stored = info.get_dtype() if hasattr(info, "get_dtype") else "F32"
+        if stored not in _FLOAT_HEADER_DTYPES:
             raise CheckpointError(
-                f"{file}: tensor {name!r} has dtype {info.get_dtype()}, expected a float dtype"
+                f"{file}: tensor {name!r} has dtype {stored}, expected a float dtype"
             )
         names.append(name)
     return names
@@ -642,6 +649,12 @@ def _checked_names(file: Path, handle, expected: dict[str, tuple]) -> list[str]:
 
 def _is_replaceable_model_folder(path: Path) -> bool:
     return path.is_dir() and (not any(path.iterdir()) or (path / CONFIG_NAME).is_file())
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_file(path: Path) -> None:

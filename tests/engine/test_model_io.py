@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,9 @@ def test_save_replaces_an_existing_checkpoint(tmp_path):
     loaded = GPTNeoX.from_pretrained(target)
     torch.testing.assert_close(loaded.embed_out.weight, newer.embed_out.weight, rtol=0, atol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp leftovers
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's private 0700
 
 
 def test_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
