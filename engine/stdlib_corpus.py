@@ -88,7 +88,10 @@ def write_pile_jsonl_zst(
 
 
 def build_stdlib_corpus(
-    output: str | os.PathLike, *, root: str | os.PathLike | None = None, max_bytes: int | None = None
+    output: str | os.PathLike,
+    *,
+    root: str | os.PathLike | None = None,
+    max_bytes: int | None = None,
 ) -> dict:
     """Write the standard library's sources as one Pile-format file; return a small summary."""
     root = Path(root) if root is not None else stdlib_dir()
