@@ -88,6 +88,8 @@ def selected_logits(
     Autocast is entered per chunk, never across a `yield`, so the caller's math stays fp32.
     """
     device = input_ids.device
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module  # evaluation needs no gradient hooks, and the wrapper hides the head
     split = _head_split(model)
     with _autocast(device, autocast_dtype):
         if split is not None:

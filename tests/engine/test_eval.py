@@ -619,9 +619,12 @@ def test_heldout_metrics_reduce_across_ranks_single_process_group(tiny_pair, tmp
     )
     try:
         reduced = heldout_metrics(student, batches, teacher=teacher, reduce_across_ranks=True)
+        wrapped = torch.nn.parallel.DistributedDataParallel(student)
+        through_ddp = heldout_metrics(wrapped, batches, teacher=teacher)
     finally:
         dist.destroy_process_group()
     assert reduced == pytest.approx(local, rel=1e-12)
+    assert through_ddp == pytest.approx(local, rel=1e-6)
 
 
 def test_progress_bar_draws_only_when_enabled(capsys):
