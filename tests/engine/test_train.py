@@ -267,3 +267,31 @@ def test_run_level_configuration_errors(assets, tmp_path, straight_run):
         run(make_config(assets, straight_run["result"]["out_dir"], run__resume="none"))
     with pytest.raises(ckpt.CheckpointLoadError, match="not a complete checkpoint"):
         run(make_config(assets, tmp_path / "d", run__resume=tmp_path))
+
+
+def test_metrics_helpers():
+    from engine import metrics
+
+    assert metrics.PEAK_BF16_FLOPS["RTX 3060"] == 25e12
+    assert metrics.PEAK_BF16_FLOPS["H100"] == metrics.PEAK_BF16_FLOPS["H200"] == 989e12
+    assert metrics.peak_flops(torch.device("cpu")) is None
+    assert metrics.mfu(1000.0, 1e9, None) is None
+    assert metrics.mfu(1000.0, 1e9, 1e13) == pytest.approx(0.1)
+    student = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2,
+                            intermediate_size=72)
+    teacher = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4,
+                            intermediate_size=136)
+    model = GPTNeoX(student)
+    matmul_params = model.num_parameters() - model.gpt_neox.embed_in.weight.numel()
+    no_teacher = metrics.flops_per_token(student, None, SEQ_LEN)
+    # nanoGPT: 6N + 12 L H T, with N the parameters outside the embedding lookup (up to the
+    # LayerNorm vectors, which the estimate leaves out).
+    assert no_teacher == pytest.approx(6 * matmul_params + 12 * 2 * 32 * SEQ_LEN, rel=0.02)
+    assert metrics.flops_per_token(student, teacher, SEQ_LEN) > no_teacher
+    record = {"step": 3, "loss": 1.5, "ce": 2.0, "kd": None, "lr": 1e-4, "grad_norm": 0.5,
+              "tokens_per_s": 1234.0, "mfu": None, "peak_memory_bytes": 2**30, "eta_s": 75.0,
+              "skipped": True}
+    line = metrics.format_step_line(record, 10, bar=True)
+    assert line.startswith("[######..............] step 3/10")
+    assert "kd -" in line and "eta 1m15s" in line and "SKIPPED" in line
+    assert metrics.format_duration(3725) == "1h02m05s"
