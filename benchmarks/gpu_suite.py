@@ -63,7 +63,10 @@ TINY_SHAPES = {
 
 
 def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # With an explicit index: set_per_process_memory_fraction refuses a bare "cuda".
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def device_name(device: torch.device) -> str:

@@ -229,7 +229,11 @@ def gpu_correctness(smoke=False):
                 loss, _ = kd_loss(s, teacher, labels, backend=backend, **kwargs)
                 loss.backward()
                 loss_err = abs(loss.double().item() - ref.item()) / max(abs(ref.item()), 1e-30)
-                grad_err = ((s.grad.double() - s64.grad).norm() / s64.grad.norm()).item()
+                ref_norm = s64.grad.norm().item()
+                diff = (s.grad.double() - s64.grad).norm().item()
+                # All-ignored rows (N=1 with its only label ignored) have a zero reference
+                # gradient: ours must then be exactly zero too.
+                grad_err = diff / ref_norm if ref_norm > 0 else diff
                 loss_tol, grad_tol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 1e-2)
                 results.append({
                     "case": f"N={n} V={vocab} vv={valid_vocab} {dtype_name} T={temperature}",
@@ -316,8 +320,8 @@ def kernel_sweep(n_tokens, vocab, dtype, repeats):
     inv_norm = inverse_normalizer(None, (labels != -100).sum())
     elem = student.element_size()
     rows = []
-    for block in (1024, 2048, 4096, 8192):
-        for warps in (4, 8, 16):
+    for block in (512, 1024, 2048, 4096):
+        for warps in (2, 4, 8):
             fn = lambda b=block, w=warps: kd_loss_forward_triton(
                 student, teacher, labels, grad, alpha=ALPHA, temperature=TEMPERATURE,
                 ignore_index=-100, valid_vocab=vocab - VALID_VOCAB_PAD, inv_norm=inv_norm,

@@ -13,7 +13,9 @@ import torch
 
 # Shapes from REFERENCE.md; vocab 50304 with 50277 real tokens.
 PYTHIA_SHAPES = {
-    "70m": dict(num_hidden_layers=6, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+    "70m": dict(
+        num_hidden_layers=6, hidden_size=512, num_attention_heads=8, intermediate_size=2048
+    ),
     "160m": dict(
         num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072
     ),
@@ -22,8 +24,11 @@ PYTHIA_SHAPES = {
 }
 
 
-def pythia_config(size: str = "70m", *, vocab_size: int = 50304, max_positions: int = 2048, **overrides):
-    """A transformers GPTNeoXConfig with Pythia's fields (rotary 0.25, base 10000, parallel residual)."""
+def pythia_config(
+    size: str = "70m", *, vocab_size: int = 50304, max_positions: int = 2048, **overrides
+):
+    """A transformers GPTNeoXConfig with Pythia's fields (rotary 0.25, base 10000, parallel
+    residual)."""
     from transformers import GPTNeoXConfig
 
     fields = dict(

@@ -1,0 +1,126 @@
+"""Where the time of one distillation micro-step goes, ours beside transformers' (CUDA).
+
+    python3 -m benchmarks.step_profile [--out DIR] [--smoke]
+
+The GPU suite gives one tokens/s figure per engine; this says why: a torch.profiler table of
+the heaviest kernels for a few micro-steps of each engine, the GPU-busy fraction (kernel time
+over wall time: a step far below 1 is launch-bound), and tokens/s with the student and teacher
+wrapped in torch.compile, the obvious next lever for models this small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from benchmarks.gpu_suite import (
+    FULL,
+    SMOKE,
+    _device,
+    _free,
+    build_ours,
+    build_transformers,
+    device_name,
+    make_batch,
+    ours_micro_step,
+    time_training,
+    transformers_micro_step,
+    write_json,
+)
+
+PROFILED_MICRO_STEPS = 4
+
+
+def profile_engine(build, micro_step, sizes, device) -> dict:
+    """Kernel table and GPU-busy fraction over a few micro-steps after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    teacher, student = build(sizes, device)
+    batch = make_batch(sizes["micro_batch"], sizes["seq_len"], sizes["valid_vocab"], device, 0)
+    normalizer = float((batch["labels"] != -100).sum())
+    for _ in range(2):
+        micro_step(student, teacher, batch, sizes["valid_vocab"], normalizer)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILED_MICRO_STEPS):
+            micro_step(student, teacher, batch, sizes["valid_vocab"], normalizer)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    table = None
+    sort_keys = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" \
+        else ("self_cpu_time_total",)
+    for sort_key in sort_keys:  # the key's name changed across torch releases
+        try:
+            table = events.table(sort_by=sort_key, row_limit=18, max_name_column_width=60)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+    del teacher, student
+    _free(device)
+    return {
+        "wall_ms_per_micro_step": wall * 1e3 / PROFILED_MICRO_STEPS,
+        "kernel_ms_per_micro_step": gpu_us / 1e3 / PROFILED_MICRO_STEPS,
+        "gpu_busy_fraction": (gpu_us / 1e6) / wall if wall > 0 else None,
+        "table": table,
+    }
+
+
+def compiled_tokens_per_s(sizes, device) -> dict:
+    teacher, student = build_ours(sizes, device)
+    student = torch.compile(student)
+    teacher = torch.compile(teacher)
+    result = time_training(student, teacher, ours_micro_step, sizes, device)
+    del teacher, student
+    _free(device)
+    return {"tokens_per_s": result["tokens_per_s"],
+            "peak_allocated_bytes": result.get("peak_allocated_bytes")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device")
+    args = parser.parse_args(argv)
+    sizes = SMOKE if args.smoke else FULL
+    device = _device()
+    print(f"device: {device_name(device)}", flush=True)
+    report: dict = {"device": device_name(device), "smoke": args.smoke}
+    jobs = {
+        "ours": lambda: profile_engine(build_ours, ours_micro_step, sizes, device),
+        "transformers": lambda: profile_engine(build_transformers, transformers_micro_step,
+                                               sizes, device),
+        "ours_compiled": lambda: compiled_tokens_per_s(sizes, device),
+    }
+    for name, job in jobs.items():
+        try:
+            report[name] = job()
+        except Exception as exc:
+            report[name] = {"error": f"{type(exc).__name__}: {exc}",
+                            "traceback": traceback.format_exc()}
+        row = report[name]
+        if "table" in row:
+            print(f"\n== {name}: {row['wall_ms_per_micro_step']:.2f} ms wall, "
+                  f"{row['kernel_ms_per_micro_step']:.2f} ms of kernels per micro-step "
+                  f"(GPU busy {row['gpu_busy_fraction'] or 0:.0%})\n{row['table']}", flush=True)
+        else:
+            print(f"\n== {name}: {json.dumps({k: v for k, v in row.items() if k != 'traceback'})}",
+                  flush=True)
+    write_json(args.out / ("step_profile_smoke.json" if args.smoke else "step_profile.json"),
+               report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
