@@ -36,6 +36,17 @@ from benchmarks.gpu_suite import (
 PROFILED_MICRO_STEPS = 4
 
 
+def ours_micro_step_new_buffer(student, teacher, batch, valid_vocab, normalizer):
+    """Our step with the loss gradient in a new buffer: no host sync in the loss backward."""
+    from benchmarks.gpu_suite import ALPHA, TEMPERATURE
+    from engine.step import distill_micro_step
+
+    return distill_micro_step(
+        student, teacher, batch, alpha=ALPHA, temperature=TEMPERATURE, valid_vocab=valid_vocab,
+        normalizer=normalizer, autocast_dtype=torch.bfloat16, inplace_grad=False,
+    )
+
+
 def profile_engine(build, micro_step, sizes, device) -> dict:
     """Kernel table and GPU-busy fraction over a few micro-steps after a warm-up."""
     from torch.profiler import ProfilerActivity, profile
@@ -99,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"device": device_name(device), "smoke": args.smoke}
     jobs = {
         "ours": lambda: profile_engine(build_ours, ours_micro_step, sizes, device),
+        "ours_new_buffer": lambda: profile_engine(build_ours, ours_micro_step_new_buffer,
+                                                  sizes, device),
         "transformers": lambda: profile_engine(build_transformers, transformers_micro_step,
                                                sizes, device),
         "ours_compiled": lambda: compiled_tokens_per_s(sizes, device),
