@@ -12,6 +12,7 @@ Sections (each guarded: a failure is recorded with its traceback and the others 
      torch.cuda.set_per_process_memory_fraction to a 12 GiB card, the same step and the
      largest micro-batch that runs (mb = 2, 4, 6, ... until out of memory, bounded in time)
   4. the same step through transformers' GPTNeoXForCausalLM with the naive loss, for the ratio
+  (and the seed step again with both models under torch.compile, the engine's runtime.compile)
 The summary table is printed last; everything is also written to DIR/gpu_suite.json.
 
 `--smoke` runs every code path at tiny sizes on whatever device there is (CPU in CI) in about
@@ -297,6 +298,18 @@ def section_seed_recipe(sizes, smoke: bool) -> dict:
     return result
 
 
+def section_seed_recipe_compiled(sizes, smoke: bool) -> dict:
+    """The seed step with student and teacher under torch.compile (the engine's
+    runtime.compile option): models this small are launch-bound in eager mode."""
+    device = _device()
+    teacher, student = build_ours(sizes, device)
+    result = time_training(torch.compile(student), torch.compile(teacher), ours_micro_step,
+                           sizes, device)
+    del teacher, student
+    _free(device)
+    return result
+
+
 def section_transformers(sizes, smoke: bool) -> dict:
     try:
         import transformers
@@ -448,6 +461,10 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
         rows.append(("largest mb in 12 GiB (plan)",
                      f"{seed['plan_largest_micro_batch_12gib']} (checkpointing: "
                      f"{seed['plan_largest_micro_batch_12gib_checkpointing']})", ">= 2"))
+    compiled = sec.get("seed_recipe_compiled", {})
+    if "tokens_per_s" in compiled:
+        rows.append(("seed step tokens/s, torch.compile", f"{compiled['tokens_per_s']:,.0f}",
+                     ">= 250,000 (H100)"))
     capped = sec.get("capped_12gib", {})
     if "seed_micro_batch_fits" in capped:
         first = capped["attempts"][0] if capped.get("attempts") else {}
@@ -536,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         ("kernel_correctness", lambda: section_kernel_correctness(sizes, args.smoke)),
         ("kernel_speed", lambda: section_kernel_speed(sizes, args.smoke)),
         ("seed_recipe", lambda: section_seed_recipe(sizes, args.smoke)),
+        ("seed_recipe_compiled", lambda: section_seed_recipe_compiled(sizes, args.smoke)),
         ("transformers", lambda: section_transformers(sizes, args.smoke)),
         ("capped_12gib", lambda: section_capped(sizes, args.smoke, out_dir)),
     ]

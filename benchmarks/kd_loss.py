@@ -320,15 +320,17 @@ def kernel_sweep(n_tokens, vocab, dtype, repeats):
     inv_norm = inverse_normalizer(None, (labels != -100).sum())
     elem = student.element_size()
     rows = []
-    for block in (512, 1024, 2048, 4096):
-        for warps in (2, 4, 8):
-            fn = lambda b=block, w=warps: kd_loss_forward_triton(
-                student, teacher, labels, grad, alpha=ALPHA, temperature=TEMPERATURE,
-                ignore_index=-100, valid_vocab=vocab - VALID_VOCAB_PAD, inv_norm=inv_norm,
-                block_size=b, num_warps=w)
-            seconds = _timed(fn, repeats, device)
-            rows.append({"block": block, "warps": warps, "median_ms": seconds * 1e3,
-                         "gbps": n_tokens * vocab * 5 * elem / seconds / 1e9})
+    configs = [(b, w, None) for b in (512, 1024, 2048, 4096) for w in (2, 4, 8)]
+    configs += [(b, w, st) for b in (512, 1024) for w in (4, 8) for st in (1, 2, 4)]
+    for block, warps, stages in configs:
+        fn = lambda b=block, w=warps, st=stages: kd_loss_forward_triton(
+            student, teacher, labels, grad, alpha=ALPHA, temperature=TEMPERATURE,
+            ignore_index=-100, valid_vocab=vocab - VALID_VOCAB_PAD, inv_norm=inv_norm,
+            block_size=b, num_warps=w, num_stages=st)
+        seconds = _timed(fn, repeats, device)
+        rows.append({"block": block, "warps": warps, "stages": stages,
+                     "median_ms": seconds * 1e3,
+                     "gbps": n_tokens * vocab * 5 * elem / seconds / 1e9})
     return rows
 
 
@@ -350,7 +352,8 @@ def print_gpu(correctness, speeds, sweep):
     if sweep:
         print("\nKernel sweep (forward kernel only)")
         for r in sweep:
-            print(f"block {r['block']:>5} warps {r['warps']:>2}: {r['median_ms']:.3f} ms "
+            print(f"block {r['block']:>5} warps {r['warps']:>2} stages {r.get('stages')}: "
+                  f"{r['median_ms']:.3f} ms "
                   f"{r['gbps']:.0f} GB/s")
 
 

@@ -4,8 +4,8 @@
 
 The GPU suite gives one tokens/s figure per engine; this says why: a torch.profiler table of
 the heaviest kernels for a few micro-steps of each engine, the GPU-busy fraction (kernel time
-over wall time: a step far below 1 is launch-bound), and tokens/s with the student and teacher
-wrapped in torch.compile, the obvious next lever for models this small.
+over wall time: a step far below 1 is launch-bound). The compiled step's tokens/s is in the
+GPU suite.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from benchmarks.gpu_suite import (
     device_name,
     make_batch,
     ours_micro_step,
-    time_training,
     transformers_micro_step,
     write_json,
 )
@@ -88,17 +87,6 @@ def profile_engine(build, micro_step, sizes, device) -> dict:
     }
 
 
-def compiled_tokens_per_s(sizes, device) -> dict:
-    teacher, student = build_ours(sizes, device)
-    student = torch.compile(student)
-    teacher = torch.compile(teacher)
-    result = time_training(student, teacher, ours_micro_step, sizes, device)
-    del teacher, student
-    _free(device)
-    return {"tokens_per_s": result["tokens_per_s"],
-            "peak_allocated_bytes": result.get("peak_allocated_bytes")}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -114,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
                                                   sizes, device),
         "transformers": lambda: profile_engine(build_transformers, transformers_micro_step,
                                                sizes, device),
-        "ours_compiled": lambda: compiled_tokens_per_s(sizes, device),
     }
     for name, job in jobs.items():
         try:

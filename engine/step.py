@@ -37,7 +37,15 @@ def teacher_logits(
 
     no_grad rather than inference_mode: the loss may save these logits for its own backward,
     and inference tensors cannot be saved by autograd.
+
+    A teacher already stored in the autocast dtype runs without autocast: its matmuls see the
+    same bf16 operands either way (autocast would only round-trip LayerNorm outputs through
+    fp32 before casting them back for the next matmul), and skipping it removes a third of the
+    teacher's kernels and copies, which matters on a launch-bound step (H200 profile,
+    benchmarks/step_profile.py).
     """
+    if autocast_dtype is not None and next(teacher.parameters()).dtype == autocast_dtype:
+        autocast_dtype = None
     with torch.no_grad(), autocast_context(input_ids.device.type, autocast_dtype):
         return teacher(input_ids)
 

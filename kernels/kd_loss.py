@@ -9,11 +9,10 @@ Where the gradient lives (the in-place decision):
   * default (`inplace_grad=False`): a new buffer of the student's dtype and shape. Autograd stays
     correct whatever else holds the logits, and backward may run more than once (retain_graph).
   * `inplace_grad=True` (the training loop's opt-in): the gradient overwrites the student logits'
-    own storage and backward scales it in place, saving one [tokens x vocab] buffer and its
-    traffic. The caller promises the logits' values are not needed afterwards and that backward
-    runs once; backward skips the scaling when the incoming gradient is exactly 1 (one host
-    sync, in backward). If another autograd node saved the logits, PyTorch's version counter
-    makes its backward raise instead of silently using overwritten values.
+    own storage and backward scales it in place, saving one [tokens x vocab] buffer. The
+    caller promises the logits' values are not needed afterwards and that backward runs once.
+    If another autograd node saved the logits, PyTorch's version counter makes its backward
+    raise instead of silently using overwritten values. Neither mode syncs with the host.
     The default mode's backward allocates the scaled gradient (the buffer it saved may be needed
     again under retain_graph), so its peak holds two [tokens x vocab] buffers of the input dtype.
 """
@@ -127,11 +126,12 @@ class KDLossFunction(torch.autograd.Function):
             grad, ctx.grad_buffer = ctx.grad_buffer, None
             if grad is None:
                 raise RuntimeError("kd_loss(inplace_grad=True) supports a single backward pass")
-            # loss.backward() passes exactly 1: skip a full read+write of the buffer (~4 of the
-            # ~14 bytes per element on a GPU). The comparison costs one host sync, in backward
-            # only, and only in this opt-in mode (the default mode never syncs).
-            if not bool((grad_loss == 1).all()):
-                grad = grad.mul_(scale)
+            # Scaled in place even when the incoming gradient is 1 (plain loss.backward()):
+            # checking for 1 would cost a host sync, and on a GPU that stall (the CPU then
+            # launches the whole backward while the GPU idles) measured far dearer than this
+            # one extra pass over the buffer (H200, seed step: GPU busy 1% -> 16% under the
+            # profiler, benchmarks/step_profile.py).
+            grad = grad.mul_(scale)
         else:
             (grad,) = ctx.saved_tensors
             grad = grad * scale

@@ -152,6 +152,7 @@ def kd_loss_forward_triton(
     inv_norm: torch.Tensor,
     block_size: int | None = None,
     num_warps: int | None = None,
+    num_stages: int | None = None,
 ):
     """Launch the kernel over every row; return (ce_sum, kd_sum) as 0-dim fp32 tensors.
 
@@ -187,5 +188,6 @@ def kd_loss_forward_triton(
             float(temperature),
             BLOCK_SIZE=block_size,
             num_warps=num_warps,
+            **({"num_stages": num_stages} if num_stages else {}),
         )
     return ce_rows.sum(), kd_rows.sum()
