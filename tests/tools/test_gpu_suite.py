@@ -27,14 +27,16 @@ def test_smoke_suite_runs_every_section(tmp_path):
     assert proc.stdout.splitlines()[0].startswith("device: ")
     report = json.loads((tmp_path / "gpu_suite_smoke.json").read_text())
     sections = report["sections"]
-    assert set(sections) == {"kernel_correctness", "kernel_speed", "seed_recipe", "transformers",
-                             "capped_12gib"}
+    assert set(sections) == {"kernel_correctness", "kernel_speed", "seed_recipe",
+                             "seed_recipe_compiled", "transformers", "capped_12gib"}
     for name, body in sections.items():
         assert "error" not in body, (name, body.get("traceback"))
     assert sections["kernel_correctness"]["passed"]
     seed = sections["seed_recipe"]
     assert seed["tokens_per_s"] > 0 and seed["finite"]
     assert seed["plan_largest_micro_batch_12gib"] >= 2
+    compiled = sections["seed_recipe_compiled"]
+    assert compiled["tokens_per_s"] > 0 and compiled["finite"]
     capped = sections["capped_12gib"]
     assert capped["seed_micro_batch_fits"] and capped["measured_largest_micro_batch"] >= 2
     hf = sections["transformers"]
