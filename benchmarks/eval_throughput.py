@@ -18,7 +18,6 @@ absolute claims; on a GPU (--device cuda) the absolute numbers mean something.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from engine.atomic import write_json_atomic
 
 DEFAULT_JSON = Path("benchmarks/results/eval_throughput.json")
 PYTHIA_70M = dict(
@@ -196,13 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_length": args.max_length,
         "rows": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.json.with_name(args.json.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, args.json)
+    write_json_atomic(args.json, record, trailing_newline=False)
     print(f"wrote {args.json}")
     return 0
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from engine.atomic import write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
@@ -412,9 +413,7 @@ def capped_worker(sizes, smoke: bool, result_path: Path) -> int:
         largest = mb
         mb += 2
     result.update(attempts=attempts, measured_largest_micro_batch=largest, search_stopped=stopped)
-    tmp = result_path.with_name(result_path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, result_path)
+    write_json_atomic(result_path, result, default=str, trailing_newline=False)
     return 0
 
 
@@ -499,13 +498,8 @@ def format_summary(report: dict) -> str:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """The suite's report as JSON, atomically (also used by benchmarks.step_profile)."""
+    write_json_atomic(path, payload, default=str, trailing_newline=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from engine.atomic import write_json_atomic
 from kernels.kd_loss import kd_loss, kd_loss_reference
 
 DEFAULT_JSON = Path("benchmarks/results/kd_loss.json")
@@ -358,13 +359,7 @@ def print_gpu(correctness, speeds, sweep):
 
 
 def write_json(path: Path, payload: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, trailing_newline=False)
 
 
 def main(argv=None):

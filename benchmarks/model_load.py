@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from engine.atomic import write_json_atomic
+
 DEFAULT_JSON = Path("benchmarks/results/model_load.json")
 PYTHIA_160M = dict(vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12,
                    intermediate_size=3072)
@@ -209,14 +211,7 @@ def print_tables(checkpoint: dict, loads: list[dict], parity: list[dict]) -> Non
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, payload)
 
 
 def main(argv=None) -> int:

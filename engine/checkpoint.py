@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.atomic import fsync_dir, fsync_file, write_text_atomic
+
 CHECKPOINTS_DIR = "checkpoints"
 DONE_MARKER = "DONE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -82,24 +84,11 @@ def resolve_resume(resume: str, out_dir: str | os.PathLike) -> Path | None:
     return path
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder: Path) -> None:
     for dirpath, _, filenames in os.walk(folder):
         for name in filenames:
-            _fsync_file(Path(dirpath) / name)
-        _fsync_dir(Path(dirpath))
+            fsync_file(Path(dirpath) / name)
+        fsync_dir(Path(dirpath))
 
 
 def _maybe_pause(step: int, tmp: Path) -> None:
@@ -170,16 +159,11 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    marker = final / DONE_MARKER
-    with open(marker, "w", encoding="utf-8") as f:
-        f.write(f"step {step}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(final)
+    write_text_atomic(final / DONE_MARKER, f"step {step}\n")  # fsyncs the marker and `final`
     prune_checkpoints(out_dir, keep_last)
     return final
 
@@ -282,7 +266,7 @@ def export_student(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staged, export_dir)
-        _fsync_dir(export_dir.parent)
+        fsync_dir(export_dir.parent)
     finally:
         shutil.rmtree(tmp_parent, ignore_errors=True)
     return export_dir

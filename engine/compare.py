@@ -10,9 +10,9 @@ extra) and imported only when a PNG is asked for.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from engine.atomic import open_atomic
 
 # Metrics shown per task, and whether lower is better.
 TASK_METRICS = {
@@ -94,12 +94,6 @@ def matplotlib_available() -> bool:
     return True
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_bar_chart(rows: list[dict], path: str | Path) -> Path:
     """One bar-chart panel per table column, one bar per model; written atomically.
 
@@ -127,18 +121,9 @@ def save_bar_chart(rows: list[dict], path: str | Path) -> Path:
         axis.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
         axis.set_title(f"{name} {metric} ({'lower' if lower else 'higher'} is better)", fontsize=9)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the chart from others
-        with os.fdopen(fd, "wb") as handle:
+        with open_atomic(path, "wb") as handle:
             figure.savefig(handle, format="png", dpi=120)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     finally:
         plt.close(figure)
     return path

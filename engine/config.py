@@ -16,7 +16,12 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from engine.atomic import write_text_atomic
+
+if TYPE_CHECKING:
+    from engine.model import GPTNeoXConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,6 +80,19 @@ class StudentConfig:
     intermediate_size: int = 2048
     vocab_size: int = 50304
     max_positions: int = 2048
+
+    def scratch_model_config(self) -> GPTNeoXConfig:
+        """The model shape for init = "scratch"; the rest are GPTNeoXConfig's Pythia defaults."""
+        from engine.model import GPTNeoXConfig  # here: reading a config must not need torch
+
+        return GPTNeoXConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            max_positions=self.max_positions,
+        )
 
 
 @dataclass
@@ -395,14 +413,4 @@ def write_resolved(config: Config, folder: str | os.PathLike) -> None:
         ("config.toml", config.to_toml()),
         ("config.json", json.dumps(config.to_dict(), indent=2) + "\n"),
     ):
-        atomic_write_text(folder / name, text)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Temporary file in the same folder, fsync, rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        write_text_atomic(folder / name, text)

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from engine.atomic import write_text_atomic
+
 IGNORE_INDEX = -100
 # Rows of logits turned into log-probabilities at once: 1024 x 50304 x 4 B = 206 MB per tensor.
 DEFAULT_CHUNK_ROWS = 1024
@@ -411,28 +413,6 @@ def _json_safe(value):
     return value
 
 
-def _write_atomic(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same folder, fsync, rename: never a half file."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)  # mkstemp's 0600 would hide the results from others
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _device_of(args) -> str:
     if args.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -570,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         document = _json_safe({"settings": settings, "results": rows})
         text = json.dumps(document, indent=2, allow_nan=False) + "\n"
         if args.json:
-            _write_atomic(args.json, text)
+            write_text_atomic(args.json, text)
             print(f"engine.eval: results written to {args.json}", file=sys.stderr)
         elif not args.compare:
             sys.stdout.write(text)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from engine.atomic import write_text_atomic
+
 # Dense bf16 tensor-core peak, FLOP/s (datasheet). Matched as a substring of the CUDA device
 # name, longest first. No CPU entry: a CPU's peak depends on cores and ISA, so MFU on CPU is
 # reported as null rather than as a number that means nothing.
@@ -125,12 +127,7 @@ class MetricsWriter:
                 continue  # a torn last line from a killed process
             if int(record.get("step", 0)) <= step:
                 kept.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from engine.atomic import current_umask, fsync_dir, fsync_file
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -556,7 +558,7 @@ class GPTNeoX(nn.Module):
         }
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
         try:
-            os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes it 0700; a folder is public
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; a folder is public
             config_path = tmp / CONFIG_NAME
             with open(config_path, "w", encoding="utf-8") as f:
                 json.dump(self.config.to_hf_dict(save_dtype), f, indent=2)
@@ -565,17 +567,17 @@ class GPTNeoX(nn.Module):
                 os.fsync(f.fileno())
             weights_path = tmp / WEIGHTS_NAME
             save_file(tensors, str(weights_path), metadata={"format": "pt"})
-            _fsync_file(weights_path)
-            _fsync_dir(tmp)
+            fsync_file(weights_path)
+            fsync_dir(tmp)
             if path.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
                 os.replace(path, old / path.name)
                 os.replace(tmp, path)
-                _fsync_dir(parent)
+                fsync_dir(parent)
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, path)
-                _fsync_dir(parent)
+                fsync_dir(parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -649,31 +651,6 @@ def _checked_names(file: Path, handle, expected: dict[str, tuple]) -> list[str]:
 
 def _is_replaceable_model_folder(path: Path) -> bool:
     return path.is_dir() and (not any(path.iterdir()) or (path / CONFIG_NAME).is_file())
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # some platforms cannot open directories; the rename is still atomic
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["CheckpointError", "GPTNeoX", "GPTNeoXConfig", "KVCache", "apply_rotary"]

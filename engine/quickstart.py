@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import math
 import shutil
 import sys
@@ -335,9 +334,9 @@ def verdict(rows: list[dict[str, Any]]) -> tuple[bool, list[str]]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from engine.config import atomic_write_text
+    from engine.atomic import write_json_atomic
 
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    write_json_atomic(path, data, default=str)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,8 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from engine.atomic import fsync_dir, fsync_file, open_atomic
+
 # Folders whose files are tests, vendored third-party code or IDE resources: large, repetitive
 # or not part of "the library", and their presence differs between installations.
 SKIPPED_DIRS = frozenset(
@@ -71,19 +73,15 @@ def write_pile_jsonl_zst(
     """Write (name, text) pairs as a Pile-format .jsonl.zst atomically; return the count."""
     import zstandard  # imported here: the GPU training path must not need it
 
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     count = 0
-    with open(tmp, "wb") as raw:
-        with zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False) as writer:
-            for name, text in documents:
-                record = {"text": text, "meta": {"pile_set_name": set_name, "path": name}}
-                writer.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-                count += 1
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, output)
+    with (
+        open_atomic(output, "wb") as raw,
+        zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False) as writer,
+    ):
+        for name, text in documents:
+            record = {"text": text, "meta": {"pile_set_name": set_name, "path": name}}
+            writer.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+            count += 1
     return count
 
 
@@ -139,8 +137,8 @@ def train_bpe_tokenizer(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    tokenizer.save(str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    tokenizer.save(str(tmp))  # the library writes the file itself, so no open_atomic here
+    fsync_file(tmp)
     os.replace(tmp, output)
+    fsync_dir(output.parent)
     return tokenizer.get_vocab_size()

@@ -71,21 +71,13 @@ def precision_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype | None]:
 
 
 def build_student(config: Config, device: torch.device, dtype: torch.dtype):
-    from engine.model import GPTNeoX, GPTNeoXConfig
+    from engine.model import GPTNeoX
 
     s = config.student
     if s.init == "pretrained":
         return GPTNeoX.from_pretrained(s.path, dtype=dtype, device=device)
-    shape = GPTNeoXConfig(
-        vocab_size=s.vocab_size,
-        hidden_size=s.hidden_size,
-        num_layers=s.num_layers,
-        num_heads=s.num_heads,
-        intermediate_size=s.intermediate_size,
-        max_positions=s.max_positions,
-    )
     torch.manual_seed(config.run.seed)  # same fresh weights for a seed, on every rank
-    return GPTNeoX(shape).to(device=device, dtype=dtype)
+    return GPTNeoX(s.scratch_model_config()).to(device=device, dtype=dtype)
 
 
 def build_teacher(config: Config, device: torch.device):

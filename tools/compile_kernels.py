@@ -16,13 +16,14 @@ cubin, which needs a GPU. ptxas -v reports the same numbers from the PTX alone.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from engine.atomic import write_json_atomic
 
 CAPABILITIES = (80, 86, 90)
 DTYPES = {"bf16": "*bf16", "fp32": "*fp32"}
@@ -179,13 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"{row['registers']:>5} {spills:>13} {row['stack_bytes']:>7} "
                           f"{row['shared_bytes']:>8}  {row['status']}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        with open(tmp, "w") as handle:
-            json.dump({"triton": triton.__version__, "kernels": rows}, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, args.json)
+        write_json_atomic(
+            args.json, {"triton": triton.__version__, "kernels": rows}, trailing_newline=False
+        )
     if failures:
         print(f"{failures} kernel build(s) failed or spilled", file=sys.stderr)
         return 1

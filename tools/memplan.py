@@ -10,7 +10,6 @@ activation checkpointing. Exits 1 when the configured micro-batch does not fit, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -44,23 +43,9 @@ def model_config_for(path: str, *, role: str):
 
 def configs_from_training_config(config):
     """(teacher_cfg or None, student_cfg) for an engine.config.Config."""
-    from engine.model import GPTNeoXConfig
-
     teacher = model_config_for(config.teacher.path, role="teacher") if config.teacher.path else None
     if config.student.init == "scratch":
-        s = config.student
-        student = GPTNeoXConfig(
-            vocab_size=s.vocab_size,
-            hidden_size=s.hidden_size,
-            num_layers=s.num_layers,
-            num_heads=s.num_heads,
-            intermediate_size=s.intermediate_size,
-            max_positions=s.max_positions,
-            rotary_pct=0.25,
-            rotary_base=10000.0,
-            layer_norm_eps=1e-5,
-            use_parallel_residual=True,
-        )
+        student = config.student.scratch_model_config()
     else:
         student = model_config_for(config.student.path, role="student")
     return teacher, student
@@ -124,11 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             "plan": plan.to_dict(),
             "largest_micro_batch": {"no_checkpointing": best[False], "checkpointing": best[True]},
         }
-        from engine.config import atomic_write_text
+        from engine.atomic import write_json_atomic
 
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(out, indent=2) + "\n")
+        write_json_atomic(Path(args.json), out)  # creates the folder
     return 0 if plan.fits(budget) else 1
 
 

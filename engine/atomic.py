@@ -1,0 +1,114 @@
+"""Atomic file writes: nothing half-written ever replaces a good file.
+
+A run can be killed at any moment (preemption, OOM, Ctrl-C), and a reader (a resumed run, a
+report script, another rank) must then find either the old file or the complete new one,
+never a torn one. So every whole-file write here goes to a temporary name in the same folder,
+is flushed and fsynced, renamed over the target with ``os.replace`` (atomic on one file
+system), and the folder is fsynced so the rename itself survives a power loss.
+
+The new file gets the permissions a plain ``open(path, "w")`` would give (0666 less the
+umask), not the 0600 of ``mkstemp``, so results stay readable by others where they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make renames and new entries in a folder durable by fsyncing the folder itself."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open directories; the rename is still atomic
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def open_atomic(
+    path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8"
+) -> Iterator[IO[Any]]:
+    """Open a temporary file beside `path`; on a clean exit it replaces `path` atomically.
+
+    `mode` is "w" (text, in `encoding`) or "wb". On an exception the temporary file is
+    removed and `path` is left as it was. The parent folder is created when missing.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"open_atomic: mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp: a unique name per call, so concurrent writers never share a temporary file.
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide it from others
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Replace `path` with `data` atomically."""
+    with open_atomic(path, "wb") as handle:
+        handle.write(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> None:
+    """Replace `path` with `text` atomically."""
+    with open_atomic(path, "w", encoding=encoding) as handle:
+        handle.write(text)
+
+
+def write_json_atomic(
+    path: str | os.PathLike,
+    payload: Any,
+    *,
+    indent: int | None = 2,
+    default: Callable[[Any], Any] | None = None,
+    trailing_newline: bool = True,
+) -> None:
+    """Replace `path` with `payload` as JSON atomically (`default` as in ``json.dumps``)."""
+    text = json.dumps(payload, indent=indent, default=default)
+    write_text_atomic(path, text + "\n" if trailing_newline else text)
+
+
+__all__ = [
+    "current_umask",
+    "fsync_dir",
+    "fsync_file",
+    "open_atomic",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
