@@ -94,7 +94,7 @@ def format_step_line(record: dict, total_steps: int, *, bar: bool = False) -> st
         f"lr {_fmt(record.get('lr'), '.2e')}",
         f"gnorm {_fmt(record.get('grad_norm'), '.3f')}",
         f"tok/s {_fmt(record.get('tokens_per_s'), ',.0f')}",
-        f"mfu {_fmt(None if record.get('mfu') is None else 100 * record['mfu'], '.1f')}%",
+        "mfu -" if record.get("mfu") is None else f"mfu {100 * record['mfu']:.1f}%",
         f"mem {record.get('peak_memory_bytes', 0) / 2**30:.2f}GiB",
         f"eta {format_duration(record.get('eta_s', float('nan')))}",
     ]
