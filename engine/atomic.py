@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -112,3 +113,23 @@ __all__ = [
     "write_json_atomic",
     "write_text_atomic",
 ]
+
+
+def replace_folder(staged: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move a complete, fsynced `staged` folder to `final`, replacing any folder there.
+
+    os.replace cannot rename a folder over a non-empty one, so an existing `final` is first
+    moved aside into a hidden folder beside it and deleted only once the new one is in
+    place: a complete copy, old or new, is on disk at every moment.
+    """
+    staged, final = Path(staged), Path(final)
+    parent = final.parent
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=parent))
+        os.replace(final, old / final.name)
+        os.replace(staged, final)
+        fsync_dir(parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+        fsync_dir(parent)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.atomic import fsync_dir, fsync_file, write_text_atomic
+from engine.atomic import fsync_dir, fsync_file, replace_folder, write_text_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
 DONE_MARKER = "DONE"
@@ -150,16 +150,9 @@ def save_checkpoint(
             f.write("\n")
         (tmp / "PAUSED").unlink(missing_ok=True)
         _fsync_tree(tmp)
-        if final.exists():
-            # Same step saved before (e.g. a run resumed from it and stopped at once):
-            # move the old one aside first; the new one is complete, so nothing is lost.
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=root))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
+        # The same step may have been saved before (a run resumed from it and stopped at
+        # once): replace_folder keeps the old one until the new, complete one is in place.
+        replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.atomic import current_umask, fsync_dir, fsync_file
+from engine.atomic import current_umask, fsync_dir, fsync_file, replace_folder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -569,15 +569,7 @@ class GPTNeoX(nn.Module):
             save_file(tensors, str(weights_path), metadata={"format": "pt"})
             fsync_file(weights_path)
             fsync_dir(tmp)
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
-                os.replace(path, old / path.name)
-                os.replace(tmp, path)
-                fsync_dir(parent)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-                fsync_dir(parent)
+            replace_folder(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
