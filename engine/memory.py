@@ -394,25 +394,19 @@ def largest_micro_batch(
     *,
     seq_len: int,
     budget_bytes: int,
-    precision: str = "bf16-autocast",
-    activation_checkpointing: bool = False,
     **plan_kwargs,
 ) -> int:
     """The largest micro-batch whose plan fits the budget (0 when not even one sequence does).
+    `plan_kwargs` are plan_memory's (precision, activation_checkpointing, ...).
 
     The plan grows strictly with the micro-batch, so a doubling search then bisection finds it.
     """
 
     def fits(mb: int) -> bool:
-        return plan_memory(
-            teacher_cfg,
-            student_cfg,
-            micro_batch=mb,
-            seq_len=seq_len,
-            precision=precision,
-            activation_checkpointing=activation_checkpointing,
-            **plan_kwargs,
-        ).fits(budget_bytes)
+        plan = plan_memory(
+            teacher_cfg, student_cfg, micro_batch=mb, seq_len=seq_len, **plan_kwargs
+        )
+        return plan.fits(budget_bytes)
 
     if not fits(1):
         return 0
