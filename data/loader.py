@@ -244,10 +244,10 @@ class BatchLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the saved loader stopped; refuse a different data order."""
+        current = self.state_dict()
         for key in ("seed", "split", "micro_batch", "world_size", "val_fraction", "drop_last",
                     "num_items", "fingerprint"):
-            mine = len(self.dataset) if key == "num_items" else (
-                self._fingerprint if key == "fingerprint" else getattr(self, key))
+            mine = current[key]
             if state.get(key) != mine:
                 raise ValueError(
                     f"loader state does not match this loader: {key} is {state.get(key)!r} "
