@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.atomic import current_umask, fsync_dir, fsync_file, replace_folder
+from engine.atomic import (
+    current_umask,
+    fsync_dir,
+    fsync_file,
+    replace_folder,
+    write_json_atomic,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -559,12 +565,7 @@ class GPTNeoX(nn.Module):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
         try:
             os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; a folder is public
-            config_path = tmp / CONFIG_NAME
-            with open(config_path, "w", encoding="utf-8") as f:
-                json.dump(self.config.to_hf_dict(save_dtype), f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
+            write_json_atomic(tmp / CONFIG_NAME, self.config.to_hf_dict(save_dtype))
             weights_path = tmp / WEIGHTS_NAME
             save_file(tensors, str(weights_path), metadata={"format": "pt"})
             fsync_file(weights_path)
