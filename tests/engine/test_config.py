@@ -105,23 +105,27 @@ def test_missing_value_is_an_error():
         load_config(SEED_PRESET, ["--run.steps"])
 
 
-def test_bad_toml_files_name_the_file(tmp_path):
-    unknown_section = tmp_path / "a.toml"
-    unknown_section.write_text('[rnu]\nsteps = 3\n')
-    with pytest.raises(ConfigError, match=r"a\.toml: unknown key 'rnu'.*valid keys"):
-        load_config(unknown_section)
-    unknown_key = tmp_path / "b.toml"
-    unknown_key.write_text('[data]\npath = "x"\nmoed = "packed"\n')
-    with pytest.raises(ConfigError, match=r"b\.toml: unknown key 'data\.moed'"):
-        load_config(unknown_key)
-    ill_typed = tmp_path / "c.toml"
-    ill_typed.write_text('[data]\npath = "x"\n[batch]\nmicro_batch = "2"\n')
-    with pytest.raises(ConfigError, match=r"c\.toml: batch\.micro_batch: cannot use '2'"):
-        load_config(ill_typed)
-    not_toml = tmp_path / "d.toml"
-    not_toml.write_text("[run\nsteps = \n")
-    with pytest.raises(ConfigError, match=r"d\.toml: not valid TOML"):
-        load_config(not_toml)
+@pytest.mark.parametrize(
+    "name, text, pattern",
+    [
+        ("a.toml", '[rnu]\nsteps = 3\n', r"a\.toml: unknown key 'rnu'.*valid keys"),
+        ("b.toml", '[data]\npath = "x"\nmoed = "packed"\n', r"b\.toml: unknown key 'data\.moed'"),
+        (
+            "c.toml",
+            '[data]\npath = "x"\n[batch]\nmicro_batch = "2"\n',
+            r"c\.toml: batch\.micro_batch: cannot use '2'",
+        ),
+        ("d.toml", "[run\nsteps = \n", r"d\.toml: not valid TOML"),
+    ],
+)
+def test_bad_toml_files_name_the_file(tmp_path, name, text, pattern):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(path)
+
+
+def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.toml")
 
