@@ -104,17 +104,6 @@ def write_json_atomic(
     write_text_atomic(path, text + "\n" if trailing_newline else text)
 
 
-__all__ = [
-    "current_umask",
-    "fsync_dir",
-    "fsync_file",
-    "open_atomic",
-    "write_bytes_atomic",
-    "write_json_atomic",
-    "write_text_atomic",
-]
-
-
 def replace_folder(staged: str | os.PathLike, final: str | os.PathLike) -> None:
     """Move a complete, fsynced `staged` folder to `final`, replacing any folder there.
 
@@ -133,3 +122,15 @@ def replace_folder(staged: str | os.PathLike, final: str | os.PathLike) -> None:
     else:
         os.replace(staged, final)
         fsync_dir(parent)
+
+
+__all__ = [
+    "current_umask",
+    "fsync_dir",
+    "fsync_file",
+    "open_atomic",
+    "replace_folder",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
