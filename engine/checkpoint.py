@@ -252,14 +252,7 @@ def export_student(
                 raise FileNotFoundError(f"run.tokenizer: {tokenizer_path} is not a file")
             shutil.copyfile(tokenizer_path, staged / "tokenizer.json")
         _fsync_tree(staged)
-        if export_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.old-", dir=export_dir.parent))
-            os.replace(export_dir, old / export_dir.name)
-            os.replace(staged, export_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staged, export_dir)
-        fsync_dir(export_dir.parent)
+        replace_folder(staged, export_dir)
     finally:
         shutil.rmtree(tmp_parent, ignore_errors=True)
     return export_dir
