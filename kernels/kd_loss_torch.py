@@ -199,6 +199,7 @@ def kd_loss_forward_chunked(
     ce_sum = torch.zeros((), dtype=compute, device=s.device)
     kd_sum = torch.zeros((), dtype=compute, device=s.device)
     inv_norm = inv_norm.to(compute)
+    zero = torch.zeros((), dtype=compute, device=s.device)
     step = _rows_per_chunk(vocab)
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
@@ -226,13 +227,12 @@ def kd_loss_forward_chunked(
         grad = s_block.sub_(log_sum_s1).exp_().mul_(alpha)  # alpha * softmax(s)
         grad.scatter_add_(1, safe_labels, torch.full_like(safe_labels, -alpha, dtype=compute))
         grad.add_(log_ps_t.exp_().sub_(p_t), alpha=(1.0 - alpha) * temperature)
-        row_scale = torch.where(valid, inv_norm, torch.zeros((), dtype=compute, device=s.device))
+        row_scale = torch.where(valid, inv_norm, zero)
         grad.mul_(row_scale[:, None])
         grad_out[start:stop, :valid_vocab] = grad
         if valid_vocab < vocab:
             grad_out[start:stop, valid_vocab:] = 0
 
-        zero = torch.zeros((), dtype=compute, device=s.device)
         ce_sum += torch.where(valid, ce_row, zero).sum()
         kd_sum += torch.where(valid, kd_row, zero).sum()
     return ce_sum.float(), kd_sum.float()
