@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ from engine.eval import IGNORE_INDEX, eval_mode, heldout_metrics, perplexity, sc
 TASKS = ("ppl", "lambada", "mc")
 # Documents buffered by the ppl task before sorting their windows by length and scoring them.
 PPL_BUFFER_WINDOWS = 512
+
+T = TypeVar("T")
 
 
 class EvalInputError(ValueError):
@@ -85,6 +88,21 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield line_no, obj
     except InputError as error:  # unreadable compressed data: one error type for callers
         raise EvalInputError(str(error)) from error
+
+
+def read_documents(path: str | Path, limit: int | None, parse: Callable[[dict, int], T]) -> list[T]:
+    """parse(object, line number) for each line of a task file, at most `limit` of them.
+
+    An empty file (or one of only blank lines) raises: a task needs at least one document.
+    """
+    docs = []
+    for line_no, obj in read_jsonl(path):
+        docs.append(parse(obj, line_no))
+        if limit is not None and len(docs) >= limit:
+            break
+    if not docs:
+        raise EvalInputError(f"{path}: no documents")
+    return docs
 
 
 def _field(obj: dict, key: str, kind, path, line_no):
@@ -342,17 +360,14 @@ def evaluate_lambada(
     samples: bool = False,
 ) -> dict:
     """lambada_openai: ppl and acc; with `samples`, each document's line, ll and greedy."""
-    pairs, lines = [], []
-    for line_no, obj in read_jsonl(path):
+
+    def parse(obj: dict, line_no: int) -> tuple[int, tuple[str, str]]:
         text = _field(obj, "text", str, path, line_no)
         if not text.strip():
             raise EvalInputError(f"{path}:{line_no}: field 'text' is empty")
-        pairs.append(lambada_pair(text))
-        lines.append(line_no)
-        if limit is not None and len(pairs) >= limit:
-            break
-    if not pairs:
-        raise EvalInputError(f"{path}: no documents")
+        return line_no, lambada_pair(text)
+
+    lines, pairs = zip(*read_documents(path, limit, parse), strict=True)
     requests = encode_requests(encoder, pairs)
     loglik, greedy = score_requests(
         setup, requests, lambda i: f"{path}:{lines[i]}", label="lambada"
@@ -431,13 +446,7 @@ def evaluate_mc(
     samples: bool = False,
 ) -> dict:
     """acc and acc_norm; with `samples`, each document's line, gold and per-choice ll."""
-    docs = []
-    for line_no, obj in read_jsonl(path):
-        docs.append(mc_doc(obj, path, line_no))
-        if limit is not None and len(docs) >= limit:
-            break
-    if not docs:
-        raise EvalInputError(f"{path}: no documents")
+    docs = read_documents(path, limit, lambda obj, line_no: mc_doc(obj, path, line_no))
     owners = [d for d in docs for _ in d.pairs]
     requests = encode_requests(encoder, [pair for d in docs for pair in d.pairs])
     loglik, _ = score_requests(setup, requests, lambda i: f"{path}:{owners[i].line}", "mc")
