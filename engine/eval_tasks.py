@@ -176,18 +176,17 @@ def encode_requests(encoder: TextEncoder, pairs: Sequence[tuple[str, str]]) -> l
         continuations.append(context[len(stripped) :] + continuation)
         contexts.append(stripped)
     wholes = encoder.encode_batch([c + k for c, k in zip(contexts, continuations, strict=True)])
-    nonempty = [i for i, c in enumerate(contexts) if c]
-    context_ids = dict(
-        zip(nonempty, encoder.encode_batch([contexts[i] for i in nonempty]), strict=True)
-    )
-    empty = [i for i, c in enumerate(contexts) if not c]
-    alone = dict(zip(empty, encoder.encode_batch([continuations[i] for i in empty]), strict=True))
+    # Each distinct context is encoded once (mc repeats it for every choice). An empty
+    # context's whole is its continuation alone, which follows EOS.
+    distinct = list(dict.fromkeys(c for c in contexts if c))
+    encoded = encoder.encode_batch(distinct)
+    split_at = {c: len(ids) for c, ids in zip(distinct, encoded, strict=True)}
     requests = []
-    for i, whole in enumerate(wholes):
-        if i in alone:
-            requests.append(Request([encoder.eos_id], alone[i]))
+    for context, whole in zip(contexts, wholes, strict=True):
+        if not context:
+            requests.append(Request([encoder.eos_id], whole))
         else:
-            split = len(context_ids[i])
+            split = split_at[context]
             requests.append(Request(whole[:split], whole[split:]))
     return requests
 
