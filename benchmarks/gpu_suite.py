@@ -94,6 +94,11 @@ def make_batch(micro_batch: int, seq_len: int, valid_vocab: int, device, seed: i
     return {"input_ids": input_ids[:, :-1].to(device), "labels": input_ids[:, 1:].to(device)}
 
 
+def error_record(exc: BaseException) -> dict:
+    """What a guarded section or engine records when it raised (call inside the except)."""
+    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -263,8 +268,7 @@ def section_kernel_speed(sizes, smoke: bool) -> dict:
         try:  # one size failing (say, out of memory for the eager composite) keeps the other
             out[str(n)] = gpu_speed(n_tokens=n, smoke=smoke)
         except Exception as exc:
-            out[str(n)] = {"error": f"{type(exc).__name__}: {exc}",
-                           "traceback": traceback.format_exc()}
+            out[str(n)] = error_record(exc)
         _free(_device())
     return out
 
@@ -413,7 +417,7 @@ def capped_worker(sizes, smoke: bool, result_path: Path) -> int:
         largest = mb
         mb += 2
     result.update(attempts=attempts, measured_largest_micro_batch=largest, search_stopped=stopped)
-    write_json_atomic(result_path, result, default=str, trailing_newline=False)
+    write_json(result_path, result)
     return 0
 
 
@@ -557,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             body = run()
         except Exception as exc:  # guarded: record and go on to the next section
-            body = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            body = error_record(exc)
             print(body["traceback"], file=sys.stderr, flush=True)
         body["section_seconds"] = round(time.perf_counter() - t0, 2)
         report["sections"][name] = body

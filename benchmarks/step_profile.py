@@ -13,19 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 from benchmarks.gpu_suite import (
+    ALPHA,
     FULL,
     SMOKE,
+    TEMPERATURE,
     _device,
     _free,
     build_ours,
     build_transformers,
     device_name,
+    error_record,
     make_batch,
     ours_micro_step,
     transformers_micro_step,
@@ -37,7 +39,6 @@ PROFILED_MICRO_STEPS = 4
 
 def ours_micro_step_new_buffer(student, teacher, batch, valid_vocab, normalizer):
     """Our step with the loss gradient in a new buffer: no host sync in the loss backward."""
-    from benchmarks.gpu_suite import ALPHA, TEMPERATURE
     from engine.step import distill_micro_step
 
     return distill_micro_step(
@@ -107,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report[name] = job()
         except Exception as exc:
-            report[name] = {"error": f"{type(exc).__name__}: {exc}",
-                            "traceback": traceback.format_exc()}
+            report[name] = error_record(exc)
         row = report[name]
         if "table" in row:
             print(f"\n== {name}: {row['wall_ms_per_micro_step']:.2f} ms wall, "
