@@ -352,6 +352,7 @@ def _run(config: Config, info: dist.DistInfo) -> dict[str, Any]:
         student.train()
         return result
 
+    max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
     step = start_step
     last_saved = start_step if resume_from is not None else None
     last_record: dict[str, Any] = {}
@@ -390,12 +391,14 @@ def _run(config: Config, info: dist.DistInfo) -> dict[str, Any]:
                 sums += torch.stack(
                     [stats["loss"], stats["ce_sum"], stats["kd_sum"], stats["valid_tokens"]]
                 )
-            max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm)
             flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
             totals = dist.all_reduce_sum(torch.cat([sums, flag]))
-            loss, ce_sum, kd_sum, valid, stop_votes = totals.tolist()
-            grad_norm_value = float(grad_norm)
+            # One host sync per step: the grad norm (already global after DDP's all-reduce)
+            # rides along with the summed stats instead of taking a sync of its own.
+            loss, ce_sum, kd_sum, valid, stop_votes, grad_norm_value = torch.cat(
+                [totals, grad_norm.reshape(1).to(totals)]
+            ).tolist()
             finite = math.isfinite(loss) and math.isfinite(grad_norm_value)
             lr = lr_at(config, step)
             if finite:
@@ -480,6 +483,7 @@ def _run(config: Config, info: dist.DistInfo) -> dict[str, Any]:
 
 
 def _result(config, out_dir, step, status, record, val, export_dir, micro_batch, accum_steps):
+    latest = ckpt.latest_checkpoint(out_dir)
     return {
         "out_dir": str(out_dir),
         "status": status,
@@ -489,8 +493,7 @@ def _result(config, out_dir, step, status, record, val, export_dir, micro_batch,
         "accum_steps": accum_steps,
         "final_metrics": dict(record),
         "val": val,
-        "checkpoint": str(ckpt.latest_checkpoint(out_dir)) if ckpt.latest_checkpoint(out_dir)
-        else None,
+        "checkpoint": str(latest) if latest is not None else None,
         "export_dir": str(export_dir) if export_dir is not None else None,
         "metrics_path": str(out_dir / "metrics.jsonl"),
     }
