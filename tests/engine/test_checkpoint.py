@@ -152,12 +152,18 @@ def paused_save(out: Path) -> bool:
     return root.is_dir() and any((p / "PAUSED").exists() for p in root.glob(".step-*"))
 
 
-def test_sigkill_mid_save_keeps_previous_checkpoint(assets, tmp_path, straight_run):
-    out = tmp_path / "killed"
+def start_and_pause_mid_save(assets, tmp_path: Path, name: str, pause: str):
+    """Start a training run (save_every=2) that pauses mid-save per `pause`; wait for it."""
+    out = tmp_path / name
     overrides = base_overrides(assets, out, run__save_every=2)
     log = tmp_path / "log.txt"
-    proc = start_training(overrides, log, **{ckpt.SAVE_PAUSE_ENV: "4:60"})
+    proc = start_training(overrides, log, **{ckpt.SAVE_PAUSE_ENV: pause})
     wait_for(lambda: paused_save(out), proc, log)
+    return out, log, proc
+
+
+def test_sigkill_mid_save_keeps_previous_checkpoint(assets, tmp_path, straight_run):
+    out, _, proc = start_and_pause_mid_save(assets, tmp_path, "killed", "4:60")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2]
@@ -169,11 +175,7 @@ def test_sigkill_mid_save_keeps_previous_checkpoint(assets, tmp_path, straight_r
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_cleanly(assets, tmp_path, straight_run):
-    out = tmp_path / "terminated"
-    overrides = base_overrides(assets, out, run__save_every=2)
-    log = tmp_path / "log.txt"
-    proc = start_training(overrides, log, **{ckpt.SAVE_PAUSE_ENV: "2:2"})
-    wait_for(lambda: paused_save(out), proc, log)
+    out, log, proc = start_and_pause_mid_save(assets, tmp_path, "terminated", "2:2")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, log.read_text()
     text = log.read_text()
