@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.atomic import write_text_atomic
+from engine.atomic import write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from engine.model import GPTNeoXConfig
@@ -274,14 +274,12 @@ def apply_dict(config: Config, data: dict[str, Any], *, source: str = "config") 
         if dataclasses.is_dataclass(top[name]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: [{name}] must be a table of keys")
-            for key, item in value.items():
-                try:
-                    _set(config, f"{name}.{key}", item, from_text=False)
-                except ConfigError as exc:
-                    raise ConfigError(f"{source}: {exc}") from None
+            items = [(f"{name}.{key}", item) for key, item in value.items()]
         else:
+            items = [(name, value)]
+        for key, item in items:
             try:
-                _set(config, name, value, from_text=False)
+                _set(config, key, item, from_text=False)
             except ConfigError as exc:
                 raise ConfigError(f"{source}: {exc}") from None
     return config
@@ -406,11 +404,7 @@ def dumps_toml(data: dict[str, Any]) -> str:
 
 
 def write_resolved(config: Config, folder: str | os.PathLike) -> None:
-    """Write config.toml and config.json into `folder`, each atomically."""
+    """Write config.toml and config.json into `folder` (created if missing), each atomically."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in (
-        ("config.toml", config.to_toml()),
-        ("config.json", json.dumps(config.to_dict(), indent=2) + "\n"),
-    ):
-        write_text_atomic(folder / name, text)
+    write_text_atomic(folder / "config.toml", config.to_toml())
+    write_json_atomic(folder / "config.json", config.to_dict())
