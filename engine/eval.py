@@ -27,16 +27,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from engine.atomic import write_text_atomic
+from engine.step import autocast_context
 
 IGNORE_INDEX = -100
 # Rows of logits turned into log-probabilities at once: 1024 x 50304 x 4 B = 206 MB per tensor.
 DEFAULT_CHUNK_ROWS = 1024
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -93,7 +88,7 @@ def selected_logits(
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module  # evaluation needs no gradient hooks, and the wrapper hides the head
     split = _head_split(model)
-    with _autocast(device, autocast_dtype):
+    with autocast_context(device.type, autocast_dtype):
         if split is not None:
             hidden_fn, head = split
             hidden = hidden_fn(input_ids)
@@ -104,7 +99,7 @@ def selected_logits(
             rows = logits.reshape(-1, logits.shape[-1])
     for start in range(0, positions.numel(), chunk_rows):
         index = positions[start : start + chunk_rows]
-        with _autocast(device, autocast_dtype):
+        with autocast_context(device.type, autocast_dtype):
             chunk = rows.index_select(0, index)
             if head is not None:
                 chunk = head(chunk)

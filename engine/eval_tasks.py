@@ -38,7 +38,14 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from engine.eval import IGNORE_INDEX, eval_mode, heldout_metrics, perplexity, score_batch
+from engine.eval import (
+    IGNORE_INDEX,
+    _model_device,
+    eval_mode,
+    heldout_metrics,
+    perplexity,
+    score_batch,
+)
 
 TASKS = ("ppl", "lambada", "mc")
 # Documents buffered by the ppl task before sorting their windows by length and scoring them.
@@ -250,10 +257,6 @@ class ScoringSetup:
     progress: bool | None = None
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _pack(
     items: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,7 +288,7 @@ def score_items(
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     loglik = np.zeros(len(items), dtype=np.float64)
     greedy = np.zeros(len(items), dtype=bool)
-    device = _device(setup.model)
+    device = _model_device(setup.model)
     with eval_mode(setup.model), torch.no_grad():
         for start in range(0, len(order), setup.batch_size):
             chosen = order[start : start + setup.batch_size]
@@ -621,7 +624,7 @@ def evaluate_ppl(
     by_set: dict[str, _Totals] = {}
     pending: dict[str | None, list[tuple[Sequence[int], Sequence[int]]]] = {}
     progress = Progress("ppl", None, "windows", setup.progress)
-    device = _device(setup.model)
+    device = _model_device(setup.model)
 
     def score_pending():
         for name, windows in pending.items():
@@ -708,7 +711,7 @@ def evaluate_heldout(
         val_fraction=val_fraction,
         rank=0,
         world_size=1,
-        device=_device(setup.model),
+        device=_model_device(setup.model),
         drop_last=False,
     )
     if len(loader.items) == 0:
