@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from engine.atomic import write_json_atomic
+from engine.metrics import peak_memory_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "train_step.json"
@@ -54,12 +56,6 @@ SHAPES = {
     "tiny-student": (2, 64, 4, 256),
     "tiny-teacher": (2, 128, 4, 512),
 }
-
-
-def peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def current_rss() -> int:
@@ -190,7 +186,7 @@ def run_variant(args) -> dict:
         "tokens_per_s": tokens / median,
         "cpu_s_median": cpu_median,
         "tokens_per_cpu_s": tokens / cpu_median,
-        "peak_memory_bytes": peak_memory(device),
+        "peak_memory_bytes": peak_memory_bytes(device),
         "rss_before_steps_bytes": rss_before,
         "losses": losses,
         "threads": torch.get_num_threads(),
@@ -287,8 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_tokens_per_s_ratio": wall_speedup,
         "peak_memory_ratio": memory_ratio,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(args.json, summary)
     print(f"wrote {args.json}")
     return 0
 
