@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.model_load import proc_status_mib, reset_peak_rss
 from engine.atomic import write_json_atomic
 from kernels.kd_loss import kd_loss, kd_loss_reference
 
@@ -81,24 +82,6 @@ def step_fn(variant, backend="auto", compiled=None):
 
 
 # ----------------------------------------------------------------------------- CPU, per process
-def _rss_kib(field):
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-def _reset_peak_rss():
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def cpu_worker(variant, dtype_name, n, vocab, repeats, threads):
     """Runs inside its own process: time and peak RSS delta of one variant."""
     torch.set_num_threads(threads)
@@ -106,15 +89,15 @@ def cpu_worker(variant, dtype_name, n, vocab, repeats, threads):
     valid_vocab = vocab - VALID_VOCAB_PAD
     run = step_fn(variant, backend="torch")
     times = []
-    peak_delta = 0
+    peak_delta = 0.0
     for i in range(repeats + 1):  # the first call warms allocator and caches
         x = student.detach().clone().requires_grad_(True)
-        baseline = _rss_kib("VmRSS")
-        exact = _reset_peak_rss()
+        baseline = proc_status_mib("VmRSS")
+        exact = reset_peak_rss()  # True only where /proc is there, so both readings are too
         start = time.perf_counter()
         run(x, teacher, labels, valid_vocab)
         elapsed = time.perf_counter() - start
-        peak = _rss_kib("VmHWM")
+        peak = proc_status_mib("VmHWM")
         if i > 0:
             times.append(elapsed)
         if exact:
@@ -126,7 +109,7 @@ def cpu_worker(variant, dtype_name, n, vocab, repeats, threads):
         "n_tokens": n,
         "vocab": vocab,
         "median_s": statistics.median(times),
-        "peak_rss_delta_mib": peak_delta / 1024,
+        "peak_rss_delta_mib": peak_delta,
         "peak_measured": exact,
         "threads": threads,
     }

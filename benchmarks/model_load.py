@@ -38,7 +38,10 @@ PYTHIA_160M = dict(vocab_size=50304, hidden_size=768, num_layers=12, num_heads=1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _proc_status_mb(field: str) -> float | None:
+def proc_status_mib(field: str) -> float | None:
+    """A /proc/self/status size field (VmRSS, VmHWM) in MiB; None where /proc is absent.
+
+    Shared with benchmarks/kd_loss.py."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
@@ -49,8 +52,9 @@ def _proc_status_mb(field: str) -> float | None:
     return None
 
 
-def _reset_peak() -> bool:
-    """Start the high-water mark afresh at the current RSS (Linux >= 4.0)."""
+def reset_peak_rss() -> bool:
+    """Start the high-water mark (VmHWM) afresh at the current RSS (Linux >= 4.0); False where
+    that is not possible."""
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
@@ -60,14 +64,14 @@ def _reset_peak() -> bool:
 
 
 def _peak_mb() -> float:
-    hwm = _proc_status_mb("VmHWM")
+    hwm = proc_status_mib("VmHWM")
     if hwm is not None:
         return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _current_mb() -> float:
-    rss = _proc_status_mb("VmRSS")
+    rss = proc_status_mib("VmRSS")
     return rss if rss is not None else _peak_mb()
 
 
@@ -89,7 +93,7 @@ def child(loader: str, path: str, dtype_name: str) -> None:
         def load():
             return GPTNeoXForCausalLM.from_pretrained(path, dtype=dtype)
 
-    reset = _reset_peak()
+    reset = reset_peak_rss()
     before = _current_mb()
     start = time.perf_counter()
     model = load()
