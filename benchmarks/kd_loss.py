@@ -339,10 +339,6 @@ def print_gpu(correctness, speeds, sweep):
                   f"{r['gbps']:.0f} GB/s")
 
 
-def write_json(path: Path, payload: dict):
-    write_json_atomic(path, payload, trailing_newline=False)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, same code paths")
@@ -363,6 +359,7 @@ def main(argv=None):
     payload["cpu"] = cpu_compare(n, vocab, cpu_repeats, args.threads)
     print_cpu_table(payload["cpu"])
 
+    passed = True
     if torch.cuda.is_available() or args.smoke:
         gpu_repeats = args.repeats or 50
         payload["correctness"] = gpu_correctness(smoke=args.smoke)
@@ -373,14 +370,14 @@ def main(argv=None):
         payload["sweep"] = (kernel_sweep(4096, 50304, torch.bfloat16, gpu_repeats)
                             if args.sweep and torch.cuda.is_available() else [])
         print_gpu(payload["correctness"], payload["speed"], payload["sweep"])
-        if not all(r["passed"] for r in payload["correctness"]):
-            write_json(args.json or DEFAULT_JSON, payload)
-            print("kernel correctness check FAILED", file=sys.stderr)
-            return 1
+        passed = all(r["passed"] for r in payload["correctness"])
     else:
         print("\nno CUDA device: GPU section skipped (run with --smoke to exercise its code)")
     path = args.json or DEFAULT_JSON
-    write_json(path, payload)
+    write_json_atomic(path, payload, trailing_newline=False)
+    if not passed:
+        print("kernel correctness check FAILED", file=sys.stderr)
+        return 1
     print(f"\nwrote {path}")
     return 0
 

@@ -214,10 +214,6 @@ def print_tables(checkpoint: dict, loads: list[dict], parity: list[dict]) -> Non
         print("(tests require fp32 <= 1e-4 and bf16 <= 2e-2)")
 
 
-def write_json(path: Path, payload: dict) -> None:
-    write_json_atomic(path, payload)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.model_load", description=__doc__)
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
@@ -252,7 +248,7 @@ def main(argv=None) -> int:
                 "python": platform.python_version(), "cpu_count": os.cpu_count(),
                 "machine": platform.machine(), "device": "cpu"},
     }
-    write_json(args.json, payload)
+    write_json_atomic(args.json, payload)
     print(f"\nwrote {args.json}")
     return 0
 
