@@ -349,8 +349,7 @@ def _run(config: Config, info: dist.DistInfo) -> dict[str, Any]:
                 f"val step {step}: ce {result['val_ce']:.4f} ppl {result['val_ppl']:.2f}"
                 + (f" kd {result['val_kd']:.4f}" if "val_kd" in result else "")
             )
-        student.train()
-        return result
+        return result  # heldout_metrics put the student back in train mode
 
     max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
     step = start_step
