@@ -166,14 +166,9 @@ def held_out(model_dir: str, data_dir: Path, config, *, teacher_dir: str | None,
 def run_pipeline(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     import torch
 
+    from data.jsonl import iter_records
     from data.preprocess import preprocess
-    from engine.stdlib_corpus import (
-        build_stdlib_corpus,
-        read_documents,
-        stdlib_dir,
-        stdlib_sources,
-        train_bpe_tokenizer,
-    )
+    from engine.stdlib_corpus import build_stdlib_corpus, train_bpe_tokenizer
     from engine.train import run as train_run
 
     qs = settings["quickstart"]
@@ -199,9 +194,8 @@ def run_pipeline(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     tokenizer_path = out_dir / "tokenizer" / "tokenizer.json"
-    root = stdlib_dir()
-    texts = (text for _, text in read_documents(
-        stdlib_sources(root, max_bytes=qs["corpus_max_bytes"]), root))
+    # Trained on the corpus file itself, so it sees exactly the documents the shards hold.
+    texts = (r.text for r in iter_records(corpus_path, 0) if r.text is not None)
     vocab = train_bpe_tokenizer(texts, tokenizer_path, vocab_size=qs["vocab_size"])
     _say(f"tokenizer: byte-level BPE, {vocab} ids -> {tokenizer_path}")
     lap("tokenizer", t0)
@@ -209,8 +203,7 @@ def run_pipeline(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     data_dir = out_dir / "data"
     manifest = preprocess([corpus_path], tokenizer_path, data_dir, workers=1)
-    total_tokens = manifest.get("total_tokens", manifest.get("tokens", "?"))
-    _say(f"preprocess: {total_tokens} tokens -> {data_dir}")
+    _say(f"preprocess: {manifest['totals']['tokens']:,} tokens -> {data_dir}")
     lap("preprocess", t0)
 
     # Model vocab rounded up like Pythia's 50304 rows for 50277 ids; padding rows excluded
