@@ -113,6 +113,12 @@ def test_heldout_metrics_rejects_empty_and_out_of_vocab(tiny_pair):
     bad = dict(batch, labels=batch["labels"].clamp(min=0).fill_(90))
     with pytest.raises(ValueError, match=r"\[0, 80\)"):
         heldout_metrics(student, [bad], valid_vocab=80)
+    late = dict(batch, labels=batch["labels"].clamp(0, 79))
+    late["labels"][-1, -1] = 90  # out of range in the last chunk only
+    with pytest.raises(ValueError, match=r"\[0, 80\).*max 90"):
+        heldout_metrics(student, [late], valid_vocab=80, chunk_rows=3)
+    with pytest.raises(ValueError, match=r"\[0, 80\).*max 90"):
+        score_batch(student, late["input_ids"], late["labels"], valid_vocab=80, chunk_rows=3)
     with pytest.raises(ValueError, match="batch 0"):
         heldout_metrics(student, [{"input_ids": batch["input_ids"]}])
 
