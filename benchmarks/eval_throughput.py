@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"scored rows only": model, "full logits": FullLogitsOnly(model)}
     requests = lambada_style_requests(args.requests, args.seed)
     request_tokens = sum(len(r.context) + len(r.continuation) - 1 for r in requests)
+    items = request_items(requests, args.max_length, str)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         shards = Path(scratch) / "shards"
@@ -121,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 progress=False,
             )
-            # Warm-up: allocator, kernels, rotary tables.
-            with torch.no_grad():
-                score_items(setup, request_items(requests[:4], args.max_length, str))
+            # Warm-up: allocator, kernels, rotary tables (score_items runs under no_grad).
+            score_items(setup, items[:4])
             ppl, seconds = timed(
                 lambda setup=setup: evaluate_ppl(
                     setup, None, shards, model_vocab=PYTHIA_70M["vocab_size"]
@@ -140,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     ce=ppl["ce"],
                 )
             )
-            items = request_items(requests, args.max_length, str)
-            with torch.no_grad():
-                (loglik, _), seconds = timed(
-                    lambda setup=setup, items=items: score_items(setup, items), args.device
-                )
+            (loglik, _), seconds = timed(lambda setup=setup: score_items(setup, items), args.device)
             rows.append(
                 dict(
                     workload="lambada-style",
