@@ -11,6 +11,7 @@ import torch
 
 from engine.generate import generate, main
 from engine.model import GPTNeoX, GPTNeoXConfig
+from tests.engine.test_model import perturbed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 307
@@ -20,12 +21,8 @@ def random_model(seed=0, vocab_size=VOCAB, **overrides) -> GPTNeoX:
     fields = dict(vocab_size=vocab_size, hidden_size=64, num_layers=2, num_heads=4,
                   intermediate_size=192, max_positions=128)
     fields.update(overrides)
-    torch.manual_seed(seed)
-    model = GPTNeoX(GPTNeoXConfig(**fields))
-    with torch.no_grad():
-        for p in model.parameters():  # sharper logits than the 0.02 init, so greedy is decisive
-            p.add_(0.15 * torch.randn_like(p))
-    return model.eval()
+    # Sharper logits than the 0.02 init, so greedy is decisive.
+    return perturbed(GPTNeoXConfig(**fields), seed=seed, scale=0.15)
 
 
 def prompts(batch=2, length=11, seed=0):

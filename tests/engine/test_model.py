@@ -133,6 +133,17 @@ def tiny_config(**overrides) -> GPTNeoXConfig:
     return GPTNeoXConfig(**fields)
 
 
+def perturbed(config: GPTNeoXConfig, *, seed: int = 0, scale: float = 0.05) -> GPTNeoX:
+    """Our model in eval mode, every parameter (LayerNorm and biases included) moved off its
+    init by scale * N(0, 1); seeds the global RNG first, so the weights depend on `seed` only."""
+    torch.manual_seed(seed)
+    model = GPTNeoX(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model.eval()
+
+
 def test_hidden_states_feed_the_head():
     torch.manual_seed(0)
     model = GPTNeoX(tiny_config()).eval()
@@ -212,11 +223,7 @@ def test_rotary_touches_only_the_first_rotary_dims():
 
 
 def test_kv_cache_chunks_match_the_full_forward():
-    torch.manual_seed(7)
-    model = GPTNeoX(tiny_config()).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed(tiny_config(), seed=7)
     input_ids = torch.randint(0, 211, (2, 21))
     cache = model.new_kv_cache(batch_size=2, max_len=21)
     with torch.no_grad():

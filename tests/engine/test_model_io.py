@@ -16,6 +16,7 @@ from tests.engine.test_model import (
     FP32_TOLERANCE,
     hf_state_dict_as_ours,
     ours_from_hf,
+    perturbed,
     relative_max_diff,
 )
 from tests.hf_models import random_pythia
@@ -28,12 +29,7 @@ def perturbed_model(seed=0, **overrides) -> GPTNeoX:
     fields = dict(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4,
                   intermediate_size=256)
     fields.update(overrides)
-    torch.manual_seed(seed)
-    model = GPTNeoX(GPTNeoXConfig(**fields))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return perturbed(GPTNeoXConfig(**fields), seed=seed)
 
 
 def sample_ids(seed=0, shape=(2, 29)):
