@@ -155,6 +155,14 @@ class ShardWriter:
             tmp.unlink(missing_ok=True)
 
 
+def _map_array(path: Path, dtype: str, offset: int, count: int) -> np.ndarray:
+    """`count` items of `dtype` at byte `offset` of `path`, memory-mapped (numpy cannot map
+    zero bytes, so an empty array stands in for count 0)."""
+    if not count:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
+
+
 class IndexedShard:
     """Read-only view of one .bin/.idx pair, validated when opened.
 
@@ -198,15 +206,9 @@ class IndexedShard:
                 f"index is {idx_bytes} bytes but its header (N={count} sequences, "
                 f"D={doc_count} doc_idx entries) implies {expected} bytes",
             )
-        offset = HEADER_BYTES
-        self.sizes = np.memmap(path, dtype="<i4", mode="r", offset=offset, shape=(count,)) \
-            if count else np.zeros(0, dtype=np.int32)
-        offset += 4 * count
-        self.pointers = np.memmap(path, dtype="<i8", mode="r", offset=offset, shape=(count,)) \
-            if count else np.zeros(0, dtype=np.int64)
-        offset += 8 * count
-        self.doc_idx = np.memmap(path, dtype="<i8", mode="r", offset=offset, shape=(doc_count,)) \
-            if doc_count else np.zeros(0, dtype=np.int64)
+        self.sizes = _map_array(path, "<i4", HEADER_BYTES, count)
+        self.pointers = _map_array(path, "<i8", HEADER_BYTES + 4 * count, count)
+        self.doc_idx = _map_array(path, "<i8", HEADER_BYTES + 12 * count, doc_count)
         self._validate_index(count)
 
     def _validate_index(self, count: int) -> None:
