@@ -275,6 +275,16 @@ def _pack(
     return input_ids, labels
 
 
+def _sorted_batches(
+    items: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(item indices, input_ids, labels) per batch: longest items first, right-padded."""
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        yield chosen, *_pack([items[i] for i in chosen], pad_id=0)
+
+
 def score_items(
     setup: ScoringSetup,
     items: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -285,14 +295,11 @@ def score_items(
     Items are scored longest first in batches of setup.batch_size, right-padded, with the
     model in eval mode (its previous mode restored afterwards) and no autograd graph.
     """
-    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     loglik = np.zeros(len(items), dtype=np.float64)
     greedy = np.zeros(len(items), dtype=bool)
     device = _model_device(setup.model)
     with eval_mode(setup.model), torch.no_grad():
-        for start in range(0, len(order), setup.batch_size):
-            chosen = order[start : start + setup.batch_size]
-            input_ids, labels = _pack([items[i] for i in chosen], pad_id=0)
+        for chosen, input_ids, labels in _sorted_batches(items, setup.batch_size):
             row_ll, row_greedy, _ = score_batch(
                 setup.model,
                 input_ids.to(device),
@@ -587,10 +594,7 @@ def _window_batches(
     progress: Progress,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Windows as heldout_metrics batches: longest first, right-padded, labels -100 elsewhere."""
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
-    for start in range(0, len(order), batch_size):
-        chosen = [windows[i] for i in order[start : start + batch_size]]
-        input_ids, labels = _pack(chosen, pad_id=0)
+    for chosen, input_ids, labels in _sorted_batches(windows, batch_size):
         yield {"input_ids": input_ids.to(device), "labels": labels.to(device)}
         progress.update(len(chosen), tokens=int(input_ids.numel()))
 
