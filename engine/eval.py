@@ -27,15 +27,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from engine.atomic import write_text_atomic
-from engine.step import autocast_context
+from engine.step import autocast_context, model_device
 
 IGNORE_INDEX = -100
 # Rows of logits turned into log-probabilities at once: 1024 x 50304 x 4 B = 206 MB per tensor.
 DEFAULT_CHUNK_ROWS = 1024
 
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @contextlib.contextmanager
@@ -217,7 +214,7 @@ def heldout_metrics(
     """
     if temperature <= 0:
         raise ValueError(f"heldout_metrics: temperature must be positive, got {temperature}")
-    device = _model_device(student)
+    device = model_device(student)
     ce_sum = torch.zeros((), dtype=torch.float64, device=device)
     kd_sum = torch.zeros((), dtype=torch.float64, device=device)
     teacher_ce_sum = torch.zeros((), dtype=torch.float64, device=device)

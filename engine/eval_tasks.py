@@ -40,12 +40,12 @@ import torch
 
 from engine.eval import (
     IGNORE_INDEX,
-    _model_device,
     eval_mode,
     heldout_metrics,
     perplexity,
     score_batch,
 )
+from engine.step import model_device
 
 TASKS = ("ppl", "lambada", "mc")
 # Documents buffered by the ppl task before sorting their windows by length and scoring them.
@@ -297,7 +297,7 @@ def score_items(
     """
     loglik = np.zeros(len(items), dtype=np.float64)
     greedy = np.zeros(len(items), dtype=bool)
-    device = _model_device(setup.model)
+    device = model_device(setup.model)
     with eval_mode(setup.model), torch.no_grad():
         for chosen, input_ids, labels in _sorted_batches(items, setup.batch_size):
             row_ll, row_greedy, _ = score_batch(
@@ -628,7 +628,7 @@ def evaluate_ppl(
     by_set: dict[str, _Totals] = {}
     pending: dict[str | None, list[tuple[Sequence[int], Sequence[int]]]] = {}
     progress = Progress("ppl", None, "windows", setup.progress)
-    device = _model_device(setup.model)
+    device = model_device(setup.model)
 
     def score_pending():
         for name, windows in pending.items():
@@ -715,7 +715,7 @@ def evaluate_heldout(
         val_fraction=val_fraction,
         rank=0,
         world_size=1,
-        device=_model_device(setup.model),
+        device=model_device(setup.model),
         drop_last=False,
     )
     if len(loader.items) == 0:

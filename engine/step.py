@@ -26,7 +26,8 @@ def autocast_context(device_type: str, dtype: torch.dtype | None):
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a module's parameters (where its inputs must go)."""
     return next(model.parameters()).device
 
 
@@ -95,7 +96,7 @@ def distill_micro_step(
     """
     if "input_ids" not in batch or "labels" not in batch:
         raise ValueError(f"batch needs 'input_ids' and 'labels', got keys {sorted(batch)}")
-    device = _model_device(student)
+    device = model_device(student)
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     if input_ids.shape != labels.shape or input_ids.dim() != 2:
