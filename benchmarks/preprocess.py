@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from engine.atomic import write_json_atomic
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 DEFAULT_INPUT = SHARED / "data" / "pile-sample-train.jsonl.zst"
@@ -195,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "shard_bin_bytes": [s["bin_bytes"] for s in manifest["shards"]],
         "preprocess": rows, "fastest_raw": fastest_raw, "loader": loader_rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json_atomic(args.json, result, indent=1)
     print(f"wrote {args.json}")
     return 0
 
