@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.atomic import write_json_atomic
+from data.atomic import write_json_atomic
 
 DEFAULT_JSON = Path("benchmarks/results/eval_throughput.json")
 PYTHIA_70M = dict(

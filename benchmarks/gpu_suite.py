@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from engine.atomic import write_json_atomic
+from data.atomic import write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.model_load import proc_status_mib, reset_peak_rss
-from engine.atomic import write_json_atomic
+from data.atomic import write_json_atomic
 from kernels.kd_loss import kd_loss, kd_loss_reference
 
 DEFAULT_JSON = Path("benchmarks/results/kd_loss.json")

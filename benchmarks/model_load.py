@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from engine.atomic import write_json_atomic
+from data.atomic import write_json_atomic
 
 DEFAULT_JSON = Path("benchmarks/results/model_load.json")
 PYTHIA_160M = dict(vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from engine.atomic import write_json_atomic
+from data.atomic import write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"

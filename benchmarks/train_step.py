@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from engine.atomic import write_json_atomic
+from data.atomic import write_json_atomic
 from engine.metrics import peak_memory_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

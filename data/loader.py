@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from data.shards import IndexedShard, ShardSet
-
-IGNORE_INDEX = -100
+from kernels.constants import IGNORE_INDEX
 
 
 def open_shards(path) -> ShardSet:

@@ -39,9 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data.atomic import write_json_atomic
 from data.jsonl import SKIP_REASONS, InputError, iter_records
 from data.progress import Progress
-from data.shards import ShardWriter, file_sha256, fsync_dir, shard_paths
+from data.shards import ShardWriter, file_sha256, shard_paths
 
 FORMAT_NAME = "neox-distill-token-shards"
 FORMAT_VERSION = 1
@@ -60,18 +61,6 @@ class PreprocessError(ValueError):
 
 
 # --------------------------------------------------------------------------------- helpers
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON so that ``path`` is always either the old or the complete new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(obj, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def read_json(path: Path) -> dict:
@@ -240,7 +229,10 @@ class _Run:
 
     def save_progress(self) -> None:
         write_json_atomic(
-            self.output_dir / PROGRESS_NAME, {"settings": self.settings, "shards": self.shards}
+            self.output_dir / PROGRESS_NAME,
+            {"settings": self.settings, "shards": self.shards},
+            indent=1,
+            sort_keys=True,
         )
 
     # writing -------------------------------------------------------------------------
@@ -513,7 +505,7 @@ def preprocess(
         reader.close()
         progress.close()
     manifest = run.manifest()
-    write_json_atomic(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest, indent=1, sort_keys=True)
     progress_path.unlink(missing_ok=True)
     return manifest
 

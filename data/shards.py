@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data.atomic import fsync_dir
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_BYTES = len(INDEX_MAGIC) + 8 + 1 + 8 + 8  # 34
@@ -53,15 +55,6 @@ def shard_paths(prefix: str | Path) -> tuple[Path, Path]:
     if prefix.suffix in (".bin", ".idx"):
         prefix = prefix.with_suffix("")
     return prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx")
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Make a rename durable: fsync the folder that holds the renamed entry."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_sha256(path: str | Path, block: int = 1 << 22) -> str:

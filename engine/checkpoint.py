@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.atomic import fsync_dir, fsync_file, replace_folder, write_text_atomic
+from data.atomic import fsync_dir, fsync_file, replace_folder, write_text_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
 DONE_MARKER = "DONE"

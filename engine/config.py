@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.atomic import write_json_atomic, write_text_atomic
+from data.atomic import write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from engine.model import GPTNeoXConfig

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from engine.atomic import write_text_atomic
+from data.atomic import write_text_atomic
 from engine.step import autocast_context, model_device
 
 IGNORE_INDEX = -100

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from engine.atomic import write_text_atomic
+from data.atomic import write_text_atomic
 
 # Dense bf16 tensor-core peak, FLOP/s (datasheet). Matched as a substring of the CUDA device
 # name, longest first. No CPU entry: a CPU's peak depends on cores and ISA, so MFU on CPU is

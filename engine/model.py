@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.atomic import (
+from data.atomic import (
     current_umask,
     fsync_dir,
     fsync_file,

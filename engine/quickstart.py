@@ -327,7 +327,7 @@ def verdict(rows: list[dict[str, Any]]) -> tuple[bool, list[str]]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from engine.atomic import write_json_atomic
+    from data.atomic import write_json_atomic
 
     write_json_atomic(path, data, default=str)
 

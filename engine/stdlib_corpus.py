@@ -15,7 +15,7 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from engine.atomic import fsync_dir, fsync_file, open_atomic
+from data.atomic import fsync_dir, fsync_file, open_atomic
 
 # Folders whose files are tests, vendored third-party code or IDE resources: large, repetitive
 # or not part of "the library", and their presence differs between installations.

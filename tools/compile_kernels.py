@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.atomic import write_json_atomic
+from data.atomic import write_json_atomic
 
 CAPABILITIES = (80, 86, 90)
 DTYPES = {"bf16": "*bf16", "fp32": "*fp32"}

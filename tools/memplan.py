@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             "plan": plan.to_dict(),
             "largest_micro_batch": {"no_checkpointing": best[False], "checkpointing": best[True]},
         }
-        from engine.atomic import write_json_atomic
+        from data.atomic import write_json_atomic
 
         write_json_atomic(Path(args.json), out)  # creates the folder
     return 0 if plan.fits(budget) else 1

@@ -1,5 +1,8 @@
 """Atomic file writes: nothing half-written ever replaces a good file.
 
+The ground floor of the project's file handling: data/ (shards, manifests), the engine
+(checkpoints, exports, metrics), the benchmarks and the tools all write through here.
+
 A run can be killed at any moment (preemption, OOM, Ctrl-C), and a reader (a resumed run, a
 report script, another rank) must then find either the old file or the complete new one,
 never a torn one. So every whole-file write here goes to a temporary name in the same folder,
@@ -97,10 +100,11 @@ def write_json_atomic(
     *,
     indent: int | None = 2,
     default: Callable[[Any], Any] | None = None,
+    sort_keys: bool = False,
     trailing_newline: bool = True,
 ) -> None:
-    """Replace `path` with `payload` as JSON atomically (`default` as in ``json.dumps``)."""
-    text = json.dumps(payload, indent=indent, default=default)
+    """Replace `path` with `payload` as JSON atomically (options as in ``json.dumps``)."""
+    text = json.dumps(payload, indent=indent, default=default, sort_keys=sort_keys)
     write_text_atomic(path, text + "\n" if trailing_newline else text)
 
 
