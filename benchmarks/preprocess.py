@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from data.atomic import write_json_atomic
+from kernels.constants import IGNORE_INDEX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.loader_batches):
                 batch = next(it)
                 count += batch["input_ids"].numel()
-                real += int((batch["labels"] != -100).sum()) if label == "padded" else 0
+                real += int((batch["labels"] != IGNORE_INDEX).sum()) if label == "padded" else 0
             elapsed = time.perf_counter() - start
             loader_rows.append({
                 "variant": label,

@@ -17,43 +17,38 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_suite import (
-    ALPHA,
+from benchmarks.common import (
     FULL,
     SMOKE,
-    TEMPERATURE,
-    _device,
-    _free,
     build_ours,
+    build_pair,
     build_transformers,
+    current_device,
     device_name,
     error_record,
+    free_memory,
     make_batch,
     ours_micro_step,
     transformers_micro_step,
     write_json,
 )
+from kernels.constants import IGNORE_INDEX
 
 PROFILED_MICRO_STEPS = 4
 
 
 def ours_micro_step_new_buffer(student, teacher, batch, valid_vocab, normalizer):
     """Our step with the loss gradient in a new buffer: no host sync in the loss backward."""
-    from engine.step import distill_micro_step
-
-    return distill_micro_step(
-        student, teacher, batch, alpha=ALPHA, temperature=TEMPERATURE, valid_vocab=valid_vocab,
-        normalizer=normalizer, autocast_dtype=torch.bfloat16, inplace_grad=False,
-    )
+    return ours_micro_step(student, teacher, batch, valid_vocab, normalizer, inplace_grad=False)
 
 
 def profile_engine(build, micro_step, sizes, device) -> dict:
     """Kernel table and GPU-busy fraction over a few micro-steps after a warm-up."""
     from torch.profiler import ProfilerActivity, profile
 
-    teacher, student = build(sizes, device)
+    teacher, student = build_pair(build, sizes, device)
     batch = make_batch(sizes["micro_batch"], sizes["seq_len"], sizes["valid_vocab"], device, 0)
-    normalizer = float((batch["labels"] != -100).sum())
+    normalizer = float((batch["labels"] != IGNORE_INDEX).sum())
     for _ in range(2):
         micro_step(student, teacher, batch, sizes["valid_vocab"], normalizer)
     activities = [ProfilerActivity.CPU]
@@ -79,7 +74,7 @@ def profile_engine(build, micro_step, sizes, device) -> dict:
             continue
     gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
     del teacher, student
-    _free(device)
+    free_memory(device)
     return {
         "wall_ms_per_micro_step": wall * 1e3 / PROFILED_MICRO_STEPS,
         "kernel_ms_per_micro_step": gpu_us / 1e3 / PROFILED_MICRO_STEPS,
@@ -94,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
-    device = _device()
+    device = current_device()
     print(f"device: {device_name(device)}", flush=True)
     report: dict = {"device": device_name(device), "smoke": args.smoke}
     jobs = {

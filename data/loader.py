@@ -9,7 +9,7 @@ the seed recipe):
   GPTDataset (and so EleutherAI's 2049-token Pythia samples): that way every token of the
   stream except the very first is a training target exactly once.
 - ``PaddedDataset``: one document per item, truncated to seq_len + 1 tokens and padded with
-  ``pad_id``; labels are -100 wherever the target position is padding.
+  ``pad_id``; labels are IGNORE_INDEX wherever the target position is padding.
 
 EleutherAI's preshuffled Pythia idxmaps store one 2049-token sample per sequence, so
 ``PaddedDataset(path, 2048)`` over them yields exactly Pythia's training samples (no padding).
@@ -22,7 +22,7 @@ No zstandard here: the GPU machine trains from finished shards without it.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import numpy as np
 import torch
@@ -112,6 +112,18 @@ class PaddedDataset:
             # Position t predicts token t + 1: a real target only while t + 1 < n.
             labels_np[row, : max(n - 1, 0)] = doc[1:]
         return {"input_ids": tokens[:, :-1].contiguous(), "labels": labels}
+
+
+DATASET_MODES = ("packed", "padded")
+
+
+def build_dataset(path: str | os.PathLike, mode: str, seq_len: int, pad_id: int = 1):
+    """The dataset for a data mode: "packed" windows or "padded" documents of seq_len tokens."""
+    if mode == "packed":
+        return PackedDataset(path, seq_len)
+    if mode == "padded":
+        return PaddedDataset(path, seq_len, pad_id=pad_id)
+    raise ValueError(f"data mode must be one of {', '.join(DATASET_MODES)}, not {mode!r}")
 
 
 def validation_indices(num_items: int, val_fraction: float) -> np.ndarray:
@@ -254,8 +266,3 @@ class BatchLoader:
                 )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
-
-
-def dataset_from_path(path: str | Path, seq_len: int, packed: bool = True, pad_id: int = 1):
-    """Convenience for configs: the packed or padded dataset over a shard folder."""
-    return PackedDataset(path, seq_len) if packed else PaddedDataset(path, seq_len, pad_id)

@@ -4,8 +4,8 @@
 committed: the corpus is this machine's own Python standard library, the tokenizer is
 trained on it, and the teacher and the student's base are pretrained here, small and briefly.
 Then the base is distilled from the teacher through exactly the code a real run uses
-(data.preprocess, engine.train.run, engine.eval.heldout_metrics), and the held-out
-perplexities are printed side by side. A distilled student that is not ahead of its base
+(data.preprocess, engine.train.loop.run, engine.eval.scoring.heldout_metrics), and the
+held-out perplexities are printed side by side. A distilled student that is not ahead of its base
 means something in the pipeline is wrong, so that is an error (exit 1), not a footnote.
 
     python -m engine.quickstart [--config configs/quickstart.toml] [--out-dir DIR] [--tiny]
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import math
 import shutil
 import sys
@@ -23,7 +22,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+import torch
+
+from data.atomic import write_json_atomic
+from data.jsonl import iter_records
+from data.loader import build_dataset
+from data.preprocess import preprocess
+from engine.eval.heldout import heldout_batches, heldout_loader
+from engine.eval.scoring import heldout_metrics
+from engine.model.hf_io import load_pretrained
+from engine.quickstart.corpus import build_stdlib_corpus, train_bpe_tokenizer
+from engine.train.config import Config, ConfigError, apply_dict, validate
+from engine.train.loop import run as train_run
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 only
+    import tomli as tomllib
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "quickstart.toml"
 STAGES = ("teacher_pretrain", "student_base", "distill", "control")
 QUICKSTART_KEYS = {
@@ -44,14 +61,9 @@ class QuickstartError(RuntimeError):
 def load_settings(path: str | Path) -> dict[str, Any]:
     """Read the quickstart TOML; unknown tables or [quickstart] keys are errors naming them.
 
-    The engine.config tables are checked by engine.config itself when each stage's Config
-    is built (before any training starts).
+    The engine.train.config tables are checked by the configuration itself when each stage's
+    Config is built (before any training starts).
     """
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10 only
-        import tomli as tomllib
-
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -95,9 +107,7 @@ def shrink(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_config(settings: dict[str, Any], stage: str, fill: dict[str, dict[str, Any]]):
-    """engine.config.Config for one stage: defaults <- [common] <- [stage] <- filled paths."""
-    from engine.config import Config, apply_dict, validate
-
+    """The Config of one stage: defaults <- [common] <- [stage] <- filled paths."""
     config = Config()
     source = settings.get("source", "quickstart settings")
     apply_dict(config, settings.get("common", {}), source=f"{source} [common]")
@@ -130,31 +140,14 @@ def _round_up(n: int, multiple: int) -> int:
 def held_out(model_dir: str, data_dir: Path, config, *, teacher_dir: str | None,
              eval_batches: int) -> dict[str, float]:
     """Held-out metrics of one exported model on the val split every stage held out."""
-    import torch
-
-    from data.loader import BatchLoader, PackedDataset
-    from engine.eval import heldout_metrics
-    from engine.model import GPTNeoX
-
-    model = GPTNeoX.from_pretrained(model_dir, dtype=torch.float32, device="cpu")
-    teacher = (
-        GPTNeoX.from_pretrained(teacher_dir, dtype=torch.float32, device="cpu")
-        if teacher_dir
-        else None
-    )
-    dataset = PackedDataset(data_dir, config.batch.seq_len)
-    loader = BatchLoader(
-        dataset,
-        config.batch.micro_batch,
-        seed=config.run.seed,
-        split="val",
-        val_fraction=config.data.val_fraction,
-        drop_last=False,
-    )
-    batches = itertools.islice(iter(loader), eval_batches) if eval_batches else iter(loader)
+    model = load_pretrained(model_dir, dtype=torch.float32, device="cpu")
+    teacher = load_pretrained(teacher_dir, dtype=torch.float32) if teacher_dir else None
+    dataset = build_dataset(data_dir, "packed", config.batch.seq_len)
+    loader = heldout_loader(dataset, config.batch.micro_batch,
+                            val_fraction=config.data.val_fraction)
     metrics = heldout_metrics(
         model,
-        batches,
+        heldout_batches(loader, max_batches=eval_batches or None),
         teacher=teacher,
         temperature=config.loss.temperature,
         valid_vocab=config.data.valid_vocab or None,
@@ -164,13 +157,6 @@ def held_out(model_dir: str, data_dir: Path, config, *, teacher_dir: str | None,
 
 
 def run_pipeline(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    import torch
-
-    from data.jsonl import iter_records
-    from data.preprocess import preprocess
-    from engine.stdlib_corpus import build_stdlib_corpus, train_bpe_tokenizer
-    from engine.train import run as train_run
-
     qs = settings["quickstart"]
     if qs["torch_threads"] > 0:
         # These models are far too small for intra-op threads to pay; on a busy machine the
@@ -326,12 +312,6 @@ def verdict(rows: list[dict[str, Any]]) -> tuple[bool, list[str]]:
     return ok, notes
 
 
-def _write_json(path: Path, data: dict) -> None:
-    from data.atomic import write_json_atomic
-
-    write_json_atomic(path, data, default=str)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m engine.quickstart",
@@ -353,8 +333,6 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"offline CPU quickstart ({args.config}{', tiny' if args.tiny else ''}) -> {out_dir}")
         result = run_pipeline(settings, out_dir)
     except Exception as exc:  # every failure becomes one clear line and a non-zero exit
-        from engine.config import ConfigError
-
         if isinstance(exc, (QuickstartError, ConfigError, ValueError, OSError)):
             print(f"quickstart: error: {exc}", file=sys.stderr)
             return 2
@@ -363,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     ok, notes = verdict(result["rows"])
     wall = time.perf_counter() - started
     result.update(ok=ok, notes=notes, wall_s=round(wall, 1), tiny=args.tiny)
-    _write_json(out_dir / MARKER, result)
+    write_json_atomic(out_dir / MARKER, result, default=str)
 
     print()
     print("Held-out perplexity (Table-1 style)")
