@@ -118,7 +118,7 @@ def run_variant(args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=2)
@@ -138,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default="pythia-160m", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, default=50304, help=argparse.SUPPRESS)
     parser.add_argument("--valid-vocab", type=int, default=50277, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.variant:  # child process: one variant, result to a file
         result = run_variant(args)
         args.result_file.write_text(json.dumps(result))

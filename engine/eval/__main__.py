@@ -32,6 +32,9 @@ from engine.eval.tasks import (
 from engine.model.hf_io import load_pretrained
 from engine.precision import DTYPE_NAMES, dtype_of
 
+# The harness tasks share one signature: (setup, encoder, data file, limit, samples).
+HARNESS_TASKS = {"lambada": evaluate_lambada, "mc": evaluate_mc}
+
 
 def _build_parser():
     parser = argparse.ArgumentParser(
@@ -170,15 +173,13 @@ def evaluate_folder(model_dir: str, args, label: str, teacher=None) -> list[dict
     )
     rows = []
     for task, data in zip(args.task, args.data, strict=True):
-        if task in ("lambada", "mc") and encoder is None:
+        if task in HARNESS_TASKS and encoder is None:
             raise EvalInputError(
                 f"task {task} needs a tokenizer: pass --tokenizer or put tokenizer.json "
                 f"in {model_dir}"
             )
-        if task == "lambada":
-            metrics = evaluate_lambada(setup, encoder, data, limit=args.limit, samples=args.samples)
-        elif task == "mc":
-            metrics = evaluate_mc(setup, encoder, data, limit=args.limit, samples=args.samples)
+        if task in HARNESS_TASKS:
+            metrics = HARNESS_TASKS[task](setup, encoder, data, args.limit, args.samples)
         elif args.heldout:
             metrics = evaluate_heldout(
                 setup,

@@ -153,13 +153,8 @@ def lambada_pair(text: str) -> tuple[str, str]:
     return " ".join(words[:-1]), " " + words[-1]
 
 
-def evaluate_lambada(
-    setup: ScoringSetup,
-    encoder: TextEncoder,
-    path: str | Path,
-    limit: int | None = None,
-    samples: bool = False,
-) -> dict:
+def evaluate_lambada(setup: ScoringSetup, encoder: TextEncoder, path: str | Path,
+                     limit: int | None = None, samples: bool = False) -> dict:
     """lambada_openai: ppl and acc; with `samples`, each document's line, ll and greedy."""
 
     def parse(obj: dict, line_no: int) -> tuple[int, tuple[str, str]]:
@@ -239,13 +234,8 @@ def mc_doc(obj: dict, path, line_no: int) -> ChoiceDoc:
     return ChoiceDoc(line_no, gold, pairs, lengths)
 
 
-def evaluate_mc(
-    setup: ScoringSetup,
-    encoder: TextEncoder,
-    path: str | Path,
-    limit: int | None = None,
-    samples: bool = False,
-) -> dict:
+def evaluate_mc(setup: ScoringSetup, encoder: TextEncoder, path: str | Path,
+                limit: int | None = None, samples: bool = False) -> dict:
     """acc and acc_norm; with `samples`, each document's line, gold and per-choice ll."""
     docs = read_documents(path, limit, lambda obj, line_no: mc_doc(obj, path, line_no))
     owners = [d for d in docs for _ in d.pairs]
