@@ -3,12 +3,12 @@
     python3 -m benchmarks.gpu_suite [--out DIR] [--smoke]
 
 Sections (each guarded: a failure is recorded with its traceback and the others still run):
-  1. kernel correctness on the device (benchmarks.kd_loss.gpu_correctness)
-  2. kernel speed at 4096 and 16384 tokens x 50304 bf16 (benchmarks.kd_loss.gpu_speed)
+  1. kernel correctness on the device (benchmarks.common.gpu_correctness)
+  2. kernel speed at 4096 and 16384 tokens x 50304 bf16 (benchmarks.common.gpu_speed)
   3. the seed recipe end to end with random-weight pythia-160m teacher / pythia-70m student
-     (engine.model.GPTNeoX): micro-batch 2 x 2048, bf16 autocast, fused AdamW, timed micro-steps
-     through engine.step.distill_micro_step + optimizer steps: tokens/s, MFU, peak memory and
-     the memory plan's prediction; then, in a fresh subprocess capped with
+     (engine.model.GPTNeoX): micro-batch 2 x 2048, bf16 autocast, fused AdamW, timed
+     micro-steps through engine.train.step.distill_micro_step + optimizer steps: tokens/s,
+     MFU, peak memory and the memory plan's prediction; then, in a fresh subprocess capped with
      torch.cuda.set_per_process_memory_fraction to a 12 GiB card, the same step and the
      largest micro-batch that runs (mb = 2, 4, 6, ... until out of memory, bounded in time)
   4. the same step through transformers' GPTNeoXForCausalLM with the naive loss, for the ratio

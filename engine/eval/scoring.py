@@ -147,7 +147,7 @@ def score_batch(
     Returns (loglik [B] float64, all_greedy [B] bool, scored_tokens [B] int64) on the CPU:
     the summed log p(label) over labelled positions, whether the argmax equals the label at
     every labelled position, and how many positions were labelled. The model should be in
-    eval mode (engine.eval_tasks.score_items sees to it once per call).
+    eval mode (engine.eval.tasks.score_items sees to it once per call).
     """
     batch, length = labels.shape
     flat_labels = labels.reshape(-1)

@@ -1,4 +1,4 @@
-"""engine.checkpoint: atomic saves, keep-last, resume=auto, and processes killed mid-save."""
+"""engine.train.checkpoint and export: atomic saves, keep-last, resume, kills mid-save."""
 
 from __future__ import annotations
 

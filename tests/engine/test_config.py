@@ -1,4 +1,4 @@
-"""engine.config: presets, overrides, typed parsing, and errors that name the key."""
+"""engine.train.config: presets, overrides, typed parsing, and errors that name the key."""
 
 from __future__ import annotations
 

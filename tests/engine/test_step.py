@@ -1,4 +1,4 @@
-"""engine.step.distill_micro_step: gradients, normaliser semantics, frozen teacher."""
+"""engine.train.step.distill_micro_step: gradients, normaliser semantics, frozen teacher."""
 
 from __future__ import annotations
 
