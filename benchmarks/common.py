@@ -24,6 +24,7 @@ import torch
 from data.atomic import write_json_atomic
 from engine.model.config import PYTHIA_COMMON, PYTHIA_SHAPES, GPTNeoXConfig
 from engine.model.network import GPTNeoX
+from engine.precision import DTYPES
 from engine.train.step import distill_micro_step
 from kernels.constants import IGNORE_INDEX
 from kernels.kd_loss import kd_loss, kd_loss_reference
@@ -32,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 ALPHA, TEMPERATURE = 0.5, 2.0
 VALID_VOCAB_PAD = 27  # Pythia: 50304 logit columns, 50277 real token ids
-KERNEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+KERNEL_DTYPES = {name: DTYPES[name] for name in ("fp32", "bf16")}  # what the kernel is timed in
 
 # Small but structurally complete shapes for smoke runs (partial rotary, several heads).
 TINY_SHAPES = {

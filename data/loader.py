@@ -154,7 +154,8 @@ class BatchLoader:
     items drawn from (seed, e); rank r takes every world_size-th item of it, so ranks are
     disjoint and together cover the epoch (with drop_last, the at most world_size *
     micro_batch - 1 left-over items of that epoch's permutation are skipped).
-    split="val": one pass over the held-out items in order, never dropping any.
+    split="val": one pass over the held-out items in order, never dropping any; every new
+    iteration starts the pass afresh.
     """
 
     def __init__(self, dataset, micro_batch: int, *, seed: int = 0, rank: int | None = None,
@@ -226,6 +227,8 @@ class BatchLoader:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def __iter__(self):
+        if self.split == "val":
+            self.position = 0  # every iteration is the whole split, even after a cut-short one
         while True:
             items = self._rank_items(self.epoch)
             while self.position * self.micro_batch < len(items):

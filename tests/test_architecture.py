@@ -87,7 +87,7 @@ def imports_of(module: str, path: Path, known: set[str]) -> list[tuple[str, int]
             resolved = _resolve(target, known)
             if resolved is not None and resolved != module:
                 found.append((resolved, node.lineno))
-    return found
+    return list(dict.fromkeys(found))  # `from m import a, b` is one import of m
 
 
 def import_graph() -> dict[str, list[tuple[str, int]]]:
@@ -137,6 +137,19 @@ def test_no_upward_imports():
                 where = modules[module].relative_to(REPO_ROOT)
                 problems.append(f"{where}:{line}: {module} imports {target}")
     assert not problems, "imports against the layering:\n" + "\n".join(problems)
+
+
+def test_benchmark_scripts_share_code_only_through_common():
+    graph = import_graph()
+    shared = {"benchmarks", "benchmarks.common"}
+    problems = [
+        f"{module} imports {target} (line {line}): move what both need to benchmarks/common.py"
+        for module, targets in graph.items()
+        if module.startswith("benchmarks.") and module not in shared
+        for target, line in targets
+        if target.startswith("benchmarks") and target not in shared
+    ]
+    assert not problems, "\n".join(problems)
 
 
 def test_functions_fit_on_a_screen():
