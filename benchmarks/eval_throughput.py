@@ -2,7 +2,7 @@
 
     python -m benchmarks.eval_throughput [--json benchmarks/results/eval_throughput.json]
 
-Two workloads, each run through the real task code (engine.eval_tasks):
+Two workloads, each run through the real task code (engine.eval.tasks):
 - ppl: rolling-window perplexity over a token shard folder (random tokens; the content does
   not change the arithmetic), every token scored;
 - lambada-style: harness log-likelihood requests with contexts of 40-120 tokens and 1-3
@@ -28,16 +28,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import RESULTS_DIR, model_config
 from data.atomic import write_json_atomic
+from data.shards import ShardWriter
+from engine.eval.requests import Request, request_items
+from engine.eval.tasks import ScoringSetup, evaluate_ppl, score_items
+from engine.model import GPTNeoX
+from engine.precision import dtype_of
 
-DEFAULT_JSON = Path("benchmarks/results/eval_throughput.json")
-PYTHIA_70M = dict(
-    vocab_size=50304, hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048
-)
+DEFAULT_JSON = RESULTS_DIR / "eval_throughput.json"
 
 
 class FullLogitsOnly(torch.nn.Module):
-    """Hides hidden_states/embed_out so engine.eval falls back to full [B, T, V] logits."""
+    """Hides hidden_states/embed_out so the scoring falls back to full [B, T, V] logits."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -48,8 +51,6 @@ class FullLogitsOnly(torch.nn.Module):
 
 
 def write_random_shards(folder: Path, documents: int, mean_length: int, seed: int) -> int:
-    from data.shards import ShardWriter
-
     rng = np.random.default_rng(seed)
     sizes = rng.integers(mean_length // 2, mean_length * 3 // 2, size=documents)
     tokens = rng.integers(2, 50277, size=int(sizes.sum()), dtype=np.int64)
@@ -61,8 +62,6 @@ def write_random_shards(folder: Path, documents: int, mean_length: int, seed: in
 
 
 def lambada_style_requests(count: int, seed: int):
-    from engine.eval_tasks import Request
-
     rng = random.Random(seed)
     return [
         Request(
@@ -84,9 +83,6 @@ def timed(fn, device: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.eval_tasks import ScoringSetup, evaluate_ppl, request_items, score_items
-    from engine.model import GPTNeoX, GPTNeoXConfig
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--device", default="cpu")
@@ -101,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = dtype_of(args.dtype)
 
-    model = GPTNeoX(GPTNeoXConfig(**PYTHIA_70M)).to(device=args.device, dtype=dtype).eval()
+    config = model_config("pythia-70m")
+    model = GPTNeoX(config).to(device=args.device, dtype=dtype).eval()
     variants = {"scored rows only": model, "full logits": FullLogitsOnly(model)}
     requests = lambada_style_requests(args.requests, args.seed)
     request_tokens = sum(len(r.context) + len(r.continuation) - 1 for r in requests)
@@ -126,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             score_items(setup, items[:4])
             ppl, seconds = timed(
                 lambda setup=setup: evaluate_ppl(
-                    setup, None, shards, model_vocab=PYTHIA_70M["vocab_size"]
+                    setup, None, shards, model_vocab=config.vocab_size
                 ),
                 args.device,
             )

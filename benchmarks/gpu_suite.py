@@ -3,12 +3,12 @@
     python3 -m benchmarks.gpu_suite [--out DIR] [--smoke]
 
 Sections (each guarded: a failure is recorded with its traceback and the others still run):
-  1. kernel correctness on the device (benchmarks.kd_loss.gpu_correctness)
-  2. kernel speed at 4096 and 16384 tokens x 50304 bf16 (benchmarks.kd_loss.gpu_speed)
+  1. kernel correctness on the device (benchmarks.common.gpu_correctness)
+  2. kernel speed at 4096 and 16384 tokens x 50304 bf16 (benchmarks.common.gpu_speed)
   3. the seed recipe end to end with random-weight pythia-160m teacher / pythia-70m student
-     (engine.model.GPTNeoX): micro-batch 2 x 2048, bf16 autocast, fused AdamW, timed micro-steps
-     through engine.step.distill_micro_step + optimizer steps: tokens/s, MFU, peak memory and
-     the memory plan's prediction; then, in a fresh subprocess capped with
+     (engine.model.GPTNeoX): micro-batch 2 x 2048, bf16 autocast, fused AdamW, timed
+     micro-steps through engine.train.step.distill_micro_step + optimizer steps: tokens/s,
+     MFU, peak memory and the memory plan's prediction; then, in a fresh subprocess capped with
      torch.cuda.set_per_process_memory_fraction to a 12 GiB card, the same step and the
      largest micro-batch that runs (mb = 2, 4, 6, ... until out of memory, bounded in time)
   4. the same step through transformers' GPTNeoXForCausalLM with the naive loss, for the ratio
@@ -24,99 +24,53 @@ real run cannot die of a typo. Needs only torch (+ triton on a GPU); transformer
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from data.atomic import write_json_atomic
+from benchmarks.common import (
+    FULL,
+    REPO_ROOT,
+    RESULTS_DIR,
+    SMOKE,
+    build_ours,
+    build_pair,
+    build_transformers,
+    current_device,
+    device_name,
+    error_record,
+    free_memory,
+    gpu_correctness,
+    gpu_speed,
+    make_batch,
+    ours_micro_step,
+    sync,
+    transformers_micro_step,
+    write_json,
+)
+from engine.memory import CUDA_CONTEXT_BYTES, largest_micro_batch, plan_memory
+from engine.metrics import peak_flops
+from kernels.constants import IGNORE_INDEX
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 DEFAULT_SMOKE_OUT = REPO_ROOT / "runs" / "gpu_suite_smoke"
 CARD_BYTES = 12 * 2**30  # the user's RTX 3060
 H100_PEAK_BF16 = 989e12  # dense bf16 datasheet, H100/H200 SXM
-ALPHA, TEMPERATURE = 0.5, 2.0
-PYTHIA_VALID_VOCAB = 50277
-
-# Sizes: (teacher, student) shapes, vocab, seq_len, micro-batch, warm-up and timed micro-steps,
-# micro-steps per optimizer step, kernel-speed token counts, mb search limit and time bound.
-FULL = dict(teacher="pythia-160m", student="pythia-70m", vocab=50304, valid_vocab=50277,
-            seq_len=2048, micro_batch=2, warmup=4, steps=20, accum=4, speed_tokens=(4096, 16384),
-            search_max_mb=64, search_seconds=120, worker_timeout=300)
-SMOKE = dict(teacher="tiny-teacher", student="tiny-student", vocab=1000, valid_vocab=987,
-             seq_len=64, micro_batch=2, warmup=2, steps=4, accum=2, speed_tokens=(4096,),
-             search_max_mb=4, search_seconds=20, worker_timeout=120)
-TINY_SHAPES = {
-    "tiny-teacher": dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512),
-    "tiny-student": dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256),
-}
-
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _device() -> torch.device:
-    # With an explicit index: set_per_process_memory_fraction refuses a bare "cuda".
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()})"
-
-
-def model_config(name: str, vocab: int, seq_len: int):
-    from engine.memory import PYTHIA_COMMON, PYTHIA_SHAPES
-    from engine.model import GPTNeoXConfig
-
-    shape = PYTHIA_SHAPES.get(name) or TINY_SHAPES[name]
-    fields = {**PYTHIA_COMMON, **shape, "vocab_size": vocab,
-              "max_positions": max(seq_len, 2048 if name in PYTHIA_SHAPES else seq_len)}
-    return GPTNeoXConfig(**fields)
-
-
-def make_batch(micro_batch: int, seq_len: int, valid_vocab: int, device, seed: int):
-    """Random tokens (packed-style: every target valid but the last), on the device."""
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, valid_vocab, (micro_batch, seq_len + 1), generator=gen)
-    return {"input_ids": input_ids[:, :-1].to(device), "labels": input_ids[:, 1:].to(device)}
-
-
-def error_record(exc: BaseException) -> dict:
-    """What a guarded section or engine records when it raised (call inside the except)."""
-    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _peak_flops(device) -> float | None:
-    if device.type != "cuda":
+def _peak_flops(dev) -> float | None:
+    if dev.type != "cuda":
         return None
-    from engine.metrics import peak_flops
-
-    return peak_flops(device) or (H100_PEAK_BF16 if "H1" in device_name(device) or "H2"
-                                  in device_name(device) else None)
+    name = device_name(dev)
+    return peak_flops(dev) or (H100_PEAK_BF16 if "H1" in name or "H2" in name else None)
 
 
 def _optimizer(model, device):
@@ -125,71 +79,6 @@ def _optimizer(model, device):
 
 
 # ----------------------------------------------------------------------------- the training step
-
-
-def build_ours(sizes, device):
-    from engine.model import GPTNeoX
-
-    torch.manual_seed(0)
-    teacher_cfg = model_config(sizes["teacher"], sizes["vocab"], sizes["seq_len"])
-    student_cfg = model_config(sizes["student"], sizes["vocab"], sizes["seq_len"])
-    teacher = GPTNeoX(teacher_cfg).to(device=device, dtype=torch.bfloat16).eval()
-    teacher.requires_grad_(False)
-    student = GPTNeoX(student_cfg).to(device=device, dtype=torch.float32).train()
-    return teacher, student
-
-
-def ours_micro_step(student, teacher, batch, valid_vocab, normalizer):
-    from engine.step import distill_micro_step
-
-    return distill_micro_step(
-        student, teacher, batch, alpha=ALPHA, temperature=TEMPERATURE, valid_vocab=valid_vocab,
-        normalizer=normalizer, autocast_dtype=torch.bfloat16,
-    )
-
-
-def build_transformers(sizes, device):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    def hf(name: str):
-        cfg = model_config(name, sizes["vocab"], sizes["seq_len"])
-        config = GPTNeoXConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_positions,
-            rotary_pct=cfg.rotary_pct, rotary_emb_base=cfg.rotary_base,
-            layer_norm_eps=cfg.layer_norm_eps, use_parallel_residual=True,
-            tie_word_embeddings=False, hidden_act="gelu", attention_dropout=0.0,
-            hidden_dropout=0.0,
-        )
-        rope = getattr(config, "rope_parameters", None)  # transformers >= 5 reads these
-        if isinstance(rope, dict):
-            rope["partial_rotary_factor"] = cfg.rotary_pct
-            rope["rope_theta"] = float(cfg.rotary_base)
-        return GPTNeoXForCausalLM(config)
-
-    torch.manual_seed(0)
-    teacher = hf(sizes["teacher"]).to(device=device, dtype=torch.bfloat16).eval()
-    teacher.requires_grad_(False)
-    student = hf(sizes["student"]).to(device=device, dtype=torch.float32).train()
-    return teacher, student
-
-
-def transformers_micro_step(student, teacher, batch, valid_vocab, normalizer):
-    """The step as one writes it with stock parts: HF models, full-vocab fp32 softmaxes."""
-    from benchmarks.kd_loss import naive_kd_loss
-
-    device_type = batch["input_ids"].device.type
-    with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16):
-        t_logits = teacher(input_ids=batch["input_ids"]).logits
-    with torch.autocast(device_type, dtype=torch.bfloat16):
-        s_logits = student(input_ids=batch["input_ids"]).logits
-    vocab = s_logits.shape[-1]
-    loss = naive_kd_loss(s_logits.reshape(-1, vocab), t_logits.reshape(-1, vocab),
-                         batch["labels"].reshape(-1), alpha=ALPHA, temperature=TEMPERATURE,
-                         valid_vocab=valid_vocab)
-    loss.backward()
-    return {"loss": loss.detach()}
 
 
 def time_training(student, teacher, micro_step, sizes, device, *, micro_batch=None,
@@ -201,7 +90,7 @@ def time_training(student, teacher, micro_step, sizes, device, *, micro_batch=No
     accum, valid_vocab = sizes["accum"], sizes["valid_vocab"]
     optimizer = _optimizer(student, device)
     batches = [make_batch(mb, sizes["seq_len"], valid_vocab, device, seed=i) for i in range(accum)]
-    normalizer = float(sum(int((b["labels"] != -100).sum()) for b in batches))
+    normalizer = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches))
 
     def window(n_micro: int) -> float:
         loss = torch.zeros((), device=device)
@@ -216,13 +105,13 @@ def time_training(student, teacher, micro_step, sizes, device, *, micro_batch=No
     # Whole windows only, so the optimizer's state exists before timing and no gradient is
     # left half-accumulated.
     warm_loss = window(max(1, -(-warmup // accum)) * accum)
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     steps = max(1, -(-steps // accum)) * accum
     t0 = time.perf_counter()
     loss = window(steps)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - t0
     tokens = steps * mb * sizes["seq_len"]
     out = {
@@ -249,8 +138,6 @@ def time_training(student, teacher, micro_step, sizes, device, *, micro_batch=No
 
 
 def section_kernel_correctness(sizes, smoke: bool) -> dict:
-    from benchmarks.kd_loss import gpu_correctness
-
     rows = gpu_correctness(smoke=smoke)
     return {
         "cases": rows,
@@ -261,23 +148,19 @@ def section_kernel_correctness(sizes, smoke: bool) -> dict:
 
 
 def section_kernel_speed(sizes, smoke: bool) -> dict:
-    from benchmarks.kd_loss import gpu_speed
-
     out = {}
     for n in sizes["speed_tokens"]:
         try:  # one size failing (say, out of memory for the eager composite) keeps the other
             out[str(n)] = gpu_speed(n_tokens=n, smoke=smoke)
         except Exception as exc:
             out[str(n)] = error_record(exc)
-        _free(_device())
+        free_memory(current_device())
     return out
 
 
 def section_seed_recipe(sizes, smoke: bool) -> dict:
-    from engine.memory import largest_micro_batch, plan_memory
-
-    device = _device()
-    teacher, student = build_ours(sizes, device)
+    device = current_device()
+    teacher, student = build_pair(build_ours, sizes, device)
     result = time_training(student, teacher, ours_micro_step, sizes, device)
     plan = plan_memory(teacher.config, student.config, micro_batch=sizes["micro_batch"],
                        seq_len=sizes["seq_len"], precision="bf16-autocast")
@@ -299,19 +182,19 @@ def section_seed_recipe(sizes, smoke: bool) -> dict:
     if "peak_allocated_bytes" in result:
         result["plan_over_measured"] = plan.allocated_peak / result["peak_allocated_bytes"]
     del teacher, student
-    _free(device)
+    free_memory(device)
     return result
 
 
 def section_seed_recipe_compiled(sizes, smoke: bool) -> dict:
     """The seed step with student and teacher under torch.compile (the engine's
     runtime.compile option): models this small are launch-bound in eager mode."""
-    device = _device()
-    teacher, student = build_ours(sizes, device)
+    device = current_device()
+    teacher, student = build_pair(build_ours, sizes, device)
     result = time_training(torch.compile(student), torch.compile(teacher), ours_micro_step,
                            sizes, device)
     del teacher, student
-    _free(device)
+    free_memory(device)
     return result
 
 
@@ -320,12 +203,12 @@ def section_transformers(sizes, smoke: bool) -> dict:
         import transformers
     except ImportError:
         return {"skipped": "transformers is not installed"}
-    device = _device()
-    teacher, student = build_transformers(sizes, device)
+    device = current_device()
+    teacher, student = build_pair(build_transformers, sizes, device)
     result = time_training(student, teacher, transformers_micro_step, sizes, device)
     result["transformers_version"] = transformers.__version__
     del teacher, student
-    _free(device)
+    free_memory(device)
     return result
 
 
@@ -363,9 +246,7 @@ def _is_oom(exc: BaseException) -> bool:
 def capped_worker(sizes, smoke: bool, result_path: Path) -> int:
     """In a fresh process: cap the allocator to a 12 GiB card, run the seed step, then find
     the largest micro-batch (2, 4, 6, ...) that still runs a window without running out."""
-    from engine.memory import CUDA_CONTEXT_BYTES
-
-    device = _device()
+    device = current_device()
     result: dict[str, Any] = {"device": device_name(device)}
     if device.type == "cuda":
         # The driver's context lives outside the allocator but inside the card's 12 GiB.
@@ -376,14 +257,14 @@ def capped_worker(sizes, smoke: bool, result_path: Path) -> int:
     else:
         result["cap_note"] = "no cap on CPU (smoke): the code path only"
 
-    teacher, student = build_ours(sizes, device)
+    teacher, student = build_pair(build_ours, sizes, device)
     attempts = []
 
     def attempt(mb: int, *, full: bool) -> bool:
         """One measured run at micro-batch mb (the search uses one window of warm-up and one
         timed window: enough to allocate everything a longer run would)."""
         student.zero_grad(set_to_none=True)
-        _free(device)
+        free_memory(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         short = {} if full else {"warmup": sizes["accum"], "steps": sizes["accum"]}
@@ -400,7 +281,7 @@ def capped_worker(sizes, smoke: bool, result_path: Path) -> int:
             return False
         finally:
             student.zero_grad(set_to_none=True)
-            _free(device)
+            free_memory(device)
 
     result["seed_micro_batch_fits"] = attempt(sizes["micro_batch"], full=True)
     started = time.perf_counter()
@@ -501,11 +382,6 @@ def format_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """The suite's report as JSON, atomically (also used by benchmarks.step_profile)."""
-    write_json_atomic(path, payload, default=str, trailing_newline=False)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_suite",
                                      description=__doc__.split("\n\n")[0])
@@ -522,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         return capped_worker(sizes, args.smoke, Path(args.worker_capped))
 
     started = time.perf_counter()
-    device = _device()
+    device = current_device()
     print(f"device: {device_name(device)}", flush=True)
     try:
         import triton
@@ -530,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    out_dir = Path(args.out) if args.out else (DEFAULT_SMOKE_OUT if args.smoke else DEFAULT_OUT)
+    out_dir = Path(args.out) if args.out else (DEFAULT_SMOKE_OUT if args.smoke else RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / ("gpu_suite_smoke.json" if args.smoke else "gpu_suite.json")
     report: dict[str, Any] = {
@@ -567,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         report["sections"][name] = body
         print(f"== {name}: {'FAILED' if 'error' in body else 'done'} in "
               f"{body['section_seconds']:.1f} s", flush=True)
-        _free(device)
+        free_memory(device)
         write_json(json_path, report)  # after every section, so a crash keeps what ran
 
     report["wall_s"] = round(time.perf_counter() - started, 1)

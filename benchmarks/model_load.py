@@ -1,4 +1,4 @@
-"""Load time and peak memory of our from_pretrained vs transformers', plus logit parity.
+"""Load time and peak memory of our load_pretrained vs transformers' from_pretrained, plus parity.
 
     python -m benchmarks.model_load [--json benchmarks/results/model_load.json]
 
@@ -30,37 +30,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import RESULTS_DIR, model_config, proc_status_mib, reset_peak_rss
 from data.atomic import write_json_atomic
+from engine.model import GPTNeoX, GPTNeoXConfig, load_pretrained, save_pretrained
+from engine.precision import dtype_of
 
-DEFAULT_JSON = Path("benchmarks/results/model_load.json")
-PYTHIA_160M = dict(vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12,
-                   intermediate_size=3072)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def proc_status_mib(field: str) -> float | None:
-    """A /proc/self/status size field (VmRSS, VmHWM) in MiB; None where /proc is absent.
-
-    Shared with benchmarks/kd_loss.py."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Start the high-water mark (VmHWM) afresh at the current RSS (Linux >= 4.0); False where
-    that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+DEFAULT_JSON = RESULTS_DIR / "model_load.json"
+LOAD_DTYPES = ("float32", "bfloat16")
 
 
 def _peak_mb() -> float:
@@ -78,12 +54,11 @@ def _current_mb() -> float:
 def child(loader: str, path: str, dtype_name: str) -> None:
     """Runs in a fresh interpreter: import, then time one load; print one JSON line."""
     torch.set_num_threads(min(4, os.cpu_count() or 1))
-    dtype = DTYPES[dtype_name]
+    dtype = dtype_of(dtype_name)
     if loader == "ours":
-        from engine.model import GPTNeoX
 
         def load():
-            return GPTNeoX.from_pretrained(path, dtype=dtype)
+            return load_pretrained(path, dtype=dtype)
     else:
         from transformers import GPTNeoXForCausalLM
         from transformers.utils import logging
@@ -107,7 +82,7 @@ def child(loader: str, path: str, dtype_name: str) -> None:
 
 def measure_loads(path: Path, repeats: int) -> list[dict]:
     rows = []
-    for dtype_name in DTYPES:
+    for dtype_name in LOAD_DTYPES:
         for loader in ("ours", "transformers"):
             runs = []
             for _ in range(repeats):
@@ -136,14 +111,12 @@ def measure_loads(path: Path, repeats: int) -> list[dict]:
 
 
 def build_checkpoint(folder: Path) -> dict:
-    from engine.model import GPTNeoX, GPTNeoXConfig
-
     torch.manual_seed(0)
-    model = GPTNeoX(GPTNeoXConfig(**PYTHIA_160M))
+    model = GPTNeoX(model_config("pythia-160m"))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    model.save_pretrained(folder, dtype=torch.float16)
+    save_pretrained(model, folder, dtype=torch.float16)
     size = sum(f.stat().st_size for f in folder.iterdir())
     (folder / "model.safetensors").read_bytes()  # warm the page cache for every loader alike
     return {"shape": "pythia-160m", "stored_dtype": "float16", "bytes": size,
@@ -152,7 +125,6 @@ def build_checkpoint(folder: Path) -> dict:
 
 @torch.no_grad()
 def measure_parity(seq_len: int, batch: int) -> list[dict]:
-    from engine.model import GPTNeoX, GPTNeoXConfig
     from tests.hf_models import random_pythia
 
     rows = []
@@ -224,7 +196,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--child", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
-    parser.add_argument("--dtype", choices=list(DTYPES), help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", choices=LOAD_DTYPES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args.child, args.path, args.dtype)

@@ -17,43 +17,26 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_suite import (
-    ALPHA,
-    FULL,
-    SMOKE,
-    TEMPERATURE,
-    _device,
-    _free,
-    build_ours,
-    build_transformers,
-    device_name,
-    error_record,
-    make_batch,
-    ours_micro_step,
-    transformers_micro_step,
-    write_json,
-)
+from benchmarks import common
+from kernels.constants import IGNORE_INDEX
 
 PROFILED_MICRO_STEPS = 4
 
 
 def ours_micro_step_new_buffer(student, teacher, batch, valid_vocab, normalizer):
     """Our step with the loss gradient in a new buffer: no host sync in the loss backward."""
-    from engine.step import distill_micro_step
-
-    return distill_micro_step(
-        student, teacher, batch, alpha=ALPHA, temperature=TEMPERATURE, valid_vocab=valid_vocab,
-        normalizer=normalizer, autocast_dtype=torch.bfloat16, inplace_grad=False,
-    )
+    return common.ours_micro_step(student, teacher, batch, valid_vocab, normalizer,
+                                  inplace_grad=False)
 
 
 def profile_engine(build, micro_step, sizes, device) -> dict:
     """Kernel table and GPU-busy fraction over a few micro-steps after a warm-up."""
     from torch.profiler import ProfilerActivity, profile
 
-    teacher, student = build(sizes, device)
-    batch = make_batch(sizes["micro_batch"], sizes["seq_len"], sizes["valid_vocab"], device, 0)
-    normalizer = float((batch["labels"] != -100).sum())
+    teacher, student = common.build_pair(build, sizes, device)
+    batch = common.make_batch(sizes["micro_batch"], sizes["seq_len"], sizes["valid_vocab"],
+                              device, 0)
+    normalizer = float((batch["labels"] != IGNORE_INDEX).sum())
     for _ in range(2):
         micro_step(student, teacher, batch, sizes["valid_vocab"], normalizer)
     activities = [ProfilerActivity.CPU]
@@ -79,7 +62,7 @@ def profile_engine(build, micro_step, sizes, device) -> dict:
             continue
     gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
     del teacher, student
-    _free(device)
+    common.free_memory(device)
     return {
         "wall_ms_per_micro_step": wall * 1e3 / PROFILED_MICRO_STEPS,
         "kernel_ms_per_micro_step": gpu_us / 1e3 / PROFILED_MICRO_STEPS,
@@ -93,22 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device")
     args = parser.parse_args(argv)
-    sizes = SMOKE if args.smoke else FULL
-    device = _device()
-    print(f"device: {device_name(device)}", flush=True)
-    report: dict = {"device": device_name(device), "smoke": args.smoke}
+    sizes = common.SMOKE if args.smoke else common.FULL
+    device = common.current_device()
+    print(f"device: {common.device_name(device)}", flush=True)
+    report: dict = {"device": common.device_name(device), "smoke": args.smoke}
     jobs = {
-        "ours": lambda: profile_engine(build_ours, ours_micro_step, sizes, device),
-        "ours_new_buffer": lambda: profile_engine(build_ours, ours_micro_step_new_buffer,
+        "ours": lambda: profile_engine(common.build_ours, common.ours_micro_step, sizes, device),
+        "ours_new_buffer": lambda: profile_engine(common.build_ours, ours_micro_step_new_buffer,
                                                   sizes, device),
-        "transformers": lambda: profile_engine(build_transformers, transformers_micro_step,
-                                               sizes, device),
+        "transformers": lambda: profile_engine(common.build_transformers,
+                                               common.transformers_micro_step, sizes, device),
     }
     for name, job in jobs.items():
         try:
             report[name] = job()
         except Exception as exc:
-            report[name] = error_record(exc)
+            report[name] = common.error_record(exc)
         row = report[name]
         if "table" in row:
             print(f"\n== {name}: {row['wall_ms_per_micro_step']:.2f} ms wall, "
@@ -117,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"\n== {name}: {json.dumps({k: v for k, v in row.items() if k != 'traceback'})}",
                   flush=True)
-    write_json(args.out / ("step_profile_smoke.json" if args.smoke else "step_profile.json"),
-               report)
+    name = "step_profile_smoke.json" if args.smoke else "step_profile.json"
+    common.write_json(args.out / name, report)
     return 0
 
 

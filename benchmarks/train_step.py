@@ -8,7 +8,7 @@ teacher forward, a pythia-70m-shaped student forward + backward of
 (1 - alpha) * T^2 * KL(teacher_T || student_T) + alpha * CE over the valid tokens, then an
 AdamW step.
 
-- ours: engine.model.GPTNeoX (SDPA attention) through engine.step.distill_micro_step, whose
+- ours: engine.model.GPTNeoX (SDPA attention) through engine.train.step.distill_micro_step, whose
   kd_loss computes loss and logit gradient together in row chunks (no [tokens x vocab] fp32
   intermediates kept for autograd; the gradient is written into the logits buffer).
 - transformers: GPTNeoXForCausalLM teacher and student with the loss written the naive way
@@ -42,77 +42,21 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    build_ours,
+    build_transformers,
+    make_batch,
+    ours_micro_step,
+    proc_status_mib,
+    transformers_micro_step,
+)
 from data.atomic import write_json_atomic
 from engine.metrics import peak_memory_bytes
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "train_step.json"
+DEFAULT_JSON = RESULTS_DIR / "train_step.json"
 VARIANTS = ("transformers", "ours")
-
-SHAPES = {
-    # name: (layers, hidden, heads, intermediate)
-    "pythia-70m": (6, 512, 8, 2048),
-    "pythia-160m": (12, 768, 12, 3072),
-    "tiny-student": (2, 64, 4, 256),
-    "tiny-teacher": (2, 128, 4, 512),
-}
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def make_batch(micro_batch: int, seq_len: int, vocab: int, valid_vocab: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, valid_vocab, (micro_batch, seq_len), generator=gen)
-    labels = torch.roll(input_ids, -1, dims=1)
-    labels[:, -1] = -100
-    labels[0, : seq_len // 8] = -100  # some ignored targets, as padding would give
-    return {"input_ids": input_ids, "labels": labels}
-
-
-def build_ours(shape: str, vocab: int, max_positions: int, device, seed: int):
-    from engine.model import GPTNeoX, GPTNeoXConfig
-
-    layers, hidden, heads, inter = SHAPES[shape]
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers,
-                           num_heads=heads, intermediate_size=inter, max_positions=max_positions)
-    return GPTNeoX(config).to(device)
-
-
-def build_transformers(shape: str, vocab: int, max_positions: int, device, seed: int):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    layers, hidden, heads, inter = SHAPES[shape]
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, intermediate_size=inter,
-        max_position_embeddings=max_positions, rotary_pct=0.25, rotary_emb_base=10000,
-        use_parallel_residual=True, tie_word_embeddings=False, hidden_act="gelu",
-        attention_dropout=0.0, hidden_dropout=0.0,
-    )
-    return GPTNeoXForCausalLM(config).to(device)
-
-
-def naive_kd_loss(student_logits, teacher_logits, labels, alpha, temperature, valid_vocab):
-    """The loss as one writes it with stock PyTorch: full-vocab softmaxes, autograd for the rest."""
-    import torch.nn.functional as F
-
-    s = student_logits[..., :valid_vocab].float().flatten(0, -2)
-    t = teacher_logits[..., :valid_vocab].float().flatten(0, -2)
-    flat_labels = labels.flatten()
-    mask = flat_labels != -100
-    s_logp = F.log_softmax(s / temperature, dim=-1)
-    t_logp = F.log_softmax(t / temperature, dim=-1)
-    kd_tok = (t_logp.exp() * (t_logp - s_logp)).sum(-1) * temperature**2
-    ce_tok = F.cross_entropy(s, flat_labels.clamp(min=0), reduction="none")
-    count = mask.sum().clamp(min=1)
-    kd = (kd_tok * mask).sum() / count
-    ce = (ce_tok * mask).sum() / count
-    return (1 - alpha) * kd + alpha * ce
 
 
 def run_variant(args) -> dict:
@@ -132,37 +76,18 @@ def run_variant(args) -> dict:
     # torch's default AdamW (HF Trainer's "adamw_torch"), unless --baseline-fused-adamw.
     fused = args.variant == "ours" or args.baseline_fused_adamw
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=fused or None)
-    batch = make_batch(args.micro_batch, args.seq_len, vocab, valid_vocab)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    alpha, temperature = 0.5, 2.0
+    # Some ignored targets (the first eighth of row 0), as padding would give.
+    batch = make_batch(args.micro_batch, args.seq_len, valid_vocab, device,
+                       ignored_prefix=args.seq_len // 8)
+    micro_step = ours_micro_step if args.variant == "ours" else transformers_micro_step
 
-    if args.variant == "ours":
-        from engine.step import distill_micro_step
+    def step() -> float:
+        stats = micro_step(student, teacher, batch, valid_vocab, None, autocast_dtype=autocast)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(stats["loss"])
 
-        def step() -> float:
-            stats = distill_micro_step(
-                student, teacher, batch, alpha=alpha, temperature=temperature,
-                valid_vocab=valid_vocab, normalizer=None, autocast_dtype=autocast,
-            )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return float(stats["loss"])
-    else:
-        def step() -> float:
-            ctx = (torch.autocast(device.type, dtype=autocast) if autocast
-                   else torch.autocast(device.type, enabled=False))
-            with torch.no_grad(), ctx:
-                t_logits = teacher(input_ids=batch["input_ids"]).logits
-            with ctx:
-                s_logits = student(input_ids=batch["input_ids"]).logits
-            loss = naive_kd_loss(s_logits, t_logits, batch["labels"], alpha, temperature,
-                                 valid_vocab)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return float(loss.detach())
-
-    rss_before = current_rss() if device.type == "cpu" else 0
+    rss_before = int((proc_status_mib("VmRSS") or 0) * 2**20) if device.type == "cpu" else 0
     losses = [step() for _ in range(args.warmup)]
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -193,7 +118,7 @@ def run_variant(args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=2)
@@ -213,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default="pythia-160m", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, default=50304, help=argparse.SUPPRESS)
     parser.add_argument("--valid-vocab", type=int, default=50277, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.variant:  # child process: one variant, result to a file
         result = run_variant(args)
         args.result_file.write_text(json.dumps(result))

@@ -108,6 +108,14 @@ def write_json_atomic(
     write_text_atomic(path, text + "\n" if trailing_newline else text)
 
 
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file and folder below `folder` (itself included)."""
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            fsync_file(Path(dirpath) / name)
+        fsync_dir(dirpath)
+
+
 def replace_folder(staged: str | os.PathLike, final: str | os.PathLike) -> None:
     """Move a complete, fsynced `staged` folder to `final`, replacing any folder there.
 
@@ -128,12 +136,36 @@ def replace_folder(staged: str | os.PathLike, final: str | os.PathLike) -> None:
         fsync_dir(parent)
 
 
+@contextlib.contextmanager
+def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """Stage a folder, write into it, fsync it, swap it into place; clean up on failure.
+
+    Yields a fresh hidden folder beside `final` (``.<name>.tmp-XXXX``, permissions as a plain
+    ``mkdir`` would give). Files written into it need no atomic writes of their own: on a
+    clean exit everything below it is fsynced and it replaces `final` through
+    `replace_folder`; on an exception it is deleted and `final` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        os.chmod(staged, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide it from others
+        yield staged
+        fsync_tree(staged)
+        replace_folder(staged, final)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
 __all__ = [
     "current_umask",
     "fsync_dir",
     "fsync_file",
+    "fsync_tree",
     "open_atomic",
     "replace_folder",
+    "staged_folder",
     "write_bytes_atomic",
     "write_json_atomic",
     "write_text_atomic",

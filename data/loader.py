@@ -9,7 +9,7 @@ the seed recipe):
   GPTDataset (and so EleutherAI's 2049-token Pythia samples): that way every token of the
   stream except the very first is a training target exactly once.
 - ``PaddedDataset``: one document per item, truncated to seq_len + 1 tokens and padded with
-  ``pad_id``; labels are -100 wherever the target position is padding.
+  ``pad_id``; labels are IGNORE_INDEX wherever the target position is padding.
 
 EleutherAI's preshuffled Pythia idxmaps store one 2049-token sample per sequence, so
 ``PaddedDataset(path, 2048)`` over them yields exactly Pythia's training samples (no padding).
@@ -22,7 +22,7 @@ No zstandard here: the GPU machine trains from finished shards without it.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import numpy as np
 import torch
@@ -114,6 +114,18 @@ class PaddedDataset:
         return {"input_ids": tokens[:, :-1].contiguous(), "labels": labels}
 
 
+DATASET_MODES = ("packed", "padded")
+
+
+def build_dataset(path: str | os.PathLike, mode: str, seq_len: int, pad_id: int = 1):
+    """The dataset for a data mode: "packed" windows or "padded" documents of seq_len tokens."""
+    if mode == "packed":
+        return PackedDataset(path, seq_len)
+    if mode == "padded":
+        return PaddedDataset(path, seq_len, pad_id=pad_id)
+    raise ValueError(f"data mode must be one of {', '.join(DATASET_MODES)}, not {mode!r}")
+
+
 def validation_indices(num_items: int, val_fraction: float) -> np.ndarray:
     """A fixed, seed-independent set of round(n * fraction) items spread evenly over the data.
 
@@ -142,7 +154,8 @@ class BatchLoader:
     items drawn from (seed, e); rank r takes every world_size-th item of it, so ranks are
     disjoint and together cover the epoch (with drop_last, the at most world_size *
     micro_batch - 1 left-over items of that epoch's permutation are skipped).
-    split="val": one pass over the held-out items in order, never dropping any.
+    split="val": one pass over the held-out items in order, never dropping any; every new
+    iteration starts the pass afresh.
     """
 
     def __init__(self, dataset, micro_batch: int, *, seed: int = 0, rank: int | None = None,
@@ -214,6 +227,8 @@ class BatchLoader:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def __iter__(self):
+        if self.split == "val":
+            self.position = 0  # every iteration is the whole split, even after a cut-short one
         while True:
             items = self._rank_items(self.epoch)
             while self.position * self.micro_batch < len(items):
@@ -254,8 +269,3 @@ class BatchLoader:
                 )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
-
-
-def dataset_from_path(path: str | Path, seq_len: int, packed: bool = True, pad_id: int = 1):
-    """Convenience for configs: the packed or padded dataset over a shard folder."""
-    return PackedDataset(path, seq_len) if packed else PaddedDataset(path, seq_len, pad_id)

@@ -288,7 +288,7 @@ class _Run:
             self._advance(record)
         if self.writer is not None and doc > pending_doc:
             self.writer.add_documents(tokens[pending_token:offset], lengths[pending_doc:doc])
-        self.progress.update(documents=doc, tokens=len(flat), nbytes=nbytes)
+        self.progress.update(doc, tokens=len(flat), nbytes=nbytes)
 
     def _skip(self, record) -> None:
         where = self.where(record.file_index, record.line)
@@ -461,7 +461,7 @@ def preprocess(
     manifest_path = output_dir / MANIFEST_NAME
     progress_path = output_dir / PROGRESS_NAME
 
-    progress = Progress(enabled=show_progress)
+    progress = Progress("preprocess", unit="docs", enabled=show_progress)
     run = _Run(settings, output_dir, shard_dtype, strict, progress)
     if manifest_path.is_file():
         old = read_json(manifest_path)

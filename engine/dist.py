@@ -152,18 +152,6 @@ def all_gather_object(obj):
     return out
 
 
-def broadcast_object(obj, src: int = 0):
-    """`obj` as rank `src` holds it, on every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    try:
-        dist.broadcast_object_list(box, src=src)
-    except Exception as exc:
-        raise _collective_failed("broadcast_object_list", exc) from exc
-    return box[0]
-
-
 def barrier() -> None:
     if not is_distributed():
         return

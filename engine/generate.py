@@ -13,8 +13,12 @@ import argparse
 import sys
 
 import torch
+from tokenizers import Tokenizer
 
-from engine.model import CheckpointError, GPTNeoX
+from engine.model.config import CheckpointError
+from engine.model.hf_io import load_pretrained
+from engine.model.network import GPTNeoX, model_device
+from engine.precision import DTYPE_NAMES, dtype_of
 
 
 def sample_next(
@@ -73,7 +77,7 @@ def generate(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
             f"the model's max_positions={limit}"
         )
-    device = model.embed_out.weight.device
+    device = model_device(model)
     ids = ids.to(device)
     new_tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
     if max_new_tokens == 0:
@@ -114,23 +118,19 @@ def _parse_args(argv):
     parser.add_argument("--no-kv-cache", action="store_true")
     parser.add_argument("--stop-at-eos", action="store_true", help="stop after <|endoftext|>")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    from tokenizers import Tokenizer
-
     try:
         tokenizer = Tokenizer.from_file(str(args.tokenizer))
     except Exception as error:  # tokenizers raises a bare Exception for a bad file
         print(f"error: {args.tokenizer}: cannot load tokenizer ({error})", file=sys.stderr)
         return 2
     try:
-        model = GPTNeoX.from_pretrained(
-            args.model, dtype=getattr(torch, args.dtype), device=args.device
-        )
+        model = load_pretrained(args.model, dtype=dtype_of(args.dtype), device=args.device)
         prompt = tokenizer.encode(args.prompt).ids or [model.config.eos_token_id]
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         new = generate(

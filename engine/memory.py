@@ -18,23 +18,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-PRECISIONS = ("bf16-autocast", "bf16-pure", "fp32")
-ATTENTION_IMPLS = ("flash", "math")
+from engine.precision import compute_dtype, precision_dtypes
 
-# Pythia shapes (REFERENCE.md); the other GPTNeoXConfig fields are shared by every size.
-PYTHIA_SHAPES: dict[str, dict[str, int]] = {
-    "pythia-70m": dict(hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048),
-    "pythia-160m": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
-    "pythia-410m": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
-}
-PYTHIA_COMMON = dict(
-    vocab_size=50304,
-    max_positions=2048,
-    rotary_pct=0.25,
-    rotary_base=10000.0,
-    layer_norm_eps=1e-5,
-    use_parallel_residual=True,
-)
+ATTENTION_IMPLS = ("flash", "math")
 
 # What the CUDA driver holds outside the caching allocator (context, cuBLAS/cuDNN handles and
 # kernels images) on a recent driver, and the fraction the allocator loses to fragmentation
@@ -93,21 +79,7 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def pythia_config(name: str):
-    """An engine.model.GPTNeoXConfig for a Pythia size by name ("pythia-70m", "70m", ...)."""
-    from engine.model import GPTNeoXConfig
-
-    key = name if name.startswith("pythia-") else f"pythia-{name}"
-    if key not in PYTHIA_SHAPES:
-        raise ValueError(f"unknown Pythia size {name!r}: known {sorted(PYTHIA_SHAPES)}")
-    return GPTNeoXConfig(**PYTHIA_COMMON, **PYTHIA_SHAPES[key])
-
-
 # ----------------------------------------------------------------------------- counting
-
-
-def _head_dim(cfg) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_heads
 
 
 def parameter_count(cfg) -> dict[str, int]:
@@ -150,14 +122,13 @@ def training_flops_per_token(student_cfg, teacher_cfg, seq_len: int) -> float:
 
 
 def _activation_bytes(precision: str) -> tuple[int, int]:
-    """(bytes of matmul-side activations, bytes of the residual stream / LayerNorm inputs)."""
-    if precision == "bf16-autocast":
-        # Autocast runs matmuls in bf16 but LayerNorm in fp32 and the embedding lookup returns
-        # fp32 rows, so the residual stream stays fp32.
-        return 2, 4
-    if precision == "bf16-pure":
-        return 2, 2
-    return 4, 4
+    """(bytes of matmul-side activations, bytes of the residual stream / LayerNorm inputs).
+
+    Matmuls run in the mode's compute dtype; LayerNorm (fp32 under autocast) and the
+    embedding lookup return the weights' dtype, so the residual stream is in the latter.
+    """
+    weight, _ = precision_dtypes(precision)
+    return compute_dtype(precision).itemsize, weight.itemsize
 
 
 def _layer_saved_tensors(cfg, tokens: int, seq_len: int, precision: str, attention: str):
@@ -212,8 +183,7 @@ def activation_breakdown(
 ) -> dict[str, int]:
     """Bytes autograd holds at the start of backward for the student's forward pass
     (logits excluded: they are counted with the loss buffers)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: choose one of {PRECISIONS}")
+    precision_dtypes(precision)  # an unknown mode raises here, naming the known ones
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention {attention!r}: choose one of {ATTENTION_IMPLS}")
     tokens = micro_batch * seq_len
@@ -303,6 +273,36 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def _student_state(cfg, precision: str, activation_checkpointing: bool) -> list[tuple[str, int]]:
+    """Weights, gradients and AdamW moments of the trained student, as (name, bytes)."""
+    counts = parameter_count(cfg)
+    n = counts["total"]
+    if precision == "bf16-autocast":
+        # Autocast's bf16 copy of each matmul weight is saved for the input gradient, so it
+        # lives until backward; the bias copies are dropped when the forward's autocast exits.
+        # With checkpointing only embed_out's copy and the re-run block's copies exist at once.
+        cast = counts["linear_weights"]
+        if activation_checkpointing:
+            cast = cfg.vocab_size * cfg.hidden_size + _block_weights(cfg)
+        return [
+            ("student weights (fp32 master)", 4 * n),
+            ("student bf16 weight casts (autocast)", 2 * cast),
+            ("student gradients (fp32)", 4 * n),
+            ("AdamW moments m, v (fp32)", 8 * n),
+        ]
+    if precision == "bf16-pure":
+        return [
+            ("student weights (bf16, no master)", 2 * n),
+            ("student gradients (bf16)", 2 * n),
+            ("AdamW moments m, v (bf16)", 4 * n),
+        ]
+    return [
+        ("student weights (fp32)", 4 * n),
+        ("student gradients (fp32)", 4 * n),
+        ("AdamW moments m, v (fp32)", 8 * n),
+    ]
+
+
 def plan_memory(
     teacher_cfg,
     student_cfg,
@@ -321,42 +321,22 @@ def plan_memory(
     precision is "fp32". `in_place_loss_gradient` says the kd kernel writes dL/dlogits into
     the student's logits buffer (the Triton path); without it a separate buffer appears.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: choose one of {PRECISIONS}")
+    precision_dtypes(precision)  # an unknown mode raises here, naming the known ones
     if micro_batch < 1 or seq_len < 1:
         raise ValueError(f"micro_batch and seq_len must be >= 1, got {micro_batch}, {seq_len}")
     tokens = micro_batch * seq_len
-    counts = parameter_count(student_cfg)
-    n = counts["total"]
     plan = MemoryPlan(micro_batch, seq_len, precision, activation_checkpointing)
 
     def add(name: str, nbytes: int, group: str) -> None:
         plan.components[name] = int(nbytes)
         plan.groups[name] = group
 
-    if precision == "bf16-autocast":
-        add("student weights (fp32 master)", 4 * n, "student")
-        # Autocast's bf16 copy of each matmul weight is saved for the input gradient, so it
-        # lives until backward; the bias copies are dropped when the forward's autocast exits.
-        # With checkpointing only embed_out's copy and the re-run block's copies exist at once.
-        cast = counts["linear_weights"]
-        if activation_checkpointing:
-            cast = student_cfg.vocab_size * student_cfg.hidden_size + _block_weights(student_cfg)
-        add("student bf16 weight casts (autocast)", 2 * cast, "student")
-        add("student gradients (fp32)", 4 * n, "student")
-        add("AdamW moments m, v (fp32)", 8 * n, "student")
-    elif precision == "bf16-pure":
-        add("student weights (bf16, no master)", 2 * n, "student")
-        add("student gradients (bf16)", 2 * n, "student")
-        add("AdamW moments m, v (bf16)", 4 * n, "student")
-    else:
-        add("student weights (fp32)", 4 * n, "student")
-        add("student gradients (fp32)", 4 * n, "student")
-        add("AdamW moments m, v (fp32)", 8 * n, "student")
+    for name, nbytes in _student_state(student_cfg, precision, activation_checkpointing):
+        add(name, nbytes, "student")
 
-    logit_bytes = 4 if precision == "fp32" else 2
+    logit_bytes = compute_dtype(precision).itemsize
     if teacher_cfg is not None:
-        tb = teacher_dtype_bytes or (4 if precision == "fp32" else 2)
+        tb = teacher_dtype_bytes or logit_bytes
         add(f"teacher weights ({'bf16' if tb == 2 else 'fp32'}, frozen)",
             tb * parameter_count(teacher_cfg)["total"], "teacher")
         add("teacher logits [B,T,V]", tb * tokens * teacher_cfg.vocab_size, "loss")

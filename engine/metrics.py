@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from data.atomic import write_text_atomic
+from data.progress import Progress
 
 # Dense bf16 tensor-core peak, FLOP/s (datasheet). Matched as a substring of the CUDA device
 # name, longest first. No CPU entry: a CPU's peak depends on cores and ISA, so MFU on CPU is
@@ -38,17 +39,6 @@ def peak_flops(device: torch.device) -> float | None:
         if key.lower() in name.lower():
             return PEAK_BF16_FLOPS[key]
     return None
-
-
-def flops_per_token(student_config, teacher_config, seq_len: int) -> float:
-    """Training FLOPs per token: student forward+backward plus the teacher's forward.
-
-    nanoGPT's estimate, 6N + 12*L*H*T for the trained model (N = parameters in matmuls,
-    the input embedding is a lookup) and a third of that for a forward-only teacher.
-    """
-    from engine.memory import training_flops_per_token
-
-    return training_flops_per_token(student_config, teacher_config, seq_len)
 
 
 def mfu(tokens_per_second: float, flops_token: float, peak: float | None) -> float | None:
@@ -75,16 +65,11 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def progress_bar(done: int, total: int, width: int = 20) -> str:
-    filled = int(width * done / total) if total else width
-    return "[" + "#" * filled + "." * (width - filled) + "]"
-
-
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def format_step_line(record: dict, total_steps: int, *, bar: bool = False) -> str:
+def format_step_line(record: dict, total_steps: int) -> str:
     """One human line per step; the full record goes to metrics.jsonl."""
     parts = [
         f"step {record['step']}/{total_steps}",
@@ -100,20 +85,33 @@ def format_step_line(record: dict, total_steps: int, *, bar: bool = False) -> st
     ]
     if record.get("skipped"):
         parts.append("SKIPPED (non-finite)")
-    line = " | ".join(parts)
-    if bar:
-        line = progress_bar(record["step"], total_steps) + " " + line
-    return line
+    return " | ".join(parts)
 
 
 class MetricsWriter:
-    """Appends records to <out_dir>/metrics.jsonl and prints step lines (rank 0 only)."""
+    """Appends records to <out_dir>/metrics.jsonl and prints step lines (rank 0 only).
+
+    The one place a run's numbers leave the process: a new sink (TensorBoard, a plot) hooks
+    in here. On a terminal a step bar (data.progress) stays below the printed lines.
+    """
 
     def __init__(self, out_dir: str | os.PathLike, *, enabled: bool, total_steps: int):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.total_steps = total_steps
-        self.tty = sys.stdout.isatty()
+        self.progress: Progress | None = None
+
+    def start(self, step: int) -> None:
+        """Begin the step bar at `step` (drawn on a terminal only)."""
+        enabled = self.enabled and sys.stderr.isatty()
+        self.progress = Progress(
+            "train", total=self.total_steps, unit="steps", initial=step, enabled=enabled
+        )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
 
     def truncate_after(self, step: int) -> None:
         """Drop records logged after `step` (work a resumed run is about to redo)."""
@@ -139,9 +137,15 @@ class MetricsWriter:
 
     def log_step(self, record: dict, *, print_line: bool = True) -> None:
         self.write(record)
-        if self.enabled and print_line:
-            print(format_step_line(record, self.total_steps, bar=self.tty), flush=True)
+        if self.progress is not None:
+            self.progress.update(1)
+        if print_line:
+            self.log_text(format_step_line(record, self.total_steps))
 
     def log_text(self, text: str) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.print(text)
+        else:
             print(text, flush=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-# Shapes from REFERENCE.md; vocab 50304 with 50277 real tokens.
+# Pythia's shapes (docs/architecture.md); vocab 50304 with 50277 real tokens.
 PYTHIA_SHAPES = {
     "70m": dict(
         num_hidden_layers=6, hidden_size=512, num_attention_heads=8, intermediate_size=2048

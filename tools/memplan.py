@@ -13,20 +13,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.memory import (
-    PYTHIA_SHAPES,
-    format_bytes,
-    largest_micro_batch,
-    parse_bytes,
-    plan_memory,
-    pythia_config,
-)
+from data.atomic import write_json_atomic
+from engine.memory import format_bytes, largest_micro_batch, parse_bytes, plan_memory
+from engine.model.config import PYTHIA_SHAPES, GPTNeoXConfig, pythia_config
+from engine.precision import dtype_bytes
+from engine.train.config import load_config
 
 
 def model_config_for(path: str, *, role: str):
     """GPTNeoXConfig for a checkpoint folder, or for a Pythia name found in the path."""
-    from engine.model import GPTNeoXConfig
-
     folder = Path(path)
     if (folder / "config.json").is_file():
         return GPTNeoXConfig.from_json_file(folder / "config.json")
@@ -42,7 +37,7 @@ def model_config_for(path: str, *, role: str):
 
 
 def configs_from_training_config(config):
-    """(teacher_cfg or None, student_cfg) for an engine.config.Config."""
+    """(teacher_cfg or None, student_cfg) for an engine.train.config.Config."""
     teacher = model_config_for(config.teacher.path, role="teacher") if config.teacher.path else None
     if config.student.init == "scratch":
         student = config.student.scratch_model_config()
@@ -62,8 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="", help="also write the plans as JSON to this path")
     args, overrides = parser.parse_known_args(argv)
     try:
-        from engine.config import load_config
-
         config = load_config(args.config, overrides, check=False)
         budget = parse_bytes(args.budget)
         teacher_cfg, student_cfg = configs_from_training_config(config)
@@ -74,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(
         seq_len=config.batch.seq_len,
         precision=config.precision,
-        teacher_dtype_bytes={"bf16": 2, "fp16": 2, "fp32": 4}[config.teacher.dtype],
+        teacher_dtype_bytes=dtype_bytes(config.teacher.dtype),
         in_place_loss_gradient=config.loss.backend != "torch",
     )
     checkpointing = config.runtime.activation_checkpointing
@@ -109,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
             "plan": plan.to_dict(),
             "largest_micro_batch": {"no_checkpointing": best[False], "checkpointing": best[True]},
         }
-        from data.atomic import write_json_atomic
-
         write_json_atomic(Path(args.json), out)  # creates the folder
     return 0 if plan.fits(budget) else 1
 

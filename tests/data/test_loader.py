@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import BatchLoader, PackedDataset, PaddedDataset, validation_indices
+from data.loader import (
+    BatchLoader,
+    PackedDataset,
+    PaddedDataset,
+    build_dataset,
+    validation_indices,
+)
 from data.shards import ShardWriter
 
 
@@ -227,3 +233,13 @@ def test_rank_and_world_size_default_to_torch_distributed(tmp_path):
     assert [(r["rank"], r["world"]) for r in results] == [(0, 2), (1, 2)]
     seen = results[0]["seen"] + results[1]["seen"]
     assert sorted(seen) == sorted(set(range(37)) - set(validation_indices(37, 0.1).tolist()))
+
+
+def test_build_dataset_picks_the_mode(shard_dir):
+    folder, docs = shard_dir
+    packed = build_dataset(folder, "packed", 16)
+    assert isinstance(packed, PackedDataset) and packed.seq_len == 16
+    padded = build_dataset(folder, "padded", 16, pad_id=7)
+    assert isinstance(padded, PaddedDataset) and padded.pad_id == 7 and len(padded) == len(docs)
+    with pytest.raises(ValueError, match="packed, padded, not 'stacked'"):
+        build_dataset(folder, "stacked", 16)

@@ -1,4 +1,4 @@
-"""The progress line draws on a terminal and stays silent otherwise."""
+"""The one progress display (data.progress, on tqdm): draws on a terminal, silent otherwise."""
 
 from __future__ import annotations
 
@@ -12,21 +12,45 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-def test_progress_draws_rates_on_a_terminal():
+def test_progress_draws_count_and_rates_on_a_terminal():
     stream = FakeTerminal()
-    progress = Progress(stream=stream, min_interval=0.0)
-    progress.update(documents=3, tokens=1200, nbytes=5_000_000)
-    progress.update(documents=2, tokens=800, nbytes=1_000_000)
+    progress = Progress("preprocess", unit="docs", stream=stream, min_interval=0.0)
+    progress.update(3, tokens=1200, nbytes=5_000_000)
+    progress.update(2, tokens=800, nbytes=1_000_000)
     progress.close()
     out = stream.getvalue()
     assert out.startswith("\r") and out.endswith("\n")
-    assert "5 docs 2,000 tokens" in out and "docs/s" in out and "tok/s" in out and "MB/s" in out
+    final = out.rstrip().rsplit("\r", 1)[-1]
+    assert final.startswith("preprocess: 5 docs")
+    assert "2,000 tokens" in final and "tok/s" in final and "MB/s" in final
 
 
-def test_progress_is_quiet_off_a_terminal():
+def test_progress_with_a_total_shows_a_bar():
+    stream = FakeTerminal()
+    progress = Progress("lambada", 10, "requests", stream=stream, min_interval=0.0)
+    progress.update(4, tokens=100)
+    progress.update(6, tokens=100)
+    progress.close()
+    final = stream.getvalue().rstrip().rsplit("\r", 1)[-1]
+    assert "100%" in final and "10/10 requests" in final and "200 tokens" in final
+
+
+def test_progress_is_quiet_off_a_terminal_but_still_counts():
     stream = io.StringIO()
-    progress = Progress(stream=stream, min_interval=0.0)
-    progress.update(documents=1, tokens=10, nbytes=100)
+    progress = Progress(unit="docs", stream=stream, min_interval=0.0)
+    progress.update(1, tokens=10, nbytes=100)
     progress.close()
     assert stream.getvalue() == ""
-    assert progress.documents == 1 and progress.tokens == 10
+    assert (progress.count, progress.tokens, progress.bytes) == (1, 10, 100)
+
+
+def test_print_goes_above_a_live_bar(capsys):
+    stream = FakeTerminal()
+    progress = Progress("train", 4, "steps", stream=stream, min_interval=0.0)
+    progress.update(1)
+    progress.print("step 1/4 | loss 2.0")
+    progress.close()
+    assert capsys.readouterr().out == "step 1/4 | loss 2.0\n"
+    quiet = Progress("train", 4, "steps", stream=io.StringIO())
+    quiet.print("plain line")
+    assert capsys.readouterr().out == "plain line\n"

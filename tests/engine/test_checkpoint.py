@@ -1,4 +1,4 @@
-"""engine.checkpoint: atomic saves, keep-last, resume=auto, and processes killed mid-save."""
+"""engine.train.checkpoint and export: atomic saves, keep-last, resume, kills mid-save."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import checkpoint as ckpt
-from engine.model import GPTNeoX, GPTNeoXConfig
+from engine.model import GPTNeoX, GPTNeoXConfig, load_pretrained
+from engine.train import checkpoint as ckpt
 from engine.train import run
+from engine.train.export import export_student
 from tests.engine.test_train import (
     assert_same_run,
     base_overrides,
@@ -111,15 +112,15 @@ def test_export_with_tokenizer_and_refusal(tmp_path):
     model = tiny_student()
     tokenizer = tmp_path / "tok.json"
     tokenizer.write_text('{"fake": "tokenizer"}')
-    out = ckpt.export_student(model, tmp_path / "final", tokenizer_path=tokenizer)
+    out = export_student(model, tmp_path / "final", tokenizer_path=tokenizer)
     assert (out / "tokenizer.json").read_text() == tokenizer.read_text()
-    assert GPTNeoX.from_pretrained(out).config.intermediate_size == 40
-    ckpt.export_student(model, tmp_path / "final")  # replacing an export is fine
+    assert load_pretrained(out).config.intermediate_size == 40
+    export_student(model, tmp_path / "final")  # replacing an export is fine
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a model folder"):
-        ckpt.export_student(model, precious)
+        export_student(model, precious)
     assert (precious / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "precious", "tok.json"]
 

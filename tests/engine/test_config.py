@@ -1,4 +1,4 @@
-"""engine.config: presets, overrides, typed parsing, and errors that name the key."""
+"""engine.train.config: presets, overrides, typed parsing, and errors that name the key."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import (
+from engine.train.__main__ import main as train_main
+from engine.train.config import (
     Config,
     ConfigError,
     config_from_dict,
@@ -16,7 +17,6 @@ from engine.config import (
     valid_keys,
     write_resolved,
 )
-from engine.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[2]
 SEED_PRESET = REPO / "configs" / "distilpythia.toml"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import checkpoint as ckpt
+from engine.train import checkpoint as ckpt
 from engine.train import run
 from tests.engine.test_train import (
     assert_weights_close,

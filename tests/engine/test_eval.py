@@ -15,16 +15,9 @@ import pytest
 import torch
 
 from engine.eval import heldout_metrics, score_batch
-from engine.eval import main as eval_main
-from engine.eval_tasks import (
-    EvalInputError,
-    ScoringSetup,
-    TextEncoder,
-    evaluate_lambada,
-    evaluate_mc,
-    evaluate_ppl,
-    read_jsonl,
-)
+from engine.eval.__main__ import main as eval_main
+from engine.eval.requests import EvalInputError, TextEncoder, read_jsonl
+from engine.eval.tasks import ScoringSetup, evaluate_lambada, evaluate_mc, evaluate_ppl
 from tests.hf_models import random_pythia
 
 TINY_VOCAB = 96
@@ -219,9 +212,9 @@ def _harness_loglik(hf_model, tokenizer, context, continuation, max_length):
 
 def _models_under_test(root, hf_models, which="student"):
     """The transformers model itself (full-logit path) and our GPTNeoX (scored rows only)."""
-    from engine.model import GPTNeoX
+    from engine.model import load_pretrained
 
-    return {"transformers": hf_models[which], "ours": GPTNeoX.from_pretrained(root / which)}
+    return {"transformers": hf_models[which], "ours": load_pretrained(root / which)}
 
 
 LAMBADA_TEXTS = [
@@ -391,9 +384,9 @@ def test_heldout_metrics_with_our_model(task_files):
     """The scored-rows-only path (hidden_states + embed_out) gives the same numbers."""
     root, hf_models = task_files
     ours = _models_under_test(root, hf_models)["ours"]
-    from engine.model import GPTNeoX
+    from engine.model import load_pretrained
 
-    our_teacher = GPTNeoX.from_pretrained(root / "teacher")
+    our_teacher = load_pretrained(root / "teacher")
     batches = _random_batches(4, [(2, 13), (3, 7)], 300)
     expected = _direct_metrics(hf_models["student"], hf_models["teacher"], batches, 2.0, 300)
     got = heldout_metrics(ours, batches, teacher=our_teacher, valid_vocab=300, chunk_rows=6)
@@ -467,7 +460,7 @@ def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path, task_files, caps
 
 def test_cli_json_and_compare_table(tmp_path, task_files, capsys):
     root, hf_models = task_files
-    from engine.compare import matplotlib_available
+    from engine.eval.compare import matplotlib_available
 
     lambada = _write_jsonl(tmp_path / "lambada_openai.jsonl", [{"text": t} for t in LAMBADA_TEXTS])
     piqa = _write_jsonl(tmp_path / "piqa.jsonl", _mc_lines()[:4])
@@ -529,7 +522,7 @@ def test_ppl_over_shards_equals_jsonl_and_heldout_matches_training_validation(ta
     training loop's validation (same loader split, same heldout_metrics), batch size aside."""
     from data.loader import BatchLoader, PackedDataset
     from data.preprocess import preprocess
-    from engine.model import GPTNeoX
+    from engine.model import load_pretrained
 
     root, _ = task_files
     texts = _sentences(12, 24, low=2, high=30)
@@ -537,8 +530,8 @@ def test_ppl_over_shards_equals_jsonl_and_heldout_matches_training_validation(ta
     shards = tmp_path / "shards"
     preprocess([corpus], root / "tokenizer.json", shards, show_progress=False)
 
-    student = GPTNeoX.from_pretrained(root / "student")
-    teacher = GPTNeoX.from_pretrained(root / "teacher")
+    student = load_pretrained(root / "student")
+    teacher = load_pretrained(root / "teacher")
     setup = ScoringSetup(model=student, max_length=16, batch_size=4, progress=False)
     encoder = TextEncoder(root / "tokenizer.json")
     from_text = evaluate_ppl(setup, encoder, corpus, model_vocab=TASK_VOCAB, teacher=teacher)
@@ -606,7 +599,7 @@ def test_real_neox_tokenizer_as_the_harness_uses_it(neox_tokenizer_path):
     with pytest.raises(EvalInputError, match="50277 tokens but model m has vocab_size 50000"):
         encoder.check_fits(50000, "m")
     # The continuation's first token is the one produced at the boundary of the whole string.
-    from engine.eval_tasks import encode_requests
+    from engine.eval.requests import encode_requests
 
     (request,) = encode_requests(encoder, [("Hello world, this is the", " Pile.")])
     assert request.context == [12092, 1533, 13, 436, 310, 253]
@@ -634,7 +627,7 @@ def test_heldout_metrics_reduce_across_ranks_single_process_group(tiny_pair, tmp
 
 
 def test_progress_bar_draws_only_when_enabled(capsys):
-    from engine.eval_tasks import Progress
+    from data.progress import Progress
 
     quiet = Progress("lambada", 10, "requests", enabled=False)
     quiet.update(10, tokens=100)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.generate import generate, main
-from engine.model import GPTNeoX, GPTNeoXConfig
+from engine.model import GPTNeoX, GPTNeoXConfig, save_pretrained
 from tests.engine.test_model import perturbed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -98,8 +98,8 @@ def test_generate_rejects_bad_requests():
 
 
 def test_cli_prints_the_prompt_and_its_continuation(tmp_path, neox_tokenizer_path, capsys):
-    folder = random_model(seed=6, vocab_size=50304, max_positions=2048).save_pretrained(
-        tmp_path / "student"
+    folder = save_pretrained(
+        random_model(seed=6, vocab_size=50304, max_positions=2048), tmp_path / "student"
     )
     common = ["--model", str(folder), "--tokenizer", str(neox_tokenizer_path),
               "--prompt", "Hello world, this is the Pile.", "--max-new-tokens", "12"]

@@ -10,20 +10,18 @@ import pytest
 import torch
 
 from engine.memory import (
-    PYTHIA_SHAPES,
     activation_breakdown,
     largest_micro_batch,
     parameter_count,
     parse_bytes,
     plan_memory,
-    pythia_config,
 )
-from engine.model import GPTNeoX, GPTNeoXConfig
+from engine.model import PYTHIA_SHAPES, GPTNeoX, GPTNeoXConfig, pythia_config
 
 # Odd sizes on purpose: nothing divides nicely, rotary covers 6 of 24 head dims.
 TINY = dict(vocab_size=301, hidden_size=96, num_layers=3, num_heads=4, intermediate_size=376,
             max_positions=128)
-# Exact HF counts from REFERENCE.md.
+# Exact parameter counts of the released Pythia checkpoints (transformers' num_parameters).
 PYTHIA_PARAMS = {"pythia-70m": 70_426_624, "pythia-160m": 162_322_944}
 
 

@@ -11,7 +11,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.model import CheckpointError, GPTNeoX, GPTNeoXConfig
+from engine.model import (
+    CheckpointError,
+    GPTNeoX,
+    GPTNeoXConfig,
+    load_pretrained,
+    save_pretrained,
+)
 from tests.engine.test_model import (
     FP32_TOLERANCE,
     hf_state_dict_as_ours,
@@ -51,7 +57,7 @@ def test_our_save_loads_in_transformers_with_the_same_logits(tmp_path, save_dtyp
 
     # Non-default rotary settings prove transformers reads them from our config.json.
     ours = perturbed_model(seed=1, rotary_pct=0.5, rotary_base=500.0, use_parallel_residual=False)
-    folder = ours.save_pretrained(tmp_path / "student", dtype=save_dtype)
+    folder = save_pretrained(ours, tmp_path / "student", dtype=save_dtype)
     hf, info = GPTNeoXForCausalLM.from_pretrained(
         folder, dtype=torch.float32, output_loading_info=True
     )
@@ -99,13 +105,13 @@ def test_transformers_fp16_sharded_save_with_legacy_buffers_loads_in_ours(tmp_pa
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
     add_legacy_buffers(folder, num_layers=2, rotary_dims=4)
 
-    ours = GPTNeoX.from_pretrained(folder)
+    ours = load_pretrained(folder)
     assert ours.embed_out.weight.dtype == torch.float32 and not ours.training
     input_ids = sample_ids(2)
     reference = logits_of(hf, input_ids)
     assert relative_max_diff(logits_of(ours, input_ids), reference) <= FP32_TOLERANCE
 
-    in_bf16 = GPTNeoX.from_pretrained(folder, dtype=torch.bfloat16)
+    in_bf16 = load_pretrained(folder, dtype=torch.bfloat16)
     assert {p.dtype for p in in_bf16.parameters()} == {torch.bfloat16}
     assert in_bf16.rotary.cos.dtype == torch.float32
     assert relative_max_diff(logits_of(in_bf16, input_ids), reference) <= 2e-2
@@ -113,7 +119,7 @@ def test_transformers_fp16_sharded_save_with_legacy_buffers_loads_in_ours(tmp_pa
 
 def test_ours_round_trip_is_exact_and_fp16_save_rounds_like_release(tmp_path):
     ours = perturbed_model(seed=5)
-    loaded = GPTNeoX.from_pretrained(ours.save_pretrained(tmp_path / "a"))
+    loaded = load_pretrained(save_pretrained(ours, tmp_path / "a"))
     for (name, p), q in zip(ours.named_parameters(), loaded.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
         assert q.requires_grad
@@ -121,10 +127,10 @@ def test_ours_round_trip_is_exact_and_fp16_save_rounds_like_release(tmp_path):
     assert len(storages) == len(list(loaded.parameters()))  # one storage per tensor, no views
     assert loaded.config == ours.config
 
-    ours.save_pretrained(tmp_path / "b", dtype=torch.float16)
+    save_pretrained(ours, tmp_path / "b", dtype=torch.float16)
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert config["torch_dtype"] == "float16" and config["model_type"] == "gpt_neox"
-    half_loaded = GPTNeoX.from_pretrained(tmp_path / "b")
+    half_loaded = load_pretrained(tmp_path / "b")
     for p, q in zip(ours.parameters(), half_loaded.parameters(), strict=True):
         torch.testing.assert_close(q, p.half().float(), rtol=0, atol=0)
 
@@ -140,10 +146,10 @@ def test_hf_module_state_matches_our_names_one_to_one():
 
 def test_save_replaces_an_existing_checkpoint(tmp_path):
     target = tmp_path / "ckpt"
-    perturbed_model(seed=1).save_pretrained(target)
+    save_pretrained(perturbed_model(seed=1), target)
     newer = perturbed_model(seed=2)
-    newer.save_pretrained(target)
-    loaded = GPTNeoX.from_pretrained(target)
+    save_pretrained(newer, target)
+    loaded = load_pretrained(target)
     torch.testing.assert_close(loaded.embed_out.weight, newer.embed_out.weight, rtol=0, atol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp leftovers
     mask = os.umask(0o022)
@@ -154,7 +160,7 @@ def test_save_replaces_an_existing_checkpoint(tmp_path):
 def test_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
     old = perturbed_model(seed=1)
-    old.save_pretrained(target)
+    save_pretrained(old, target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
 
     import safetensors.torch
@@ -165,7 +171,7 @@ def test_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", half_write_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        perturbed_model(seed=2).save_pretrained(target)
+        save_pretrained(perturbed_model(seed=2), target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -175,7 +181,7 @@ def test_save_refuses_to_replace_a_folder_that_is_not_a_checkpoint(tmp_path):
     precious.mkdir()
     (precious / "thesis.txt").write_text("irreplaceable")
     with pytest.raises(CheckpointError, match="notes"):
-        perturbed_model().save_pretrained(precious)
+        save_pretrained(perturbed_model(), precious)
     assert (precious / "thesis.txt").read_text() == "irreplaceable"
 
 
@@ -184,7 +190,7 @@ def test_save_refuses_to_replace_a_folder_that_is_not_a_checkpoint(tmp_path):
 
 @pytest.fixture
 def good_folder(tmp_path) -> Path:
-    return perturbed_model(seed=3).save_pretrained(tmp_path / "good")
+    return save_pretrained(perturbed_model(seed=3), tmp_path / "good")
 
 
 def rewrite_weights(folder: Path, edit) -> None:
@@ -196,31 +202,31 @@ def rewrite_weights(folder: Path, edit) -> None:
 def test_missing_config_names_the_path(good_folder):
     (good_folder / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"good/config\.json.*not found"):
-        GPTNeoX.from_pretrained(good_folder)
+        load_pretrained(good_folder)
 
 
 def test_broken_config_names_the_path(good_folder):
     (good_folder / "config.json").write_text('{"model_type": "gpt_neox", ')
     with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
-        GPTNeoX.from_pretrained(good_folder)
+        load_pretrained(good_folder)
     (good_folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(CheckpointError, match=r"config\.json: model_type must be 'gpt_neox'"):
-        GPTNeoX.from_pretrained(good_folder)
+        load_pretrained(good_folder)
 
 
 def test_missing_folder_and_missing_weights(tmp_path, good_folder):
     with pytest.raises(CheckpointError, match="nowhere"):
-        GPTNeoX.from_pretrained(tmp_path / "nowhere")
+        load_pretrained(tmp_path / "nowhere")
     (good_folder / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"good: no model\.safetensors"):
-        GPTNeoX.from_pretrained(good_folder)
+        load_pretrained(good_folder)
 
 
 def test_missing_tensor_is_named(good_folder):
     rewrite_weights(good_folder, lambda t: t.pop("gpt_neox.layers.1.mlp.dense_4h_to_h.bias"))
     expected = r"missing tensor.*layers\.1\.mlp\.dense_4h_to_h\.bias"
     with pytest.raises(CheckpointError, match=expected):
-        GPTNeoX.from_pretrained(good_folder)
+        load_pretrained(good_folder)
 
 
 def test_unexpected_tensor_is_named(good_folder):
@@ -229,7 +235,7 @@ def test_unexpected_tensor_is_named(good_folder):
     )
     expected = r"unexpected tensor 'gpt_neox\.layers\.0\.attention\.scale'"
     with pytest.raises(CheckpointError, match=expected):
-        GPTNeoX.from_pretrained(good_folder)
+        load_pretrained(good_folder)
 
 
 def test_shape_mismatch_names_tensor_and_both_shapes(good_folder):
@@ -237,7 +243,7 @@ def test_shape_mismatch_names_tensor_and_both_shapes(good_folder):
         good_folder, lambda t: t.update({"gpt_neox.embed_in.weight": torch.randn(VOCAB + 1, 64)})
     )
     with pytest.raises(CheckpointError) as info:
-        GPTNeoX.from_pretrained(good_folder)
+        load_pretrained(good_folder)
     message = str(info.value)
     assert "gpt_neox.embed_in.weight" in message
     assert f"expected [{VOCAB}, 64]" in message and f"found [{VOCAB + 1}, 64]" in message
@@ -249,7 +255,7 @@ def test_integer_tensor_is_refused_by_name(good_folder):
         lambda t: t.update({"gpt_neox.final_layer_norm.bias": torch.arange(64, dtype=torch.int32)}),
     )
     with pytest.raises(CheckpointError, match=r"final_layer_norm\.bias.*dtype I32"):
-        GPTNeoX.from_pretrained(good_folder)
+        load_pretrained(good_folder)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "tiny", "garbage"])
@@ -264,7 +270,7 @@ def test_damaged_weights_file_names_the_path(good_folder, damage):
         weights.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
     expected = r"good/model\.safetensors: not a readable safetensors"
     with pytest.raises(CheckpointError, match=expected):
-        GPTNeoX.from_pretrained(good_folder)
+        load_pretrained(good_folder)
 
 
 def test_index_referencing_a_missing_shard_names_it(tmp_path):
@@ -274,7 +280,7 @@ def test_index_referencing_a_missing_shard_names_it(tmp_path):
     victim = sorted(folder.glob("model-*.safetensors"))[1]
     victim.unlink()
     with pytest.raises(CheckpointError, match=f"missing shard file .*{victim.name}"):
-        GPTNeoX.from_pretrained(folder)
+        load_pretrained(folder)
 
 
 
@@ -288,4 +294,4 @@ def test_tensor_in_two_shards_is_refused_by_name(tmp_path):
     tensors[name] = load_file(first)[name]
     save_file(tensors, second, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=f"{name}.*also appears in"):
-        GPTNeoX.from_pretrained(folder)
+        load_pretrained(folder)

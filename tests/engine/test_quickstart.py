@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import quickstart
-from engine.stdlib_corpus import (
+from engine.quickstart import pipeline as quickstart
+from engine.quickstart.corpus import (
     SPECIAL_TOKENS,
     build_stdlib_corpus,
     read_documents,
@@ -165,7 +165,7 @@ def test_bad_settings_are_named(tmp_path, text, message):
 
 
 def test_bad_engine_key_in_a_stage_is_a_config_error(tmp_path):
-    from engine.config import ConfigError
+    from engine.train.config import ConfigError
 
     settings = quickstart.load_settings(quickstart.DEFAULT_CONFIG)
     settings["distill"]["optim"]["learning_rate"] = 1.0

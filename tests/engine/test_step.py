@@ -1,4 +1,4 @@
-"""engine.step.distill_micro_step: gradients, normaliser semantics, frozen teacher."""
+"""engine.train.step.distill_micro_step: gradients, normaliser semantics, frozen teacher."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model import GPTNeoX, GPTNeoXConfig
-from engine.step import distill_micro_step
+from engine.train.step import distill_micro_step
 from kernels.kd_loss import kd_loss_reference
 
 VOCAB = 97  # odd on purpose

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from data.shards import ShardWriter
-from engine import checkpoint as ckpt
-from engine import train as train_module
-from engine.config import ConfigError, load_config
-from engine.model import GPTNeoX, GPTNeoXConfig
+from engine.model import GPTNeoX, GPTNeoXConfig, load_pretrained, save_pretrained
 from engine.train import TrainingDiverged, run
+from engine.train import checkpoint as ckpt
+from engine.train import step as step_module
+from engine.train.__main__ import main as train_main
+from engine.train.config import ConfigError, load_config
 
 VOCAB = 320  # not a power of two
 VALID_VOCAB = 300
@@ -39,7 +40,7 @@ def make_assets(root: Path) -> dict[str, Path]:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        model.save_pretrained(root / name)
+        save_pretrained(model, root / name)
     rng = np.random.default_rng(0)
     data = root / "data"
     data.mkdir(exist_ok=True)
@@ -96,7 +97,7 @@ def train_records(out_dir: Path) -> list[dict]:
 
 
 def final_weights(result: dict) -> dict[str, torch.Tensor]:
-    model = GPTNeoX.from_pretrained(result["export_dir"])
+    model = load_pretrained(result["export_dir"])
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -137,7 +138,7 @@ def test_run_writes_everything(straight_run):
     assert all(np.isfinite(r["loss"]) and not r["skipped"] for r in records)
     val = result["val"]
     assert val["val_tokens"] > 0 and np.isfinite(val["val_ce"]) and "val_kd" in val
-    assert GPTNeoX.from_pretrained(result["export_dir"]).config.vocab_size == VOCAB
+    assert load_pretrained(result["export_dir"]).config.vocab_size == VOCAB
 
 
 def test_resume_is_bit_exact(assets, tmp_path, straight_run):
@@ -185,7 +186,7 @@ def assert_weights_close(weights, reference, rtol=1e-4, atol=1e-6):
 
 def poison_steps(monkeypatch, bad_steps: set[int], accum: int = 2):
     """Make the gradient of the given (1-based) optimizer steps non-finite."""
-    real = train_module.distill_micro_step
+    real = step_module.distill_micro_step
     calls = {"n": 0}
 
     def poisoned(student, *args, **kwargs):
@@ -196,7 +197,7 @@ def poison_steps(monkeypatch, bad_steps: set[int], accum: int = 2):
             next(iter(student.parameters())).grad.fill_(float("nan"))
         return stats
 
-    monkeypatch.setattr(train_module, "distill_micro_step", poisoned)
+    monkeypatch.setattr(step_module, "distill_micro_step", poisoned)
 
 
 def test_non_finite_step_is_skipped(assets, tmp_path, monkeypatch):
@@ -223,7 +224,7 @@ def test_repeated_non_finite_steps_stop_with_good_checkpoint(assets, tmp_path, m
         assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2]
         before = (ckpt.latest_checkpoint(out) / "student" / "model.safetensors").read_bytes()
         # The command line turns it into a non-zero exit with the message.
-        code = train_module.main(overrides)
+        code = train_main(overrides)
     assert code == 1
     assert "non-finite steps in a row" in capsys.readouterr().err
     assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2]
@@ -270,7 +271,7 @@ def test_run_level_configuration_errors(assets, tmp_path, straight_run):
 
 
 def test_metrics_helpers():
-    from engine import metrics
+    from engine import memory, metrics
 
     assert metrics.PEAK_BF16_FLOPS["RTX 3060"] == 25e12
     assert metrics.PEAK_BF16_FLOPS["H100"] == metrics.PEAK_BF16_FLOPS["H200"] == 989e12
@@ -283,15 +284,15 @@ def test_metrics_helpers():
                             intermediate_size=136)
     model = GPTNeoX(student)
     matmul_params = model.num_parameters() - model.gpt_neox.embed_in.weight.numel()
-    no_teacher = metrics.flops_per_token(student, None, SEQ_LEN)
+    no_teacher = memory.training_flops_per_token(student, None, SEQ_LEN)
     # nanoGPT: 6N + 12 L H T, with N the parameters outside the embedding lookup (up to the
     # LayerNorm vectors, which the estimate leaves out).
     assert no_teacher == pytest.approx(6 * matmul_params + 12 * 2 * 32 * SEQ_LEN, rel=0.02)
-    assert metrics.flops_per_token(student, teacher, SEQ_LEN) > no_teacher
+    assert memory.training_flops_per_token(student, teacher, SEQ_LEN) > no_teacher
     record = {"step": 3, "loss": 1.5, "ce": 2.0, "kd": None, "lr": 1e-4, "grad_norm": 0.5,
               "tokens_per_s": 1234.0, "mfu": None, "peak_memory_bytes": 2**30, "eta_s": 75.0,
               "skipped": True}
-    line = metrics.format_step_line(record, 10, bar=True)
-    assert line.startswith("[######..............] step 3/10")
+    line = metrics.format_step_line(record, 10)
+    assert line.startswith("step 3/10 | loss 1.5000")
     assert "kd -" in line and "eta 1m15s" in line and "SKIPPED" in line
     assert metrics.format_duration(3725) == "1h02m05s"

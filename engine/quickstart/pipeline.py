@@ -4,8 +4,8 @@
 committed: the corpus is this machine's own Python standard library, the tokenizer is
 trained on it, and the teacher and the student's base are pretrained here, small and briefly.
 Then the base is distilled from the teacher through exactly the code a real run uses
-(data.preprocess, engine.train.run, engine.eval.heldout_metrics), and the held-out
-perplexities are printed side by side. A distilled student that is not ahead of its base
+(data.preprocess, engine.train.loop.run, engine.eval.scoring.heldout_metrics), and the
+held-out perplexities are printed side by side. A distilled student that is not ahead of its base
 means something in the pipeline is wrong, so that is an error (exit 1), not a footnote.
 
     python -m engine.quickstart [--config configs/quickstart.toml] [--out-dir DIR] [--tiny]
@@ -14,8 +14,8 @@ means something in the pipeline is wrong, so that is an error (exit 1), not a fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import itertools
 import math
 import shutil
 import sys
@@ -23,7 +23,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+import torch
+
+from data.atomic import write_json_atomic
+from data.jsonl import iter_records
+from data.loader import build_dataset
+from data.preprocess import preprocess
+from engine.eval.heldout import heldout_batches, heldout_loader
+from engine.eval.scoring import heldout_metrics
+from engine.model.hf_io import load_pretrained
+from engine.quickstart.corpus import build_stdlib_corpus, train_bpe_tokenizer
+from engine.train.config import Config, ConfigError, apply_dict, validate
+from engine.train.loop import run as train_run
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 only
+    import tomli as tomllib
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "quickstart.toml"
 STAGES = ("teacher_pretrain", "student_base", "distill", "control")
 QUICKSTART_KEYS = {
@@ -44,14 +62,9 @@ class QuickstartError(RuntimeError):
 def load_settings(path: str | Path) -> dict[str, Any]:
     """Read the quickstart TOML; unknown tables or [quickstart] keys are errors naming them.
 
-    The engine.config tables are checked by engine.config itself when each stage's Config
-    is built (before any training starts).
+    The engine.train.config tables are checked by the configuration itself when each stage's
+    Config is built (before any training starts).
     """
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10 only
-        import tomli as tomllib
-
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -95,9 +108,7 @@ def shrink(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_config(settings: dict[str, Any], stage: str, fill: dict[str, dict[str, Any]]):
-    """engine.config.Config for one stage: defaults <- [common] <- [stage] <- filled paths."""
-    from engine.config import Config, apply_dict, validate
-
+    """The Config of one stage: defaults <- [common] <- [stage] <- filled paths."""
     config = Config()
     source = settings.get("source", "quickstart settings")
     apply_dict(config, settings.get("common", {}), source=f"{source} [common]")
@@ -130,31 +141,14 @@ def _round_up(n: int, multiple: int) -> int:
 def held_out(model_dir: str, data_dir: Path, config, *, teacher_dir: str | None,
              eval_batches: int) -> dict[str, float]:
     """Held-out metrics of one exported model on the val split every stage held out."""
-    import torch
-
-    from data.loader import BatchLoader, PackedDataset
-    from engine.eval import heldout_metrics
-    from engine.model import GPTNeoX
-
-    model = GPTNeoX.from_pretrained(model_dir, dtype=torch.float32, device="cpu")
-    teacher = (
-        GPTNeoX.from_pretrained(teacher_dir, dtype=torch.float32, device="cpu")
-        if teacher_dir
-        else None
-    )
-    dataset = PackedDataset(data_dir, config.batch.seq_len)
-    loader = BatchLoader(
-        dataset,
-        config.batch.micro_batch,
-        seed=config.run.seed,
-        split="val",
-        val_fraction=config.data.val_fraction,
-        drop_last=False,
-    )
-    batches = itertools.islice(iter(loader), eval_batches) if eval_batches else iter(loader)
+    model = load_pretrained(model_dir, dtype=torch.float32, device="cpu")
+    teacher = load_pretrained(teacher_dir, dtype=torch.float32) if teacher_dir else None
+    dataset = build_dataset(data_dir, "packed", config.batch.seq_len)
+    loader = heldout_loader(dataset, config.batch.micro_batch,
+                            val_fraction=config.data.val_fraction)
     metrics = heldout_metrics(
         model,
-        batches,
+        heldout_batches(loader, max_batches=eval_batches or None),
         teacher=teacher,
         temperature=config.loss.temperature,
         valid_vocab=config.data.valid_vocab or None,
@@ -163,123 +157,129 @@ def held_out(model_dir: str, data_dir: Path, config, *, teacher_dir: str | None,
     return metrics
 
 
-def run_pipeline(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    import torch
+class _Laps:
+    """Wall time of each pipeline stage, said as the stage ends."""
 
-    from data.jsonl import iter_records
-    from data.preprocess import preprocess
-    from engine.stdlib_corpus import build_stdlib_corpus, train_bpe_tokenizer
-    from engine.train import run as train_run
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self.started = time.perf_counter()
 
-    qs = settings["quickstart"]
-    if qs["torch_threads"] > 0:
-        # These models are far too small for intra-op threads to pay; on a busy machine the
-        # spinning worker threads made every step several times slower than one thread.
-        torch.set_num_threads(qs["torch_threads"])
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 2)
+        _say(f"{name}: {self.timings[name]:.1f} s")
 
-    def lap(name: str, t0: float) -> None:
-        timings[name] = round(time.perf_counter() - t0, 2)
-        _say(f"{name}: {timings[name]:.1f} s")
 
-    _prepare_out_dir(out_dir)
+def prepare_data(qs: dict[str, Any], out_dir: Path, lap: _Laps) -> dict[str, Any]:
+    """Corpus -> tokenizer -> shards, under out_dir; returns where each went."""
+    with lap("corpus"):
+        corpus_path = out_dir / "corpus" / "stdlib.jsonl.zst"
+        corpus = build_stdlib_corpus(corpus_path, max_bytes=qs["corpus_max_bytes"])
+        _say(f"corpus: {corpus['documents']} documents, {corpus['characters']:,} characters "
+             f"from {corpus['source']} -> {corpus_path}")
+    with lap("tokenizer"):
+        tokenizer_path = out_dir / "tokenizer" / "tokenizer.json"
+        # Trained on the corpus file itself, so it sees exactly the documents the shards hold.
+        texts = (r.text for r in iter_records(corpus_path, 0) if r.text is not None)
+        vocab = train_bpe_tokenizer(texts, tokenizer_path, vocab_size=qs["vocab_size"])
+        _say(f"tokenizer: byte-level BPE, {vocab} ids -> {tokenizer_path}")
+    with lap("preprocess"):
+        data_dir = out_dir / "data"
+        manifest = preprocess([corpus_path], tokenizer_path, data_dir, workers=1)
+        _say(f"preprocess: {manifest['totals']['tokens']:,} tokens -> {data_dir}")
+    return {"corpus": corpus, "tokenizer_path": tokenizer_path, "vocab": vocab,
+            "data_dir": data_dir}
 
-    t0 = time.perf_counter()
-    corpus_path = out_dir / "corpus" / "stdlib.jsonl.zst"
-    corpus = build_stdlib_corpus(corpus_path, max_bytes=qs["corpus_max_bytes"])
-    _say(f"corpus: {corpus['documents']} documents, {corpus['characters']:,} characters from "
-         f"{corpus['source']} -> {corpus_path}")
-    lap("corpus", t0)
 
-    t0 = time.perf_counter()
-    tokenizer_path = out_dir / "tokenizer" / "tokenizer.json"
-    # Trained on the corpus file itself, so it sees exactly the documents the shards hold.
-    texts = (r.text for r in iter_records(corpus_path, 0) if r.text is not None)
-    vocab = train_bpe_tokenizer(texts, tokenizer_path, vocab_size=qs["vocab_size"])
-    _say(f"tokenizer: byte-level BPE, {vocab} ids -> {tokenizer_path}")
-    lap("tokenizer", t0)
-
-    t0 = time.perf_counter()
-    data_dir = out_dir / "data"
-    manifest = preprocess([corpus_path], tokenizer_path, data_dir, workers=1)
-    _say(f"preprocess: {manifest['totals']['tokens']:,} tokens -> {data_dir}")
-    lap("preprocess", t0)
-
-    # Model vocab rounded up like Pythia's 50304 rows for 50277 ids; padding rows excluded
-    # from every softmax through data.valid_vocab.
-    model_vocab = _round_up(vocab, 64)
+def train_stages(settings: dict[str, Any], out_dir: Path, data: dict[str, Any],
+                 lap: _Laps) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Pretrain the teacher and the student base, then distill (and the CE-only control);
+    returns ({stage: run result}, {stage: Config})."""
     runs: dict[str, dict[str, Any]] = {}
-    exports: dict[str, str] = {}
-    configs = {}
+    configs: dict[str, Any] = {}
 
     def fill(stage: str, **sections) -> dict[str, dict[str, Any]]:
         base = {
             "run": {"out_dir": str(out_dir / stage), "resume": "none",
-                    "tokenizer": str(tokenizer_path)},
-            "data": {"path": str(data_dir), "valid_vocab": vocab},
+                    "tokenizer": str(data["tokenizer_path"])},
+            "data": {"path": str(data["data_dir"]), "valid_vocab": data["vocab"]},
         }
         for name, table in sections.items():
             base.setdefault(name, {}).update(table)
         return base
 
-    plan = [
-        ("teacher_pretrain", fill("teacher_pretrain", student={"vocab_size": model_vocab},
-                                  teacher={"path": ""})),
-        ("student_base", fill("student_base", student={"vocab_size": model_vocab},
-                              teacher={"path": ""})),
-        ("distill", None),
-        ("control", None),
-    ]
-    for stage, stage_fill in plan:
-        if stage == "control" and not qs["control"]:
+    for stage in STAGES:
+        if stage == "control" and not settings["quickstart"]["control"]:
             continue
-        if stage == "distill":
-            stage_fill = fill(stage, teacher={"path": exports["teacher_pretrain"]},
-                              student={"init": "pretrained", "path": exports["student_base"]})
-        elif stage == "control":
-            stage_fill = fill(stage, teacher={"path": ""},
-                              student={"init": "pretrained", "path": exports["student_base"]})
-        config = stage_config(settings, stage, stage_fill)
-        configs[stage] = config
+        if stage in ("teacher_pretrain", "student_base"):
+            stage_fill = fill(stage, student={"vocab_size": data["model_vocab"]},
+                              teacher={"path": ""})
+        else:
+            teacher = runs["teacher_pretrain"]["export_dir"] if stage == "distill" else ""
+            stage_fill = fill(stage, teacher={"path": teacher}, student={
+                "init": "pretrained", "path": runs["student_base"]["export_dir"]})
+        config = configs[stage] = stage_config(settings, stage, stage_fill)
         _say(f"{stage}: {config.run.steps} steps of {config.batch.micro_batch} x "
              f"{config.batch.seq_len} tokens"
              + (f", teacher {config.teacher.path}" if config.teacher.path else ", CE only"))
-        t0 = time.perf_counter()
-        result = train_run(config)
-        lap(stage, t0)
+        with lap(stage):
+            result = train_run(config)
         if result.get("status") != "completed":
             raise QuickstartError(f"{stage}: training ended with status {result.get('status')!r}")
         runs[stage] = result
-        exports[stage] = result["export_dir"]
+    return runs, configs
 
-    t0 = time.perf_counter()
-    reference = configs["distill"]
-    eval_batches = qs["eval_batches"]
-    rows = []
+
+def evaluate_stages(runs: dict[str, dict[str, Any]], reference, data_dir: Path,
+                    eval_batches: int) -> list[dict[str, Any]]:
+    """One held-out row per exported model, each against the pretrained teacher."""
+    base_steps = runs["student_base"]["steps"]
     models = [
-        ("student base (CE pretrain)", "student_base", runs["student_base"]["steps"]),
+        ("student base (CE pretrain)", "student_base", base_steps),
         ("teacher (CE pretrain)", "teacher_pretrain", runs["teacher_pretrain"]["steps"]),
     ]
     if "control" in runs:
         models.append(("student + CE only (control)", "control",
-                       runs["student_base"]["steps"] + runs["control"]["steps"]))
+                       base_steps + runs["control"]["steps"]))
     models.append(("student distilled (KD + CE)", "distill",
-                   runs["student_base"]["steps"] + runs["distill"]["steps"]))
+                   base_steps + runs["distill"]["steps"]))
+    rows = []
+    teacher_export = runs["teacher_pretrain"]["export_dir"]
     for label, stage, steps in models:
-        teacher_dir = exports["teacher_pretrain"] if stage != "teacher_pretrain" else None
-        metrics = held_out(exports[stage], data_dir, reference, teacher_dir=teacher_dir,
+        export = runs[stage]["export_dir"]
+        metrics = held_out(export, data_dir, reference,
+                           teacher_dir=teacher_export if stage != "teacher_pretrain" else None,
                            eval_batches=eval_batches)
-        rows.append({"model": label, "stage": stage, "steps": steps, "path": exports[stage],
-                     **metrics})
-    lap("evaluation", t0)
-    timings["total"] = round(time.perf_counter() - started, 2)
+        rows.append({"model": label, "stage": stage, "steps": steps, "path": export, **metrics})
+    return rows
+
+
+def run_pipeline(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """The whole quickstart under out_dir; returns the table rows and where everything is."""
+    qs = settings["quickstart"]
+    if qs["torch_threads"] > 0:
+        # These models are far too small for intra-op threads to pay; on a busy machine the
+        # spinning worker threads made every step several times slower than one thread.
+        torch.set_num_threads(qs["torch_threads"])
+    lap = _Laps()
+    _prepare_out_dir(out_dir)
+    data = prepare_data(qs, out_dir, lap)
+    # Model vocab rounded up like Pythia's 50304 rows for 50277 ids; padding rows excluded
+    # from every softmax through data.valid_vocab.
+    data["model_vocab"] = _round_up(data["vocab"], 64)
+    runs, configs = train_stages(settings, out_dir, data, lap)
+    with lap("evaluation"):
+        rows = evaluate_stages(runs, configs["distill"], data["data_dir"], qs["eval_batches"])
+    lap.timings["total"] = round(time.perf_counter() - lap.started, 2)
     return {
         "rows": rows,
-        "timings_s": timings,
-        "corpus": corpus,
-        "tokenizer": {"path": str(tokenizer_path), "vocab": vocab, "model_vocab": model_vocab},
-        "data_dir": str(data_dir),
+        "timings_s": lap.timings,
+        "corpus": data["corpus"],
+        "tokenizer": {"path": str(data["tokenizer_path"]), "vocab": data["vocab"],
+                      "model_vocab": data["model_vocab"]},
+        "data_dir": str(data["data_dir"]),
         "runs": {k: {"out_dir": v["out_dir"], "metrics_path": v.get("metrics_path"),
                      "checkpoint": v.get("checkpoint"), "export_dir": v["export_dir"]}
                  for k, v in runs.items()},
@@ -326,13 +326,7 @@ def verdict(rows: list[dict[str, Any]]) -> tuple[bool, list[str]]:
     return ok, notes
 
 
-def _write_json(path: Path, data: dict) -> None:
-    from data.atomic import write_json_atomic
-
-    write_json_atomic(path, data, default=str)
-
-
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m engine.quickstart",
         description="Offline CPU quickstart: stdlib corpus -> BPE tokenizer -> shards -> "
@@ -342,34 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=None, help="run folder (default from the config)")
     parser.add_argument("--tiny", action="store_true",
                         help="a much smaller run of every step (for tests), about a minute")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    started = time.perf_counter()
-    try:
-        settings = load_settings(args.config)
-        if args.tiny:
-            settings = shrink(settings)
-        out_dir = Path(args.out_dir or settings["quickstart"]["out_dir"])
-        _say(f"offline CPU quickstart ({args.config}{', tiny' if args.tiny else ''}) -> {out_dir}")
-        result = run_pipeline(settings, out_dir)
-    except Exception as exc:  # every failure becomes one clear line and a non-zero exit
-        from engine.config import ConfigError
 
-        if isinstance(exc, (QuickstartError, ConfigError, ValueError, OSError)):
-            print(f"quickstart: error: {exc}", file=sys.stderr)
-            return 2
-        raise
-
-    ok, notes = verdict(result["rows"])
-    wall = time.perf_counter() - started
-    result.update(ok=ok, notes=notes, wall_s=round(wall, 1), tiny=args.tiny)
-    _write_json(out_dir / MARKER, result)
-
+def print_summary(result: dict[str, Any], out_dir: Path) -> None:
+    """The table, the verdict's notes, and where every artefact is."""
     print()
     print("Held-out perplexity (Table-1 style)")
     print(format_table(result["rows"]))
     print()
-    for line in notes:
+    for line in result["notes"]:
         print(line)
     print()
     print(f"run folder : {out_dir}")
@@ -380,7 +356,29 @@ def main(argv: list[str] | None = None) -> int:
           f"shards {result['data_dir']}")
     print(f"  summary {out_dir / MARKER}")
     laps = ", ".join(f"{k} {v:.0f}s" for k, v in result["timings_s"].items())
-    print(f"wall time: {wall:.1f} s  ({laps})")
+    print(f"wall time: {result['wall_s']:.1f} s  ({laps})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the quickstart; 0 when the distilled student is ahead of its base, 1 when it is
+    not, 2 when it could not run (the message says why)."""
+    args = _parse_args(argv)
+    started = time.perf_counter()
+    try:
+        settings = load_settings(args.config)
+        if args.tiny:
+            settings = shrink(settings)
+        out_dir = Path(args.out_dir or settings["quickstart"]["out_dir"])
+        _say(f"offline CPU quickstart ({args.config}{', tiny' if args.tiny else ''}) -> {out_dir}")
+        result = run_pipeline(settings, out_dir)
+    except (QuickstartError, ConfigError, ValueError, OSError) as exc:
+        print(f"quickstart: error: {exc}", file=sys.stderr)
+        return 2
+    ok, notes = verdict(result["rows"])
+    wall = time.perf_counter() - started
+    result.update(ok=ok, notes=notes, wall_s=round(wall, 1), tiny=args.tiny)
+    write_json_atomic(out_dir / MARKER, result, default=str)
+    print_summary(result, out_dir)
     if not ok:
         print(
             "quickstart: FAILED: the distilled student is not ahead of its base. Continued "

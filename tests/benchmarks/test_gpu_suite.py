@@ -72,7 +72,7 @@ def test_summary_reports_a_failed_section_and_keeps_the_rest():
 def test_batches_are_shifted_next_tokens():
     import torch
 
-    from benchmarks.gpu_suite import make_batch
+    from benchmarks.common import make_batch
 
     batch = make_batch(3, 17, 50, torch.device("cpu"), seed=1)
     assert batch["input_ids"].shape == batch["labels"].shape == (3, 17)

@@ -1,16 +1,16 @@
 """Training checkpoints: atomic folders that a killed process can never leave half-valid.
 
-Layout of <out_dir>/checkpoints/step-00000010/:
-    student/            the student in the Hugging Face layout (model.save_pretrained)
+Layout of <out_dir>/checkpoints/step-00000010/ (docs/formats.md):
+    student/            the student in the Hugging Face layout (engine.model.hf_io)
     optimizer.pt        AdamW state (fp32 moments in the default precision)
     trainer_state.pt    step, per-rank loader states and RNG states, run counters
     config.json         the resolved run configuration
     DONE                written last, after the folder was renamed into place
 
-A checkpoint is assembled in a temporary folder, every file fsynced, the folder renamed to
-its final name, and only then is DONE written. Readers (resume=auto) trust only folders
-with DONE, so a process killed at any moment leaves the previous checkpoint as the newest
-usable one.
+A checkpoint is assembled in a staged folder (data.atomic.staged_folder: every file fsynced,
+the folder renamed to its final name), and only then is DONE written. Readers (resume=auto)
+trust only folders with DONE, so a process killed at any moment leaves the previous
+checkpoint as the newest usable one.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.atomic import fsync_dir, fsync_file, replace_folder, write_text_atomic
+from data.atomic import staged_folder, write_text_atomic
+from engine.model.hf_io import load_pretrained, write_model_files
 
 CHECKPOINTS_DIR = "checkpoints"
 DONE_MARKER = "DONE"
@@ -84,13 +84,6 @@ def resolve_resume(resume: str, out_dir: str | os.PathLike) -> Path | None:
     return path
 
 
-def _fsync_tree(folder: Path) -> None:
-    for dirpath, _, filenames in os.walk(folder):
-        for name in filenames:
-            fsync_file(Path(dirpath) / name)
-        fsync_dir(Path(dirpath))
-
-
 def _maybe_pause(step: int, tmp: Path) -> None:
     spec = os.environ.get(SAVE_PAUSE_ENV)
     if not spec:
@@ -136,26 +129,17 @@ def save_checkpoint(
     Call on rank 0 only: under DDP the weights and optimizer state are identical on every
     rank, and `trainer_state` already holds the per-rank parts gathered by the caller.
     """
-    root = checkpoint_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        student.save_pretrained(tmp / "student")
-        _maybe_pause(step, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({**trainer_state, "step": step}, tmp / "trainer_state.pt")
-        with open(tmp / "config.json", "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-        (tmp / "PAUSED").unlink(missing_ok=True)
-        _fsync_tree(tmp)
-        # The same step may have been saved before (a run resumed from it and stopped at
-        # once): replace_folder keeps the old one until the new, complete one is in place.
-        replace_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = checkpoint_root(out_dir) / step_dir_name(step)
+    # The same step may have been saved before (a run resumed from it and stopped at once):
+    # the staged folder replaces it only once the new, complete one is in place.
+    with staged_folder(final) as staged:
+        (staged / "student").mkdir()
+        write_model_files(student, staged / "student")
+        _maybe_pause(step, staged)
+        torch.save(optimizer.state_dict(), staged / "optimizer.pt")
+        torch.save({**trainer_state, "step": step}, staged / "trainer_state.pt")
+        (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (staged / "PAUSED").unlink(missing_ok=True)
     write_text_atomic(final / DONE_MARKER, f"step {step}\n")  # fsyncs the marker and `final`
     prune_checkpoints(out_dir, keep_last)
     return final
@@ -197,11 +181,9 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load weights into `student` and state into `optimizer`; return the trainer state.
 
-    The weights are read through GPTNeoX.from_pretrained in the dtype of the live student,
-    then copied in place, so parameters (and the optimizer's references to them) survive.
+    The weights are read through load_pretrained in the dtype of the live student, then
+    copied in place, so parameters (and the optimizer's references to them) survive.
     """
-    from engine.model import GPTNeoX
-
     folder = Path(folder)
     if not (folder / DONE_MARKER).is_file():
         raise CheckpointLoadError(f"{folder}: incomplete checkpoint (no {DONE_MARKER} marker)")
@@ -209,7 +191,7 @@ def load_checkpoint(
         if not (folder / name).exists():
             raise CheckpointLoadError(f"{folder}: missing {name}")
     dtype = next(student.parameters()).dtype
-    saved = GPTNeoX.from_pretrained(folder / "student", dtype=dtype, device="cpu")
+    saved = load_pretrained(folder / "student", dtype=dtype, device="cpu")
     saved_params = dict(saved.named_parameters())
     with torch.no_grad():
         for name, param in student.named_parameters():
@@ -227,32 +209,3 @@ def load_checkpoint(
         state = torch.load(folder / "optimizer.pt", map_location=map_location, weights_only=False)
         optimizer.load_state_dict(state)
     return torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
-
-
-def export_student(
-    student: torch.nn.Module,
-    export_dir: str | os.PathLike,
-    *,
-    tokenizer_path: str | os.PathLike | None = None,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Write the student as a plain Hugging Face folder (+ tokenizer.json), atomically."""
-    export_dir = Path(export_dir)
-    if export_dir.exists() and not (export_dir / "config.json").is_file():
-        raise FileExistsError(
-            f"{export_dir}: exists and is not a model folder (no config.json); not replacing it"
-        )
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_parent = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-", dir=export_dir.parent))
-    try:
-        staged = student.save_pretrained(tmp_parent / "model", dtype=dtype)
-        if tokenizer_path:
-            tokenizer_path = Path(tokenizer_path)
-            if not tokenizer_path.is_file():
-                raise FileNotFoundError(f"run.tokenizer: {tokenizer_path} is not a file")
-            shutil.copyfile(tokenizer_path, staged / "tokenizer.json")
-        _fsync_tree(staged)
-        replace_folder(staged, export_dir)
-    finally:
-        shutil.rmtree(tmp_parent, ignore_errors=True)
-    return export_dir

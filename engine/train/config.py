@@ -16,12 +16,12 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from data.atomic import write_json_atomic, write_text_atomic
-
-if TYPE_CHECKING:
-    from engine.model import GPTNeoXConfig
+from data.loader import DATASET_MODES
+from engine.model.config import GPTNeoXConfig
+from engine.precision import DTYPE_NAMES, PRECISION_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,12 +35,12 @@ class ConfigError(ValueError):
 
 # Allowed values of the string fields that are really enumerations.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "teacher.dtype": ("bf16", "fp16", "fp32"),
+    "teacher.dtype": DTYPE_NAMES,
     "student.init": ("pretrained", "scratch"),
-    "data.mode": ("packed", "padded"),
+    "data.mode": DATASET_MODES,
     "loss.backend": ("auto", "triton", "torch"),
     "optim.schedule": ("constant", "cosine"),
-    "precision": ("bf16-autocast", "bf16-pure", "fp32"),
+    "precision": PRECISION_MODES,
     "device": ("auto", "cpu", "cuda"),
 }
 
@@ -83,8 +83,6 @@ class StudentConfig:
 
     def scratch_model_config(self) -> GPTNeoXConfig:
         """The model shape for init = "scratch"; the rest are GPTNeoXConfig's Pythia defaults."""
-        from engine.model import GPTNeoXConfig  # here: reading a config must not need torch
-
         return GPTNeoXConfig(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,

@@ -7,17 +7,19 @@ import json
 import pytest
 import torch
 
+from benchmarks import common
 from benchmarks import kd_loss as bench
+from kernels.kd_loss import kd_loss_reference
 
 
 def test_gpu_correctness_smoke_runs_the_kernel_and_passes():
     pytest.importorskip("triton")
-    results = bench.gpu_correctness(smoke=True)
+    results = common.gpu_correctness(smoke=True)
     assert len(results) == 2 * 2 * 3  # shapes x dtypes x temperatures
     for row in results:
         assert set(row) >= {"case", "loss_rel_err", "grad_rel_err", "passed"}
         assert row["backend"] == ("triton" if torch.cuda.is_available() else
-                                  bench._kernel_backend(torch.device("cpu")))
+                                  common.kernel_backend(torch.device("cpu")))
         assert row["passed"], row
 
 
@@ -26,7 +28,7 @@ def test_gpu_speed_smoke_reports_every_variant(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: threads only add waiting
     try:
-        out = bench.gpu_speed(smoke=True)
+        out = common.gpu_speed(smoke=True)
     finally:
         torch.set_num_threads(threads)
     assert set(out["variants"]) == {"ours_inplace", "ours", "naive_eager", "naive_compiled"}
@@ -37,10 +39,10 @@ def test_gpu_speed_smoke_reports_every_variant(monkeypatch):
 
 
 def test_naive_composite_agrees_with_the_reference():
-    student, teacher, labels = bench.make_inputs(9, 300, torch.float32, "cpu")
-    naive = bench.naive_kd_loss(student, teacher, labels, valid_vocab=273)
-    ref, _ = bench.kd_loss_reference(student.double(), teacher.double(), labels, alpha=bench.ALPHA,
-                                     temperature=bench.TEMPERATURE, valid_vocab=273)
+    student, teacher, labels = common.make_inputs(9, 300, torch.float32, "cpu")
+    naive = common.naive_kd_loss(student, teacher, labels, valid_vocab=273)
+    ref, _ = kd_loss_reference(student.double(), teacher.double(), labels, alpha=common.ALPHA,
+                                     temperature=common.TEMPERATURE, valid_vocab=273)
     assert abs(naive.item() - ref.item()) <= 1e-5 * abs(ref.item())
 
 

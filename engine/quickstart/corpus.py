@@ -15,7 +15,7 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from data.atomic import fsync_dir, fsync_file, open_atomic
+from data.atomic import open_atomic, write_text_atomic
 
 # Folders whose files are tests, vendored third-party code or IDE resources: large, repetitive
 # or not part of "the library", and their presence differs between installations.
@@ -134,11 +134,6 @@ def train_bpe_tokenizer(
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != expected_id:  # pragma: no cover - tokenizers contract
             raise RuntimeError(f"{token} got id {tokenizer.token_to_id(token)}, not {expected_id}")
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    tokenizer.save(str(tmp))  # the library writes the file itself, so no open_atomic here
-    fsync_file(tmp)
-    os.replace(tmp, output)
-    fsync_dir(output.parent)
+    # to_str(pretty=True) is exactly what Tokenizer.save writes.
+    write_text_atomic(output, tokenizer.to_str(pretty=True))
     return tokenizer.get_vocab_size()

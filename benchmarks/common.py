@@ -1,0 +1,380 @@
+"""What several benchmark scripts share: baselines, model builders, batches, measurements.
+
+No benchmark script imports another one; whatever two of them need lives here, once:
+  - the naive KD + CE composite (the baseline every loss comparison is made against);
+  - model shapes and builders for our GPTNeoX and transformers' GPTNeoXForCausalLM;
+  - token batches, the distillation micro-step of each engine;
+  - the kernel's correctness and speed measurements (benchmarks.kd_loss and the GPU suite);
+  - devices, timing, process memory, JSON results.
+Benchmarks run from the checkout (`python -m benchmarks.x` in the repository root).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from data.atomic import write_json_atomic
+from engine.model.config import PYTHIA_COMMON, PYTHIA_SHAPES, GPTNeoXConfig
+from engine.model.network import GPTNeoX
+from engine.precision import DTYPES
+from engine.train.step import distill_micro_step
+from kernels.constants import IGNORE_INDEX
+from kernels.kd_loss import kd_loss, kd_loss_reference
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+ALPHA, TEMPERATURE = 0.5, 2.0
+VALID_VOCAB_PAD = 27  # Pythia: 50304 logit columns, 50277 real token ids
+KERNEL_DTYPES = {name: DTYPES[name] for name in ("fp32", "bf16")}  # what the kernel is timed in
+
+# Small but structurally complete shapes for smoke runs (partial rotary, several heads).
+TINY_SHAPES = {
+    "tiny-teacher": dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512),
+    "tiny-student": dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256),
+}
+
+# The GPU suite's sizes (also the step profiler's): (teacher, student) shapes, vocab, seq_len,
+# micro-batch, warm-up and timed micro-steps, micro-steps per optimizer step, kernel-speed
+# token counts, micro-batch search limit and time bound.
+FULL = dict(teacher="pythia-160m", student="pythia-70m", vocab=50304, valid_vocab=50277,
+            seq_len=2048, micro_batch=2, warmup=4, steps=20, accum=4, speed_tokens=(4096, 16384),
+            search_max_mb=64, search_seconds=120, worker_timeout=300)
+SMOKE = dict(teacher="tiny-teacher", student="tiny-student", vocab=1000, valid_vocab=987,
+             seq_len=64, micro_batch=2, warmup=2, steps=4, accum=2, speed_tokens=(4096,),
+             search_max_mb=4, search_seconds=20, worker_timeout=120)
+
+
+# ----------------------------------------------------------------------------- the baseline
+
+
+def naive_kd_loss(student, teacher, labels, *, alpha=ALPHA, temperature=TEMPERATURE,
+                  valid_vocab=None, ignore_index=IGNORE_INDEX):
+    """The composite most code writes: fp32 log-softmaxes, kl_div, cross_entropy, autograd.
+
+    student/teacher [N, V] logits, labels [N]; mean over the valid tokens."""
+    vv = valid_vocab or student.shape[-1]
+    s = student[:, :vv].float()
+    t = teacher[:, :vv].float()
+    valid = labels != ignore_index
+    log_ps = torch.log_softmax(s / temperature, dim=-1)
+    log_pt = torch.log_softmax(t / temperature, dim=-1)
+    kd = torch.nn.functional.kl_div(log_ps, log_pt, reduction="none", log_target=True).sum(-1)
+    ce = torch.nn.functional.cross_entropy(s, labels, reduction="none",
+                                           ignore_index=ignore_index)
+    token = (1 - alpha) * temperature**2 * kd * valid + alpha * ce
+    return token.sum() / valid.sum().clamp_min(1)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def model_config(name: str, *, vocab: int = 50304, max_positions: int = 2048) -> GPTNeoXConfig:
+    """A Pythia size ("pythia-70m", ...) or a tiny smoke shape, with this vocab and context."""
+    shape = PYTHIA_SHAPES.get(name) or TINY_SHAPES[name]
+    return GPTNeoXConfig(**{**PYTHIA_COMMON, **shape, "vocab_size": vocab,
+                            "max_positions": max_positions})
+
+
+def build_ours(name: str, vocab: int, max_positions: int, device, seed: int) -> GPTNeoX:
+    """Our GPTNeoX of a named shape with random weights (fp32, on `device`)."""
+    torch.manual_seed(seed)
+    return GPTNeoX(model_config(name, vocab=vocab, max_positions=max_positions)).to(device)
+
+
+def build_transformers(name: str, vocab: int, max_positions: int, device, seed: int):
+    """transformers' GPTNeoXForCausalLM of the same shape, configured from our config.json."""
+    from transformers import GPTNeoXConfig as HFConfig
+    from transformers import GPTNeoXForCausalLM
+
+    config = model_config(name, vocab=vocab, max_positions=max_positions)
+    torch.manual_seed(seed)
+    return GPTNeoXForCausalLM(HFConfig.from_dict(config.to_hf_dict())).to(device)
+
+
+def build_pair(builder, sizes: dict, device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(frozen bf16 teacher in eval mode, fp32 student in train mode) of the sizes' shapes."""
+    max_positions = max(sizes["seq_len"], 2048 if sizes["student"] in PYTHIA_SHAPES else 0)
+    teacher = builder(sizes["teacher"], sizes["vocab"], max_positions, device, seed=1)
+    teacher = teacher.to(dtype=torch.bfloat16).eval()
+    teacher.requires_grad_(False)
+    student = builder(sizes["student"], sizes["vocab"], max_positions, device, seed=0)
+    return teacher, student.to(dtype=torch.float32).train()
+
+
+# ----------------------------------------------------------------------------- batches, steps
+
+
+def make_batch(micro_batch: int, seq_len: int, valid_vocab: int, device="cpu", seed: int = 0,
+               *, ignored_prefix: int = 0) -> dict[str, torch.Tensor]:
+    """Random tokens, packed-style (labels = inputs shifted by one), on the device; the first
+    `ignored_prefix` targets of row 0 are ignored, as padding would make them."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, valid_vocab, (micro_batch, seq_len + 1), generator=gen)
+    labels = tokens[:, 1:].clone()
+    labels[0, :ignored_prefix] = IGNORE_INDEX
+    return {"input_ids": tokens[:, :-1].to(device), "labels": labels.to(device)}
+
+
+def ours_micro_step(student, teacher, batch, valid_vocab, normalizer, *, inplace_grad=True,
+                    autocast_dtype=torch.bfloat16):
+    """Our micro-step (engine.train.step.distill_micro_step), under bf16 autocast by default."""
+    return distill_micro_step(
+        student, teacher, batch, alpha=ALPHA, temperature=TEMPERATURE, valid_vocab=valid_vocab,
+        normalizer=normalizer, autocast_dtype=autocast_dtype, inplace_grad=inplace_grad,
+    )
+
+
+def transformers_micro_step(student, teacher, batch, valid_vocab, normalizer,
+                            autocast_dtype=torch.bfloat16):
+    """The step as one writes it with stock parts: HF models, full-vocab fp32 softmaxes.
+
+    `normalizer` is unused: the naive loss is a mean over each micro-batch's valid tokens."""
+    device_type = batch["input_ids"].device.type
+    with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype,
+                                         enabled=autocast_dtype is not None):
+        t_logits = teacher(input_ids=batch["input_ids"]).logits
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        s_logits = student(input_ids=batch["input_ids"]).logits
+    vocab = s_logits.shape[-1]
+    loss = naive_kd_loss(s_logits.reshape(-1, vocab), t_logits.reshape(-1, vocab),
+                         batch["labels"].reshape(-1), valid_vocab=valid_vocab)
+    loss.backward()
+    return {"loss": loss.detach()}
+
+
+# ----------------------------------------------------------------------------- devices, timing
+
+
+def current_device() -> torch.device:
+    """This process's GPU (with its index: memory caps refuse a bare "cuda"), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.machine()})"
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def free_memory(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def timed(fn, repeats: int, dev: torch.device, warmup: int = 2) -> float:
+    """Median seconds of fn() over `repeats`: CUDA events on a GPU, perf_counter elsewhere."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def proc_status_mib(field: str) -> float | None:
+    """A /proc/self/status size field (VmRSS, VmHWM) in MiB; None where /proc is absent."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Start the high-water mark (VmHWM) afresh at the current RSS (Linux >= 4.0); False where
+    that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def error_record(exc: BaseException) -> dict:
+    """What a guarded section records when it raised (call inside the except)."""
+    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """A benchmark's report as JSON, atomically (non-JSON values written as text)."""
+    write_json_atomic(path, payload, default=str, trailing_newline=False)
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+def make_inputs(n, vocab, dtype, dev, seed=0):
+    """Student and teacher logits [n, vocab] and labels (10% ignored) for the loss alone."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    student = (torch.randn(n, vocab, generator=gen) * 2).to(device=dev, dtype=dtype)
+    teacher = (torch.randn(n, vocab, generator=gen) * 2).to(device=dev, dtype=dtype)
+    labels = torch.randint(0, vocab - VALID_VOCAB_PAD, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < 0.1] = IGNORE_INDEX
+    return student, teacher, labels.to(dev)
+
+
+def kernel_backend(dev: torch.device) -> str:
+    """Triton on CUDA or under the interpreter; otherwise the torch path (smoke on plain CPU)."""
+    if dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    return "torch"
+
+
+def loss_step_fn(variant, backend="auto", compiled=None):
+    """A callable (student, teacher, labels, valid_vocab) -> None: forward + backward of one
+    loss variant ("naive", "compiled", "ours", "ours_inplace")."""
+    def run(student, teacher, labels, valid_vocab):
+        if variant == "naive":
+            loss = naive_kd_loss(student, teacher, labels, valid_vocab=valid_vocab)
+        elif variant == "compiled":
+            loss = compiled(student, teacher, labels, valid_vocab=valid_vocab)
+        else:
+            loss, _ = kd_loss(student, teacher, labels, alpha=ALPHA, temperature=TEMPERATURE,
+                              valid_vocab=valid_vocab, backend=backend,
+                              inplace_grad=variant == "ours_inplace")
+        loss.backward()
+        student.grad = None
+    return run
+
+
+def copy_bandwidth(dev, n_bytes, repeats):
+    """Device memory bandwidth of a plain copy (read + write), bytes / second."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=dev).uniform_()
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), repeats, dev)
+    return 2 * src.numel() * 4 / seconds
+
+
+def gpu_correctness(smoke=False):
+    """Our kernel against the float64 reference on the device (odd shapes, padding, ignored
+    tokens). One dict per case: case, backend, loss_rel_err, grad_rel_err, passed (fp32:
+    1e-5 / 1e-4, bf16: 1e-2)."""
+    dev = current_device()
+    backend = kernel_backend(dev)
+    if smoke:
+        shapes = [(5, 257, 250), (3, 1000, None)]
+    else:
+        shapes = [(1, 50304, 50277), (7, 50277, None), (300, 50304, 50277), (1027, 32003, 32000)]
+    return [
+        _correctness_case(n, vocab, valid_vocab, dtype_name, temperature, dev, backend)
+        for n, vocab, valid_vocab in shapes
+        for dtype_name in KERNEL_DTYPES
+        for temperature in (1.0, 2.0, 4.0)
+    ]
+
+
+def _correctness_case(n, vocab, valid_vocab, dtype_name, temperature, dev, backend) -> dict:
+    dtype = KERNEL_DTYPES[dtype_name]
+    student, teacher, labels = make_inputs(n, vocab, dtype, dev, seed=n + vocab + int(temperature))
+    labels[0] = IGNORE_INDEX  # at least one ignored token in every case
+    kwargs = dict(alpha=0.5, temperature=temperature, valid_vocab=valid_vocab)
+    s64 = student.detach().double().requires_grad_(True)
+    ref, _ = kd_loss_reference(s64, teacher.double(), labels, **kwargs)
+    ref.backward()
+    s = student.detach().clone().requires_grad_(True)
+    loss, _ = kd_loss(s, teacher, labels, backend=backend, **kwargs)
+    loss.backward()
+    loss_err = abs(loss.double().item() - ref.item()) / max(abs(ref.item()), 1e-30)
+    ref_norm = s64.grad.norm().item()
+    diff = (s.grad.double() - s64.grad).norm().item()
+    # All-ignored rows (N=1 with its only label ignored) have a zero reference gradient:
+    # ours must then be exactly zero too.
+    grad_err = diff / ref_norm if ref_norm > 0 else diff
+    loss_tol, grad_tol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 1e-2)
+    return {
+        "case": f"N={n} V={vocab} vv={valid_vocab} {dtype_name} T={temperature}",
+        "backend": backend,
+        "loss_rel_err": loss_err,
+        "grad_rel_err": grad_err,
+        "passed": bool(loss_err <= loss_tol and grad_err <= grad_tol),
+    }
+
+
+def gpu_speed(n_tokens=4096, vocab=50304, dtype=torch.bfloat16, repeats=50, smoke=False):
+    """Forward + backward of ours / eager naive / torch.compile naive on the current device.
+
+    Returns {"device", "n_tokens", "vocab", "dtype", "copy_gbps", "variants": {name: {median_ms,
+    gbps, fraction_of_copy, peak_mib, speedup_vs_eager}}}. Bandwidth counts 5 x element size
+    bytes per logit (10 for bf16). On CPU (smoke) peak memory is not measured (None).
+    """
+    dev = current_device()
+    warmup = 2
+    if smoke:  # tiny: under TRITON_INTERPRET=1 every kernel row costs milliseconds
+        n_tokens, vocab, repeats, warmup = 16, 1000, 1, 1
+    backend = kernel_backend(dev)
+    valid_vocab = vocab - VALID_VOCAB_PAD
+    bytes_moved = n_tokens * vocab * 5 * torch.empty((), dtype=dtype).element_size()
+    copy_bps = copy_bandwidth(dev, 1 << (20 if smoke else 30), max(repeats, 5))
+    # Inductor on a GPU; on CPU (smoke) dynamo with the eager backend exercises the same path
+    # without needing a C++ toolchain.
+    compiled = torch.compile(naive_kd_loss, backend="inductor" if dev.type == "cuda" else "eager")
+    variants = {
+        "ours_inplace": loss_step_fn("ours_inplace", backend),
+        "ours": loss_step_fn("ours", backend),
+        "naive_eager": loss_step_fn("naive"),
+        "naive_compiled": loss_step_fn("compiled", compiled=compiled),
+    }
+    student, teacher, labels = make_inputs(n_tokens, vocab, dtype, dev)
+    out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+           "backend": backend, "n_tokens": n_tokens, "vocab": vocab,
+           "dtype": str(dtype).replace("torch.", ""), "copy_gbps": copy_bps / 1e9,
+           "variants": {}}
+    for name, run in variants.items():
+        # ours_inplace overwrites its logits with the gradient on every call, so it gets a copy
+        # of its own; the values stay finite and small, which is all the timing needs.
+        x = student.detach().clone() if name == "ours_inplace" else student.detach()
+        x.requires_grad_(True)
+        fn = lambda run=run, x=x: run(x, teacher, labels, valid_vocab)
+        peak_mib = _cuda_peak_mib(fn) if dev.type == "cuda" else None
+        seconds = timed(fn, repeats, dev, warmup=warmup)
+        out["variants"][name] = {
+            "median_ms": seconds * 1e3,
+            "gbps": bytes_moved / seconds / 1e9,
+            "fraction_of_copy": bytes_moved / seconds / copy_bps,
+            "peak_mib": peak_mib,
+        }
+    eager = out["variants"]["naive_eager"]["median_ms"]
+    for row in out["variants"].values():
+        row["speedup_vs_eager"] = eager / row["median_ms"]
+    return out
+
+
+def _cuda_peak_mib(fn) -> float:
+    """Peak CUDA memory one call of fn allocates beyond what was allocated before it."""
+    fn()  # compile / warm up before measuring memory
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20

@@ -1,0 +1,227 @@
+"""Hugging Face model folders in and out: config.json + safetensors (single or sharded).
+
+    model = load_pretrained(folder, dtype=torch.bfloat16, device="cuda")
+    save_pretrained(model, folder, dtype=torch.float16)
+
+Plain functions beside the network rather than methods on it, so the network module stays the
+maths only and nothing in it imports its own I/O back. A bad folder raises CheckpointError
+naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from data.atomic import staged_folder
+from engine.model.config import CheckpointError, GPTNeoXConfig
+from engine.model.network import GPTNeoX
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+# Buffers older GPT-NeoX checkpoints carry: a uint8 causal mask, a masking constant and a
+# stored inv_freq. We rebuild all three from the config, so they are read past, not loaded.
+_LEGACY_BUFFER = re.compile(
+    r"^gpt_neox\.(layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)"
+    r"|rotary_emb\.inv_freq)$"
+)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_HEADER_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+
+def load_pretrained(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"
+) -> GPTNeoX:
+    """Load a HF GPT-NeoX folder (config.json + single or sharded safetensors), in eval mode.
+
+    Every header is checked (names, shapes, dtypes) before any tensor data is read, so a
+    bad checkpoint fails fast and names the tensor. The module is built on the meta device
+    and each tensor is then read, cast and moved on its own straight into its parameter:
+    at no point do two full copies of the weights exist. A few threads overlap the casts
+    (torch releases the GIL), as transformers does.
+    """
+    path = Path(path)
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: model folder not found")
+    config = GPTNeoXConfig.from_json_file(path / CONFIG_NAME)
+    files = _weight_files(path)
+    with torch.device("meta"):
+        model = GPTNeoX(config)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    with contextlib.ExitStack() as stack:
+        where = _locate_tensors(path, files, expected, stack)
+
+        def materialize(name: str) -> torch.Tensor:
+            return _read_tensor(name, *where[name], device=device, dtype=dtype)
+
+        workers = max(1, min(4, os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for name, value in zip(expected, pool.map(materialize, expected), strict=True):
+                module_path, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(module_path), attr, nn.Parameter(value))
+    model.rotary.rebuild(torch.device(device))
+    return model.eval()
+
+
+def _locate_tensors(folder: Path, files: list[Path], expected: dict, stack) -> dict:
+    """{tensor name: (file, open handle)} for every expected tensor, headers checked."""
+    where: dict[str, tuple[Path, object]] = {}
+    for file in files:
+        handle = stack.enter_context(_open_safetensors(file))
+        for name in _checked_names(file, handle, expected):
+            if name in where:
+                raise CheckpointError(f"{file}: tensor {name!r} also appears in {where[name][0]}")
+            where[name] = (file, handle)
+    missing = [name for name in expected if name not in where]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise CheckpointError(f"{folder}: missing tensor(s) {shown} ({len(missing)} in all)")
+    return where
+
+
+def _read_tensor(name: str, file: Path, handle, *, device, dtype) -> torch.Tensor:
+    try:
+        tensor = handle.get_tensor(name)
+    except Exception as error:  # safetensors raises its own error types
+        raise CheckpointError(f"{file}: cannot read tensor {name!r} ({error})") from error
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise CheckpointError(
+            f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected a float dtype"
+        )
+    # copy=True: never alias the file's memory map, even when no cast is needed.
+    return tensor.to(device=device, dtype=dtype, copy=True)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: the shards an index names, or model.safetensors."""
+    index_path = folder / WEIGHTS_INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            weight_map = index["weight_map"]
+            shard_names = list(dict.fromkeys(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from e
+        files = []
+        for name in shard_names:
+            shard = folder / name
+            if not shard.is_file():
+                raise CheckpointError(f"{index_path}: references missing shard file {shard}")
+            files.append(shard)
+        return files
+    single = folder / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    raise CheckpointError(
+        f"{folder}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} (only safetensors are supported)"
+    )
+
+
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as error:  # SafetensorError, OSError, ...: all mean "cannot use this file"
+        raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from error
+
+
+def _checked_names(file: Path, handle, expected: dict[str, tuple]) -> list[str]:
+    """The model tensors a file holds, with names, shapes and dtypes checked from its header
+    alone; legacy buffers are skipped."""
+    names = []
+    for name in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+        if _LEGACY_BUFFER.match(name):
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{file}: unexpected tensor {name!r}")
+        info = handle.get_slice(name)
+        found = tuple(info.get_shape())
+        if found != expected[name]:
+            raise CheckpointError(
+                f"{file}: shape mismatch for {name!r}: expected {list(expected[name])}, "
+                f"found {list(found)}"
+            )
+        # get_dtype is missing from some older safetensors; _read_tensor checks again.
+        stored = info.get_dtype() if hasattr(info, "get_dtype") else "F32"
+        if stored not in _FLOAT_HEADER_DTYPES:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has dtype {stored}, expected a float dtype"
+            )
+        names.append(name)
+    return names
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+
+def save_pretrained(
+    model: GPTNeoX, path: str | os.PathLike, dtype: torch.dtype | None = None
+) -> Path:
+    """Write config.json + model.safetensors (HF names) atomically; replaces an old folder.
+
+    The folder is staged beside the target and swapped in complete (data.atomic
+    .staged_folder), so a crash leaves either the old checkpoint or the new one. A folder
+    that is neither empty nor a model folder is refused: it is not ours to replace.
+    """
+    path = Path(path)
+    if path.exists() and not _is_replaceable_model_folder(path):
+        raise CheckpointError(
+            f"{path}: exists and is not a model folder (no config.json); refusing to replace it"
+        )
+    _check_save_dtype(dtype)
+    with staged_folder(path) as staged:
+        write_model_files(model, staged, dtype)
+    return path
+
+
+def write_model_files(model: GPTNeoX, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """config.json + model.safetensors into an existing (staged) folder; the caller swaps it
+    into place. `dtype` None keeps the model's own dtype."""
+    _check_save_dtype(dtype)
+    save_dtype = dtype or model.embed_out.weight.dtype
+    tensors = {
+        name: p.detach().to(device="cpu", dtype=save_dtype).contiguous()
+        for name, p in model.named_parameters()
+    }
+    config_text = json.dumps(model.config.to_hf_dict(save_dtype), indent=2) + "\n"
+    (folder / CONFIG_NAME).write_text(config_text, encoding="utf-8")
+    safetensors.torch.save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def _check_save_dtype(dtype: torch.dtype | None) -> None:
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+
+
+def _is_replaceable_model_folder(path: Path) -> bool:
+    return path.is_dir() and (not any(path.iterdir()) or (path / CONFIG_NAME).is_file())
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_INDEX_NAME",
+    "WEIGHTS_NAME",
+    "CheckpointError",
+    "load_pretrained",
+    "save_pretrained",
+    "write_model_files",
+]

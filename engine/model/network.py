@@ -1,0 +1,255 @@
+"""GPT-NeoX (Pythia) in plain PyTorch: the network only, readable top to bottom.
+
+The module tree mirrors transformers' GPTNeoXForCausalLM (`gpt_neox.embed_in`,
+`gpt_neox.layers.{i}.attention.query_key_value`, ..., `embed_out`), so our state_dict names
+*are* the checkpoint names and loading (engine/model/hf_io.py) needs no renaming table that
+could drift.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from engine.model.config import GPTNeoXConfig
+
+
+class RotaryCache(nn.Module):
+    """cos/sin tables for the rotated head dims, always fp32 whatever the model dtype.
+
+    They are non-persistent buffers so checkpoints never carry them, and `_apply` rebuilds
+    them after every `.to()`/`.half()`/`.to_empty()`: a bf16 cos table would lose the
+    positional precision that long contexts depend on.
+    """
+
+    def __init__(self, rotary_dims: int, max_positions: int, base: float):
+        super().__init__()
+        self.rotary_dims = rotary_dims
+        self.max_positions = max_positions
+        self.base = base
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.rebuild(self.cos.device)
+
+    def rebuild(self, device) -> None:
+        device = torch.device(device)
+        if device.type == "meta":  # shapes only; arange on meta would import torch._dynamo
+            shape = (self.max_positions, self.rotary_dims)
+            self.cos = torch.empty(shape, device=device)
+            self.sin = torch.empty(shape, device=device)
+            return
+        exponent = torch.arange(0, self.rotary_dims, 2, device=device, dtype=torch.float32)
+        inv_freq = 1.0 / (self.base ** (exponent / self.rotary_dims))
+        positions = torch.arange(self.max_positions, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)  # NeoX half-split layout
+        self.cos = angles.cos()
+        self.sin = angles.sin()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.rebuild(self.cos.device)
+        return self
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of x [B, heads, T, hd] in fp32; pass the rest."""
+    rot = cos.shape[-1]
+    x_rot = x[..., :rot].float()
+    rotated = x_rot * cos + _rotate_half(x_rot) * sin
+    return torch.cat((rotated.to(x.dtype), x[..., rot:]), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values per layer for incremental decoding.
+
+    Only the sampler uses it; training and evaluation run the plain full-sequence forward.
+    """
+
+    def __init__(self, config: GPTNeoXConfig, batch_size: int, max_len: int, *, dtype, device):
+        if max_len > config.max_positions:
+            raise ValueError(
+                f"KVCache max_len={max_len} exceeds max_positions={config.max_positions}"
+            )
+        shape = (batch_size, config.num_heads, max_len, config.head_dim)
+        layers = range(config.num_layers)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.max_len = max_len
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache overflow: positions up to {end} > max_len {self.max_len}")
+        self.keys[layer][:, :, start_pos:end] = k
+        self.values[layer][:, :, start_pos:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTNeoXConfig, layer_index: int):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.layer_index = layer_index
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0):
+        batch, seq, hidden = x.shape
+        # The fused projection is interleaved per head: (heads, [q k v], head_dim).
+        qkv = self.query_key_value(x).view(batch, seq, self.num_heads, 3, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each [B, heads, T, hd]
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if kv_cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = kv_cache.update(self.layer_index, start_pos, k, v)
+            if start_pos == 0:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            elif seq == 1:
+                out = F.scaled_dot_product_attention(q, k, v)  # one new token sees everything
+            else:
+                # New chunk after a prefix: is_causal would align the mask top-left, so say it.
+                keys_at = torch.arange(k.shape[2], device=x.device)
+                queries_at = torch.arange(start_pos, start_pos + seq, device=x.device)
+                mask = keys_at[None, :] <= queries_at[:, None]
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.dense(out.transpose(1, 2).reshape(batch, seq, hidden))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTNeoXConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))  # exact erf GELU, as HF
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTNeoXConfig, layer_index: int):
+        super().__init__()
+        self.use_parallel_residual = config.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = Attention(config, layer_index)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0):
+        attn = self.attention(self.input_layernorm(x), cos, sin, kv_cache, start_pos)
+        if self.use_parallel_residual:
+            return x + attn + self.mlp(self.post_attention_layernorm(x))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embedding, blocks and final LayerNorm: HF's `gpt_neox` submodule."""
+
+    def __init__(self, config: GPTNeoXConfig):
+        super().__init__()
+        # Handing nn.Embedding its (uninitialised) weight skips its own normal_() init:
+        # GPTNeoX.reset_parameters initialises it anyway, and on the meta device (load_pretrained)
+        # that normal_() would pull in torch._dynamo, seconds of import on a first load.
+        self.embed_in = nn.Embedding(
+            config.vocab_size,
+            config.hidden_size,
+            _weight=torch.empty(config.vocab_size, config.hidden_size),
+        )
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class GPTNeoX(nn.Module):
+    """Pythia-compatible causal LM. `model(input_ids) -> logits [B, T, V]`."""
+
+    def __init__(self, config: GPTNeoXConfig):
+        super().__init__()
+        self.config = config
+        self.gpt_neox = Backbone(config)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryCache(config.rotary_dims, config.max_positions, config.rotary_base)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Fresh weights to train from scratch: N(0, 0.02) matrices, LayerNorm 1/0, zero biases."""
+        if self.embed_out.weight.is_meta:
+            return  # shapes only (load_pretrained fills every tensor); nothing to initialise
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block in backward instead of storing its activations (training only)."""
+        self.activation_checkpointing = bool(enabled)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        """Final-LayerNorm output [B, T, H]: what a fused head+loss consumes instead of logits."""
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"input_ids must be an int64/int32 tensor [B, T], got {input_ids.dtype} "
+                f"{tuple(input_ids.shape)}"
+            )
+        seq = input_ids.shape[1]
+        if start_pos < 0 or start_pos + seq > self.config.max_positions:
+            raise ValueError(
+                f"positions {start_pos}..{start_pos + seq - 1} exceed max_positions="
+                f"{self.config.max_positions}"
+            )
+        cos = self.rotary.cos[start_pos : start_pos + seq]
+        sin = self.rotary.sin[start_pos : start_pos + seq]
+        x = self.gpt_neox.embed_in(input_ids)
+        recompute = (
+            self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
+        )
+        for block in self.gpt_neox.layers:
+            if recompute:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, kv_cache, start_pos)
+        return self.gpt_neox.final_layer_norm(x)
+
+    def forward(
+        self, input_ids: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        return self.embed_out(self.hidden_states(input_ids, kv_cache, start_pos))
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        weight = self.embed_out.weight
+        return KVCache(
+            self.config,
+            batch_size,
+            max_len or self.config.max_positions,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a module's parameters (where its inputs must go)."""
+    return next(model.parameters()).device
+
+
+__all__ = ["GPTNeoX", "KVCache", "RotaryCache", "apply_rotary", "model_device"]

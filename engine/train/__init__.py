@@ -1,0 +1,13 @@
+"""Training: `python -m engine.train` (engine/train/__main__.py) and `run(config)` from code.
+
+    config.py      the typed configuration (TOML presets + --section.key=value overrides)
+    setup.py       builders: models, loader, optimizer, micro-batch plan, resume, DDP, compile
+    step.py        one micro-step and one optimizer step (the normaliser, docs/loss.md)
+    loop.py        the Trainer: setup, train_step(), and the validate/save/stop policy
+    checkpoint.py  atomic, resumable checkpoints; export.py the final Hugging Face folder
+    signals.py     SIGTERM/SIGINT -> finish the step, save, exit
+"""
+
+from engine.train.loop import Trainer, TrainingDiverged, run
+
+__all__ = ["Trainer", "TrainingDiverged", "run"]

@@ -1,0 +1,233 @@
+"""Builders for a training run: models, loader, optimizer, micro-batch plan, resume, wrapping.
+
+Each builder takes the typed configuration and returns one ready piece, so the Trainer's
+__init__ (engine/train/loop.py) reads as the list of what a run is made of.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from data.loader import BatchLoader
+from engine import dist
+from engine.memory import largest_micro_batch, parse_bytes, plan_memory
+from engine.model.hf_io import load_pretrained
+from engine.model.network import GPTNeoX
+from engine.precision import dtype_of
+from engine.train import checkpoint as ckpt
+from engine.train.config import Config, ConfigError, write_resolved
+
+# --------------------------------------------------------------------------------------
+# The run folder
+# --------------------------------------------------------------------------------------
+
+
+def prepare_run_folder(config: Config, info: dist.DistInfo) -> Path | None:
+    """Create out_dir, clear debris of killed saves, write the resolved configuration; return
+    the checkpoint to resume from (None for a fresh start)."""
+    out_dir = Path(config.run.out_dir)
+    resume_from = ckpt.resolve_resume(config.run.resume, out_dir)
+    if config.run.resume == "none" and ckpt.latest_checkpoint(out_dir) is not None:
+        raise ConfigError(
+            f"run.resume=none but {ckpt.checkpoint_root(out_dir)} holds checkpoints; "
+            "use run.resume=auto to continue, or another run.out_dir"
+        )
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_incomplete(out_dir)
+        write_resolved(config, out_dir)
+    dist.barrier()
+    return resume_from
+
+
+# --------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------
+
+
+def build_student(config: Config, device: torch.device, dtype: torch.dtype) -> GPTNeoX:
+    """The trained model: a pretrained folder, or fresh weights from the scratch shape."""
+    s = config.student
+    if s.init == "pretrained":
+        student = load_pretrained(s.path, dtype=dtype, device=device)
+    else:
+        torch.manual_seed(config.run.seed)  # same fresh weights for a seed, on every rank
+        student = GPTNeoX(s.scratch_model_config()).to(device=device, dtype=dtype)
+    if config.runtime.activation_checkpointing:
+        student.set_activation_checkpointing(True)
+    return student.train()
+
+
+def build_teacher(config: Config, device: torch.device) -> GPTNeoX | None:
+    """The frozen teacher: eval mode, no parameter requires grad (None without teacher.path)."""
+    if not config.teacher.path:
+        return None
+    teacher = load_pretrained(config.teacher.path, dtype=dtype_of(config.teacher.dtype),
+                              device=device)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def check_compatible(config: Config, student: GPTNeoX, teacher: GPTNeoX | None) -> None:
+    """Vocabularies and context lengths that the models and the data must share."""
+    vocab = student.config.vocab_size
+    if teacher is not None and teacher.config.vocab_size != vocab:
+        raise ConfigError(
+            f"teacher.path={config.teacher.path} has vocab_size {teacher.config.vocab_size}, "
+            f"the student has {vocab}: the logits must share a vocabulary"
+        )
+    if config.data.valid_vocab > vocab:
+        raise ConfigError(f"data.valid_vocab={config.data.valid_vocab} exceeds vocab_size {vocab}")
+    for name, model in (("student", student), ("teacher", teacher)):
+        if model is not None and config.batch.seq_len > model.config.max_positions:
+            raise ConfigError(
+                f"batch.seq_len={config.batch.seq_len} exceeds the {name}'s max_positions "
+                f"{model.config.max_positions}"
+            )
+
+
+def wrap_model(student: GPTNeoX, config: Config, info: dist.DistInfo) -> torch.nn.Module:
+    """What runs the forward: the student, under DDP across ranks, compiled when asked."""
+    model: torch.nn.Module = student
+    if info.distributed:
+        model = DistributedDataParallel(
+            student,
+            device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            broadcast_buffers=False,
+            gradient_as_bucket_view=True,
+        )
+        # Each rank's loss is already divided by the global token count, so gradients must
+        # be summed over ranks, not averaged (DDP's default divides by the world size).
+        model.register_comm_hook(state=None, hook=dist.allreduce_sum_hook)
+    if config.runtime.compile:
+        model = torch.compile(model)
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------
+
+
+def plan_micro_batch(config: Config, teacher_cfg, student_cfg, log) -> tuple[int, int, int | None]:
+    """(micro_batch, accum_steps, predicted peak bytes) honouring batch.memory_budget.
+
+    The budget picks the largest micro-batch the memory plan fits, among the divisors of the
+    sequences per step, so the accumulation steps change but the tokens per step do not.
+    """
+    mb, accum = config.batch.micro_batch, config.batch.accum_steps
+    if not config.batch.memory_budget:
+        return mb, accum, None
+    plan_args = dict(
+        seq_len=config.batch.seq_len,
+        precision=config.precision,
+        activation_checkpointing=config.runtime.activation_checkpointing,
+    )
+    budget = parse_bytes(config.batch.memory_budget)
+    largest = largest_micro_batch(teacher_cfg, student_cfg, budget_bytes=budget, **plan_args)
+    if largest < 1:
+        raise ConfigError(
+            f"batch.memory_budget={config.batch.memory_budget}: not even one sequence of "
+            f"{config.batch.seq_len} tokens fits (try runtime.activation_checkpointing=true)"
+        )
+    sequences = mb * accum
+    new_mb = max(d for d in range(1, min(largest, sequences) + 1) if sequences % d == 0)
+    new_accum = sequences // new_mb
+    predicted = plan_memory(teacher_cfg, student_cfg, micro_batch=new_mb, **plan_args)
+    log(
+        f"memory budget {config.batch.memory_budget}: largest micro-batch {largest}; using "
+        f"micro_batch={new_mb} x accum_steps={new_accum} (was {mb} x {accum}), "
+        f"predicted peak {predicted.allocated_peak / 2**30:.2f} GiB"
+    )
+    return new_mb, new_accum, predicted.allocated_peak
+
+
+def build_train_loader(config: Config, dataset, micro_batch: int, info) -> BatchLoader:
+    """This rank's share of the training items, reshuffled every epoch from run.seed."""
+    loader = BatchLoader(
+        dataset,
+        micro_batch,
+        seed=config.run.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        split="train",
+        val_fraction=config.data.val_fraction,
+    )
+    if len(loader) == 0:
+        raise ConfigError(
+            f"data.path={config.data.path}: no full training micro-batch of {micro_batch} x "
+            f"{config.batch.seq_len} tokens for rank {info.rank} of {info.world_size}"
+        )
+    return loader
+
+
+# --------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------
+
+
+def build_optimizer(config: Config, model: torch.nn.Module, device: torch.device):
+    """AdamW; weight decay only on matrices (not biases, LayerNorms); fused when allowed.
+
+    The fused implementation exists for CUDA and (torch >= 2.4) the CPU, where it is several
+    times faster (see benchmarks/README.md); older builds fall back to the default.
+    """
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kwargs: dict[str, Any] = dict(
+        lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps
+    )
+    if config.optim.fused and device.type in ("cuda", "cpu"):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, ValueError, TypeError):
+            pass  # no fused kernel for this device/dtype in this torch build
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def lr_at(config: Config, step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then constant/cosine."""
+    optim = config.optim
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return optim.lr
+    # The last step (index steps - 1) trains at min_lr.
+    decay_steps = max(1, config.run.steps - optim.warmup_steps - 1)
+    progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------
+
+
+def resume(
+    folder: Path,
+    *,
+    student: GPTNeoX,
+    optimizer: torch.optim.Optimizer,
+    loader: BatchLoader,
+    info: dist.DistInfo,
+) -> tuple[int, int]:
+    """Load a checkpoint into the live student, optimizer, loader and RNGs; return
+    (step, non-finite steps in a row) as they were when it was saved."""
+    state = ckpt.load_checkpoint(folder, student=student, optimizer=optimizer)
+    if len(state["loader_states"]) != info.world_size:
+        raise ckpt.CheckpointLoadError(
+            f"{folder}: saved by {len(state['loader_states'])} rank(s), "
+            f"this run has {info.world_size}"
+        )
+    loader.load_state_dict(state["loader_states"][info.rank])
+    ckpt.restore_rng_state(state["rng_states"][info.rank])
+    return int(state["step"]), int(state.get("bad_steps", 0))

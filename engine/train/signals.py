@@ -1,0 +1,44 @@
+"""SIGTERM / SIGINT during training: finish the step, save, exit cleanly.
+
+A scheduler preempting a job sends SIGTERM; a person presses Ctrl-C. Either way the step in
+flight is finished and saved rather than lost; a second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import Any
+
+
+class StopRequest:
+    """A context manager that turns SIGTERM/SIGINT into a flag the loop checks each step."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        print(
+            f"{self.signal_name}: finishing the current step, then saving a checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self):
+        # Signal handlers can only be installed from the main thread.
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
