@@ -93,7 +93,8 @@ def hub_base_model(path: str, config: GPTNeoXConfig) -> str | None:
     if not path or name is None:
         return None
     for part in reversed(Path(path).parts):
-        match = re.search(rf"({re.escape(name)}(-deduped)?)(?![\w.])", part, re.IGNORECASE)
+        match = re.search(rf"(?<![a-z0-9])({re.escape(name)}(-deduped)?)(?![\w.-])", part,
+                          re.IGNORECASE)
         if match:
             return f"EleutherAI/{match.group(1).lower()}"
     return None
