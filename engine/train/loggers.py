@@ -18,6 +18,7 @@ the same run id (its steps only move forward; the redone steps are bit-exact rep
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ class WandbSink:
         run_id = id_file.read_text().strip() if step > 0 and id_file.is_file() else ""
         fresh = not run_id
         if fresh:
-            run_id = self._wandb.util.generate_id()
+            run_id = secrets.token_hex(4)  # W&B's own ids are 8 lowercase characters too
             write_text_atomic(id_file, run_id + "\n")
         self.run = self._wandb.init(
             project=self.project,
