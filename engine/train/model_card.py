@@ -191,7 +191,7 @@ def _recipe_section(facts: dict[str, Any]) -> list[str]:
     loss, optim = config.loss, config.optim
     rows = [("steps", f"{facts['steps']} (of {config.run.steps} planned)"),
             ("batch", f"{facts['micro_batch']} sequences x {facts['accum_steps']} accumulation "
-                      f"x {facts['world_size']} ranks x {config.batch.seq_len} tokens = "
+                      f"x {facts['world_size']} rank(s) x {config.batch.seq_len} tokens = "
                       f"{facts['tokens_per_step']:,} tokens per step"),
             ("precision", config.precision),
             ("learning rate", f"{optim.lr:g}, {optim.schedule}, {optim.warmup_steps} warm-up "
