@@ -47,7 +47,7 @@ def export_student(
             if not tokenizer_path.is_file():
                 raise FileNotFoundError(f"run.tokenizer: {tokenizer_path} is not a file")
             shutil.copyfile(tokenizer_path, staged / TOKENIZER_NAME)
-            write_tokenizer_files(staged, student.config, pad_id)
+            write_tokenizer_files(staged, student.config, pad_id, source=tokenizer_path)
         if model_card is not None:
             (staged / CARD_NAME).write_text(model_card, encoding="utf-8")
     return export_dir

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,21 @@ def tokenizer_settings(tokenizer_json: Path, model_config: GPTNeoXConfig,
     return config, special
 
 
-def write_tokenizer_files(folder: Path, model_config: GPTNeoXConfig, pad_id: int | None) -> None:
+def write_tokenizer_files(folder: Path, model_config: GPTNeoXConfig, pad_id: int | None,
+                          *, source: Path | None = None) -> bool:
     """tokenizer_config.json + special_tokens_map.json beside folder/tokenizer.json (in a
-    staged folder: the caller swaps it into place)."""
-    config, special = tokenizer_settings(folder / "tokenizer.json", model_config, pad_id)
+    staged folder: the caller swaps it into place); False, with a warning naming `source`,
+    when the tokenizers library cannot read it (the finished run's export still happens)."""
+    try:
+        config, special = tokenizer_settings(folder / "tokenizer.json", model_config, pad_id)
+    except Exception as error:  # tokenizers raises its own Exception subclass
+        warnings.warn(f"{source or folder / 'tokenizer.json'}: not a tokenizer the tokenizers "
+                      f"library reads ({error}); exported as is, without {TOKENIZER_CONFIG_NAME} "
+                      f"and {SPECIAL_TOKENS_MAP_NAME}", RuntimeWarning, stacklevel=2)
+        return False
     for name, payload in ((TOKENIZER_CONFIG_NAME, config), (SPECIAL_TOKENS_MAP_NAME, special)):
         (folder / name).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return True
 
 
 # --------------------------------------------------------------------------------------

@@ -183,3 +183,13 @@ def _facts_of(exported) -> dict:
             "teacher_params": 0, "fingerprint": "f", "inputs": [], "shard_tokens": 10,
             "steps": result["step"], "tokens_per_step": 64, "micro_batch": 2, "accum_steps": 2,
             "world_size": 1, "val": result["val"]}
+
+
+def test_an_unreadable_tokenizer_is_exported_as_is_with_a_warning(exported, tmp_path):
+    bad = tmp_path / "tok.json"
+    bad.write_text('{"fake": "tokenizer"}')
+    with pytest.warns(RuntimeWarning, match=rf"{bad}: not a tokenizer the tokenizers library"):
+        folder = export_student(load_pretrained(exported["folder"]), tmp_path / "final",
+                                tokenizer_path=bad, pad_id=1)
+    assert (folder / "tokenizer.json").read_text() == bad.read_text()
+    assert not (folder / "tokenizer_config.json").exists()
