@@ -34,6 +34,8 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import shlex
@@ -149,6 +151,13 @@ def resume_command(settings: dict, output_dir: Path, workers: int) -> str:
 _WORKER_TOKENIZER = None
 
 
+def _exit_with_parent(parent_sentinel) -> None:
+    """Wait for the parent to die, then exit: a pool worker holds its own task queue open,
+    so after a kill -9 of the parent it would otherwise wait for work forever."""
+    multiprocessing.connection.wait([parent_sentinel])
+    os._exit(1)
+
+
 def _worker_init(tokenizer_path: str) -> None:
     global _WORKER_TOKENIZER
     # One Rust thread per process: the processes themselves are the parallelism.
@@ -156,6 +165,9 @@ def _worker_init(tokenizer_path: str) -> None:
     os.environ["RAYON_RS_NUM_CPUS"] = "1"
     # Ctrl-C is the parent's to handle: it stops the pool; workers must not die of it first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
     _WORKER_TOKENIZER = read_tokenizer_file(tokenizer_path).tokenizer
 
 
@@ -406,8 +418,6 @@ def _tokenised_by_workers(batches, tokenizer_path: Path, eos_id: int, workers: i
     concurrent.futures, not multiprocessing.Pool: when a worker dies its futures fail (and
     so does the next submit) with BrokenProcessPool, where Pool waits forever for the result.
     """
-    import multiprocessing
-
     # spawn, not fork: the parent's tokenizer thread pool must not be forked mid-flight.
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_worker_init, initargs=(str(tokenizer_path),))

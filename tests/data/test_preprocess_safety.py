@@ -283,3 +283,37 @@ def test_a_dead_worker_stops_the_run_within_seconds_and_a_rerun_completes(tmp_pa
     assert done.returncode == 0, done.stderr
     assert folder_bytes(out) == folder_bytes(reference)
     assert kept == {name: os.stat(out / f"{name}.bin").st_ino for name in kept}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task"), reason="needs Linux /proc")
+def test_a_killed_run_leaves_no_worker_process_behind(tmp_path, bpe):
+    source = write_jsonl(tmp_path / "in.jsonl.zst",
+                         docs_lines(random_texts(2000, seed=5, max_len=80) * 50))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "data.preprocess", "--input", str(source), "--tokenizer",
+               str(bpe), "--output", str(out), "--shard-tokens", "3000", "--workers", "2"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "shard_00000.idx").exists():  # the workers are up and tokenising
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    with open(f"/proc/{process.pid}/task/{process.pid}/children") as handle:
+        children = [int(pid) for pid in handle.read().split()]
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert len(children) >= 2
+    deadline = time.monotonic() + 30
+    while any(map(_alive, children)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in children if _alive(pid)]
+    for pid in left:  # do not leave them to the next test either
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "worker processes outlived their killed parent"
