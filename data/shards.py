@@ -300,7 +300,12 @@ class IndexedShard:
 
 
 def read_manifest(path: Path) -> dict:
-    """A data.preprocess manifest (format version 1 or 2), its shard list checked."""
+    """A data.preprocess manifest (format version 1 or 2), its shard list checked.
+
+    A version-1 manifest lacks the inputs' sha256, the tokenizer fingerprint and
+    max_token_id: its shards and their hashes are read as before, but the engine can then
+    compare the tokenizer by sha256 only and must check token ids batch by batch.
+    """
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
