@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from data.tokenizer_file import TokenizerFileError, read_tokenizer_file
 from engine.model.config import PYTHIA_COMMON, PYTHIA_SHAPES, GPTNeoXConfig
 
 CARD_NAME = "README.md"
@@ -38,9 +39,7 @@ def tokenizer_settings(tokenizer_json: Path, model_config: GPTNeoXConfig,
     Tokens are named by id from the tokenizer itself (the model's bos/eos ids, the data's pad
     id), so a tokenizer whose ids differ from GPT-NeoX's is described as it is.
     """
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    tokenizer = read_tokenizer_file(tokenizer_json).tokenizer  # TokenizerFileError names it
     roles = {"bos_token": model_config.bos_token_id, "eos_token": model_config.eos_token_id,
              "unk_token": model_config.eos_token_id, "pad_token": pad_id}
     special = {role: tokenizer.id_to_token(i) for role, i in roles.items() if i is not None}
@@ -60,14 +59,15 @@ def tokenizer_settings(tokenizer_json: Path, model_config: GPTNeoXConfig,
 def write_tokenizer_files(folder: Path, model_config: GPTNeoXConfig, pad_id: int | None,
                           *, source: Path | None = None) -> bool:
     """tokenizer_config.json + special_tokens_map.json beside folder/tokenizer.json (in a
-    staged folder: the caller swaps it into place); False, with a warning naming `source`,
-    when the tokenizers library cannot read it (the finished run's export still happens)."""
+    staged folder: the caller swaps it into place), read from `source`, the file it was copied
+    from. False, with a warning naming it, when the tokenizers library cannot read it: the
+    finished run's export still happens."""
     try:
-        config, special = tokenizer_settings(folder / "tokenizer.json", model_config, pad_id)
-    except Exception as error:  # tokenizers raises its own Exception subclass
-        warnings.warn(f"{source or folder / 'tokenizer.json'}: not a tokenizer the tokenizers "
-                      f"library reads ({error}); exported as is, without {TOKENIZER_CONFIG_NAME} "
-                      f"and {SPECIAL_TOKENS_MAP_NAME}", RuntimeWarning, stacklevel=2)
+        config, special = tokenizer_settings(source or folder / "tokenizer.json", model_config,
+                                             pad_id)
+    except TokenizerFileError as error:
+        warnings.warn(f"{error}; exported as is, without {TOKENIZER_CONFIG_NAME} and "
+                      f"{SPECIAL_TOKENS_MAP_NAME}", RuntimeWarning, stacklevel=2)
         return False
     for name, payload in ((TOKENIZER_CONFIG_NAME, config), (SPECIAL_TOKENS_MAP_NAME, special)):
         (folder / name).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

@@ -188,7 +188,7 @@ def _facts_of(exported) -> dict:
 def test_an_unreadable_tokenizer_is_exported_as_is_with_a_warning(exported, tmp_path):
     bad = tmp_path / "tok.json"
     bad.write_text('{"fake": "tokenizer"}')
-    with pytest.warns(RuntimeWarning, match=rf"{bad}: not a tokenizer the tokenizers library"):
+    with pytest.warns(RuntimeWarning, match=rf"{bad}: not a tokenizer\.json .* exported as is"):
         folder = export_student(load_pretrained(exported["folder"]), tmp_path / "final",
                                 tokenizer_path=bad, pad_id=1)
     assert (folder / "tokenizer.json").read_text() == bad.read_text()
