@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.atomic import write_bytes_atomic
+from data.atomic import open_atomic
 from engine.metrics import read_records
 
 CURVES_TITLE = "neox-distill training curves"  # PNG metadata: marks a file as ours to replace
@@ -141,7 +141,8 @@ def plot_runs(folders: Sequence[str | os.PathLike], out: str | os.PathLike) -> d
     figure.suptitle(CURVES_TITLE)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, metadata={"Title": CURVES_TITLE})
-    write_bytes_atomic(out, buffer.getvalue())
+    with open_atomic(out, "wb") as handle:
+        handle.write(buffer.getvalue())
     return drawn
 
 
