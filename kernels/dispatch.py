@@ -71,11 +71,13 @@ def loss_and_grad(backend: str, s, t, labels, grad_out, inv_norm, options: LossO
     """Run the resolved backend on [N, V] logits; write d loss / d s into grad_out (may be s).
 
     Returns (ce_sum, kd_sum) as 0-dim fp32 tensors (float64 for float64 logits on the torch
-    path), with no host synchronisation.
+    path), with no host synchronisation. Runs with autocast off whatever the caller's context:
+    under autocast, row dot products (torch.linalg.vecdot) would drop to bf16.
     """
     kwargs = dataclasses.asdict(options)
-    if backend == "triton":
-        from kernels.kd_loss_triton import kd_loss_forward_triton
+    with torch.autocast(s.device.type, enabled=False):
+        if backend == "triton":
+            from kernels.kd_loss_triton import kd_loss_forward_triton
 
-        return kd_loss_forward_triton(s, t, labels, grad_out, inv_norm=inv_norm, **kwargs)
-    return kd_loss_forward_chunked(s, t, labels, grad_out, inv_norm=inv_norm, **kwargs)
+            return kd_loss_forward_triton(s, t, labels, grad_out, inv_norm=inv_norm, **kwargs)
+        return kd_loss_forward_chunked(s, t, labels, grad_out, inv_norm=inv_norm, **kwargs)

@@ -29,6 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from kernels.constants import IGNORE_INDEX
 from kernels.dispatch import LossOptions, loss_and_grad, resolve_backend, triton_available
+from kernels.kd_head import kd_head_loss, kd_head_loss_reference
 from kernels.kd_loss_torch import (
     check_labels_in_range,
     flatten_inputs,
@@ -38,6 +39,8 @@ from kernels.kd_loss_torch import (
 
 __all__ = [
     "KDLossFunction",
+    "kd_head_loss",
+    "kd_head_loss_reference",
     "kd_loss",
     "kd_loss_reference",
     "triton_available",
