@@ -12,7 +12,12 @@ import os
 import torch
 
 from kernels.divergences import kernel_divergence, resolve_divergence
-from kernels.kd_loss_torch import check_hyperparameters, kd_loss_forward_chunked
+from kernels.kd_loss_torch import (
+    check_hyperparameters,
+    check_labels_in_range,
+    inverse_normalizer,
+    kd_loss_forward_chunked,
+)
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -65,6 +70,30 @@ class LossOptions:
         divergence = kernel_divergence(resolve_divergence(divergence, beta, skew), skew)
         return cls(float(alpha), float(temperature), int(ignore_index), int(valid_vocab),
                    divergence, float(beta), float(skew), t2_scale)
+
+
+def prepare_loss(flat_labels, device, *, backend, normalizer, **loss_kwargs):
+    """What kd_loss and kd_head_loss do before their autograd Function, in one place.
+
+    Checks every argument (LossOptions.checked takes loss_kwargs), resolves the backend, checks
+    labels on CPU (a GPU check would sync) and returns (options, backend, valid_count,
+    inv_norm), the last two 0-dim tensors on the labels' device.
+    """
+    options = LossOptions.checked(**loss_kwargs)
+    resolved = resolve_backend(backend, device)
+    if flat_labels.device.type == "cpu":
+        check_labels_in_range(flat_labels, options.ignore_index, options.valid_vocab)
+    valid_count = (flat_labels != options.ignore_index).sum()
+    return options, resolved, valid_count, inverse_normalizer(normalizer, valid_count)
+
+
+def loss_stats(ce_sum, kd_sum, valid_count) -> dict:
+    """The detached fp32 stats both public functions return (sums, so they add up)."""
+    return {
+        "ce_sum": ce_sum.detach().float(),
+        "kd_sum": kd_sum.detach().float(),
+        "valid_tokens": valid_count.detach().float(),
+    }
 
 
 def loss_and_grad(backend: str, s, t, labels, grad_out, inv_norm, options: LossOptions):

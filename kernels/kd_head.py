@@ -44,8 +44,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.constants import IGNORE_INDEX
-from kernels.dispatch import LossOptions, loss_and_grad, resolve_backend
-from kernels.kd_loss_torch import check_labels_in_range, inverse_normalizer, kd_loss_reference
+from kernels.dispatch import loss_and_grad, loss_stats, prepare_loss
+from kernels.kd_loss_torch import kd_loss_reference
 
 # Both fp32 logit blocks of a chunk on the CPU: 128 MiB, i.e. 333 tokens at V = 50304 (rounded
 # down to 320). Measured fwd+bwd at N=4096, Hs 512, Ht 768, V 50304, fp32, 2 threads, against
@@ -244,16 +244,12 @@ def kd_head_loss(
     valid_vocab = vocab if valid_vocab is None else int(valid_vocab)
     if not 1 <= valid_vocab <= vocab:
         raise ValueError(f"valid_vocab={valid_vocab} must be in [1, {vocab}] (the weights' rows)")
-    options = LossOptions.checked(
-        alpha=alpha, temperature=temperature, ignore_index=ignore_index,
-        valid_vocab=valid_vocab, divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale,
-    )
-    resolved = resolve_backend(backend, student_hidden.device)
     flat_labels = labels.reshape(-1)
-    if flat_labels.device.type == "cpu":
-        check_labels_in_range(flat_labels, ignore_index, valid_vocab)
-    valid_count = (flat_labels != ignore_index).sum()
-    inv_norm = inverse_normalizer(normalizer, valid_count)
+    options, resolved, valid_count, inv_norm = prepare_loss(
+        flat_labels, student_hidden.device, backend=backend, normalizer=normalizer, alpha=alpha,
+        temperature=temperature, ignore_index=ignore_index, valid_vocab=valid_vocab,
+        divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale,
+    )
     plan = _head_plan(student_hidden, student_weight, teacher_hidden, teacher_weight,
                       chunk_tokens)
     loss, ce_sum, kd_sum = KDHeadLossFunction.apply(
@@ -261,12 +257,7 @@ def kd_head_loss(
         teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
         flat_labels, inv_norm, options, resolved, plan,
     )
-    stats = {
-        "ce_sum": ce_sum.detach().float(),
-        "kd_sum": kd_sum.detach().float(),
-        "valid_tokens": valid_count.detach().float(),
-    }
-    return loss, stats
+    return loss, loss_stats(ce_sum, kd_sum, valid_count)
 
 
 def kd_head_loss_reference(student_hidden, student_weight, teacher_hidden, teacher_weight,

@@ -28,14 +28,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.constants import IGNORE_INDEX
-from kernels.dispatch import LossOptions, loss_and_grad, resolve_backend, triton_available
+from kernels.dispatch import loss_and_grad, loss_stats, prepare_loss, triton_available
 from kernels.kd_head import kd_head_loss, kd_head_loss_reference
-from kernels.kd_loss_torch import (
-    check_labels_in_range,
-    flatten_inputs,
-    inverse_normalizer,
-    kd_loss_reference,
-)
+from kernels.kd_loss_torch import flatten_inputs, kd_loss_reference
 
 __all__ = [
     "KDLossFunction",
@@ -143,22 +138,13 @@ def kd_loss(
     s, _, flat_labels, valid_vocab = flatten_inputs(
         student_logits, teacher_logits, labels, valid_vocab
     )
-    options = LossOptions.checked(
-        alpha=alpha, temperature=temperature, ignore_index=ignore_index,
-        valid_vocab=valid_vocab, divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale,
+    options, resolved, valid_count, inv_norm = prepare_loss(
+        flat_labels, s.device, backend=backend, normalizer=normalizer, alpha=alpha,
+        temperature=temperature, ignore_index=ignore_index, valid_vocab=valid_vocab,
+        divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale,
     )
-    resolved = resolve_backend(backend, s.device)
-    if s.device.type == "cpu":
-        check_labels_in_range(flat_labels, ignore_index, valid_vocab)
-    valid_count = (flat_labels != ignore_index).sum()
-    inv_norm = inverse_normalizer(normalizer, valid_count)
     loss, ce_sum, kd_sum = KDLossFunction.apply(
         student_logits, teacher_logits.detach(), flat_labels, inv_norm, options, resolved,
         bool(inplace_grad),
     )
-    stats = {
-        "ce_sum": ce_sum.detach().float(),
-        "kd_sum": kd_sum.detach().float(),
-        "valid_tokens": valid_count.detach().float(),
-    }
-    return loss, stats
+    return loss, loss_stats(ce_sum, kd_sum, valid_count)
