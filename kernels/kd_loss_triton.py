@@ -293,12 +293,15 @@ def launch_config(vocab: int, divergence: str = "forward_kl") -> tuple[int, int]
     warps are within 5% of each other (0.96-1.05 ms); 2048 and 4096 columns are slower (up to
     3x with few warps), and num_stages changes nothing. Small blocks keep many rows resident
     per SM, which hides the latency of the per-chunk max reductions. The three-pass
-    divergences (jsd, skew_*, tvd) hold more per-column values and spill a few bytes on sm_80 /
-    sm_90 with 4 warps, so they use 8 (half the values per thread; in the measured band, not
-    yet timed on a GPU). tools/compile_kernels.py checks that no configuration spills.
+    divergences (jsd, skew_*, tvd) hold more values per column and spilled a few bytes with
+    1024 x 4 warps (Triton 3.9, sm_80 / sm_90) and with 1024 x 8 (Triton 3.6, sm_80), so they
+    use 512 columns x 8 warps: inside the measured band, 2 columns per thread, and fewer rows
+    resident per SM than with 4 warps, which keeps more of each row in L2 for its next pass
+    (not yet timed on a GPU). tools/compile_kernels.py checks that no configuration spills.
     """
-    block = min(1024, triton.next_power_of_2(max(vocab, 16)))
-    return block, 4 if divergence in ("forward_kl", "reverse_kl") else 8
+    if divergence not in ("forward_kl", "reverse_kl"):
+        return min(512, triton.next_power_of_2(max(vocab, 16))), 8
+    return min(1024, triton.next_power_of_2(max(vocab, 16))), 4
 
 
 def _log_weight(weight: float) -> float:
