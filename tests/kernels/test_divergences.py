@@ -48,19 +48,19 @@ def test_torch_path_extreme_inputs(case, kind):
 
 @pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=case_id)
 def test_gradcheck_float64(case):
-    """Autograd's numerical gradient agrees with the reference's and with the chunked path's
-    hand-written one (float64 end to end, T^2 off and on)."""
+    """Autograd's numerical gradient of the chunked path agrees with its hand-written one
+    (float64 end to end; T^2 off, the factor itself is checked by test_t2_scale_*)."""
     divergence, extra = case
     gen = torch.Generator().manual_seed(3)
-    student = (torch.randn(4, 11, generator=gen, dtype=torch.float64) * 2).requires_grad_(True)
-    teacher = torch.randn(4, 11, generator=gen, dtype=torch.float64) * 2
-    labels = torch.tensor([3, -100, 0, 8])
-    kwargs = dict(alpha=0.3, temperature=1.7, valid_vocab=9, divergence=divergence, **extra)
-    for t2_scale, fn in ((True, kd_loss_reference), (False, kd_loss)):
-        def loss_of(s, fn=fn, t2_scale=t2_scale):
-            return fn(s, teacher, labels, t2_scale=t2_scale, **kwargs)[0]
+    student = (torch.randn(3, 9, generator=gen, dtype=torch.float64) * 2).requires_grad_(True)
+    teacher = torch.randn(3, 9, generator=gen, dtype=torch.float64) * 2
+    labels = torch.tensor([3, -100, 6])
 
-        assert torch.autograd.gradcheck(loss_of, (student,)), (fn.__name__, t2_scale)
+    def loss_of(s):
+        return kd_loss(s, teacher, labels, alpha=0.3, temperature=1.7, valid_vocab=8,
+                       divergence=divergence, t2_scale=False, backend="torch", **extra)[0]
+
+    assert torch.autograd.gradcheck(loss_of, (student,))
 
 
 @pytest.mark.parametrize(("general", "plain"), [
