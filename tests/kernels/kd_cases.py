@@ -135,3 +135,4 @@ def check_against_reference(student, teacher, labels, *, backend, divergence, ex
             if valid_vocab is not None:
                 assert torch.count_nonzero(grad[:, valid_vocab:]) == 0, case
         assert close(stats["kd_sum"], ref_stats["kd_sum"], loss_tol), case
+

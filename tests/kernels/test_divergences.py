@@ -18,6 +18,7 @@ from tests.kernels.kd_cases import (
     ours_loss_and_grad,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=case_id)

@@ -26,7 +26,7 @@ from tests.kernels.kd_cases import (
 )
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 
 # Case i of the grid gets temperature i mod 4, alpha i mod 3 and alternating dtypes: across the
 # 18 cases every (T, alpha) pair and both dtypes appear several times.

@@ -16,6 +16,8 @@ from kernels.kd_loss import kd_head_loss, kd_head_loss_reference, kd_loss, kd_lo
 from tests.kernels.alloc_tracking import AllocationRecorder
 from tests.kernels.kd_cases import ALPHAS, TEMPERATURES, rel_err, tolerances
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EXTRA = {"jsd": {"beta": 0.3}, "skew_forward_kl": {"skew": 0.2}, "skew_reverse_kl": {"skew": 0.6}}
 
 

@@ -30,6 +30,7 @@ def test_every_divergence_and_the_fused_head_on_gpu():
 
 
 @pytest.mark.filterwarnings("ignore")
+@pytest.mark.usefixtures("one_thread")
 def test_gpu_checks_smoke_through_the_interpreter():
     pytest.importorskip("triton")
     from tests.kernels.gpu_checks import run
