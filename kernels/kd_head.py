@@ -31,9 +31,9 @@ Chunk size (`default_chunk_tokens`):
     matmul time before any overlap. At the seed shapes (V 50304, Hs 512, Ht 768, bf16) that
     is 3072 tokens, two blocks of ~0.6 GB. Fitting the two blocks in half the L2 (~128 tokens
     on an H100) would keep the loss kernel's passes in cache, but then the weight traffic
-    alone exceeds the matmul time (~80 us vs ~40 us per chunk at the seed shapes), so L2 is
-    not the constraint to size by. `chunk_tokens=` overrides the rule (the GPU suite sweeps
-    it).
+    alone exceeds the matmul time (~90 us vs ~40 us per chunk at the seed shapes), so L2 is
+    not the constraint to size by. `chunk_tokens=` overrides the rule (for the GPU suite to
+    sweep).
 """
 
 from __future__ import annotations
