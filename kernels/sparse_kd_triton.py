@@ -71,8 +71,8 @@ def _row_statistics(student_row, ids_row, count, stream_cols, inv_t,
         sum_s1 = sum_s1 * tl.exp(m_s - new_m_s) + tl.where(live, tl.exp(s - new_m_s), 0.0)
         sum_st = sum_st * tl.exp((m_s - new_m_s) * inv_t) + tl.where(
             live, tl.exp((s - new_m_s) * inv_t), 0.0)
-        sum_u = sum_u * tl.exp((m_u - new_m_u) * inv_t) + tl.where(
-            unlisted, tl.exp((s - new_m_u) * inv_t), 0.0)
+        sum_u = sum_u * tl.exp((m_u - new_m_u) * inv_t) + tl.exp(
+            tl.where(unlisted, s - new_m_u, NEG_LARGE) * inv_t)
         m_s = new_m_s
         m_u = new_m_u
     return m_s, tl.sum(sum_s1, axis=0), tl.sum(sum_st, axis=0), m_u, tl.sum(sum_u, axis=0)
@@ -168,8 +168,13 @@ def sparse_kd_fwd_bwd_kernel(
                                      log_sum_st, inv_t, BLOCK_SIZE)
     log_tail = tl.load(tail_ptr + row).to(tl.float32)
     tail_mass = tl.where(valid & (log_tail > NEG_LARGE), tl.exp(log_tail), 0.0)
-    log_q_tail = (m_u - m_s) * inv_t + tl.log(sum_u) - log_sum_st  # -inf: nothing unlisted
-    cross += tl.where(tail_mass > 0.0, -tail_mass * log_q_tail, 0.0)
+    has_unlisted = sum_u > 0.0
+    log_q_tail = tl.where(has_unlisted, (m_u - m_s) * inv_t - log_sum_st, 0.0) + tl.log(
+        tl.where(has_unlisted, sum_u, 1.0))
+    # A tail with no unlisted column to hold it is an infinite divergence (the CPU path
+    # refuses such targets).
+    cross += tl.where(tail_mass > 0.0,
+                      tl.where(has_unlisted, -tail_mass * log_q_tail, float("inf")), 0.0)
     total += tail_mass
     kd = kd_scale * (cross - tl.load(entropy_ptr + row).to(tl.float32))
     kd = tl.where(bad > 0, float("nan"), kd)
