@@ -41,7 +41,7 @@ def record_dtype(width: int, id_dtype: str, value_dtype: str) -> np.dtype:
 def teacher_log_probs(logits: torch.Tensor, temperature: float, valid_vocab: int):
     """log softmax(logits / T) over the first valid_vocab columns, in float32 (float64 stays)."""
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return torch.log_softmax(logits[:, :valid_vocab].to(compute) / temperature, dim=-1)
+    return torch.log_softmax(logits[..., :valid_vocab].to(compute) / temperature, dim=-1)
 
 
 def top_k_entries(log_p: torch.Tensor, k: int):
