@@ -39,7 +39,6 @@ Chunk size (`default_chunk_tokens`):
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -127,30 +126,28 @@ def _check_head_inputs(student_hidden, student_weight, teacher_hidden, teacher_w
                          f"teacher_weight {teacher_weight.shape[0]}: they must be equal, > 0")
 
 
-def student_head_chunks(h_s, w_s, plan: HeadPlan, block_loss):
-    """The student head, chunk by chunk: (d hidden or None, d weight or None, ce_sum, kd_sum).
-
-    For each chunk of tokens it forms the student's [chunk x V] logits, calls
-    `block_loss(logits, start, stop)`, which must return (ce_sum, kd_sum) of those tokens and
-    leave d loss / d logits in `logits`, and turns that into the chunk's rows of d hidden and
-    its part of d weight (unscaled). Shared by kd_head_loss and the cache's sparse loss.
-    """
+def _chunk_loop(h_s, w_s, h_t, w_t, labels, inv_norm, options, backend, plan):
+    """The forward proper: (d hidden or None, d weight or None, ce_sum, kd_sum), unscaled."""
     n_tokens, vocab = h_s.shape[0], w_s.shape[0]
     hs, ws = h_s.to(plan.student_dtype), w_s.to(plan.student_dtype)
+    ht, wt = h_t.to(plan.teacher_dtype), w_t.to(plan.teacher_dtype)
     rows = min(plan.chunk_tokens, max(n_tokens, 1))
     s_block = torch.empty(rows, vocab, dtype=plan.student_dtype, device=h_s.device)
+    t_block = torch.empty(rows, vocab, dtype=plan.teacher_dtype, device=h_s.device)
     grad_h = torch.empty_like(h_s) if plan.grad_hidden else None
     acc_dtype = torch.float64 if w_s.dtype == torch.float64 else torch.float32
     grad_w = torch.zeros(w_s.shape, dtype=acc_dtype, device=w_s.device) if plan.grad_weight \
         else None
     partial_w = (torch.empty(w_s.shape, dtype=plan.student_dtype, device=w_s.device)
                  if plan.grad_weight and plan.student_dtype != acc_dtype else None)
-    sums = torch.zeros(2, dtype=acc_dtype, device=h_s.device)
+    sums = torch.zeros(2, dtype=torch.float64 if acc_dtype == torch.float64 else torch.float32,
+                       device=h_s.device)
     for start in range(0, n_tokens, plan.chunk_tokens):
         stop = min(start + plan.chunk_tokens, n_tokens)
-        s = s_block[: stop - start]
+        s, t = s_block[: stop - start], t_block[: stop - start]
         torch.mm(hs[start:stop], ws.t(), out=s)
-        ce, kd = block_loss(s, start, stop)
+        torch.mm(ht[start:stop], wt.t(), out=t)
+        ce, kd = loss_and_grad(backend, s, t, labels[start:stop], s, inv_norm, options)
         sums[0] += ce
         sums[1] += kd
         if grad_h is not None:  # s now holds d loss / d student logits
@@ -167,34 +164,19 @@ def student_head_chunks(h_s, w_s, plan: HeadPlan, block_loss):
     return grad_h, grad_w, sums[0], sums[1]
 
 
-def _chunk_loop(h_s, w_s, h_t, w_t, labels, inv_norm, options, backend, plan):
-    """The forward proper: (d hidden or None, d weight or None, ce_sum, kd_sum), unscaled."""
-    ht, wt = h_t.to(plan.teacher_dtype), w_t.to(plan.teacher_dtype)
-    rows = min(plan.chunk_tokens, max(h_s.shape[0], 1))
-    t_block = torch.empty(rows, w_t.shape[0], dtype=plan.teacher_dtype, device=h_s.device)
-
-    def block_loss(s, start, stop):
-        t = t_block[: stop - start]
-        torch.mm(ht[start:stop], wt.t(), out=t)
-        return loss_and_grad(backend, s, t, labels[start:stop], s, inv_norm, options)
-
-    return student_head_chunks(h_s, w_s, plan, block_loss)
-
-
-class HeadLossFunction(torch.autograd.Function):
-    """Autograd wrapper of a fused head + loss: the forward forms d hidden and d weight with
-    `chunks(h_s, w_s)` (-> d hidden, d weight, ce_sum, kd_sum; e.g. `_chunk_loop` with the
-    other inputs bound), backward scales them. Shared by kd_head_loss and the sparse loss."""
+class KDHeadLossFunction(torch.autograd.Function):
+    """Autograd wrapper: the forward forms d hidden and d weight; backward scales them."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, inv_norm, alpha, chunks):
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, inv_norm, options, backend, plan):
         with torch.autocast(h_s.device.type, enabled=False):
-            grad_h, grad_w, ce_sum, kd_sum = chunks(h_s, w_s)
-        loss = ((1.0 - alpha) * kd_sum + alpha * ce_sum) * inv_norm
+            grad_h, grad_w, ce_sum, kd_sum = _chunk_loop(
+                h_s, w_s, h_t, w_t, labels, inv_norm, options, backend, plan)
+        loss = ((1.0 - options.alpha) * kd_sum + options.alpha * ce_sum) * inv_norm
         # Attributes, not saved tensors: the first backward hands them to autograd.
         ctx.grads = (grad_h, grad_w)
-        ctx.save_for_backward(h_s, w_s)
-        ctx.chunks = chunks  # holds the other inputs (references, no copies) to recompute
+        ctx.save_for_backward(h_s, w_s, h_t, w_t, labels, inv_norm)  # to recompute; no copies
+        ctx.options, ctx.backend, ctx.plan = options, backend, plan
         ctx.mark_non_differentiable(ce_sum, kd_sum)
         return loss, ce_sum, kd_sum
 
@@ -202,31 +184,28 @@ class HeadLossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
         grads, ctx.grads = ctx.grads, None
-        h_s, w_s = ctx.saved_tensors
+        h_s = ctx.saved_tensors[0]
         if grads is None:  # a second backward through a retained graph: form them again
             with torch.autocast(h_s.device.type, enabled=False):
-                grads = ctx.chunks(h_s, w_s)[:2]
+                grads = _chunk_loop(*ctx.saved_tensors, ctx.options, ctx.backend, ctx.plan)[:2]
         grad_h, grad_w = grads
         if grad_h is not None:
             grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype)).view(h_s.shape)
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_loss.to(grad_w.dtype))
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
-def head_plan(student_hidden, student_weight, teacher_hidden, teacher_weight, chunk_tokens):
-    """The HeadPlan of a call; teacher_hidden / teacher_weight None: a student head alone."""
+def _head_plan(student_hidden, student_weight, teacher_hidden, teacher_weight, chunk_tokens):
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool)
                                      or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens={chunk_tokens!r} must be a positive integer or None")
     student_dtype = _matmul_dtype(student_hidden, student_weight, "student")
-    teacher_dtype = student_dtype if teacher_hidden is None else \
-        _matmul_dtype(teacher_hidden, teacher_weight, "teacher")
+    teacher_dtype = _matmul_dtype(teacher_hidden, teacher_weight, "teacher")
     n_tokens = student_hidden.shape[:-1].numel()
     if chunk_tokens is None:
-        teacher_dim = 0 if teacher_weight is None else teacher_weight.shape[1]
         chunk_tokens = default_chunk_tokens(
-            n_tokens, student_weight.shape[0], student_weight.shape[1], teacher_dim,
+            n_tokens, student_weight.shape[0], student_weight.shape[1], teacher_weight.shape[1],
             torch.finfo(student_dtype).bits // 8, student_hidden.device)
     grad_on = torch.is_grad_enabled()
     return HeadPlan(int(chunk_tokens), student_dtype, teacher_dtype,
@@ -273,15 +252,13 @@ def kd_head_loss(
         temperature=temperature, ignore_index=ignore_index, valid_vocab=valid_vocab,
         divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale,
     )
-    plan = head_plan(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                     chunk_tokens)
-    chunks = functools.partial(
-        _chunk_loop, h_t=teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
-        w_t=teacher_weight.detach(), labels=flat_labels, inv_norm=inv_norm, options=options,
-        backend=resolved, plan=plan)
-    loss, ce_sum, kd_sum = HeadLossFunction.apply(
-        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, inv_norm,
-        options.alpha, chunks)
+    plan = _head_plan(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                      chunk_tokens)
+    loss, ce_sum, kd_sum = KDHeadLossFunction.apply(
+        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
+        teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
+        flat_labels, inv_norm, options, resolved, plan,
+    )
     return loss, loss_stats(ce_sum, kd_sum, valid_count)
 
 
