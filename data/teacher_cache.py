@@ -170,6 +170,12 @@ class CachedTargets:
         self.dataset, self.cache = dataset, cache
         self.seq_len = dataset.seq_len
 
+    def __getattr__(self, name):
+        """Everything else (shards, pad_id, window, ...) is the wrapped dataset's."""
+        if name == "dataset":  # not set yet (e.g. during unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
     def __len__(self) -> int:
         return len(self.dataset)
 

@@ -66,6 +66,10 @@ class SparseTargets:
                              self.count[start:stop], self.log_tail[start:stop],
                              self.entropy[start:stop])
 
+    def select(self, index: torch.Tensor) -> SparseTargets:
+        """The positions `index` (a 1-D index tensor) of flat targets, in that order."""
+        return SparseTargets(*(t.index_select(0, index) for t in dataclasses.astuple(self)))
+
     def to(self, device) -> SparseTargets:
         return SparseTargets(*(t.to(device, non_blocking=True) for t in dataclasses.astuple(self)))
 

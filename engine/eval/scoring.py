@@ -23,10 +23,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data.teacher_cache import targets_of_batch
 from engine.model.network import model_device
 from engine.precision import autocast_context
 from kernels.constants import IGNORE_INDEX
 from kernels.kd_loss import kd_loss_reference
+from kernels.sparse_kd import sparse_kd_reference
 
 # Rows of logits turned into log-probabilities at once: 1024 x 50304 x 4 B = 206 MB per tensor.
 DEFAULT_CHUNK_ROWS = 1024
@@ -186,6 +188,7 @@ def heldout_metrics(
     autocast_dtype: torch.dtype | None = None,
     reduce_across_ranks: bool = False,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    cached_kd: bool = False,
 ) -> dict[str, float]:
     """Token-level held-out metrics of `student` (and its distance to `teacher`) over `batches`.
 
@@ -202,6 +205,9 @@ def heldout_metrics(
       "kd"          mean per token of T^2 * KL(softmax(t/T) || softmax(s/T)) (the KD term of
                     the training loss, docs/loss.md),
       "teacher_ce"  the teacher's mean token cross-entropy on the same tokens.
+    With `cached_kd` and no teacher, the batches carry teacher-cache targets
+    (data.teacher_cache.CachedTargets) and "kd" is the KD term against them (the training
+    loss's, kernels.sparse_kd: for a sampled cache an unbiased estimate); no "teacher_ce".
 
     Runs under torch.no_grad() (not inference_mode: a module that caches a tensor during this
     call, such as a rotary table, must still be usable by the next training step), puts the
@@ -217,10 +223,13 @@ def heldout_metrics(
     with eval_mode(student, teacher), torch.no_grad():
         for number, batch in enumerate(batches):
             input_ids, labels = _checked_batch(batch, number, device)
+            cache_targets = None
+            if cached_kd and teacher is None:
+                cache_targets = targets_of_batch(batch).to(device).flat()
             sums += _batch_sums(
                 student, teacher, input_ids, labels, number,
                 temperature=temperature, valid_vocab=valid_vocab,
-                autocast_dtype=autocast_dtype, chunk_rows=chunk_rows,
+                autocast_dtype=autocast_dtype, chunk_rows=chunk_rows, cache_targets=cache_targets,
             )
     if reduce_across_ranks and dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
@@ -234,6 +243,8 @@ def heldout_metrics(
     if teacher is not None:
         metrics["kd"] = kd_sum / count
         metrics["teacher_ce"] = teacher_ce_sum / count
+    elif cached_kd:
+        metrics["kd"] = kd_sum / count
     return metrics
 
 
@@ -256,7 +267,7 @@ def _checked_batch(batch, number: int, device) -> tuple[torch.Tensor, torch.Tens
 
 def _batch_sums(
     student, teacher, input_ids, labels, number: int, *, temperature, valid_vocab,
-    autocast_dtype, chunk_rows,
+    autocast_dtype, chunk_rows, cache_targets=None,
 ) -> torch.Tensor:
     """float64 [ce_sum, kd_sum, teacher_ce_sum, tokens] of one batch, chunk by chunk."""
     sums = torch.zeros(4, dtype=torch.float64, device=input_ids.device)
@@ -276,7 +287,12 @@ def _batch_sums(
         chunk_targets = targets[offset : offset + s_logits.shape[0]]
         if offset == 0:  # every chunk has the same columns: check all targets once
             _check_targets(targets, s_logits.shape[-1], f"heldout_metrics batch {number}")
-        if teacher_chunks is None:
+        if cache_targets is not None:  # KD against the batch's teacher-cache targets
+            rows = cache_targets.select(positions[offset : offset + s_logits.shape[0]])
+            _, stats = sparse_kd_reference(s_logits, rows, chunk_targets,
+                                           temperature=temperature)
+            sums[:2] += torch.stack([stats["ce_sum"], stats["kd_sum"]]).double()
+        elif teacher_chunks is None:
             ce = F.cross_entropy(s_logits, chunk_targets, reduction="sum")
             sums[0] += ce.double()
         else:

@@ -47,6 +47,7 @@ from engine.train.setup import (
 )
 from engine.train.signals import StopRequest
 from engine.train.step import StepResult, train_step
+from engine.train.teacher_source import open_teacher_cache
 
 
 class TrainingDiverged(RuntimeError):
@@ -87,6 +88,13 @@ class Trainer:
         )
         self.dataset = build_dataset(config.data.path, config.data.mode, config.batch.seq_len,
                                      config.data.pad_id)
+        self.cached_teacher = None  # teacher.cache: the targets ride in every batch
+        if config.teacher.cache:
+            self.cached_teacher, self.dataset = open_teacher_cache(
+                config, self.dataset, self.teacher,
+                config.data.valid_vocab or self.student.config.vocab_size)
+            teacher_cfg = None  # no teacher forward in a training step
+        self.train_teacher = self.cached_teacher or self.teacher
         self.train_loader = build_train_loader(config, self.dataset, self.micro_batch, info)
         self.optimizer = build_optimizer(config, self.student, self.device)
         self.step, self.bad_steps = 0, 0
@@ -117,12 +125,13 @@ class Trainer:
 
     def _describe(self) -> str:
         teacher_params = self.teacher.num_parameters() if self.teacher is not None else 0
+        cache = f", {self.cached_teacher.describe()}" if self.cached_teacher else ""
         return (
             f"student {self.student.num_parameters():,} params ({self.config.student.init}), "
             f"teacher {teacher_params:,} params, device {self.device}, world "
             f"{self.info.world_size}, {self.micro_batch} x {self.config.batch.seq_len} tokens x "
             f"{self.accum_steps} accum = {self.tokens_per_step:,} tokens/step, precision "
-            f"{self.config.precision}"
+            f"{self.config.precision}{cache}"
         )
 
     # ----------------------------------------------------------------------------------
@@ -135,7 +144,7 @@ class Trainer:
         window = list(itertools.islice(self.batches, self.accum_steps))
         lr = lr_at(self.config, self.step)
         result = train_step(
-            self.model, self.student, self.teacher, self.optimizer, window,
+            self.model, self.student, self.train_teacher, self.optimizer, window,
             loss_settings=self.loss_settings,
             max_grad_norm=self.config.optim.grad_clip or float("inf"),
             lr=lr,
@@ -160,7 +169,7 @@ class Trainer:
             "tokens_seen": self.step * self.tokens_per_step,
             "loss": result.loss,
             "ce": result.ce_sum / valid,
-            "kd": result.kd_sum / valid if self.teacher is not None else None,
+            "kd": result.kd_sum / valid if self.train_teacher is not None else None,
             "lr": lr,
             "grad_norm": result.grad_norm,
             "valid_tokens": int(result.valid_tokens),
@@ -189,12 +198,17 @@ class Trainer:
             valid_vocab=self.loss_settings["valid_vocab"],
             autocast_dtype=self.loss_settings["autocast_dtype"],
             reduce_across_ranks=self.info.distributed,
+            cached_kd=self.cached_teacher is not None,
         )  # restores the student's train mode
         result = {f"val_{key}": value for key, value in metrics.items()}
+        if self.cached_teacher is not None and "val_kd" in result:
+            # against the live teacher when teacher.path is also set, else against the cache
+            result["val_kd_source"] = "teacher" if self.teacher is not None else "cache"
         self.writer.write({"kind": "val", "step": self.step, **result})
         self.writer.log_text(
             f"val step {self.step}: ce {result['val_ce']:.4f} ppl {result['val_ppl']:.2f}"
             + (f" kd {result['val_kd']:.4f}" if "val_kd" in result else "")
+            + (" (from the teacher cache)" if result.get("val_kd_source") == "cache" else "")
         )
         return result
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from engine import dist
 from engine.model.network import model_device
 from engine.precision import autocast_context
+from engine.train.teacher_source import CachedTeacher, cached_micro_loss
 from kernels.constants import IGNORE_INDEX
 from kernels.kd_loss import kd_loss
 
@@ -79,7 +80,9 @@ def distill_micro_step(
 
     `batch` holds "input_ids" and "labels" ([B, T] int64, labels already shifted,
     IGNORE_INDEX = ignored). With `teacher=None` this is plain cross-entropy training with the
-    same normaliser semantics (alpha and temperature are then unused). Gradients accumulate
+    same normaliser semantics (alpha and temperature are then unused). With a CachedTeacher
+    (teacher.cache) no teacher runs: the batch carries its cached targets
+    (engine/train/teacher_source.py). Gradients accumulate
     into the student's .grad; under DDP wrap the call in `student.no_sync()` on all but the
     last micro-step of a window (the forward must be inside no_sync too).
 
@@ -91,6 +94,13 @@ def distill_micro_step(
     micro-batch's contribution to the window loss), "ce_sum", "kd_sum", "valid_tokens".
     """
     input_ids, labels = _batch_on_device(batch, model_device(student))
+    if isinstance(teacher, CachedTeacher):  # the teacher's targets come with the batch
+        loss, stats = cached_micro_loss(
+            student, batch, input_ids, labels, alpha=alpha, temperature=temperature,
+            valid_vocab=valid_vocab, normalizer=normalizer, autocast_dtype=autocast_dtype,
+            backend=backend, inplace_grad=inplace_grad)
+        loss.backward()
+        return {**stats, "loss": loss.detach().float()}
     device = input_ids.device
     t_logits = None
     if teacher is not None:
