@@ -38,58 +38,80 @@ def record_dtype(width: int, id_dtype: str, value_dtype: str) -> np.dtype:
                      ("aux", "<f4"), ("count", "<u2"), ("flags", "<u2")])
 
 
-def teacher_log_probs(logits: torch.Tensor, temperature: float, valid_vocab: int):
-    """log softmax(logits / T) over the first valid_vocab columns, in float32 (float64 stays)."""
+def teacher_scores(logits: torch.Tensor, temperature: float, valid_vocab: int):
+    """(logits / T over the first valid_vocab columns, their log-sum-exp per row), in float32
+    (float64 stays float64): log p = scores - lse, without forming log p for every column."""
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return torch.log_softmax(logits[..., :valid_vocab].to(compute) / temperature, dim=-1)
+    scores = logits[..., :valid_vocab].to(compute) * (1.0 / temperature)  # a new tensor
+    top = scores.amax(dim=-1, keepdim=True)
+    lse = scores.sub(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+    return scores, lse
 
 
-def top_k_entries(log_p: torch.Tensor, k: int):
-    """(ids [n, k] ascending, log-probabilities [n, k], log tail mass [n]) of log_p [n, V]."""
-    top = torch.topk(log_p, k, dim=-1, sorted=False)
+def teacher_log_probs(logits: torch.Tensor, temperature: float, valid_vocab: int):
+    """log softmax(logits / T) over the first valid_vocab columns (float32; float64 stays)."""
+    scores, lse = teacher_scores(logits, temperature, valid_vocab)
+    return scores.sub_(lse[..., None])
+
+
+# Above this mass on the listed columns, the tail 1 - mass is taken from a log-sum-exp over
+# the other columns instead of log1p(-mass) (whose relative error is ~1e-7 / (1 - mass)).
+EXACT_TAIL_ABOVE = 0.99
+
+
+def top_k_entries(scores: torch.Tensor, k: int, lse: torch.Tensor | None = None):
+    """(ids [n, k] ascending, log-probabilities [n, k], log tail mass [n]) of the rows
+    softmax(scores) (lse: their log-sum-exp; None: scores are log-probabilities already)."""
+    lse = torch.zeros(scores.shape[:1], dtype=scores.dtype, device=scores.device) \
+        if lse is None else lse
+    top = torch.topk(scores, k, dim=-1, sorted=False)
     ids, order = torch.sort(top.indices, dim=-1)
-    values = top.values.gather(1, order)
-    if k == log_p.shape[-1]:
-        log_tail = torch.full(log_p.shape[:1], float("-inf"), dtype=log_p.dtype,
-                              device=log_p.device)
-    else:
-        log_tail = torch.logsumexp(log_p.scatter(1, ids, float("-inf")), dim=-1)
+    values = top.values.gather(1, order).sub_(lse[:, None])
+    if k == scores.shape[-1]:
+        return ids, values, torch.full_like(lse, float("-inf"))
+    mass = values.exp().sum(-1)
+    log_tail = torch.log1p(-mass.clamp_max(EXACT_TAIL_ABOVE))
+    peaked = (mass > EXACT_TAIL_ABOVE).nonzero().squeeze(1)
+    if peaked.numel():  # exact: a log-sum-exp over the unlisted columns of those rows
+        rows = scores.index_select(0, peaked).scatter_(1, ids.index_select(0, peaked),
+                                                       float("-inf"))
+        log_tail[peaked] = torch.logsumexp(rows, dim=-1) - lse.index_select(0, peaked)
     return ids, values, log_tail
 
 
-def sampled_entries(log_p: torch.Tensor, samples: int, generator: torch.Generator):
+def sampled_entries(scores: torch.Tensor, samples: int, generator: torch.Generator,
+                    lse: torch.Tensor | None = None):
     """(distinct ids [n, S] ascending then 0-padded, counts [n, S], distinct per row [n],
-    entropy [n]) of `samples` draws with replacement from exp(log_p) [n, V].
+    entropy [n]) of `samples` draws with replacement from softmax(scores) (lse as above).
 
-    Inverse-CDF sampling in float64 (uniforms against the running sum), then a sort and a
-    run-length count per row, all vectorised over the rows."""
-    p = log_p.double().exp()
-    cdf = torch.cumsum(p, dim=-1)
-    uniform = torch.rand(p.shape[0], samples, dtype=torch.float64, generator=generator,
-                         device="cpu").to(p.device)
-    drawn = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
-    drawn = drawn.clamp_max(p.shape[-1] - 1)  # a uniform of exactly 1.0 x total
+    torch.multinomial draws by inverse CDF with the cumulative sums in float64; the counts
+    come from a sort and a run-length count per row, vectorised over the rows."""
+    lse = torch.zeros(scores.shape[:1], dtype=scores.dtype, device=scores.device) \
+        if lse is None else lse
+    log_p = scores - lse[:, None]
+    p = log_p.exp()
+    entropy = -torch.linalg.vecdot(p, log_p)
+    drawn = torch.multinomial(p, samples, replacement=True, generator=generator)
     drawn, _ = torch.sort(drawn, dim=-1)
     starts = torch.ones_like(drawn, dtype=torch.bool)
     starts[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
     run = starts.cumsum(-1) - 1  # which distinct id each draw belongs to
     counts = torch.zeros_like(drawn).scatter_add_(1, run, torch.ones_like(drawn))
     ids = torch.zeros_like(drawn).scatter_(1, run, drawn)  # every draw of a run: the same id
-    entropy = -(p * log_p.double()).sum(-1)
-    return ids, counts, starts.sum(-1), entropy.to(log_p.dtype)
+    return ids, counts, starts.sum(-1), entropy
 
 
 def encode_records(logits, *, kind: str, width: int, temperature: float, valid_vocab: int,
                    dtype: np.dtype, generator: torch.Generator | None = None) -> np.ndarray:
     """Records (numpy, `dtype` from record_dtype) of the teacher's logits [n, V]."""
-    log_p = teacher_log_probs(logits, temperature, valid_vocab)
-    records = np.zeros(log_p.shape[0], dtype=dtype)
+    scores, lse = teacher_scores(logits, temperature, valid_vocab)
+    records = np.zeros(scores.shape[0], dtype=dtype)
     if kind == "top_k":
-        ids, values, aux = top_k_entries(log_p, width)
-        count = torch.full((log_p.shape[0],), width)
+        ids, values, aux = top_k_entries(scores, width, lse)
+        count = torch.full((scores.shape[0],), width)
         values = values.clamp_min(LOG_PROB_FLOOR)
     else:
-        ids, values, count, aux = sampled_entries(log_p, width, generator)
+        ids, values, count, aux = sampled_entries(scores, width, generator, lse)
     records["ids"] = ids.cpu().numpy()
     records["values"] = values.cpu().numpy()
     records["aux"] = aux.float().cpu().numpy()

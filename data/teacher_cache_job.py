@@ -25,6 +25,7 @@ import os
 import secrets
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -265,28 +266,36 @@ class RowStream:
             self.handle = None
 
 
-def batch_generator(seed: int, first_item: int) -> torch.Generator:
-    """The sampling generator of the batch starting at first_item: the same whether the build
-    ran through or resumed."""
-    state = np.random.SeedSequence([seed, first_item]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+def batch_seed(seed: int, first_item: int) -> int:
+    """The sampling seed of the batch starting at first_item: the same whether the build ran
+    through or resumed."""
+    return int(np.random.SeedSequence([seed, first_item]).generate_state(1, dtype=np.uint64)[0])
 
 
-def _batch_records(dataset, indices, teacher_chunks, settings, dtype) -> list[np.ndarray]:
-    """Per item of the batch: the records of its trained positions."""
+def _teacher_batch(dataset, indices, teacher_chunks) -> tuple[list, list]:
+    """(the teacher's logit chunks at the batch's trained positions, trained per item)."""
     batch = dataset.get_batch(indices)
     trained = [item_rows(dataset, int(i))[1] for i in indices.tolist()]
     seq_len = batch["input_ids"].shape[1]
     positions = torch.cat([torch.arange(n) + row * seq_len for row, n in enumerate(trained)])
-    generator = batch_generator(settings["seed"], int(indices[0])) \
-        if settings["kind"] == "sampled" else None
+    return list(teacher_chunks(batch["input_ids"], positions)), trained
+
+
+def _encode_and_write(stream, dataset, indices, chunks, trained, dtype) -> None:
+    """Encode one batch's logit chunks into records and write them at the items' rows."""
+    settings = stream.job.settings
+    generator = None
+    if settings["kind"] == "sampled" and chunks:
+        generator = torch.Generator(device=chunks[0].device)
+        generator.manual_seed(batch_seed(settings["seed"], int(indices[0])))
     parts = [encode_records(chunk, kind=settings["kind"], width=settings["width"],
                             temperature=settings["temperature"],
                             valid_vocab=settings["valid_vocab"], dtype=dtype,
-                            generator=generator)
-             for chunk in teacher_chunks(batch["input_ids"], positions)]
+                            generator=generator) for chunk in chunks]
     flat = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    return np.split(flat, np.cumsum(trained)[:-1])
+    for item, records in zip(indices.tolist(), np.split(flat, np.cumsum(trained)[:-1]),
+                             strict=True):
+        stream.write(item_rows(dataset, item)[0], records)
 
 
 def build_cache(folder, settings: dict, command: str, dataset, teacher_chunks, *,
@@ -316,20 +325,32 @@ def build_cache(folder, settings: dict, command: str, dataset, teacher_chunks, *
 
 
 def _write_items(job, stream, dataset, teacher_chunks, dtype, progress, checkpoint_seconds):
-    batch, last = job.settings["batch"], time.monotonic()
+    """The teacher's forward of batch b + 1 (this thread) overlaps encoding and writing batch
+    b (one worker thread, so records land in order): encoding 2048-50304-wide rows costs about
+    as much as a small teacher's forward on a CPU (see benchmarks/README.md)."""
+    batch, state = job.settings["batch"], {"last": time.monotonic(), "done": 0}
     die_after = int(os.environ.get(DIE_AFTER_BATCHES_ENV, "0"))
-    for done, first in enumerate(range(job.state["next_item"], len(dataset), batch), 1):
-        indices = np.arange(first, min(first + batch, len(dataset)))
-        for item, records in zip(indices.tolist(),
-                                 _batch_records(dataset, indices, teacher_chunks, job.settings,
-                                                dtype), strict=True):
-            stream.write(item_rows(dataset, item)[0], records)
-        if die_after and done >= die_after:
+
+    def finish(indices, chunks, trained):
+        _encode_and_write(stream, dataset, indices, chunks, trained, dtype)
+        state["done"] += 1
+        if die_after and state["done"] >= die_after:
             os.kill(os.getpid(), signal.SIGKILL)
-        if time.monotonic() - last >= checkpoint_seconds:
+        if time.monotonic() - state["last"] >= checkpoint_seconds:
             stream.checkpoint(int(indices[-1]) + 1)
-            last = time.monotonic()
-        progress.update(len(indices), tokens=len(indices) * dataset.seq_len)
+            state["last"] = time.monotonic()
+        progress.update(len(indices), tokens=sum(trained))
+
+    pending = None
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for first in range(job.state["next_item"], len(dataset), batch):
+            indices = np.arange(first, min(first + batch, len(dataset)))
+            chunks, trained = _teacher_batch(dataset, indices, teacher_chunks)
+            if pending is not None:
+                pending.result()  # the previous batch is written (or its error raised here)
+            pending = writer.submit(finish, indices, chunks, trained)
+        if pending is not None:
+            pending.result()
 
 
 def _totals(job: CacheJob, dtype: np.dtype) -> dict:
