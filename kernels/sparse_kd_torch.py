@@ -111,18 +111,50 @@ def _padded_ids(targets: SparseTargets) -> torch.Tensor:
     return torch.where(listed_mask(targets), targets.ids, fill).long()
 
 
-def _block_cross_entropy(log_q, targets: SparseTargets, compute):
-    """For one row block: (X per row, W per row, ids, listed masses, log q_U, member mask)
-    from the student's log-probabilities at T [rows, V] (not modified)."""
+# Above this share of the student's mass (at T) on the listed columns, log q_U is taken from
+# a log-sum-exp over the unlisted columns themselves instead of log1p(-share), whose relative
+# error is ~1e-7 / (1 - share); such rows also get their gradient by the exact masked form.
+EXACT_TAIL_ABOVE = 0.99
+
+
+def _listed_log_q(s_shift, targets: SparseTargets, log_sum_t, inv_t, compute):
+    """(padded ids, listed masses w, log q at the ids, q at the listed ids (0 elsewhere))."""
+    listed = listed_mask(targets)
     ids = _padded_ids(targets)
-    mass = torch.where(listed_mask(targets), targets.log_mass.to(compute).exp(), 0.0)
+    mass = torch.where(listed, targets.log_mass.to(compute).exp(), 0.0)
+    log_q = s_shift.gather(1, ids).mul_(inv_t).sub_(log_sum_t[:, None])
+    return ids, mass, log_q, torch.where(listed, log_q.exp(), 0.0)
+
+
+def _log_q_tail(s_shift, ids, targets: SparseTargets, q_listed, log_sum_t, inv_t):
+    """(log q_U per row, the rows computed exactly): log1p(-share), or for rows with a tail
+    whose listed share exceeds EXACT_TAIL_ABOVE a log-sum-exp over their unlisted columns."""
+    share = q_listed.sum(-1)
+    log_q_tail = torch.log1p(-share.clamp_max(EXACT_TAIL_ABOVE))
+    hard = ((share > EXACT_TAIL_ABOVE) & (targets.log_tail > float("-inf"))).nonzero()[:, 0]
+    if hard.numel():
+        rows = s_shift.index_select(0, hard).mul_(inv_t)
+        rows.scatter_(1, ids.index_select(0, hard), float("-inf"))
+        log_q_tail[hard] = torch.logsumexp(rows, dim=-1) - log_sum_t.index_select(0, hard)
+    return log_q_tail, hard
+
+
+def _exact_gradient(s_shift, ids, mass, targets, log_q_tail, coefs, inv_t, log_sums):
+    """Gradient rows by the masked definition (for the hard rows of _log_q_tail):
+    row_ce (softmax(s) - onehot) + row_kd (W q - r q / q_U on unlisted, - w on listed)."""
+    row_ce, row_kd, safe_labels = coefs
+    log_sum_1, log_sum_t = log_sums
+    log_q = s_shift.mul(inv_t).sub_(log_sum_t[:, None])
     member = torch.zeros_like(log_q, dtype=torch.bool).scatter_(
         1, ids, (targets.count > 0)[:, None].expand_as(ids))
-    log_q_tail = torch.logsumexp(log_q.masked_fill(member, float("-inf")), dim=-1)
-    log_tail = targets.log_tail.to(compute)
-    cross = -torch.linalg.vecdot(mass, log_q.gather(1, ids)) + _tail_term(log_tail, log_q_tail)
-    total = mass.sum(-1) + log_tail.exp()
-    return cross, total, ids, mass, log_q_tail, member
+    tail = targets.log_tail.to(log_q.dtype)
+    share = log_q.sub(log_q_tail[:, None]).exp_().mul_(tail.exp()[:, None]).masked_fill_(
+        member, 0.0)
+    dz = log_q.exp_().mul_((mass.sum(-1) + tail.exp())[:, None]).sub_(share)
+    dz.scatter_add_(1, ids, -mass)
+    grad = s_shift.sub(log_sum_1[:, None]).exp_().mul_(row_ce[:, None])
+    grad.scatter_add_(1, safe_labels, -row_ce[:, None])
+    return grad.addcmul_(dz, row_kd[:, None])
 
 
 @torch.no_grad()
@@ -146,45 +178,73 @@ def sparse_kd_forward_chunked(
     fp32 scratch before its gradient is written back), or None (forward only). Returns
     (ce_sum, kd_sum) as 0-dim tensors of the compute dtype.
     """
-    n_rows, vocab = s.shape
     compute = torch.float64 if s.dtype == torch.float64 else torch.float32
+    sums = torch.zeros(2, dtype=compute, device=s.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, s.shape[1]))
+    for start in range(0, s.shape[0], step):
+        stop = min(start + step, s.shape[0])
+        valid = labels[start:stop] != ignore_index
+        s_shift = s[start:stop, :valid_vocab].to(compute, copy=True)
+        s_shift.sub_(s_shift.amax(dim=-1, keepdim=True))
+        rows = None if grad_out is None else grad_out[start:stop, :valid_vocab]
+        direct = rows is not None and rows.dtype == compute and rows.is_contiguous()
+        ce, kd, grad = _block(s_shift, targets.rows(start, stop), labels[start:stop], valid,
+                              alpha=alpha, temperature=temperature, t2_scale=t2_scale,
+                              inv_norm=inv_norm.to(compute), want_grad=grad_out is not None,
+                              out=rows if direct else None)
+        sums += torch.stack([ce, kd])
+        if grad is not None:
+            if not direct:
+                rows.copy_(grad)
+            if valid_vocab < s.shape[1]:
+                grad_out[start:stop, valid_vocab:] = 0
+    return sums[0], sums[1]
+
+
+def _exp_at_one(s_shift, e_t, temperature, out):
+    """exp(s_shift) (into `out` when given): from exp(s_shift / T) by a square at T = 2 (the
+    seed recipe's) or a copy at T = 1, one exponential pass fewer than computing it."""
+    if temperature == 2.0:
+        return torch.mul(e_t, e_t, out=out)
+    if temperature == 1.0:
+        return out.copy_(e_t) if out is not None else e_t.clone()
+    return torch.exp(s_shift, out=out)
+
+
+def _block(s_shift, targets, labels, valid, *, alpha, temperature, t2_scale, inv_norm,
+           want_grad, out=None):
+    """(ce_sum, kd_sum, gradient or None) of one row block of max-shifted logits (fp32 scratch
+    this function may overwrite). The gradient is row_ce e1 / sum1 + row_kd (W - r / q_U)
+    eT / sumT plus a correction at the K listed ids (module docstring's formula); it is formed
+    in `out` when given (the caller's fp32 gradient rows; s_shift is already a copy)."""
     inv_t = 1.0 / temperature
     kd_scale = temperature * temperature if t2_scale else 1.0
-    sums = torch.zeros(2, dtype=compute, device=s.device)
-    inv_norm = inv_norm.to(compute)
-    zero = torch.zeros((), dtype=compute, device=s.device)
-    step = max(1, CHUNK_ELEMENTS // max(1, vocab))
-    for start in range(0, n_rows, step):
-        stop = min(start + step, n_rows)
-        block_targets = targets.rows(start, stop)
-        valid = labels[start:stop] != ignore_index
-        safe_labels = torch.where(valid, labels[start:stop], 0)[:, None]
-
-        s_block = s[start:stop, :valid_vocab].to(compute, copy=True)  # scratch 1
-        s_block.sub_(s_block.amax(dim=-1, keepdim=True))
-        log_sum_s1 = torch.logsumexp(s_block, dim=-1, keepdim=True)
-        ce_row = (log_sum_s1 - s_block.gather(1, safe_labels)).squeeze(1)
-        log_q = s_block.mul(inv_t)  # scratch 2
-        log_q.sub_(torch.logsumexp(log_q, dim=-1, keepdim=True))
-        cross, total, ids, mass, log_q_tail, member = _block_cross_entropy(
-            log_q, block_targets, compute)
-        sums[0] += torch.where(valid, ce_row, zero).sum()
-        sums[1] += torch.where(valid, kd_scale * (cross - block_targets.entropy.to(compute)),
-                               zero).sum()
-        if grad_out is None:
-            continue
-        # T dX/ds = W q - (r q / q_U on unlisted columns) - (w on listed ones), in scratch 2.
-        has_tail = (block_targets.log_tail > float("-inf"))[:, None]
-        tail_share = log_q.sub(log_q_tail[:, None]).exp_().mul_(
-            block_targets.log_tail.to(compute).exp()[:, None])
-        tail_share.masked_fill_(member | ~has_tail, 0.0)
-        dz = log_q.exp_().mul_(total[:, None]).sub_(tail_share)
-        dz.scatter_add_(1, ids, -mass)
-        grad = s_block.sub_(log_sum_s1).exp_().mul_(alpha)  # alpha * softmax(s), scratch 1
-        grad.scatter_add_(1, safe_labels, torch.full_like(safe_labels, -alpha, dtype=compute))
-        grad.add_(dz, alpha=(1.0 - alpha) * kd_scale * inv_t)
-        grad.mul_(torch.where(valid, inv_norm, zero)[:, None])
-        grad_out[start:stop, :valid_vocab] = grad
-        if valid_vocab < vocab:
-            grad_out[start:stop, valid_vocab:] = 0
-    return sums[0], sums[1]
+    safe_labels = torch.where(valid, labels, 0)[:, None]
+    e_t = s_shift.mul(inv_t).exp_()
+    e1 = _exp_at_one(s_shift, e_t, temperature, out)
+    log_sum_1, log_sum_t = e1.sum(-1).log_(), e_t.sum(-1).log_()
+    ce_row = log_sum_1 - s_shift.gather(1, safe_labels).squeeze(1)
+    ids, mass, log_q, q_listed = _listed_log_q(s_shift, targets, log_sum_t, inv_t, s_shift.dtype)
+    log_q_tail, hard = _log_q_tail(s_shift, ids, targets, q_listed, log_sum_t, inv_t)
+    log_tail = targets.log_tail.to(s_shift.dtype)
+    cross = -torch.linalg.vecdot(mass, log_q) + _tail_term(log_tail, log_q_tail)
+    kd_row = kd_scale * (cross - targets.entropy.to(s_shift.dtype))
+    ce_sum = torch.where(valid, ce_row, 0.0).sum()
+    kd_sum = torch.where(valid, kd_row, 0.0).sum()
+    if not want_grad:
+        return ce_sum, kd_sum, None
+    row_scale = torch.where(valid, inv_norm, 0.0)
+    row_ce, row_kd = alpha * row_scale, (1.0 - alpha) * kd_scale * inv_t * row_scale
+    tail_ratio = torch.where(log_tail > float("-inf"), log_tail.sub(log_q_tail).exp(), 0.0)
+    grad = e1.mul_((row_ce / log_sum_1.exp())[:, None])
+    grad.addcmul_(e_t, (row_kd * (mass.sum(-1) + log_tail.exp() - tail_ratio)
+                        / log_sum_t.exp())[:, None])
+    grad.scatter_add_(1, ids, row_kd[:, None] * (tail_ratio[:, None] * q_listed - mass))
+    grad.scatter_add_(1, safe_labels, -row_ce[:, None])
+    if hard.numel():
+        pick = lambda t: t.index_select(0, hard)
+        grad[hard] = _exact_gradient(
+            pick(s_shift), pick(ids), pick(mass), targets.select(hard), pick(log_q_tail),
+            (pick(row_ce), pick(row_kd), pick(safe_labels)), inv_t,
+            (pick(log_sum_1), pick(log_sum_t)))
+    return ce_sum, kd_sum, grad
