@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -42,9 +43,10 @@ import torch
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, build_ours, make_batch, write_json
 from data.loader import build_dataset
+from data.shards import ShardWriter
 from data.teacher_cache import CachedTargets, TeacherCache
 from data.teacher_cache_encode import record_dtype, targets_from_records
-from engine.model.hf_io import load_pretrained
+from engine.model.hf_io import load_pretrained, save_pretrained
 from engine.precision import dtype_of
 from engine.quickstart import pipeline as quickstart
 from engine.teacher_cache import build_teacher_cache
@@ -93,42 +95,81 @@ def row_config(settings, base, out_dir: Path, row: str, caches: dict):
 # ----------------------------------------------------------------------------- cache builds
 
 
-def teacher_forward_rate(base, config, batch: int) -> float:
-    """Tokens/s of the teacher's own forward (full logits) over every training window."""
-    teacher = load_pretrained(base["teacher"], dtype=dtype_of(config.teacher.dtype)).eval()
-    dataset = build_dataset(base["data"], "packed", config.batch.seq_len)
+def teacher_forward_rate(teacher_dir, data, seq_len: int, dtype: str, batch: int) -> float:
+    """Tokens/s of the teacher's own forward (full logits) over every packed window."""
+    teacher = load_pretrained(teacher_dir, dtype=dtype_of(dtype)).eval()
+    dataset = build_dataset(data, "packed", seq_len)
     start = time.perf_counter()
     with torch.no_grad():
         for first in range(0, len(dataset), batch):
             ids = dataset.get_batch(np.arange(first, min(first + batch, len(dataset))))
             teacher(ids["input_ids"])
-    return len(dataset) * config.batch.seq_len / (time.perf_counter() - start)
+    return len(dataset) * seq_len / (time.perf_counter() - start)
+
+
+def build_rates(teacher_dir, data, out: Path, kinds: dict, *, seq_len, dtype, temperature,
+                valid_vocab=None, batch: int = 8) -> dict:
+    """Each cache's build tokens/s beside the teacher's forward tokens/s on the same windows,
+    the forward timed before and after the builds (their mean is the yardstick)."""
+    trained = len(build_dataset(data, "packed", seq_len)) * seq_len
+    before = teacher_forward_rate(teacher_dir, data, seq_len, dtype, batch)
+    builds = {}
+    for name, kind in kinds.items():
+        start = time.perf_counter()
+        manifest = build_teacher_cache(
+            str(teacher_dir), str(data), str(out / name), **kind, temperature=temperature,
+            seq_len=seq_len, batch=batch, dtype=dtype, device="cpu", valid_vocab=valid_vocab,
+            show_progress=False)
+        seconds = time.perf_counter() - start
+        builds[name] = {"seconds": seconds, "tokens_per_s": trained / seconds,
+                        "bytes_per_token": manifest["record"]["bytes"],
+                        "target_bytes_per_token": 4 * manifest["width"] + 8,
+                        "cache_bytes": manifest["totals"]["bytes"],
+                        "mean_tail_mass": mean_tail_mass(out / name)}
+    after = teacher_forward_rate(teacher_dir, data, seq_len, dtype, batch)
+    for row in builds.values():
+        row["vs_teacher_forward"] = row["tokens_per_s"] / ((before + after) / 2)
+    return {"teacher_forward_tokens_per_s": [before, after], "builds": builds}
+
+
+def mean_tail_mass(folder: Path, rows: int = 100_000) -> float | None:
+    """The teacher's mean probability outside the listed columns (top-k caches; None for
+    sampled ones), over the first trained rows."""
+    cache = TeacherCache(folder)
+    if cache.kind != "top_k":
+        return None
+    records = cache.rows(0, min(rows, cache.total_rows))
+    used = records[records["count"] > 0]
+    return float(np.exp(used["aux"].astype(np.float64)).mean())
 
 
 def build_caches(base, config, root: Path) -> tuple[dict, dict]:
     """({row: cache folder}, build measurements incl. the teacher-forward comparison)."""
-    seq_len, batch = config.batch.seq_len, 8
-    forward_before = teacher_forward_rate(base, config, batch)
-    folders, builds = {}, {}
-    for name, kind in CACHES.items():
-        folders[name] = root / name
-        start = time.perf_counter()
-        manifest = build_teacher_cache(
-            str(base["teacher"]), str(base["data"]), str(folders[name]), **kind,
-            temperature=config.loss.temperature, seq_len=seq_len, batch=batch,
-            dtype=config.teacher.dtype, device="cpu", show_progress=False)
-        seconds = time.perf_counter() - start
-        trained = build_dataset(base["data"], "packed", seq_len).__len__() * seq_len
-        builds[name] = {"seconds": seconds, "tokens_per_s": trained / seconds,
-                        "bytes_per_token": manifest["record"]["bytes"],
-                        "target_bytes_per_token": 4 * manifest["width"] + 8,
-                        "cache_bytes": manifest["totals"]["bytes"]}
-    forward_after = teacher_forward_rate(base, config, batch)
-    forward = (forward_before + forward_after) / 2
-    for row in builds.values():
-        row["vs_teacher_forward"] = row["tokens_per_s"] / forward
-    return folders, {"teacher_forward_tokens_per_s": [forward_before, forward_after],
-                     "builds": builds}
+    build = build_rates(base["teacher"], base["data"], root, CACHES,
+                        seq_len=config.batch.seq_len, dtype=config.teacher.dtype,
+                        temperature=config.loss.temperature)
+    return {name: root / name for name in CACHES}, build
+
+
+def seed_build_rates(root: Path, smoke: bool) -> dict:
+    """Build vs forward at the seed shapes: a random pythia-160m teacher (bf16), V = 50304,
+    over a shard of random tokens (32 windows of 512)."""
+    names, vocab, valid_vocab = (("tiny-teacher", 1000, 987) if smoke
+                                 else ("pythia-160m", 50304, 50277))
+    windows, seq_len = (4, 32) if smoke else (32, 512)
+    teacher = build_ours(names, vocab, 2048, "cpu", seed=1)
+    save_pretrained(teacher, root / "teacher", dtype=torch.bfloat16)
+    gen = np.random.default_rng(0)
+    (root / "data").mkdir(parents=True)
+    writer = ShardWriter(root / "data" / "shard_00000", np.uint16)
+    writer.add_documents(gen.integers(2, valid_vocab, windows * seq_len + 1),
+                         np.array([windows * seq_len + 1]))
+    writer.finish()
+    kinds = {"top-64": dict(top_k=64), "sampled-32": dict(samples=32)}
+    out = build_rates(root / "teacher", root / "data", root / "caches", kinds, seq_len=seq_len,
+                      dtype="bf16", temperature=2.0, valid_vocab=valid_vocab)
+    out["shapes"] = {"teacher": names, "vocab": vocab, "seq_len": seq_len, "windows": windows}
+    return out
 
 
 # ----------------------------------------------------------------------------- training rows
@@ -140,22 +181,42 @@ def median_step_seconds(out_dir: Path) -> float:
     return statistics.median(times[1:] or times)
 
 
+def train_row(settings, base, out_dir: Path, row: str, caches: dict,
+              temperature: float | None = None) -> dict:
+    """Distill with one teacher signal; its held-out numbers against the real teacher."""
+    config = row_config(settings, base, out_dir, row, caches)
+    if temperature is not None:
+        config.loss.temperature = temperature
+    result = train_run(config)
+    held = quickstart.held_out(result["export_dir"], base["data"], config,
+                               teacher_dir=str(base["teacher"]),
+                               eval_batches=settings["quickstart"]["eval_batches"])
+    print(f"[teacher_cache] {row} (T {config.loss.temperature}): held-out ppl "
+          f"{held['ppl']:.3f}", flush=True)
+    return {"val_ce": held["ce"], "val_ppl": held["ppl"], "val_kd": held["kd"],
+            "tokens": held["tokens"], "steps": config.run.steps,
+            "temperature": config.loss.temperature,
+            "step_time_s": median_step_seconds(Path(result["out_dir"])),
+            "train_kd_last": result["final_metrics"].get("kd")}
+
+
 def train_rows(settings, base, root: Path, caches: dict) -> dict:
-    rows = {}
-    for row in ROWS:
-        config = row_config(settings, base, root / "runs" / row, row, caches)
-        result = train_run(config)
-        held = quickstart.held_out(result["export_dir"], base["data"], config,
-                                   teacher_dir=str(base["teacher"]),
-                                   eval_batches=settings["quickstart"]["eval_batches"])
-        rows[row] = {"val_ce": held["ce"], "val_ppl": held["ppl"], "val_kd": held["kd"],
-                     "tokens": held["tokens"], "steps": config.run.steps,
-                     "step_time_s": median_step_seconds(Path(result["out_dir"])),
-                     "train_kd_last": result["final_metrics"].get("kd")}
-        print(f"[teacher_cache] {row}: held-out ppl {held['ppl']:.3f}", flush=True)
-    online = rows["online"]["val_ppl"]
+    rows = {row: train_row(settings, base, root / "runs" / row, row, caches) for row in ROWS}
     for row in rows.values():
-        row["ppl_vs_online"] = row["val_ppl"] / online
+        row["ppl_vs_online"] = row["val_ppl"] / rows["online"]["val_ppl"]
+    return rows
+
+
+def contrast_rows(settings, base, root: Path, config) -> dict:
+    """Online vs top-64 at T = 1, where the teacher's top 64 columns hold most of its mass."""
+    cache = root / "caches" / "top-64-T1"
+    build_teacher_cache(str(base["teacher"]), str(base["data"]), str(cache), top_k=64,
+                        temperature=1.0, seq_len=config.batch.seq_len, batch=8,
+                        dtype=config.teacher.dtype, device="cpu", show_progress=False)
+    rows = {row: train_row(settings, base, root / "runs" / f"{row}-T1", row, {"top-64": cache},
+                           temperature=1.0) for row in ("online", "top-64")}
+    rows["top-64"]["mean_tail_mass"] = mean_tail_mass(cache)
+    rows["top-64"]["ppl_vs_online"] = rows["top-64"]["val_ppl"] / rows["online"]["val_ppl"]
     return rows
 
 
@@ -247,22 +308,46 @@ def seed_step_ratio(config, smoke: bool, steps: int) -> dict:
 def table(report: dict) -> str:
     builds = report["cache_build"]["builds"]
     lines = ["| teacher signal | held-out CE | ppl | ppl / online | KD to teacher | step (s) "
-             "| cache B/token | build (s) | build / teacher fwd |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| cache B/token | teacher mass outside the cache | build (s) "
+             "| build / teacher fwd |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in report["rows"].items():
         build = builds.get(name)
-        extra = (f"{build['bytes_per_token']} | {build['seconds']:.1f} | "
-                 f"{build['vs_teacher_forward']:.2f}x" if build else "- | - | -")
+        extra = "- | - | - | -"
+        if build:
+            tail = build["mean_tail_mass"]
+            extra = (f"{build['bytes_per_token']} | {'-' if tail is None else f'{tail:.1%}'} | "
+                     f"{build['seconds']:.1f} | {build['vs_teacher_forward']:.2f}x")
         lines.append(f"| {name} | {row['val_ce']:.4f} | {row['val_ppl']:.3f} | "
                      f"{row['ppl_vs_online']:.4f} | {row['val_kd']:.4f} | "
                      f"{row['step_time_s']:.3f} | {extra} |")
+    contrast = report.get("contrast_T1")
+    if contrast:
+        top = contrast["top-64"]
+        lines.append(f"\nat T = 1: online ppl {contrast['online']['val_ppl']:.3f}, top-64 "
+                     f"{top['val_ppl']:.3f} (x{top['ppl_vs_online']:.4f}); teacher mass "
+                     f"outside the top 64: {top['mean_tail_mass']:.1%}")
+    seed = report["seed_build"]
+    for name, build in seed["builds"].items():
+        lines.append(f"seed shapes, {name} build: {build['tokens_per_s']:,.0f} tokens/s = "
+                     f"{build['vs_teacher_forward']:.2f}x the teacher's forward")
     for shape in ("quickstart", "seed"):
         ratio = report["step_ratio"][shape]
-        lines.append(f"\nstep from a top-64 cache vs online step, {shape} shapes: "
+        lines.append(f"step from a top-64 cache vs online step, {shape} shapes: "
                      f"x{ratio['speedup_cpu']:.2f} in CPU time (x{ratio['speedup_wall']:.2f} "
                      f"wall); online {ratio['online']['cpu_s']:.3f} s, cache "
                      f"{ratio['cache']['cpu_s']:.3f} s of CPU per step")
     return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _settings(smoke: bool) -> dict:
@@ -282,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a quickstart run folder (built there when absent)")
     parser.add_argument("--json", default=str(DEFAULT_JSON))
     parser.add_argument("--work", default="", help="caches and runs (default: a temp folder)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per step ratio")
+    parser.add_argument("--steps", type=int, default=9, help="timed steps per step ratio")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for the tests")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the quickstart's setting; CPU seconds then mean one core
@@ -293,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         config = row_config(settings, base, work / "probe", "online", {})
         folders, build = build_caches(base, config, work / "caches")
         report = {
-            "machine": {"cpu": platform.processor() or platform.machine(),
+            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
+                        "load_average_at_start": os.getloadavg(),
                         "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "python": platform.python_version()},
             "base": {k: str(v) for k, v in base.items()},
@@ -303,10 +389,13 @@ def main(argv: list[str] | None = None) -> int:
                        "teacher_dtype": config.teacher.dtype, "precision": config.precision},
             "cache_build": build,
             "rows": train_rows(settings, base, work, folders),
+            "contrast_T1": contrast_rows(settings, base, work, config),
+            "seed_build": seed_build_rates(work / "seed", args.smoke),
             "step_ratio": {"quickstart": quickstart_step_ratio(base, config, folders["top-64"],
                                                                args.steps),
                            "seed": seed_step_ratio(config, args.smoke, args.steps)},
         }
+    report["machine"]["load_average_at_end"] = os.getloadavg()
     report["table"] = table(report)
     write_json(Path(args.json), report)
     print(report["table"])
