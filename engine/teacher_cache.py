@@ -3,9 +3,9 @@
 `build_teacher_cache` loads the teacher, builds the training dataset exactly as engine.train
 will read it (same mode, seq_len, pad_id), and hands data.teacher_cache_job the function that
 turns a batch of token ids into the teacher's logits at the trained positions. Those logits
-come from engine.eval.scoring.selected_logits: one forward to the final hidden states, then
-the head on the trained positions only, a chunk of rows at a time, so no [tokens x vocab]
-tensor of a whole batch exists. `python -m tools.cache_teacher` is the command line.
+come from one forward to the final hidden states, then the head on the trained positions
+only, a chunk of rows at a time, so no [tokens x vocab] tensor of a whole batch exists.
+`python -m tools.cache_teacher` is the command line.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from data.teacher_cache import FORMAT_NAME, FORMAT_VERSION, CacheError, model_fi
 from data.teacher_cache_encode import KINDS, record_dtype
 from data.teacher_cache_job import build_cache
 from engine.dist import resolve_device
-from engine.eval.scoring import selected_logits
 from engine.model.hf_io import load_pretrained
 from engine.precision import canonical_name, dtype_of
 
@@ -85,12 +84,16 @@ def resume_command(args: dict) -> str:
 
 
 def teacher_chunk_function(teacher, device: torch.device):
-    """(input_ids, positions) -> the teacher's fp32 logits at those positions, chunk by chunk."""
+    """(input_ids, positions) -> the teacher's logits at those positions (flat indices into
+    the [B, T] batch), CHUNK_ROWS rows at a time, in the head's dtype: one forward to the final
+    hidden states, then the head on the chosen rows only (padding never reaches the head)."""
 
     def chunks(input_ids: torch.Tensor, positions: torch.Tensor):
-        input_ids, positions = input_ids.to(device), positions.to(device)
         with torch.no_grad():
-            yield from selected_logits(teacher, input_ids, positions, chunk_rows=CHUNK_ROWS)
+            hidden = teacher.hidden_states(input_ids.to(device))
+            rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions.to(device))
+            for start in range(0, rows.shape[0], CHUNK_ROWS):
+                yield teacher.embed_out(rows[start:start + CHUNK_ROWS])
 
     return chunks
 
