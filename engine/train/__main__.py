@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from engine.dist import DistributedError
 from engine.train.config import ConfigError, load_config, valid_keys
@@ -57,6 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in ("-h", "--help"):
         print(USAGE + "keys: " + ", ".join(valid_keys()))
         return 0
+    previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        return _train(argv)
+    finally:
+        warnings.formatwarning = previous
+
+
+def _train(argv: list[str]) -> int:
+    """Run the configured training; every failure becomes one line and an exit status."""
     try:
         path, overrides = split_config_argument(argv)
         result = run(load_config(path, overrides))
@@ -74,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{result['status']} at step {result['step']}; run folder {result['out_dir']}, "
               f"metrics {result['metrics_path']}, export {result['export_dir']}")
     return exit_status(result["signal"]) if result["status"] == "interrupted" else 0
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"  # for a user, not "loop.py:123: RuntimeWarning: ..."
 
 
 def _fail(message: str, status: int) -> int:

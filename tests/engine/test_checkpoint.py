@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -18,6 +19,7 @@ from engine.model import GPTNeoX, GPTNeoXConfig, load_pretrained
 from engine.train import checkpoint as ckpt
 from engine.train import run
 from engine.train.export import export_student
+from engine.train.signals import FINISH_PAUSE_ENV
 from tests.engine.test_train import (
     assert_same_run,
     base_overrides,
@@ -187,3 +189,24 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(assets, tmp_path, straigh
     assert not (out / "final").exists()
     result = run(make_config(assets, out, run__save_every=2))
     assert_same_run(result, straight_run)
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_the_final_validation_loses_nothing(assets, tmp_path, straight_run,
+                                                           sig, status):
+    """Issue 10 item 3: the handler stays until the end, and with save_every=0 the trained
+    weights are saved before the final validation; resuming validates and exports."""
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start_training(base_overrides(assets, out), log,
+                          **{FINISH_PAUSE_ENV: "120"})  # pauses after the final save
+    wait_for(lambda: "pausing before the final validation" in log.read_text(), proc, log)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == status, log.read_text()
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [4]
+    assert not (out / "final").exists()
+    result = run(make_config(assets, out))  # nothing left to train: validate and export
+    assert result["status"] == "completed"
+    assert_same_run(result, straight_run)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    kinds = [json.loads(line)["kind"] for line in lines]
+    assert kinds.count("val") == 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 from engine.train import checkpoint as ckpt
 from engine.train import run
+from tests.dist_helpers import LOOPBACK_ENV, free_port
 from tests.engine.test_train import (
     assert_weights_close,
     base_overrides,
@@ -33,12 +33,6 @@ from tests.engine.test_train import (
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +48,13 @@ def test_two_ranks_match_one_process(assets, tmp_path):
     out = tmp_path / "ddp"
     overrides = base_overrides(assets, out, data__mode="padded", batch__accum_steps=2,
                                run__steps=3, run__save_every=2)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "NEOX_DIST_TIMEOUT_S": "120"}
+    env = {**os.environ, **LOOPBACK_ENV, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "NEOX_DIST_TIMEOUT_S": "300"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "engine.train",
-         *overrides],
+        # --standalone: torchrun picks a free port and holds it, so no other process can
+        # take it between our choice and its use.
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "engine.train", *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -81,8 +76,8 @@ def test_two_ranks_match_one_process(assets, tmp_path):
 
 
 def _rank_main(rank: int, port: int, result_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(LOOPBACK_ENV, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
     from engine import dist
 
     dist.init_distributed("cpu", timeout_s=30)
