@@ -14,8 +14,8 @@ import math
 import sys
 
 import torch
-from tokenizers import Tokenizer
 
+from data.tokenizer_file import read_tokenizer_file
 from engine.model.hf_io import load_pretrained
 from engine.model.network import GPTNeoX, model_device
 from engine.precision import DTYPE_NAMES, dtype_of
@@ -138,19 +138,11 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _load_tokenizer(path: str):
-    # INTERIM: becomes data.tokenizer_file.read_tokenizer_file once the data branch is merged.
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as error:  # tokenizers raises a bare Exception for a bad file
-        raise ValueError(f"{path}: cannot load tokenizer ({error})") from None
-
-
 def main(argv=None) -> int:
     args = _parse_args(argv)
     try:
         device = _device(args.device)
-        tokenizer = _load_tokenizer(args.tokenizer)
+        tokenizer = read_tokenizer_file(args.tokenizer).tokenizer
         model = load_pretrained(args.model, dtype=dtype_of(args.dtype), device=device)
         prompt = tokenizer.encode(args.prompt).ids or [model.config.eos_token_id]
         generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -12,28 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from data.tokenizer_file import TokenizerFileError, tokenizer_identity
 from engine.train.config import Config, ConfigError
-
-try:
-    from data.tokenizer_file import TokenizerFileError, tokenizer_identity
-except ImportError:  # INTERIM until the data branch (issue 10, data side) is on main
-    import hashlib
-    import json
-
-    class TokenizerFileError(ValueError):
-        pass
-
-    def tokenizer_identity(path):
-        from tokenizers import Tokenizer
-
-        try:
-            raw = __import__("pathlib").Path(path).read_bytes()
-            obj = json.loads(raw)
-            tok = Tokenizer.from_str(raw.decode())
-        except Exception as exc:
-            raise TokenizerFileError(f"{path}: not a tokenizer.json ({exc})") from None
-        return {"sha256": hashlib.sha256(raw).hexdigest(), "fingerprint": str(len(obj)),
-                "vocab_size": tok.get_vocab_size(with_added_tokens=True)}
 
 
 def read_run_tokenizer(path: str) -> dict[str, Any]:
@@ -103,6 +83,5 @@ def check_ids_fit(config: Config, max_token_id: int | None, rows: int) -> None:
 
 def check_data_fits(config: Config, shards, rows: int) -> None:
     """Every start-up vocabulary check for `shards` (a data.shards.ShardSet)."""
-    info = shards.tokenizer_info() if hasattr(shards, "tokenizer_info") else None  # INTERIM
-    check_tokenizers(config, info, rows)
-    check_ids_fit(config, info["max_token_id"] if info else None, rows)
+    check_tokenizers(config, shards.tokenizer_info(), rows)
+    check_ids_fit(config, shards.max_token_id(), rows)
