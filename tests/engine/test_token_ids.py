@@ -14,6 +14,7 @@ from engine.generate import generate
 from engine.generate import main as generate_main
 from engine.model import GPTNeoX, GPTNeoXConfig, save_pretrained
 from engine.train.__main__ import main as train_main
+from tests.data.common import train_tokenizer
 from tests.engine.test_train import VOCAB, base_overrides, make_assets
 
 SMALL_VOCAB = 100  # the test data holds ids up to VALID_VOCAB (300)
@@ -105,7 +106,7 @@ def test_generate_cli_errors_are_one_line(tmp_path, neox_tokenizer_path, capsys)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 def test_generate_on_cuda_without_cuda_says_so(tmp_path, capsys):
     folder = save_pretrained(small_model(), tmp_path / "small")
-    tokenizer = tmp_path / "missing-is-fine.json"  # the device is checked first
+    tokenizer = train_tokenizer(tmp_path / "tokenizer.json", ["a tiny corpus"], vocab_size=90)
     assert generate_main(["--model", str(folder), "--tokenizer", str(tokenizer),
                           "--prompt", "x", "--device", "cuda"]) == 2
     assert "--device cuda: this torch build or machine has no CUDA device" in error_line(capsys)
