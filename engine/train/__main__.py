@@ -18,7 +18,7 @@ import warnings
 
 from engine.dist import DistributedError
 from engine.train.config import ConfigError, load_config, valid_keys
-from engine.train.file_writes import WriteFailed, describe_write_error
+from engine.train.file_writes import WriteFailed, describe_write_error, is_disk_full
 from engine.train.lock import RunLocked
 from engine.train.loop import TrainingDiverged, run
 from engine.train.signals import EXIT_STATUS, exit_status
@@ -76,7 +76,7 @@ def _train(argv: list[str]) -> int:
         return _fail("interrupted (a second SIGINT); resume with run.resume=auto",
                      EXIT_STATUS["SIGINT"])
     except OSError as exc:  # named by the file, not by the Python class
-        where = f"{exc.filename}: " if exc.filename else ""
+        where = f"{exc.filename}: " if exc.filename and is_disk_full(exc) else ""
         return _fail(f"{where}{describe_write_error(exc)}", 1)
     except (ValueError, TrainingDiverged, WriteFailed, RunLocked, DistributedError) as exc:
         return _fail(str(exc), 1)  # every engine error (ValueError or these): one line

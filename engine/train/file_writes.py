@@ -36,8 +36,13 @@ def follow_umask(folder: str | os.PathLike) -> None:
             os.chmod(Path(dirpath) / name, 0o666 & ~mask)
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    return describe_write_error(exc) in _DISK_FULL.values()
+
+
 def describe_write_error(exc: BaseException) -> str:
-    """'no space left on device' for a full disk or quota, else the library's own words."""
+    """'no space left on device' for a full disk or quota, else the OS's or library's words
+    (with the file an OSError names)."""
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
         return _DISK_FULL[exc.errno]
     text = str(exc)
@@ -46,5 +51,6 @@ def describe_write_error(exc: BaseException) -> str:
     if "os error 122" in text or "quota exceeded" in text.lower():
         return _DISK_FULL[errno.EDQUOT]
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
+        where = f" ({exc.filename})" if exc.filename else ""
+        return exc.strerror.lower() + where
     return text or "write failed"

@@ -19,26 +19,9 @@ import torch
 
 from engine.train import checkpoint as ckpt
 from engine.train.__main__ import main as train_main
-from tests.engine.test_train import (
-    assert_same_run,
-    base_overrides,
-    do_straight_run,
-    make_assets,
-    make_config,
-    poison_steps,
-)
+from tests.engine.test_train import assert_same_run, base_overrides, make_config, poison_steps
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_assets(tmp_path_factory.mktemp("bad-state-assets"))
-
-
-@pytest.fixture(scope="module")
-def straight_run(assets, tmp_path_factory):
-    return do_straight_run(assets, tmp_path_factory.mktemp("straight"))
 
 
 def quiet_main(overrides) -> int:
@@ -275,3 +258,17 @@ def test_a_full_disk_during_the_export_keeps_the_previous_export(assets, tmp_pat
     assert {p.name: p.read_bytes() for p in (out / "final").iterdir()} == before
     assert not [p for p in out.iterdir() if p.name.startswith(".final")]
     assert steps_of(out)[-1] == 2  # the trained weights were saved before the export
+
+
+def test_write_errors_read_as_one_clear_phrase():
+    from safetensors import SafetensorError
+
+    from engine.train.file_writes import describe_write_error
+
+    full = SafetensorError("Error while serializing: I/O error: No space left on device "
+                           "(os error 28)")  # what safetensors raised on a full tmpfs
+    assert describe_write_error(full) == "no space left on device"
+    quota = OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert describe_write_error(quota) == "no space left on device (disk quota exceeded)"
+    denied = PermissionError(errno.EACCES, "Permission denied", "/x/y")
+    assert describe_write_error(denied) == "permission denied (/x/y)"

@@ -23,22 +23,10 @@ from engine.train.signals import FINISH_PAUSE_ENV
 from tests.engine.test_train import (
     assert_same_run,
     base_overrides,
-    do_straight_run,
-    make_assets,
     make_config,
 )
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_assets(tmp_path_factory.mktemp("checkpoint-assets"))
-
-
-@pytest.fixture(scope="module")
-def straight_run(assets, tmp_path_factory):
-    return do_straight_run(assets, tmp_path_factory.mktemp("straight"))
 
 
 def tiny_student(seed: int = 0) -> GPTNeoX:

@@ -25,7 +25,6 @@ from tests.engine.test_train import (
     assert_weights_close,
     base_overrides,
     final_weights,
-    make_assets,
     make_config,
     train_records,
 )
@@ -33,11 +32,6 @@ from tests.engine.test_train import (
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_assets(tmp_path_factory.mktemp("ddp-assets"))
 
 
 def test_two_ranks_match_one_process(assets, tmp_path):

@@ -21,14 +21,9 @@ from engine.model import load_pretrained
 from engine.train import checkpoint as ckpt
 from engine.train.__main__ import main as train_main
 from tests.engine.test_checkpoint import paused_save, start_training, wait_for
-from tests.engine.test_train import base_overrides, make_assets, train_records
+from tests.engine.test_train import base_overrides, train_records
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_assets(tmp_path_factory.mktemp("safety-assets"))
 
 
 @pytest.fixture(scope="module")

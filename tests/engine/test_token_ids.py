@@ -15,14 +15,9 @@ from engine.generate import main as generate_main
 from engine.model import GPTNeoX, GPTNeoXConfig, save_pretrained
 from engine.train.__main__ import main as train_main
 from tests.data.common import train_tokenizer
-from tests.engine.test_train import VOCAB, base_overrides, make_assets
+from tests.engine.test_train import VOCAB, base_overrides
 
 SMALL_VOCAB = 100  # the test data holds ids up to VALID_VOCAB (300)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_assets(tmp_path_factory.mktemp("token-id-assets"))
 
 
 def small_model(vocab_size: int = SMALL_VOCAB) -> GPTNeoX:
