@@ -1,10 +1,11 @@
-"""The end of a run: the student as a plain Hugging Face folder (+ tokenizer.json).
+"""The end of a run: the student as a plain Hugging Face folder (+ tokenizer, model card).
 
-The export loads unchanged in transformers' GPTNeoXForCausalLM and lm-evaluation-harness
-(docs/formats.md). It is staged and swapped in whole, so a crash leaves the previous export.
-Every export carries a marker file, written last; an existing folder is replaced only when it
-carries that marker (or is empty), so an export can never delete a folder the engine did not
-export (a model's source folder, a run folder, anything of the user's).
+The export loads unchanged in transformers' GPTNeoXForCausalLM and AutoTokenizer and in
+lm-evaluation-harness (docs/formats.md). It is staged and swapped in whole, so a crash leaves
+the previous export. Every export carries a marker file, written last; an existing folder is
+replaced only when it carries that marker (or is empty), so an export can never delete a
+folder the engine did not export (a model's source folder, a run folder, anything of the
+user's).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from data.atomic import staged_folder
 from engine.model.hf_io import write_model_files
 from engine.train.file_writes import WRITE_ERRORS, WriteFailed, describe_write_error, follow_umask
+from engine.train.model_card import CARD_NAME, write_tokenizer_files
 
 TOKENIZER_NAME = "tokenizer.json"
 EXPORT_MARKER = "neox_distill_export.json"
@@ -53,9 +55,13 @@ def export_student(
     *,
     tokenizer_path: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
+    model_card: str | None = None,
+    pad_id: int | None = None,
     source: dict | None = None,
 ) -> Path:
-    """Write the student as a plain Hugging Face folder (+ tokenizer.json), atomically.
+    """Write the student as a plain Hugging Face folder, atomically: with `tokenizer_path`
+    also tokenizer.json and the AutoTokenizer settings (engine/train/model_card.py, `pad_id`
+    the pad token), with `model_card` a README.md.
 
     `source` (e.g. the run folder and step) goes into the marker. Raises FileExistsError for
     a folder this engine did not export and WriteFailed when the disk refuses the files.
@@ -69,6 +75,10 @@ def export_student(
             write_model_files(student, staged, dtype)
             if tokenizer_path:
                 shutil.copyfile(tokenizer_path, staged / TOKENIZER_NAME)
+                write_tokenizer_files(staged, student.config, pad_id,
+                                      source=Path(tokenizer_path))
+            if model_card is not None:
+                (staged / CARD_NAME).write_text(model_card, encoding="utf-8")
             follow_umask(staged)
             # Last: a folder holding the marker is a complete export of ours.
             marker = {"format": EXPORT_FORMAT, "format_version": 1,

@@ -14,7 +14,6 @@ MetricsWriter, an evaluation in `validate()`, a new artefact in `_finish()`.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 import warnings
@@ -28,13 +27,15 @@ from engine import dist
 from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.scoring import heldout_metrics
 from engine.memory import training_flops_per_token
-from engine.metrics import MetricsWriter, mfu, peak_flops, peak_memory_bytes
+from engine.metrics import MetricsWriter, mfu, peak_flops, peak_memory_bytes, read_records
 from engine.precision import precision_dtypes
 from engine.token_ids import check_batch, checked_batches
 from engine.train import checkpoint as ckpt
 from engine.train.config import Config, ConfigError, validate, write_resolved
 from engine.train.export import export_student
 from engine.train.lock import hold_run_lock
+from engine.train.loggers import build_sinks
+from engine.train.model_card import model_card_for
 from engine.train.preflight import check_paths, export_dir_of
 from engine.train.setup import (
     build_optimizer,
@@ -85,7 +86,8 @@ class Trainer:
         self.config, self.info, self.device = config, info, info.device
         self.out_dir = Path(config.run.out_dir)
         self.writer = MetricsWriter(self.out_dir, enabled=info.is_main,
-                                    total_steps=config.run.steps)
+                                    total_steps=config.run.steps,
+                                    sinks=build_sinks(config, enabled=info.is_main))
         candidates = prepare_run_folder(config, info)
         weight_dtype, autocast_dtype = precision_dtypes(config.precision)
         self.student = build_student(config, self.device, weight_dtype)
@@ -130,20 +132,19 @@ class Trainer:
             write_resolved(config, self.out_dir)
 
     def _continue_records(self) -> None:
-        """A resumed run: refuse run.steps below the checkpoint, drop the records after it,
-        and take back a validation already recorded at its step (none is logged twice)."""
+        """A resumed run: refuse run.steps below the checkpoint, and take back a validation
+        already recorded at its step (none is logged twice). writer.start() later drops the
+        records after the step; nothing is changed here, the launch may still fail."""
         if self.step > self.config.run.steps:
             raise ConfigError(
                 f"run.steps={self.config.run.steps} is below step {self.step} of the checkpoint "
                 f"{self.resume_from}; raise run.steps to continue, or resume an earlier "
                 "checkpoint with run.resume=<folder>"
             )
-        self.writer.truncate_after(self.step)
         self.writer.log_text(f"resumed from {self.resume_from} at step {self.step}")
         recorded = None
         if self.info.is_main and self.writer.path.is_file():
-            for line in self.writer.path.read_text(encoding="utf-8").splitlines():
-                record = json.loads(line)  # truncate_after left only whole lines
+            for record in read_records(self.writer.path):
                 if record.get("kind") == "val" and record.get("step") == self.step:
                     recorded = {k: v for k, v in record.items() if k.startswith("val_")}
         self.last_val = dist.all_gather_object(recorded)[0]  # every rank validates, or none
@@ -195,6 +196,7 @@ class Trainer:
         return {
             "kind": "train",
             "step": self.step,
+            "tokens_seen": self.step * self.tokens_per_step,
             "loss": result.loss,
             "ce": result.ce_sum / valid,
             "kd": result.kd_sum / valid if self.teacher is not None else None,
@@ -289,8 +291,8 @@ class Trainer:
         self._session_start, self._session_steps = time.perf_counter(), 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.writer.start(self.step)
         try:
+            self.writer.start(self.step)  # drops records after self.step, opens the sinks
             while self.step < run_cfg.steps:
                 result = self.train_step(stop.requested)
                 if self._session_steps == 1:
@@ -305,9 +307,9 @@ class Trainer:
                 if result.stop_votes > 0:
                     status = "interrupted"
                     break
+            return self._finish(status, last_saved, stop)
         finally:
             self.writer.close()
-        return self._finish(status, last_saved, stop)
 
     def _log_peak_memory(self) -> None:
         if self.device.type != "cuda":
@@ -377,6 +379,8 @@ class Trainer:
         if self.info.is_main:
             export_student(self.student, export_dir,
                            tokenizer_path=self.config.run.tokenizer or None,
+                           model_card=model_card_for(self, export_dir),
+                           pad_id=self.config.data.pad_id,
                            source={"run_dir": str(self.out_dir), "step": self.step})
             self.writer.log_text(f"exported the student to {export_dir}")
         dist.barrier()
