@@ -103,17 +103,26 @@ def test_export_with_tokenizer_and_refusal(tmp_path):
     model = tiny_student()
     tokenizer = tmp_path / "tok.json"
     tokenizer.write_text('{"fake": "tokenizer"}')
-    out = export_student(model, tmp_path / "final", tokenizer_path=tokenizer)
+    with pytest.warns(RuntimeWarning, match="not a tokenizer.json"):  # copied as it is
+        out = export_student(model, tmp_path / "final", tokenizer_path=tokenizer)
     assert (out / "tokenizer.json").read_text() == tokenizer.read_text()
     assert load_pretrained(out).config.intermediate_size == 40
+    assert (out / "neox_distill_export.json").is_file()
     export_student(model, tmp_path / "final")  # replacing an export is fine
+    model_folder = tmp_path / "a-model"  # config.json but no marker: not ours
+    model_folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model_folder / name).write_bytes((out / name).read_bytes())
+    with pytest.raises(FileExistsError, match="not exported by neox-distill"):
+        export_student(model, model_folder)
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not exported by neox-distill"):
         export_student(model, precious)
     assert (precious / "notes.txt").read_text() == "keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "precious", "tok.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-model", "final", "precious",
+                                                          "tok.json"]
 
 
 def start_training(overrides: list[str], log: Path, **env) -> subprocess.Popen:
