@@ -31,6 +31,7 @@ from engine.precision import precision_dtypes
 from engine.train import checkpoint as ckpt
 from engine.train.config import Config, validate
 from engine.train.export import export_student
+from engine.train.lost_updates import build_meter
 from engine.train.setup import (
     build_optimizer,
     build_student,
@@ -45,6 +46,7 @@ from engine.train.setup import (
 )
 from engine.train.signals import StopRequest
 from engine.train.step import StepResult, train_step
+from engine.train.watch import TaskRegression, TaskWatch
 
 
 class TrainingDiverged(RuntimeError):
@@ -93,6 +95,11 @@ class Trainer:
                                                loader=self.train_loader, info=info)
             self.writer.truncate_after(self.step)
             self.writer.log_text(f"resumed from {self.resume_from} at step {self.step}")
+        self.lost_updates = build_meter(self.optimizer, self.student, precision=config.precision,
+                                        enabled=config.eval.lost_updates, lr=config.optim.lr,
+                                        is_main=info.is_main)
+        self.watch = TaskWatch(config, self.student, self.writer, info,
+                               autocast_dtype=autocast_dtype, resumed=self.resume_from is not None)
         self.model = wrap_model(self.student, config, info)
         self.loss_settings = dict(
             alpha=config.loss.alpha,
@@ -167,6 +174,7 @@ class Trainer:
             "step_time_s": elapsed,
             "eta_s": per_step * (self.config.run.steps - self.step),
             "skipped": not result.applied,
+            **self.lost_updates.fields(self.step),
         }
 
     def validate(self) -> dict[str, Any] | None:
@@ -194,6 +202,15 @@ class Trainer:
             + (f" kd {result['val_kd']:.4f}" if "val_kd" in result else "")
         )
         return result
+
+    def watch_tasks(self) -> None:
+        """Score eval.tasks now (engine/train/watch.py); when a task regressed and
+        eval.alarm_action is "stop", save a checkpoint and raise TaskRegression."""
+        reason = self.watch.score(self.step)
+        if reason is not None:
+            self.save()
+            raise TaskRegression(f"{reason}; stopped by eval.alarm_action=stop, checkpoint "
+                                 f"saved at step {self.step}")
 
     def save(self) -> Path | None:
         """A checkpoint of this step (rank 0 writes; every rank's loader and RNG go in it)."""
@@ -234,6 +251,8 @@ class Trainer:
         self.writer.start(self.step)
         try:
             with StopRequest() as stop:
+                if self.watch.due(self.step):  # step 0: the untouched student
+                    self.watch_tasks()
                 while self.step < run_cfg.steps:
                     result = self.train_step(stop.requested)
                     if self._session_steps == 1:
@@ -242,6 +261,8 @@ class Trainer:
                         self._on_non_finite(result)
                     if run_cfg.val_every and self.step % run_cfg.val_every == 0:
                         self.last_val = self.validate()
+                    if self.watch.due(self.step):
+                        self.watch_tasks()
                     if run_cfg.save_every and self.step % run_cfg.save_every == 0:
                         self.save()
                         last_saved = self.step
@@ -287,6 +308,8 @@ class Trainer:
             return self._result(status, export_dir)
         if self.last_val is None or not run_cfg.val_every or self.step % run_cfg.val_every:
             self.last_val = self.validate()
+        if self.watch.due(self.step, final=True):
+            self.watch_tasks()
         if last_saved != self.step:
             self.save()
         export_dir = Path(run_cfg.export_dir) if run_cfg.export_dir else self.out_dir / "final"
