@@ -97,7 +97,7 @@ class Trainer:
             self.writer.log_text(f"resumed from {self.resume_from} at step {self.step}")
         self.lost_updates = build_meter(self.optimizer, self.student, precision=config.precision,
                                         enabled=config.eval.lost_updates, lr=config.optim.lr,
-                                        is_main=info.is_main)
+                                        beta1=config.optim.betas[0], is_main=info.is_main)
         self.watch = TaskWatch(config, self.student, self.writer, info,
                                autocast_dtype=autocast_dtype, resumed=self.resume_from is not None)
         self.model = wrap_model(self.student, config, info)

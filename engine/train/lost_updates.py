@@ -114,19 +114,30 @@ def full_step_loss(model: torch.nn.Module, lr: float) -> tuple[float, float]:
     return (lost / total if total else 0.0), median
 
 
-def startup_warning(model: torch.nn.Module, lr: float) -> str | None:
-    """The warning for a bf16 model that loses most full-size AdamW steps at `lr`, or None."""
+def typical_step(lr: float, beta1: float) -> float:
+    """AdamW's typical step once gradients are mostly noise: m is then an average of
+    uncorrelated gradients, with RMS sqrt((1 - beta1) / (1 + beta1)) of sqrt(v), so the step
+    is that times lr (0.23 lr for beta1 = 0.9) rather than the full lr of the first step."""
+    return lr * ((1 - beta1) / (1 + beta1)) ** 0.5
+
+
+def startup_warning(model: torch.nn.Module, lr: float, beta1: float) -> str | None:
+    """The warning for a low-precision model that would lose most of AdamW's typical steps
+    at `lr` (see typical_step), or None."""
     dtype = next(model.parameters()).dtype
     if dtype == torch.float32:
         return None
-    lost, median = full_step_loss(model, lr)
+    step = typical_step(lr, beta1)
+    lost, median = full_step_loss(model, step)
     if lost <= MOST:
         return None
+    full, _ = full_step_loss(model, lr)
     return (
-        f"precision bf16-pure with optim.lr={lr:g}: even a full-size AdamW step (about lr per "
-        f"weight; later steps are smaller) is rounded away on {lost:.0%} of the student's "
-        f"weights (median |w| {median:.3g}; {dtype} keeps a change only above about |w|/256, "
-        f"here ~{median / 256:.1e}). Most updates will be lost: {ADVICE}"
+        f"precision bf16-pure with optim.lr={lr:g}: a typical AdamW step (~{step:.1e} per "
+        f"weight once gradients are noisy) would be rounded away on {lost:.0%} of the "
+        f"student's weights, a full-size step of lr on {full:.0%} (median |w| {median:.3g}; "
+        f"{dtype} keeps a change only above about |w|/256 = {median / 256:.1e}). Most updates "
+        f"will be lost: {ADVICE}"
     )
 
 
@@ -175,12 +186,12 @@ class LostUpdateMeter:
 
 
 def build_meter(optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, precision: str,
-                enabled: bool, lr: float, is_main: bool) -> LostUpdateMeter:
+                enabled: bool, lr: float, beta1: float, is_main: bool) -> LostUpdateMeter:
     """The run's meter (measuring in bf16-pure unless eval.lost_updates is false), after the
     start-up warning when the configuration is known to lose most updates."""
     if precision != "bf16-pure":
         return LostUpdateMeter(optimizer, "zero")
-    message = startup_warning(model, lr) if is_main else None
+    message = startup_warning(model, lr, beta1) if is_main else None
     if message:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
     return LostUpdateMeter(optimizer, "measure" if enabled else "off", warn=is_main)

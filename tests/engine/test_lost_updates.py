@@ -16,6 +16,7 @@ from engine.train.lost_updates import (
     full_step_loss,
     lost_update_sums,
     startup_warning,
+    typical_step,
 )
 
 
@@ -105,16 +106,22 @@ def test_chunks_add_up_to_the_whole(monkeypatch):
     torch.testing.assert_close(chunked[2:], whole[2:], rtol=1e-6, atol=0)
 
 
-def test_startup_warning_only_when_most_full_steps_are_lost():
+def test_startup_warning_only_when_most_typical_steps_are_lost():
     model = tiny_model(torch.bfloat16)
     lost, median = full_step_loss(model, 1e-6)
     assert lost > 0.9 and 0 < median < 1
-    message = startup_warning(model, 1e-6)
-    assert "optim.lr=1e-06" in message and "bf16-autocast" in message
-    assert "median |w|" in message
     assert full_step_loss(model, 1.0)[0] < 0.01
-    assert startup_warning(model, 1.0) is None
-    assert startup_warning(tiny_model(torch.float32), 1e-9) is None  # fp32 master weights
+    assert typical_step(1e-3, 0.9) == pytest.approx(1e-3 * (0.1 / 1.9) ** 0.5)
+    # An lr whose full step mostly survives while its typical step mostly does not.
+    lr = next(lr for lr in (1e-5 * 1.5**k for k in range(40))
+              if full_step_loss(model, lr)[0] < 0.5)
+    assert full_step_loss(model, typical_step(lr, 0.9))[0] > 0.5
+    message = startup_warning(model, lr, 0.9)
+    assert f"optim.lr={lr:g}" in message and "bf16-autocast" in message
+    assert "median |w|" in message
+    assert startup_warning(model, lr, 0.0) is None  # beta1 0: every step is full size
+    assert startup_warning(model, 1.0, 0.9) is None
+    assert startup_warning(tiny_model(torch.float32), 1e-9, 0.9) is None  # fp32 masters
 
 
 def test_meter_modes():
