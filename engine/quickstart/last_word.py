@@ -27,6 +27,7 @@ IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Words that say nothing about the passage (the language's own, and the receiver names).
 SKIPPED_WORDS = frozenset(keyword.kwlist) | {"self", "cls"}
 MAX_LINES = 40  # context lines looked at above the target's line
+MAX_PASSAGE_TOKENS = 96  # about a LAMBADA passage; longer ones only cost scoring time
 # Longest target in tokens: LAMBADA's words are mostly one or two tokens, and a long name
 # would make the perplexity of a word (summed over its tokens) astronomically large.
 MAX_WORD_TOKENS = 2

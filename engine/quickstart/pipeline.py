@@ -35,7 +35,7 @@ from engine.eval.scoring import heldout_metrics
 from engine.eval.tasks import ScoringSetup, evaluate_lambada
 from engine.model.hf_io import load_pretrained
 from engine.quickstart.corpus import build_stdlib_corpus, train_bpe_tokenizer
-from engine.quickstart.last_word import build_last_word_task
+from engine.quickstart.last_word import MAX_PASSAGE_TOKENS, build_last_word_task
 from engine.train.config import Config, ConfigError, apply_dict, validate
 from engine.train.loop import run as train_run
 
@@ -162,8 +162,7 @@ def held_out(model_dir: str, data_dir: Path, config, *, teacher_dir: str | None,
         valid_vocab=config.data.valid_vocab or None,
     )
     metrics["params"] = model.num_parameters()
-    setup = ScoringSetup(model=model, max_length=model.config.max_positions, batch_size=32,
-                         progress=False)
+    setup = ScoringSetup(model=model, max_length=model.config.max_positions, progress=False)
     encoder = TextEncoder(tokenizer_path, eos_id=model.config.eos_token_id)
     scores = evaluate_lambada(setup, encoder, last_word)
     metrics.update(last_word_ppl=scores["ppl"], last_word_acc=scores["acc"],
@@ -210,7 +209,7 @@ def prepare_data(qs: dict[str, Any], out_dir: Path, lap: _Laps) -> dict[str, Any
 def prepare_last_word(settings: dict[str, Any], out_dir: Path, data: dict[str, Any],
                       lap: _Laps) -> Path:
     """The LAMBADA-style task file (engine/quickstart/last_word.py): passages of held-out
-    standard-library files, each at most the distill stage's seq_len tokens."""
+    standard-library files, each within the distill stage's seq_len and MAX_PASSAGE_TOKENS."""
     qs = settings["quickstart"]
     with lap("last-word task"):
         path = out_dir / "tasks" / "last_word.jsonl"
@@ -218,7 +217,8 @@ def prepare_last_word(settings: dict[str, Any], out_dir: Path, data: dict[str, A
         seq_len = stage_config(settings, "distill", {}, check=False).batch.seq_len
         task = build_last_word_task(path, corpus_max_bytes=qs["corpus_max_bytes"],
                                     items=qs["last_word_items"],
-                                    encode_batch=encoder.encode_batch, max_tokens=seq_len)
+                                    encode_batch=encoder.encode_batch,
+                                    max_tokens=min(seq_len, MAX_PASSAGE_TOKENS))
         _say(f"last-word task: {task['items']} passages of {task['files']} held-out files "
              f"-> {path}")
     return path
