@@ -8,7 +8,11 @@ files made here. Every number a run logs is checked against an independent path:
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from tests.engine.test_train import base_overrides, make_assets, make_config, tr
 WORDS = ["the", "a", "cat", "dog", "house", "river", "mountain", "quickly", "slowly", "ran",
          "jumped", "over", "under", "big", "small", "red", "blue", "green", "happy", "sad"]
 HUGE_LR = 0.3  # wrecks the tiny student within a step or two
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +259,29 @@ def test_bf16_pure_loses_more_updates_at_a_small_lr(assets, tmp_path):
     off = lost_fractions(assets, tmp_path / "off", precision="bf16-pure", optim__lr=1e-2,
                          eval__lost_updates="false")
     assert off == [None, None]
+
+
+@pytest.mark.distributed
+def test_two_ranks_stop_together_on_rank0s_alarm(assets, tmp_path):
+    """Rank 0 scores; the stop decision reaches rank 1 too (else it would wait in the next
+    step's all-reduce until the timeout)."""
+    out = tmp_path / "ddp"
+    overrides = base_overrides(assets, out, run__tokenizer=assets["tokenizer"],
+                               eval__tasks=f"lambada={assets['lambada']}", eval__every=1,
+                               eval__alarm_action="stop", optim__lr=HUGE_LR,
+                               optim__warmup_steps=0, batch__accum_steps=1, run__steps=4)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "NEOX_DIST_TIMEOUT_S": "120"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "engine.train",
+         *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert proc.stderr.count("error: regression alarm: task lambada at step 1") == 2  # 2 ranks
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [1]
+    assert [r["step"] for r in records(out, "task")] == [0, 1]  # rank 0 alone writes
