@@ -184,9 +184,10 @@ def test_alarm_warns_on_a_regressing_run(assets, tmp_path):
 def test_alarm_stop_saves_and_exits_non_zero(assets, tmp_path, capsys):
     out = tmp_path / "stop"
     settings = dict(optim__lr=HUGE_LR, optim__warmup_steps=0, eval__every=1, run__steps=4,
-                    eval__alarm_action="stop")
+                    eval__alarm_action="stop", eval__limit=5)
     with pytest.warns(RuntimeWarning), pytest.raises(TaskRegression) as stopped:
         run(watch_config(assets, out, **settings))
+    assert {r["documents"] for r in records(out, "task")} == {5}  # eval.limit
     message = str(stopped.value)
     base = records(out, "task")[0]["ppl"]
     assert "task lambada at step 1" in message and f"ppl {base:.2f}" in message
