@@ -16,8 +16,10 @@ umask), not the 0600 of ``mkstemp``, so results stay readable by others where th
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -82,10 +84,15 @@ def open_atomic(
     fsync_dir(path.parent)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Replace `path` with `data` atomically."""
-    with open_atomic(path, "wb") as handle:
-        handle.write(data)
+def temporary_leftovers(folder: str | os.PathLike, name: str) -> list[Path]:
+    """What `open_atomic` leaves for `name` in `folder` when killed mid-write.
+
+    The temporary names are ``.<name>.<random>.tmp`` (see open_atomic); a job that records
+    which `name`s it writes can remove exactly these, and nothing else, when it resumes.
+    """
+    pattern = re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]+\.tmp")
+    folder = Path(folder)
+    return [p for p in folder.glob(f".{glob.escape(name)}.*.tmp") if pattern.fullmatch(p.name)]
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> None:
@@ -166,7 +173,7 @@ __all__ = [
     "open_atomic",
     "replace_folder",
     "staged_folder",
-    "write_bytes_atomic",
+    "temporary_leftovers",
     "write_json_atomic",
     "write_text_atomic",
 ]

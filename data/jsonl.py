@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 READ_BLOCK_BYTES = 1 << 20
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 # Reasons a line is skipped (the keys of the skip counts in the manifest).
 SKIP_BLANK_LINE = "blank_line"
@@ -54,6 +55,14 @@ class Record:
 
 def is_zstd_path(path: str | Path) -> bool:
     return str(path).endswith(".zst")
+
+
+def refuse_hidden_zstd(path: str | Path, head: bytes) -> None:
+    """A file not named .zst whose first bytes (`head`) are zstd's magic is an error: read
+    as text it would be skipped line by line as invalid UTF-8, and give no tokens."""
+    if not is_zstd_path(path) and head.startswith(ZSTD_MAGIC):
+        raise InputError(f"{path}: zstd-compressed data in a file not named .zst; rename it "
+                         f"to {Path(path).name}.zst")
 
 
 def _zstd_chunks(path: Path) -> Iterator[bytes]:
@@ -106,11 +115,11 @@ def _zstd_chunks(path: Path) -> Iterator[bytes]:
 
 def _plain_chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as handle:
-        while True:
-            block = handle.read(READ_BLOCK_BYTES)
-            if not block:
-                return
+        block = handle.read(READ_BLOCK_BYTES)
+        refuse_hidden_zstd(path, block)
+        while block:
             yield block
+            block = handle.read(READ_BLOCK_BYTES)
 
 
 def iter_lines(path: str | Path) -> Iterator[bytes]:

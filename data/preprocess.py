@@ -13,16 +13,20 @@ soon as the next document would push it past ``--shard-tokens``.
 
 Why one process by default: tokenising is >90% of the work and the tokenizers Rust pool
 already spreads each batch over all cores with the GIL released, while the reader thread
-parses the next batch. On the 2-core development machine (shared, load 7-9) workers=2 ran
-at 0.61x, 1.06x and 0.91x the speed of workers=1 in three runs: no gain beyond noise, so
-the simpler path with no pickling and no process start-up is the default. Worker processes
-(each with a single Rust thread) are for many-core machines, where the one GIL-bound main
-process (JSON parsing, id-list conversion) would otherwise become the bottleneck;
-``python -m benchmarks.preprocess --workers 1,4,8`` measures it there.
+parses the next batch; on the 2-core development machine workers=2 gained nothing (see
+benchmarks/README.md). Worker processes (one Rust thread each) are for many-core machines,
+where the GIL-bound main process (JSON parsing, id-list conversion) becomes the bottleneck.
 
-Crash safety: a shard is written under ``*.tmp`` names and renamed when complete; after each
-shard ``.progress.json`` records the finished shards, their hashes and the exact input line
-to resume after. Run the same command again and it verifies those shards and continues.
+Crash safety and ownership: ``.progress.json`` is written before the job's first file and
+names everything the job creates before it creates it (data/preprocess_job.py); a shard is
+streamed under a temporary name and renamed when complete; after each shard the record holds
+the finished shards, their hashes and the exact input line to resume after. Run the same
+command again and it verifies those shards, deletes only what the record owns, and continues.
+A non-empty folder that holds no record and no manifest is refused, never cleaned. Inputs are
+identified by their sha256 (one streaming read each per run, before any token is written:
+a resumed or repeated run must know whether an input changed before it keeps any shard).
+A worker process that dies (e.g. killed for memory) stops the run within seconds with a
+message naming the input lines it held; the finished shards stay for the rerun.
 """
 
 from __future__ import annotations
@@ -30,47 +34,42 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import queue
+import shlex
+import signal
 import sys
 import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
-from data.atomic import write_json_atomic
-from data.jsonl import SKIP_REASONS, InputError, iter_records
+from data.jsonl import SKIP_REASONS, InputError, iter_records, refuse_hidden_zstd
+from data.preprocess_job import JobRecord, PreprocessError, finished_manifest, shard_name
 from data.progress import Progress
-from data.shards import ShardWriter, file_sha256, shard_paths
+from data.shards import FORMAT_NAME, FORMAT_VERSION, ShardError, ShardWriter, file_sha256
+from data.tokenizer_file import TokenizerFileError, read_tokenizer_file
 
-FORMAT_NAME = "neox-distill-token-shards"
-FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 100_000_000
 BATCH_BYTES = 1 << 20
 BATCH_DOCS = 4096
 MAX_SKIP_EXAMPLES = 10
-PROGRESS_NAME = ".progress.json"
-MANIFEST_NAME = "manifest.json"
 EOS_TOKEN = "<|endoftext|>"
 DTYPE_CHOICES = ("auto", "uint16", "int32")
+# Test hook: a worker given a batch holding a document with exactly this text kills itself
+# (SIGKILL), as the system does to a worker out of memory; unset in normal use.
+WORKER_DIES_ON_ENV = "DATA_PREPROCESS_TEST_WORKER_DIES_ON"
 
-
-class PreprocessError(ValueError):
-    """Bad input or a bad output folder; the message names the file (and line)."""
+__all__ = ["PreprocessError", "main", "preprocess", "summary"]
 
 
 # --------------------------------------------------------------------------------- helpers
-
-
-def read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PreprocessError(f"{path}: unreadable: {exc}; delete it to start over") from exc
-    if not isinstance(obj, dict):
-        raise PreprocessError(f"{path}: not a JSON object; delete it to start over")
-    return obj
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -88,19 +87,32 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
     return paths
 
 
-def load_tokenizer(tokenizer_path: str | Path):
-    from tokenizers import Tokenizer
+def describe_inputs(paths: list[Path]) -> list[dict]:
+    """Path, size and content sha256 of each input; a zstd file not named .zst is refused
+    here, before anything is written."""
+    described = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            refuse_hidden_zstd(path, handle.read(4))
+        described.append(
+            {"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        )
+    return described
 
-    try:
-        return Tokenizer.from_file(str(tokenizer_path))
-    except Exception as exc:
-        raise PreprocessError(f"{tokenizer_path}: cannot load tokenizer: {exc}") from exc
+
+def load_tokenizer(tokenizer_path: str | Path):
+    """(the loaded tokenizer file, its EOS id); every failure names the file."""
+    loaded = read_tokenizer_file(tokenizer_path)
+    eos_id = loaded.tokenizer.token_to_id(EOS_TOKEN)
+    if eos_id is None:
+        raise PreprocessError(f"{tokenizer_path}: the tokenizer has no {EOS_TOKEN} token")
+    return loaded, eos_id
 
 
 def choose_dtype(tokenizer, requested: str) -> np.dtype:
     """uint16 when every id fits, else int32 (Megatron code 4; it has no uint32 code)."""
     if requested not in DTYPE_CHOICES:
-        raise PreprocessError(f"dtype must be one of {DTYPE_CHOICES}, not {requested!r}")
+        raise PreprocessError(f"--dtype: must be one of {DTYPE_CHOICES}, not {requested!r}")
     if requested != "auto":
         return np.dtype(requested)
     vocab = tokenizer.get_vocab(with_added_tokens=True)
@@ -123,8 +135,27 @@ def encode_texts(tokenizer, texts: list[str], eos_id: int) -> tuple[np.ndarray, 
     return flat, lengths
 
 
+def resume_command(settings: dict, output_dir: Path, workers: int) -> str:
+    """The command line that continues this job (paths as recorded, so from the same cwd)."""
+    args = ["python", "-m", "data.preprocess",
+            "--input", *[entry["path"] for entry in settings["inputs"]],
+            "--tokenizer", settings["tokenizer"]["path"], "--output", str(output_dir),
+            "--shard-tokens", str(settings["shard_tokens"]), "--text-key", settings["text_key"],
+            "--dtype", settings["dtype"], "--workers", str(workers)]
+    if settings["strict"]:
+        args.append("--strict")
+    return f"cd {shlex.quote(os.getcwd())} && {shlex.join(args)}"
+
+
 # Worker-process side of --workers N: each process loads its own tokenizer once.
 _WORKER_TOKENIZER = None
+
+
+def _exit_with_parent(parent_sentinel) -> None:
+    """Wait for the parent to die, then exit: a pool worker holds its own task queue open,
+    so after a kill -9 of the parent it would otherwise wait for work forever."""
+    multiprocessing.connection.wait([parent_sentinel])
+    os._exit(1)
 
 
 def _worker_init(tokenizer_path: str) -> None:
@@ -132,10 +163,18 @@ def _worker_init(tokenizer_path: str) -> None:
     # One Rust thread per process: the processes themselves are the parallelism.
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["RAYON_RS_NUM_CPUS"] = "1"
-    _WORKER_TOKENIZER = load_tokenizer(tokenizer_path)
+    # Ctrl-C is the parent's to handle: it stops the pool; workers must not die of it first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
+    _WORKER_TOKENIZER = read_tokenizer_file(tokenizer_path).tokenizer
 
 
 def _worker_encode(texts: list[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    marker = os.environ.get(WORKER_DIES_ON_ENV)
+    if marker is not None and marker in texts:
+        os.kill(os.getpid(), signal.SIGKILL)
     return encode_texts(_WORKER_TOKENIZER, texts, eos_id)
 
 
@@ -191,25 +230,29 @@ class _Prefetch:
 
 
 class _Run:
-    """State of one preprocessing run: counters, the open shard, the resume bookkeeping."""
+    """State of one preprocessing run: counters, the open shard, the job's record."""
 
-    def __init__(self, settings: dict, output_dir: Path, dtype: np.dtype, strict: bool,
+    def __init__(self, settings: dict, job: JobRecord, dtype: np.dtype, strict: bool,
                  progress: Progress):
         self.settings = settings
-        self.output_dir = output_dir
+        self.job = job
         self.dtype = dtype
         self.limit = int(np.iinfo(dtype).max)
         self.strict = strict
         self.progress = progress
         self.input_names = [entry["path"] for entry in settings["inputs"]]
-        self.shards: list[dict] = []
         self.input_stats = [{"lines": 0, "documents": 0, "skipped": 0} for _ in self.input_names]
         self.skip_counts = dict.fromkeys(SKIP_REASONS, 0)
         self.skip_examples: list[str] = []
         self.position = [0, 0]  # (input file index, line) of the last consumed line
         self.writer: ShardWriter | None = None
+        if job.shards:  # resumed: the counters as they were after the last verified shard
+            state = json.loads(json.dumps(job.shards[-1]["resume"]))
+            self.position = state["position"]
+            self.input_stats = state["input_stats"]
+            self.skip_counts = state["skip_counts"]
+            self.skip_examples = state["skip_examples"]
 
-    # resume state ------------------------------------------------------------------
     def snapshot(self) -> dict:
         return json.loads(json.dumps({
             "position": self.position,
@@ -218,33 +261,18 @@ class _Run:
             "skip_examples": self.skip_examples,
         }))
 
-    def restore(self, shards: list[dict]) -> None:
-        self.shards = [dict(s) for s in shards]
-        if shards:
-            state = json.loads(json.dumps(shards[-1]["resume"]))
-            self.position = state["position"]
-            self.input_stats = state["input_stats"]
-            self.skip_counts = state["skip_counts"]
-            self.skip_examples = state["skip_examples"]
-
-    def save_progress(self) -> None:
-        write_json_atomic(
-            self.output_dir / PROGRESS_NAME,
-            {"settings": self.settings, "shards": self.shards},
-            indent=1,
-            sort_keys=True,
-        )
-
     # writing -------------------------------------------------------------------------
     def _new_writer(self) -> ShardWriter:
-        return ShardWriter(self.output_dir / f"shard_{len(self.shards):05d}", self.dtype)
+        name = shard_name(len(self.job.shards))
+        writer = ShardWriter(self.job.folder / name, self.dtype, tag=self.job.tag)
+        self.job.begin_shard(writer)  # recorded before its first byte exists
+        return writer
 
     def finish_shard(self) -> None:
         entry = self.writer.finish()
         entry["resume"] = self.snapshot()
-        self.shards.append(entry)
+        self.job.finish_shard(entry)
         self.writer = None
-        self.save_progress()
 
     def where(self, file_index: int, line: int) -> str:
         return f"{self.input_names[file_index]}:{line}"
@@ -304,7 +332,7 @@ class _Run:
         self.position = [record.file_index, record.line]
 
     def manifest(self) -> dict:
-        shards = [{k: v for k, v in s.items() if k != "resume"} for s in self.shards]
+        shards = [{k: v for k, v in s.items() if k != "resume"} for s in self.job.shards]
         inputs = [
             {**entry, **stats}
             for entry, stats in zip(self.settings["inputs"], self.input_stats, strict=True)
@@ -317,6 +345,7 @@ class _Run:
                 "shards": len(shards),
                 "documents": sum(s["documents"] for s in shards),
                 "tokens": sum(s["tokens"] for s in shards),
+                "max_token_id": max(s["max_token_id"] for s in shards),
             },
             "skipped": {
                 "total": sum(self.skip_counts.values()),
@@ -324,6 +353,17 @@ class _Run:
                 "examples": self.skip_examples,
             },
         }
+
+    def nothing_written(self) -> str:
+        """Why a run that finished without a single document has no shards."""
+        names = self.input_names[0] if len(self.input_names) == 1 else \
+            f"{self.input_names[0]} (and {len(self.input_names) - 1} more inputs)"
+        skipped = sum(self.skip_counts.values())
+        if not skipped:
+            return f"{names}: no lines to tokenise (empty input); no shards written"
+        reasons = ", ".join(f"{k} {v}" for k, v in self.skip_counts.items() if v)
+        return (f"{names}: every one of the {skipped} lines was skipped ({reasons}; e.g. "
+                f"{self.skip_examples[0]}); no shards written")
 
 
 # ------------------------------------------------------------------------ the pipeline
@@ -351,65 +391,77 @@ def _texts(batch: list) -> list[str]:
     return [record.text for record in batch if record.text is not None]
 
 
-def _tokenised(batches, tokenizer, tokenizer_path: Path, eos_id: int, workers: int):
+def _worker_died(batches: list[list], input_names: list[str]) -> PreprocessError:
+    """The error for a dead worker, naming the input lines that were being tokenised."""
+    first, last = batches[0][0], batches[-1][-1]
+    held = f"{input_names[first.file_index]}:{first.line}-"
+    held += str(last.line) if last.file_index == first.file_index else \
+        f"{input_names[last.file_index]}:{last.line}"
+    return PreprocessError(
+        f"{held}: a tokenizer worker process died while these lines were being tokenised "
+        "(killed by the system, e.g. out of memory?); run the same command again to continue "
+        "from the last finished shard"
+    )
+
+
+def _oldest_result(in_flight: deque) -> tuple:
+    batch, future = in_flight[0]
+    flat, lengths = future.result()
+    in_flight.popleft()
+    return batch, flat, lengths
+
+
+def _tokenised_by_workers(batches, tokenizer_path: Path, eos_id: int, workers: int,
+                          input_names: list[str]):
+    """(batch, flat tokens, lengths) in input order from `workers` processes.
+
+    concurrent.futures, not multiprocessing.Pool: when a worker dies its futures fail (and
+    so does the next submit) with BrokenProcessPool, where Pool waits forever for the result.
+    """
+    # spawn, not fork: the parent's tokenizer thread pool must not be forked mid-flight.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(str(tokenizer_path),))
+    in_flight: deque = deque()
+    batch: list = []
+    try:
+        for batch in batches:
+            in_flight.append((batch, pool.submit(_worker_encode, _texts(batch), eos_id)))
+            if len(in_flight) >= 2 * workers:
+                yield _oldest_result(in_flight)
+        while in_flight:
+            yield _oldest_result(in_flight)
+    except BrokenProcessPool:
+        held = [b for b, _ in in_flight] or [batch]
+        raise _worker_died(held, input_names) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _tokenised(batches, loaded, eos_id: int, workers: int, input_names: list[str]):
     """(batch, flat tokens, lengths) in input order, tokenised in-process or by N processes."""
     if workers <= 1:
         for batch in batches:
-            yield (batch, *encode_texts(tokenizer, _texts(batch), eos_id))
+            yield (batch, *encode_texts(loaded.tokenizer, _texts(batch), eos_id))
         return
-    import multiprocessing
-    from collections import deque
-
-    # spawn, not fork: the parent's tokenizer thread pool must not be forked mid-flight.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, _worker_init, (str(tokenizer_path),)) as pool:
-        in_flight: deque = deque()
-        for batch in batches:
-            in_flight.append((batch, pool.apply_async(_worker_encode, (_texts(batch), eos_id))))
-            if len(in_flight) >= 2 * workers:
-                done, result = in_flight.popleft()
-                yield (done, *result.get())
-        while in_flight:
-            done, result = in_flight.popleft()
-            yield (done, *result.get())
+    yield from _tokenised_by_workers(batches, loaded.path, eos_id, workers, input_names)
 
 
-def _settings_of(manifest: dict) -> dict:
-    """The part of a manifest that determines its shards (what a resumed run must match)."""
-    settings = {k: v for k, v in manifest.items() if k not in ("shards", "totals", "skipped")}
-    settings["inputs"] = [{"path": e["path"], "bytes": e["bytes"]} for e in settings["inputs"]]
-    return settings
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-
-
-def _verified_prefix(output_dir: Path, shards: list[dict]) -> list[dict]:
-    """The leading shards whose files exist and match their recorded sha256."""
-    kept = []
-    for i, entry in enumerate(shards):
-        bin_path, idx_path = shard_paths(output_dir / entry["name"])
-        if entry["name"] != f"shard_{i:05d}" or not (bin_path.is_file() and idx_path.is_file()):
-            break
-        if bin_path.stat().st_size != entry["bin_bytes"]:
-            break
-        if file_sha256(idx_path) != entry["idx_sha256"] or \
-                file_sha256(bin_path) != entry["bin_sha256"]:
-            break
-        kept.append(entry)
-    return kept
-
-
-def _remove_stale_files(output_dir: Path, keep: int) -> None:
-    """Delete temporary files and shards beyond the ``keep`` verified ones."""
-    for path in output_dir.glob("*.tmp"):
-        path.unlink()
-    for path in output_dir.glob("shard_*"):
-        stem = path.name.split(".")[0]
-        number = stem.removeprefix("shard_")
-        if number.isdigit() and int(number) >= keep:
-            path.unlink()
+def _write_shards(run: _Run, paths: list[Path], loaded, eos_id: int, workers: int) -> None:
+    """Tokenise every input line after the run's position into shards."""
+    reader = _Prefetch(_batches(paths, run.settings["text_key"], run.position), depth=4)
+    tokenised = _tokenised(reader, loaded, eos_id, workers, run.input_names)
+    try:
+        for batch, flat, lengths in tokenised:
+            run.consume(batch, flat, lengths)
+        if run.writer is not None:
+            run.finish_shard()
+    except BaseException:
+        if run.writer is not None:
+            run.writer.abort()
+        raise
+    finally:
+        tokenised.close()
+        reader.close()
 
 
 def preprocess(
@@ -426,87 +478,47 @@ def preprocess(
 ) -> dict:
     """Tokenise ``inputs`` into shards under ``output_dir``; returns the manifest written.
 
-    Resumes an interrupted run into the same folder; refuses a folder that holds the output
-    of different inputs or settings.
+    Resumes an interrupted run into the same folder; returns a finished one as it is;
+    refuses a folder that holds the output of other inputs or settings, or anything else.
     """
     if workers < 1:
-        raise PreprocessError(f"workers must be >= 1, not {workers}")
+        raise PreprocessError(f"--workers: must be >= 1, not {workers}")
     if shard_tokens < 1:
-        raise PreprocessError(f"shard_tokens must be >= 1, not {shard_tokens}")
+        raise PreprocessError(f"--shard-tokens: must be >= 1, not {shard_tokens}")
     paths = expand_inputs(inputs)
-    tokenizer_path = Path(tokenizer_path)
-    tokenizer = load_tokenizer(tokenizer_path)
-    eos_id = tokenizer.token_to_id(EOS_TOKEN)
-    if eos_id is None:
-        raise PreprocessError(f"{tokenizer_path}: the tokenizer has no {EOS_TOKEN} token")
-    shard_dtype = choose_dtype(tokenizer, dtype)
+    loaded, eos_id = load_tokenizer(tokenizer_path)
+    shard_dtype = choose_dtype(loaded.tokenizer, dtype)
     settings = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "tokenizer": {
-            "path": str(tokenizer_path),
-            "sha256": file_sha256(tokenizer_path),
-            "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-            "eos_token": EOS_TOKEN,
-            "eos_id": eos_id,
-        },
+        "tokenizer": {"path": str(loaded.path), "sha256": loaded.sha256,
+                      "fingerprint": loaded.fingerprint, "vocab_size": loaded.vocab_size,
+                      "eos_token": EOS_TOKEN, "eos_id": eos_id},
         "dtype": shard_dtype.name,
         "shard_tokens": int(shard_tokens),
         "text_key": text_key,
         "strict": bool(strict),
-        "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in paths],
+        "inputs": describe_inputs(paths),
     }
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = output_dir / MANIFEST_NAME
-    progress_path = output_dir / PROGRESS_NAME
-
+    finished = finished_manifest(output_dir, settings)
+    if finished is not None:
+        return finished
+    job = JobRecord.open(output_dir, settings, resume_command(settings, output_dir, workers))
     progress = Progress("preprocess", unit="docs", enabled=show_progress)
-    run = _Run(settings, output_dir, shard_dtype, strict, progress)
-    if manifest_path.is_file():
-        old = read_json(manifest_path)
-        try:
-            changed = _differences(_settings_of(old), settings)
-        except (KeyError, TypeError) as exc:
-            raise PreprocessError(f"{manifest_path}: not a preprocess manifest ({exc})") from exc
-        if changed:
-            raise PreprocessError(
-                f"{manifest_path}: the folder holds shards made with other {changed}; "
-                "choose another --output or delete it"
-            )
-        if len(_verified_prefix(output_dir, old["shards"])) == len(old["shards"]):
-            return old  # already complete and intact
-        raise PreprocessError(
-            f"{manifest_path}: complete, but its shards no longer match their sha256; "
-            "delete the folder to rebuild it"
-        )
-    if progress_path.is_file():
-        state = read_json(progress_path)
-        changed = _differences(state.get("settings", {}), settings)
-        if changed:
-            raise PreprocessError(
-                f"{progress_path}: an interrupted run with other {changed} is in this folder; "
-                "choose another --output or delete it"
-            )
-        run.restore(_verified_prefix(output_dir, state["shards"]))
-    _remove_stale_files(output_dir, keep=len(run.shards))
-
-    reader = _Prefetch(_batches(paths, text_key, run.position), depth=4)
+    run = _Run(settings, job, shard_dtype, strict, progress)
     try:
-        for batch, flat, lengths in _tokenised(reader, tokenizer, tokenizer_path, eos_id, workers):
-            run.consume(batch, flat, lengths)
-        if run.writer is not None:
-            run.finish_shard()
+        _write_shards(run, paths, loaded, eos_id, workers)
+        if not job.shards:
+            raise PreprocessError(run.nothing_written())
     except BaseException:
-        if run.writer is not None:
-            run.writer.abort()
+        if not job.shards:
+            job.abandon()  # nothing to resume: leave the folder as empty as it was found
         raise
     finally:
-        reader.close()
         progress.close()
     manifest = run.manifest()
-    write_json_atomic(manifest_path, manifest, indent=1, sort_keys=True)
-    progress_path.unlink(missing_ok=True)
+    job.complete(manifest)
     return manifest
 
 
@@ -523,7 +535,7 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data.preprocess", description=__doc__.split("\n\n")[0]
     )
@@ -537,17 +549,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-key", default="text")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad line")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
-    args = parser.parse_args(argv)
-    from data.shards import ShardError
+    return parser
 
+
+def _os_error_message(exc: OSError) -> str:
+    """'<file>: <reason>' (e.g. 'shards/shard_00003.bin: No space left on device')."""
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return exc.strerror or str(exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         manifest = preprocess(
             args.input, args.tokenizer, args.output, workers=args.workers,
             shard_tokens=args.shard_tokens, text_key=args.text_key, strict=args.strict,
             dtype=args.dtype,
         )
-    except (PreprocessError, InputError, ShardError, OSError) as exc:
+    except (PreprocessError, InputError, ShardError, TokenizerFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {_os_error_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 Why this format: it is what EleutherAI's pre-tokenized Pythia Pile ships in, so the same
 reader serves our own preprocessed shards and Pythia's exact training data. Layout
-(little-endian), from REFERENCE.md:
+(little-endian; docs/formats.md has the whole format):
 
     .idx  magic b"MMIDIDX\\x00\\x00" | u64 version=1 | u8 dtype code | u64 N | u64 D
           | int32 sizes[N] | int64 pointers[N] (byte offsets into .bin) | int64 doc_idx[D]
@@ -10,6 +10,10 @@ reader serves our own preprocessed shards and Pythia's exact training data. Layo
 
 Only integer token dtypes are accepted (codes 1-5 and 8). Code 4 (int32) is what we write
 for vocabularies that do not fit uint16; Megatron has no unsigned 32-bit code.
+
+A folder written by ``data.preprocess`` also holds ``manifest.json`` (written last, when
+every shard is complete) and, while its job is unfinished, ``.progress.json``; both names and
+the manifest's format version live here, beside the reader that checks them.
 
 Nothing here imports zstandard: the training machine reads shards without it.
 """
@@ -19,12 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from data.atomic import fsync_dir
+from data.atomic import open_atomic
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -40,6 +45,13 @@ DTYPE_BY_CODE: dict[int, np.dtype] = {
 }
 CODE_BY_DTYPE = {dtype: code for code, dtype in DTYPE_BY_CODE.items()}
 FLOAT_CODES = {6: "float32/float64", 7: "float64"}
+
+MANIFEST_NAME = "manifest.json"
+PROGRESS_NAME = ".progress.json"
+FORMAT_NAME = "neox-distill-token-shards"
+# Version 2 added the inputs' sha256, the tokenizer fingerprint and max_token_id.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 # Validation of huge indexes (Pythia: ~10^8 sequences) runs in slices to bound memory.
 _VALIDATE_CHUNK = 1 << 22
@@ -87,54 +99,74 @@ def encode_index(sizes: np.ndarray, dtype: np.dtype, doc_idx: np.ndarray | None 
     )
 
 
+def temporary_bin_path(bin_path: Path, tag: str) -> Path:
+    """Where a ShardWriter streams a shard's tokens before the rename (unique per tag)."""
+    return bin_path.with_name(f"{bin_path.name}.{tag}.tmp")
+
+
 class ShardWriter:
-    """Writes one shard under temporary names; ``finish()`` fsyncs and renames both files.
+    """Writes one shard under a temporary name; ``finish()`` fsyncs and renames it.
 
     Why temporary names: a crash or an input error must never leave a file under a shard's
-    real name that is not complete and consistent with its index.
+    real name that is not complete and consistent with its index. The .bin is streamed to
+    ``temporary_bin_path(bin, tag)`` (``tag``: unique per job, so a job can record the name
+    before the file exists and delete exactly it later); the .idx is written whole through
+    data.atomic. The .bin file is only created by the first ``add_documents`` or ``finish``.
     """
 
-    def __init__(self, prefix: str | Path, dtype: np.dtype):
+    def __init__(self, prefix: str | Path, dtype: np.dtype, tag: str | None = None):
         self.bin_path, self.idx_path = shard_paths(prefix)
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_BY_DTYPE:
             raise ValueError(f"unsupported shard dtype {self.dtype}")
-        self._tmp_bin = self.bin_path.with_name(self.bin_path.name + ".tmp")
-        self._tmp_idx = self.idx_path.with_name(self.idx_path.name + ".tmp")
-        self._handle = open(self._tmp_bin, "wb")  # noqa: SIM115 - closed by finish()/abort()
+        self.temporary_path = temporary_bin_path(self.bin_path, tag or secrets.token_hex(4))
+        self._handle = None
         self._digest = hashlib.sha256()
         self._sizes: list[int] = []
         self.tokens = 0
+        self.max_token_id: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.bin_path.stem
 
     @property
     def documents(self) -> int:
         return len(self._sizes)
 
+    def _open(self):
+        if self._handle is None:
+            self._handle = open(self.temporary_path, "xb")  # noqa: SIM115 - finish()/abort()
+        return self._handle
+
     def add_documents(self, tokens: np.ndarray, sizes: np.ndarray) -> None:
         """Append documents given as one flat token array and their lengths."""
-        data = np.ascontiguousarray(tokens, dtype=self.dtype.newbyteorder("<")).tobytes()
-        self._handle.write(data)
-        self._digest.update(data)
+        data = np.ascontiguousarray(tokens, dtype=self.dtype.newbyteorder("<"))
+        if len(data):
+            largest = int(data.max())
+            if self.max_token_id is None or largest > self.max_token_id:
+                self.max_token_id = largest
+        raw = data.tobytes()
+        self._open().write(raw)
+        self._digest.update(raw)
         self._sizes.extend(int(s) for s in sizes)
         self.tokens += len(tokens)
 
     def finish(self) -> dict:
         """Make the shard durable under its real name; returns its manifest entry."""
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
+        handle = self._open()
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
         index = encode_index(np.asarray(self._sizes, dtype=np.int64), self.dtype)
-        with open(self._tmp_idx, "wb") as handle:
-            handle.write(index)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(self._tmp_bin, self.bin_path)
-        os.replace(self._tmp_idx, self.idx_path)
-        fsync_dir(self.bin_path.parent)
+        os.replace(self.temporary_path, self.bin_path)
+        with open_atomic(self.idx_path, "wb") as idx:  # also fsyncs the folder: both renames
+            idx.write(index)
         return {
-            "name": self.bin_path.stem,
+            "name": self.name,
             "tokens": self.tokens,
             "documents": self.documents,
+            "max_token_id": self.max_token_id,
             "bin_bytes": self.tokens * self.dtype.itemsize,
             "bin_sha256": self._digest.hexdigest(),
             "idx_sha256": hashlib.sha256(index).hexdigest(),
@@ -142,10 +174,10 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the half-written shard (nothing under the real names is touched)."""
-        if not self._handle.closed:
+        if self._handle is not None and not self._handle.closed:
             self._handle.close()
-        for tmp in (self._tmp_bin, self._tmp_idx):
-            tmp.unlink(missing_ok=True)
+        if self._handle is not None:
+            self.temporary_path.unlink(missing_ok=True)
 
 
 def _map_array(path: Path, dtype: str, offset: int, count: int) -> np.ndarray:
@@ -267,12 +299,59 @@ class IndexedShard:
             f"tokens={self.total_tokens}, dtype={self.dtype})"
 
 
+def read_manifest(path: Path) -> dict:
+    """A data.preprocess manifest (format version 1 or 2), its shard list checked.
+
+    A version-1 manifest lacks the inputs' sha256, the tokenizer fingerprint and
+    max_token_id: its shards and their hashes are read as before, but the engine can then
+    compare the tokenizer by sha256 only and must check token ids batch by batch.
+    """
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardError(f"{path}: unreadable manifest: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ShardError(f"{path}: not a manifest written by data.preprocess "
+                         f"(no \"format\": \"{FORMAT_NAME}\")")
+    version = manifest.get("format_version")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise ShardError(f"{path}: format_version {version!r} is not one this reader knows "
+                         f"{READABLE_FORMAT_VERSIONS}; update neox-distill")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("name"), str) for entry in shards
+    ):
+        raise ShardError(f"{path}: \"shards\" must be a list of entries with a \"name\"")
+    return manifest
+
+
+def unfinished_job_message(folder: Path) -> str | None:
+    """Why `folder` must not be trained on yet, or None: a data.preprocess job left it unfinished.
+
+    preprocess writes .progress.json before its first file and removes it only after the
+    manifest, so the record exists from the first moment of a job until it is complete.
+    """
+    record_path = folder / PROGRESS_NAME
+    if not record_path.is_file() or (folder / MANIFEST_NAME).is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+        done, command = len(record["shards"]), record.get("command")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        done, command = "some", None
+    how = (f"finish it with: {command}" if command
+           else "run the same python -m data.preprocess command again to finish it")
+    return (f"{folder}: an unfinished data.preprocess job is in this folder ({PROGRESS_NAME}, "
+            f"{done} shards done, no {MANIFEST_NAME} yet); {how}")
+
+
 class ShardSet:
     """Several shards read as one sequence of documents, in order.
 
     Accepts a folder written by ``data.preprocess`` (its manifest.json gives the order and
-    the hashes), a folder of .idx files without a manifest (sorted by name), a single shard
-    prefix, or a list of prefixes.
+    the hashes; a folder that job left unfinished is refused), a folder of complete .bin/.idx
+    pairs without a manifest (sorted by name; EleutherAI's pre-tokenized Pythia Pile), a
+    single shard prefix, or a list of prefixes.
     """
 
     def __init__(self, source: str | Path | list[str | Path] | tuple, *, verify: bool = False):
@@ -281,9 +360,14 @@ class ShardSet:
             prefixes = [Path(p) for p in source]
         else:
             source = Path(source)
-            prefixes = self._folder_prefixes(source) if source.is_dir() else [source]
+            if source.is_dir():
+                prefixes = self._folder_prefixes(source)
+            elif any(p.exists() for p in (source, *shard_paths(source))):
+                prefixes = [source]
+            else:  # name what the user gave, not the .idx derived from it
+                raise ShardError(f"{source}: no such file or folder")
         if not prefixes:
-            raise ShardError(f"{source}: no shards found")
+            raise ShardError(f"{source}: no shards found (no manifest.json and no .idx files)")
         self.shards = [IndexedShard(p) for p in prefixes]
         if verify:
             self.verify()
@@ -294,25 +378,55 @@ class ShardSet:
         self.total_tokens = int(self.token_starts[-1])
 
     def _folder_prefixes(self, folder: Path) -> list[Path]:
-        manifest_path = folder / "manifest.json"
+        unfinished = unfinished_job_message(folder)
+        if unfinished:
+            raise ShardError(unfinished)
+        manifest_path = folder / MANIFEST_NAME
         if manifest_path.is_file():
-            try:
-                self.manifest = json.loads(manifest_path.read_text())
-                names = [entry["name"] for entry in self.manifest["shards"]]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ShardError(f"{manifest_path}: unreadable manifest: {exc}") from exc
-            return [folder / name for name in names]
+            self.manifest = read_manifest(manifest_path)
+            return [folder / entry["name"] for entry in self.manifest["shards"]]
         return sorted(p.with_suffix("") for p in folder.glob("*.idx"))
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (reads all the data)."""
         if self.manifest is None:
-            raise ShardError("no manifest.json to verify the shards against")
+            where = self.shards[0].bin_path.parent
+            raise ShardError(f"{where}: no manifest.json to verify the shards against")
         for shard, entry in zip(self.shards, self.manifest["shards"], strict=True):
             for path, key in ((shard.bin_path, "bin_sha256"), (shard.idx_path, "idx_sha256")):
                 actual = file_sha256(path)
                 if actual != entry[key]:
                     raise ShardError(f"{path}: sha256 {actual} does not match the manifest")
+
+    def tokenizer_info(self) -> dict | None:
+        """What the shards were tokenised with, for the engine's start-up check; None when
+        there is no manifest (a folder or prefixes of bare .bin/.idx pairs).
+
+        {"sha256": of the tokenizer.json bytes, "fingerprint": of its canonical JSON (see
+        data.tokenizer_file; None for a version-1 manifest, which did not record it: compare
+        the sha256 then), "vocab_size", "eos_id", "max_token_id" (see max_token_id())}.
+        """
+        if self.manifest is None:
+            return None
+        tokenizer = self.manifest.get("tokenizer", {})
+        return {
+            "sha256": tokenizer.get("sha256"),
+            "fingerprint": tokenizer.get("fingerprint"),
+            "vocab_size": tokenizer.get("vocab_size"),
+            "eos_id": tokenizer.get("eos_id"),
+            "max_token_id": self.max_token_id(),
+        }
+
+    def max_token_id(self) -> int | None:
+        """The largest token id in the shards, from the manifest (nothing is read).
+
+        None when it is not recorded: without a manifest, or with a version-1 manifest. The
+        data loader then checks the ids of each batch against the embedding instead, since
+        scanning a folder like the Pythia Pile (~300B tokens) at start-up is not an option.
+        """
+        if self.manifest is None:
+            return None
+        return self.manifest.get("totals", {}).get("max_token_id")
 
     @property
     def sizes(self) -> np.ndarray:

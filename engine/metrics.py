@@ -1,8 +1,10 @@
 """Per-step numbers of a training run: the log line, metrics.jsonl, MFU, peak memory, ETA.
 
 Only rank 0 writes. metrics.jsonl is one JSON object per line, appended and flushed per
-record, so a crashed run keeps everything it logged; on resume the records after the
-checkpoint are dropped first, so the file reads as one continuous run.
+record, so a crashed run keeps everything it logged; when a run starts (fresh or resumed) the
+records after its starting step are dropped first, so the file reads as one continuous run.
+metrics.jsonl is the source of truth: every record written to it also goes, unchanged, to
+every sink (TensorBoard, W&B: engine/train/loggers.py), and tools/plot_run.py reads it back.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import math
 import os
 import resource
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -88,44 +92,111 @@ def format_step_line(record: dict, total_steps: int) -> str:
     return " | ".join(parts)
 
 
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line from a killed process is skipped."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _numbers(prefix: str, value) -> Iterator[tuple[str, float]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(f"{prefix}/{key}", item)
+    elif isinstance(value, (bool, int, float)):
+        yield prefix, float(value)
+
+
+def record_scalars(record: dict) -> dict[str, float]:
+    """The numbers of one record as {tag: value}: "<kind>/<key>", the key without its kind
+    prefix ({"kind": "val", "val_ppl": 9.1} -> {"val/ppl": 9.1}), nested dicts as further
+    "/" levels, booleans as 0/1; None, strings and lists are not scalars and are left out.
+    A record that names what it measures ("name", e.g. a task file) gets the name as the
+    second level, so two tasks scored at one step stay two curves: "task/piqa/acc"."""
+    kind = str(record.get("kind", "metrics"))
+    named = record.get("name")
+    prefix = f"{kind}/{named}" if isinstance(named, str) and named else kind
+    scalars: dict[str, float] = {}
+    for key, value in record.items():
+        if key in ("kind", "step"):
+            continue
+        name = key.removeprefix(f"{kind}_") or key
+        scalars.update(_numbers(f"{prefix}/{name}", value))
+    return scalars
+
+
+class MetricsSink(Protocol):
+    """A consumer of metrics.jsonl's records (engine/train/loggers.py has the real ones)."""
+
+    def open(self, step: int, history: Sequence[dict]) -> None:
+        """Start at `step`: forget what was logged after it; `history` is metrics.jsonl's
+        records up to it (for a sink that did not see them yet)."""
+
+    def write(self, record: dict) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class MetricsWriter:
     """Appends records to <out_dir>/metrics.jsonl and prints step lines (rank 0 only).
 
-    The one place a run's numbers leave the process: a new sink (TensorBoard, a plot) hooks
-    in here. On a terminal a step bar (data.progress) stays below the printed lines.
+    The one place a run's numbers leave the process: each record also goes to every sink
+    (opened by start(), flushed per record, closed by close()). On a terminal a step bar
+    (data.progress) stays below the printed lines.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, *, enabled: bool, total_steps: int):
+    def __init__(self, out_dir: str | os.PathLike, *, enabled: bool, total_steps: int,
+                 sinks: Sequence[MetricsSink] = ()):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.total_steps = total_steps
+        self.sinks = list(sinks) if enabled else []
         self.progress: Progress | None = None
+        self._open_sinks: list[MetricsSink] = []
 
     def start(self, step: int) -> None:
-        """Begin the step bar at `step` (drawn on a terminal only)."""
+        """Begin at `step`: drop the records after it, open the sinks there, and start the
+        step bar (drawn on a terminal only)."""
+        history = self.truncate_after(step)
+        for sink in self.sinks:
+            sink.open(step, history)
+            self._open_sinks.append(sink)
         enabled = self.enabled and sys.stderr.isatty()
         self.progress = Progress(
             "train", total=self.total_steps, unit="steps", initial=step, enabled=enabled
         )
 
     def close(self) -> None:
+        """End the step bar and close the sinks (each flushed), even when one of them fails."""
         if self.progress is not None:
             self.progress.close()
             self.progress = None
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records logged after `step` (work a resumed run is about to redo)."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        sinks, self._open_sinks = self._open_sinks, []
+        errors = []
+        for sink in sinks:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a killed process
-            if int(record.get("step", 0)) <= step:
-                kept.append(line)
-        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+                sink.close()
+            except Exception as error:  # closing the others matters more than the order
+                errors.append(error)
+        if errors:
+            raise errors[0]
+
+    def truncate_after(self, step: int) -> list[dict]:
+        """Drop records logged after `step` (work a resumed run is about to redo); returns
+        the records kept."""
+        if not self.enabled or not self.path.exists():
+            return []
+        kept = [r for r in read_records(self.path) if int(r.get("step", 0)) <= step]
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -134,6 +205,9 @@ class MetricsWriter:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        for sink in self._open_sinks:
+            sink.write(record)
+            sink.flush()
 
     def log_step(self, record: dict, *, print_line: bool = True) -> None:
         self.write(record)

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from data.atomic import staged_folder
+from data.atomic import current_umask, staged_folder
 from engine.model.config import CheckpointError, GPTNeoXConfig
 from engine.model.network import GPTNeoX
 
@@ -205,6 +205,8 @@ def write_model_files(model: GPTNeoX, folder: Path, dtype: torch.dtype | None = 
     config_text = json.dumps(model.config.to_hf_dict(save_dtype), indent=2) + "\n"
     (folder / CONFIG_NAME).write_text(config_text, encoding="utf-8")
     safetensors.torch.save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    # safetensors creates the file 0600; give it the mode a plain open() would (the umask's).
+    os.chmod(folder / WEIGHTS_NAME, 0o666 & ~current_umask())
 
 
 def _check_save_dtype(dtype: torch.dtype | None) -> None:

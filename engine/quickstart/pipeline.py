@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import math
 import shutil
 import sys
@@ -29,6 +30,7 @@ from data.atomic import write_json_atomic
 from data.jsonl import iter_records
 from data.loader import build_dataset
 from data.preprocess import preprocess
+from engine.curves import plot_runs
 from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.requests import TextEncoder
 from engine.eval.scoring import heldout_metrics
@@ -290,6 +292,19 @@ def evaluate_stages(runs: dict[str, dict[str, Any]], reference, data: dict[str, 
     return rows
 
 
+def draw_curves(runs: dict[str, dict[str, Any]], out_dir: Path) -> str | None:
+    """curves.png: the distilled student's training against the CE-only control's (when
+    matplotlib is installed; the plot extra)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        _say("curves: skipped (pip install matplotlib, or '.[plot]', to get curves.png)")
+        return None
+    stages = [stage for stage in ("distill", "control") if stage in runs]
+    path = out_dir / "curves.png"
+    plot_runs([runs[stage]["out_dir"] for stage in stages], path)
+    _say(f"curves: {' vs '.join(stages)} -> {path}")
+    return str(path)
+
+
 def run_pipeline(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """The whole quickstart under out_dir; returns the table rows and where everything is."""
     qs = settings["quickstart"]
@@ -305,6 +320,7 @@ def run_pipeline(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     data["model_vocab"] = _round_up(data["vocab"], 64)
     data["last_word"] = prepare_last_word(settings, out_dir, data, lap)
     runs, configs = train_stages(settings, out_dir, data, lap)
+    curves = draw_curves(runs, out_dir)
     with lap("evaluation"):
         rows = evaluate_stages(runs, configs["distill"], data, qs["eval_batches"])
     lap.timings["total"] = round(time.perf_counter() - lap.started, 2)
@@ -316,6 +332,7 @@ def run_pipeline(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
                       "model_vocab": data["model_vocab"]},
         "data_dir": str(data["data_dir"]),
         "last_word_task": str(data["last_word"]),
+        "curves": curves,
         "runs": {k: {"out_dir": v["out_dir"], "metrics_path": v.get("metrics_path"),
                      "checkpoint": v.get("checkpoint"), "export_dir": v["export_dir"]}
                  for k, v in runs.items()},
@@ -399,7 +416,8 @@ def print_summary(result: dict[str, Any], out_dir: Path) -> None:
               f"  export {info['export_dir']}")
     print(f"  corpus {result['corpus']['path']}, tokenizer {result['tokenizer']['path']}, "
           f"shards {result['data_dir']}")
-    print(f"  summary {out_dir / MARKER}")
+    print(f"  summary {out_dir / MARKER}"
+          + (f", curves {result['curves']}" if result.get("curves") else ""))
     laps = ", ".join(f"{k} {v:.0f}s" for k, v in result["timings_s"].items())
     print(f"wall time: {result['wall_s']:.1f} s  ({laps})")
 

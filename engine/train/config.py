@@ -139,6 +139,14 @@ class RuntimeConfig:
 
 
 @dataclass
+class LogConfig:
+    # Extra consumers of the metrics.jsonl records (engine/train/loggers.py); rank 0 only.
+    tensorboard: bool = False  # event files under <out_dir>/tensorboard (the tensorboard extra)
+    wandb: bool = False  # a Weights & Biases run (the wandb extra; WANDB_MODE=offline works)
+    wandb_project: str = "neox-distill"
+
+
+@dataclass
 class EvalConfig:
     """Task scores while training (engine/train/watch.py) and the lost-update metric."""
 
@@ -162,6 +170,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # bf16-autocast: fp32 master weights and AdamW state, bf16 compute (the default);
     # bf16-pure: bf16 weights and optimizer state, like the seed recipe; fp32: no autocast.

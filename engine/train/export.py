@@ -1,7 +1,8 @@
-"""The end of a run: the student as a plain Hugging Face folder (+ tokenizer.json).
+"""The end of a run: the student as a plain Hugging Face folder (+ tokenizer, model card).
 
-The export loads unchanged in transformers' GPTNeoXForCausalLM and lm-evaluation-harness
-(docs/formats.md). It is staged and swapped in whole, so a crash leaves the previous export.
+The export loads unchanged in transformers' GPTNeoXForCausalLM and AutoTokenizer and in
+lm-evaluation-harness (docs/formats.md). It is staged and swapped in whole, so a crash leaves
+the previous export.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from data.atomic import staged_folder
 from engine.model.hf_io import CONFIG_NAME, write_model_files
+from engine.train.model_card import CARD_NAME, write_tokenizer_files
 
 TOKENIZER_NAME = "tokenizer.json"
 
@@ -24,8 +26,12 @@ def export_student(
     *,
     tokenizer_path: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
+    model_card: str | None = None,
+    pad_id: int | None = None,
 ) -> Path:
-    """Write the student as a plain Hugging Face folder (+ tokenizer.json), atomically.
+    """Write the student as a plain Hugging Face folder, atomically: with `tokenizer_path`
+    also tokenizer.json and the AutoTokenizer settings (engine/train/model_card.py, `pad_id`
+    the pad token), with `model_card` a README.md.
 
     An existing folder is replaced only when it is a model folder (has config.json).
     """
@@ -41,4 +47,7 @@ def export_student(
             if not tokenizer_path.is_file():
                 raise FileNotFoundError(f"run.tokenizer: {tokenizer_path} is not a file")
             shutil.copyfile(tokenizer_path, staged / TOKENIZER_NAME)
+            write_tokenizer_files(staged, student.config, pad_id, source=tokenizer_path)
+        if model_card is not None:
+            (staged / CARD_NAME).write_text(model_card, encoding="utf-8")
     return export_dir

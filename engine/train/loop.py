@@ -31,7 +31,9 @@ from engine.precision import precision_dtypes
 from engine.train import checkpoint as ckpt
 from engine.train.config import Config, validate
 from engine.train.export import export_student
+from engine.train.loggers import build_sinks
 from engine.train.lost_updates import build_meter
+from engine.train.model_card import model_card_for
 from engine.train.setup import (
     build_optimizer,
     build_student,
@@ -74,7 +76,8 @@ class Trainer:
         self.config, self.info, self.device = config, info, info.device
         self.out_dir = Path(config.run.out_dir)
         self.writer = MetricsWriter(self.out_dir, enabled=info.is_main,
-                                    total_steps=config.run.steps)
+                                    total_steps=config.run.steps,
+                                    sinks=build_sinks(config, enabled=info.is_main))
         self.resume_from = prepare_run_folder(config, info)
         weight_dtype, autocast_dtype = precision_dtypes(config.precision)
         self.student = build_student(config, self.device, weight_dtype)
@@ -93,13 +96,13 @@ class Trainer:
             self.step, self.bad_steps = resume(self.resume_from, student=self.student,
                                                optimizer=self.optimizer,
                                                loader=self.train_loader, info=info)
-            self.writer.truncate_after(self.step)
             self.writer.log_text(f"resumed from {self.resume_from} at step {self.step}")
         self.lost_updates = build_meter(self.optimizer, self.student, precision=config.precision,
                                         enabled=config.eval.lost_updates, lr=config.optim.lr,
                                         beta1=config.optim.betas[0], is_main=info.is_main)
         self.watch = TaskWatch(config, self.student, self.writer, info,
-                               autocast_dtype=autocast_dtype, resumed=self.resume_from is not None)
+                               autocast_dtype=autocast_dtype,
+                               resumed_at=self.step if self.resume_from is not None else None)
         self.model = wrap_model(self.student, config, info)
         self.loss_settings = dict(
             alpha=config.loss.alpha,
@@ -162,6 +165,7 @@ class Trainer:
         return {
             "kind": "train",
             "step": self.step,
+            "tokens_seen": self.step * self.tokens_per_step,
             "loss": result.loss,
             "ce": result.ce_sum / valid,
             "kd": result.kd_sum / valid if self.teacher is not None else None,
@@ -248,8 +252,8 @@ class Trainer:
         self._session_start, self._session_steps = time.perf_counter(), 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.writer.start(self.step)
         try:
+            self.writer.start(self.step)  # drops records after self.step, opens the sinks
             with StopRequest() as stop:
                 if self.watch.due(self.step):  # step 0: the untouched student
                     self.watch_tasks()
@@ -269,9 +273,9 @@ class Trainer:
                     if result.stop_votes > 0:
                         status = "interrupted"
                         break
+            return self._finish(status, last_saved)
         finally:
             self.writer.close()
-        return self._finish(status, last_saved)
 
     def _log_peak_memory(self) -> None:
         if self.device.type != "cuda":
@@ -314,7 +318,9 @@ class Trainer:
             self.save()
         export_dir = Path(run_cfg.export_dir) if run_cfg.export_dir else self.out_dir / "final"
         if self.info.is_main:
-            export_student(self.student, export_dir, tokenizer_path=run_cfg.tokenizer or None)
+            export_student(self.student, export_dir, tokenizer_path=run_cfg.tokenizer or None,
+                           model_card=model_card_for(self, export_dir),
+                           pad_id=self.config.data.pad_id)
             self.writer.log_text(f"exported the student to {export_dir}")
         dist.barrier()
         return self._result(status, export_dir)

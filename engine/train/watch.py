@@ -52,9 +52,10 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_task_history(path: Path) -> tuple[dict[str, dict], int | None]:
-    """({task name: its earliest record}, the last step with a task record) from a
-    metrics.jsonl (a torn last line from a killed process is skipped)."""
+def read_task_history(path: Path, up_to: int) -> tuple[dict[str, dict], int | None]:
+    """({task name: its earliest record}, the last step with a task record) among the task
+    records of a metrics.jsonl up to step `up_to` (later ones belong to work a resumed run
+    redoes; a torn last line from a killed process is skipped)."""
     first: dict[str, dict] = {}
     last_step = None
     if not path.is_file():
@@ -67,6 +68,8 @@ def read_task_history(path: Path) -> tuple[dict[str, dict], int | None]:
         if not isinstance(record, dict) or record.get("kind") != "task":
             continue
         step = int(record.get("step", 0))
+        if step > up_to:
+            continue
         name = record.get("name")
         if name not in first or step < int(first[name]["step"]):
             first[name] = record
@@ -78,7 +81,8 @@ class TaskWatch:
     """Scores eval.tasks on the student and raises the alarm; one per Trainer."""
 
     def __init__(self, config: Config, student: torch.nn.Module, writer: MetricsWriter,
-                 info: dist.DistInfo, *, autocast_dtype: torch.dtype | None, resumed: bool):
+                 info: dist.DistInfo, *, autocast_dtype: torch.dtype | None,
+                 resumed_at: int | None):
         self.settings = config.eval
         self.tasks = [parse_task_spec(spec) for spec in config.eval.tasks]
         self.writer, self.is_main = writer, info.is_main
@@ -100,8 +104,8 @@ class TaskWatch:
             autocast_dtype=autocast_dtype,
             progress=False,  # the step bar owns the terminal
         )
-        if resumed:
-            self.baselines, self.last_step = read_task_history(writer.path)
+        if resumed_at is not None:
+            self.baselines, self.last_step = read_task_history(writer.path, resumed_at)
 
     def due(self, step: int, *, final: bool = False) -> bool:
         """Score now? At step 0, every eval.every steps, at the end; never twice a step."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 WORDS_ALPHABET = "abcdefghijklmnopqrstuvwxyzéüß中文😀 .,\n\t"
 
 
@@ -98,3 +99,8 @@ def expected_docs(tokenizer_path: Path, texts: list[str], eos_id: int = 0) -> li
 
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     return [[*tokenizer.encode(t, add_special_tokens=False).ids, eos_id] for t in texts]
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file of a flat folder (hidden ones too) by name: equal folders, equal dicts."""
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}

@@ -14,37 +14,22 @@ import data.preprocess as prep
 from data.jsonl import InputError
 from data.preprocess import PreprocessError, preprocess
 from data.shards import IndexedShard, ShardSet, file_sha256
+from data.tokenizer_file import TokenizerFileError
 from tests.data.common import (
+    REPO_ROOT,
     docs_lines,
     expected_docs,
+    folder_bytes,
     random_texts,
     read_docs_from_spec,
     read_idx_from_spec,
-    train_tokenizer,
     write_jsonl,
 )
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
-    return train_tokenizer(folder / "tokenizer.json", random_texts(400, seed=1))
-
-
-@pytest.fixture(scope="module")
-def texts():
-    return random_texts(240, seed=2)
 
 
 def all_docs(out_dir) -> list[list[int]]:
     manifest = json.loads((out_dir / "manifest.json").read_text())
     return [d for s in manifest["shards"] for d in read_docs_from_spec(out_dir / s["name"])]
-
-
-def folder_bytes(folder) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def test_shards_hold_encode_plus_eos_of_every_document_in_order(tmp_path, bpe, texts):
@@ -301,7 +286,7 @@ def test_argument_errors(tmp_path, bpe):
     with pytest.raises(PreprocessError, match="no such input"):
         preprocess([tmp_path / "missing*.jsonl"], bpe, tmp_path / "out")
     source = write_jsonl(tmp_path / "in.jsonl", docs_lines(["a"]))
-    with pytest.raises(PreprocessError, match="cannot load tokenizer"):
+    with pytest.raises(TokenizerFileError, match=rf"{source}: not a tokenizer.json"):
         preprocess([source], source, tmp_path / "out")
     with pytest.raises(PreprocessError, match="workers"):
         preprocess([source], bpe, tmp_path / "out", workers=0)
@@ -321,7 +306,7 @@ def test_cli_killed_hard_then_rerun_gives_the_same_folder(tmp_path, bpe):
                "--tokenizer", str(bpe), "--output", str(out), "--shard-tokens", "3000"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (out / ".progress.json").exists() and process.poll() is None:
+    while not (out / "shard_00000.idx").exists() and process.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -146,4 +147,65 @@ def test_shard_set_errors(tmp_path):
         ShardSet(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ShardError, match="manifest"):
+        ShardSet(tmp_path)
+
+
+def test_shard_set_names_the_path_the_user_gave(tmp_path):
+    for given in (tmp_path / "missing", tmp_path / "missing.bin", tmp_path / "no" / "folder"):
+        with pytest.raises(ShardError) as info:
+            ShardSet(given)
+        assert str(info.value) == f"{given}: no such file or folder"
+    write_shard(tmp_path / "half", random_docs(4, 3))
+    (tmp_path / "half.bin").unlink()  # a prefix that exists in part: name the missing file
+    with pytest.raises(ShardError, match=r"half\.bin: shard file not found"):
+        ShardSet(tmp_path / "half")
+
+
+def test_writer_temporary_names_are_unique_and_abort_removes_only_its_own(tmp_path):
+    first, second = ShardWriter(tmp_path / "s", np.uint16), ShardWriter(tmp_path / "s", np.uint16)
+    assert first.temporary_path != second.temporary_path
+    assert not list(tmp_path.iterdir())  # nothing exists before the first document
+    for writer in (first, second):
+        writer.add_documents(np.arange(6), np.array([2, 4]))
+    first.abort()
+    assert list(tmp_path.iterdir()) == [second.temporary_path]
+    entry = second.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin", "s.idx"]
+    assert entry["max_token_id"] == 5 and read_docs_from_spec(tmp_path / "s") == [[0, 1],
+                                                                                   [2, 3, 4, 5]]
+    tagged = ShardWriter(tmp_path / "t", np.uint16, tag="0badcafe")
+    assert tagged.temporary_path.name == "t.bin.0badcafe.tmp"
+
+
+def _manifest_folder(tmp_path, **changes) -> dict:
+    entry = write_shard(tmp_path / "shard_00000", random_docs(5, 4))
+    manifest = {"format": "neox-distill-token-shards", "format_version": 2, "shards": [entry],
+                "tokenizer": {"sha256": "ab", "fingerprint": "cd", "vocab_size": 300,
+                              "eos_id": 0},
+                "totals": {"max_token_id": entry["max_token_id"]}, **changes}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_manifest_format_and_version_are_checked(tmp_path):
+    manifest = _manifest_folder(tmp_path)
+    shards = ShardSet(tmp_path, verify=True)
+    assert shards.tokenizer_info() == {"sha256": "ab", "fingerprint": "cd", "vocab_size": 300,
+                                       "eos_id": 0, "max_token_id": manifest["totals"][
+                                           "max_token_id"]}
+    _manifest_folder(tmp_path, format_version=3)
+    with pytest.raises(ShardError, match=r"manifest\.json: format_version 3 is not one this"):
+        ShardSet(tmp_path)
+    _manifest_folder(tmp_path, format="something-else")
+    with pytest.raises(ShardError, match=r"manifest\.json: not a manifest written by data\.pre"):
+        ShardSet(tmp_path)
+    _manifest_folder(tmp_path, shards={"name": "shard_00000"})
+    with pytest.raises(ShardError, match=r"manifest\.json: \"shards\" must be a list"):
+        ShardSet(tmp_path)
+
+
+def test_an_unreadable_progress_record_still_marks_the_folder_unfinished(tmp_path):
+    write_shard(tmp_path / "shard_00000", random_docs(6, 3))
+    (tmp_path / ".progress.json").write_text("{torn")
+    with pytest.raises(ShardError, match=r"run the same python -m data\.preprocess command again"):
         ShardSet(tmp_path)

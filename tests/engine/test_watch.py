@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -208,17 +209,20 @@ def test_resume_keeps_the_step0_baseline(assets, tmp_path):
     out = tmp_path / "resumed"
     settings = dict(optim__lr=HUGE_LR, optim__warmup_steps=0, eval__every=1,
                     eval__tasks=f"lambada={assets['lambada']}")
-    run(watch_config(assets, out, run__steps=2, eval__alarm=0, **settings))  # alarm off
+    run(watch_config(assets, out, run__steps=4, run__save_every=2, eval__alarm=0,
+                     **settings))  # alarm off
     step0 = records(out, "task")[0]
     assert step0["step"] == 0 and not records(out, "alarm")
+    # Killed after step 4's records were written, before its checkpoint was complete:
+    shutil.rmtree(dict(ckpt.complete_checkpoints(out))[4])
     with pytest.warns(RuntimeWarning, match=f"step 0: ppl {step0['ppl']:.2f}"):
         run(watch_config(assets, out, run__steps=4, **settings))
     tasks = records(out, "task")
-    assert [r["step"] for r in tasks] == [0, 1, 2, 3, 4]  # step 2 not scored twice
+    assert [r["step"] for r in tasks] == [0, 1, 2, 3, 4]  # 3 and 4 redone, 2 not
     alarms = records(out, "alarm")
     assert [a["step"] for a in alarms] == [3, 4]
     assert all(a["baseline_step"] == 0 and a["baseline_ppl"] == step0["ppl"] for a in alarms)
-    first, last = read_task_history(out / "metrics.jsonl")
+    first, last = read_task_history(out / "metrics.jsonl", 4)
     assert first["lambada"] == step0 and last == 4
 
 
@@ -227,9 +231,11 @@ def test_history_skips_a_torn_line(tmp_path):
     path.write_text('{"kind": "task", "step": 2, "name": "x", "ppl": 5.0}\n'
                     '{"kind": "task", "step": 0, "name": "x", "ppl": 4.0}\n'
                     '{"kind": "train", "step": 3}\n{"kind": "ta')
-    first, last = read_task_history(path)
+    first, last = read_task_history(path, 10)
     assert first["x"]["ppl"] == 4.0 and last == 2
-    assert read_task_history(tmp_path / "none.jsonl") == ({}, None)
+    assert read_task_history(path, 1) == ({"x": {"kind": "task", "step": 0, "name": "x",
+                                                 "ppl": 4.0}}, 0)
+    assert read_task_history(tmp_path / "none.jsonl", 10) == ({}, None)
 
 
 # --------------------------------------------------------------------------------------
@@ -286,3 +292,16 @@ def test_two_ranks_stop_together_on_rank0s_alarm(assets, tmp_path):
     assert proc.stderr.count("error: regression alarm: task lambada at step 1") == 2  # 2 ranks
     assert [s for s, _ in ckpt.complete_checkpoints(out)] == [1]
     assert [r["step"] for r in records(out, "task")] == [0, 1]  # rank 0 alone writes
+
+
+def test_task_records_are_separate_curves_in_the_sinks(watched_run):
+    """TensorBoard / W&B tags (engine.metrics.record_scalars): one curve per task file."""
+    from engine.metrics import record_scalars
+
+    lambada, piqa = (r for r in records(watched_run["out"], "task") if r["step"] == 4)
+    assert record_scalars(lambada)["task/lambada/ppl"] == lambada["ppl"]
+    tags = record_scalars(piqa)
+    assert tags["task/piqa/acc"] == piqa["acc"] and tags["task/piqa/acc_norm"] == piqa["acc_norm"]
+    alarm = {"kind": "alarm", "step": 3, "task": "lambada", "name": "lambada", "ppl": 9.0,
+             "baseline_ppl": 5.0, "baseline_step": 0, "alarm": 0.1}
+    assert record_scalars(alarm)["alarm/lambada/baseline_ppl"] == 5.0
