@@ -12,17 +12,21 @@ Two implementations live here on purpose:
   into a buffer of the input dtype. It is the CPU backend and the fallback when Triton is absent.
 
 Definitions shared by both (per token whose label is not ignore_index, over the columns
-< valid_vocab only):
-    KD  = T^2 * KL(softmax(t / T) || softmax(s / T))
+< valid_vocab only; D one of the divergences of kernels/divergences.py, default forward KL):
+    KD  = (T^2 if t2_scale else 1) * D(softmax(t / T), softmax(s / T))
     CE  = -log softmax(s)[label]
     loss_token = (1 - alpha) * KD + alpha * CE
-    d loss_token / d s = (1 - alpha) * T * (softmax(s / T) - softmax(t / T))
-                         + alpha * (softmax(s) - onehot(label))
+    d loss_token / d s = (1 - alpha) * (T^2 or 1) * dD/ds + alpha * (softmax(s) - onehot(label))
+    (dD/ds for each divergence: kernels/divergence_blocks.py)
 """
 
 from __future__ import annotations
 
 import torch
+
+from kernels.constants import IGNORE_INDEX
+from kernels.divergence_blocks import divergence_block, pivot_log_ratio
+from kernels.divergences import divergence_reference, mixture_weights, resolve_divergence
 
 # Elements of fp32 scratch per row block: 1 MiB per temporary (5 rows of a 50k vocabulary), so
 # the handful of temporaries a block needs stay in cache between the passes over it. Measured on
@@ -125,16 +129,21 @@ def kd_loss_reference(
     *,
     alpha=0.5,
     temperature=2.0,
-    ignore_index=-100,
+    ignore_index=IGNORE_INDEX,
     valid_vocab=None,
     normalizer=None,
+    divergence="forward_kl",
+    beta=0.5,
+    skew=0.1,
+    t2_scale=True,
 ):
     """The loss written as plainly as possible; differentiable by autograd; float64-capable.
 
-    Math runs in float64 when the student logits are float64, otherwise in fp32. Returns
-    (loss, stats) exactly like `kernels.kd_loss.kd_loss`.
+    Math runs in float64 when the student logits are float64, otherwise in fp32. Takes the
+    arguments of `kernels.kd_loss.kd_loss` and returns (loss, stats) exactly like it.
     """
     check_hyperparameters(alpha, temperature)
+    divergence = resolve_divergence(divergence, beta, skew)
     s, t, labels, valid_vocab = flatten_inputs(student_logits, teacher_logits, labels, valid_vocab)
     compute = torch.float64 if s.dtype == torch.float64 else torch.float32
     s = s[:, :valid_vocab].to(compute)
@@ -143,11 +152,10 @@ def kd_loss_reference(
     if s.device.type == "cpu":
         check_labels_in_range(labels, ignore_index, valid_vocab)
 
-    log_p_student_t = torch.log_softmax(s / temperature, dim=-1)
-    log_p_teacher_t = torch.log_softmax(t / temperature, dim=-1)
-    p_teacher_t = log_p_teacher_t.exp()
-    kl = (p_teacher_t * (log_p_teacher_t - log_p_student_t)).sum(-1)
-    kd_token = temperature**2 * kl
+    log_q = torch.log_softmax(s / temperature, dim=-1)
+    log_p = torch.log_softmax(t / temperature, dim=-1)
+    kd_scale = temperature**2 if t2_scale else 1.0
+    kd_token = kd_scale * divergence_reference(divergence, log_p, log_q, beta=beta, skew=skew)
 
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
     log_p_student = torch.log_softmax(s, dim=-1)
@@ -185,17 +193,25 @@ def kd_loss_forward_chunked(
     ignore_index: int,
     valid_vocab: int,
     inv_norm: torch.Tensor,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    t2_scale: bool = True,
 ):
     """Per-token CE and KD sums, and the gradient of the loss written into `grad_out`.
 
     s, t: [N, V] logits (any float dtype; fp32 math, float64 stays float64). grad_out: [N, V] of
     s's dtype; it may be `s` itself (the caller's in-place opt-in): each row block is read
     completely into fp32 scratch before its gradient is written back, so aliasing is safe.
-    Returns (ce_sum, kd_sum) as 0-dim fp32 tensors.
+    `divergence` must be a kernel divergence (kernels.divergences.kernel_divergence).
+    Returns (ce_sum, kd_sum) as 0-dim tensors of the compute dtype (fp32; float64 for float64
+    logits, so the float64 loss can be gradchecked).
     """
     n_rows, vocab = s.shape
     compute = torch.float64 if s.dtype == torch.float64 else torch.float32
     inv_t = 1.0 / temperature
+    kd_scale = temperature * temperature if t2_scale else 1.0
+    w_p, w_q = mixture_weights(divergence, beta, skew)
     ce_sum = torch.zeros((), dtype=compute, device=s.device)
     kd_sum = torch.zeros((), dtype=compute, device=s.device)
     inv_norm = inv_norm.to(compute)
@@ -215,18 +231,18 @@ def kd_loss_forward_chunked(
         log_sum_s1 = torch.logsumexp(s_block, dim=-1, keepdim=True)
         ce_row = (log_sum_s1 - s_block.gather(1, safe_labels)).squeeze(1)  # CE at T = 1
 
-        log_ps_t = s_block.mul(inv_t)  # scratch 2: student log-probabilities at T
-        log_ps_t.sub_(torch.logsumexp(log_ps_t, dim=-1, keepdim=True))
-        log_pt_t = t[start:stop, :valid_vocab].to(compute, copy=True)  # scratch 3: teacher at T
-        log_pt_t.sub_(log_pt_t.amax(dim=-1, keepdim=True)).mul_(inv_t)
-        log_pt_t.sub_(torch.logsumexp(log_pt_t, dim=-1, keepdim=True))
-        p_t = log_pt_t.exp()  # scratch 4
-        kd_row = (temperature * temperature) * log_pt_t.sub_(log_ps_t).mul_(p_t).sum(dim=-1)
+        log_q = s_block.mul(inv_t)  # scratch 2: student log-probabilities at T
+        log_q.sub_(torch.logsumexp(log_q, dim=-1, keepdim=True))
+        log_p = t[start:stop, :valid_vocab].to(compute, copy=True)  # scratch 3: teacher at T
+        log_ratio = pivot_log_ratio(s_block, log_p, inv_t) if divergence == "reverse_kl" else None
+        log_p.sub_(log_p.amax(dim=-1, keepdim=True)).mul_(inv_t)
+        log_p.sub_(torch.logsumexp(log_p, dim=-1, keepdim=True))
+        kd_row, dz, dz_scale = divergence_block(divergence, log_p, log_q, w_p, w_q, log_ratio)
 
         # Gradient, built in scratch 1 (the shifted logits are not needed any more).
         grad = s_block.sub_(log_sum_s1).exp_().mul_(alpha)  # alpha * softmax(s)
         grad.scatter_add_(1, safe_labels, torch.full_like(safe_labels, -alpha, dtype=compute))
-        grad.add_(log_ps_t.exp_().sub_(p_t), alpha=(1.0 - alpha) * temperature)
+        grad.add_(dz, alpha=(1.0 - alpha) * kd_scale * inv_t * dz_scale)  # dz_scale dz = T dD/dz
         row_scale = torch.where(valid, inv_norm, zero)
         grad.mul_(row_scale[:, None])
         grad_out[start:stop, :valid_vocab] = grad
@@ -234,5 +250,5 @@ def kd_loss_forward_chunked(
             grad_out[start:stop, valid_vocab:] = 0
 
         ce_sum += torch.where(valid, ce_row, zero).sum()
-        kd_sum += torch.where(valid, kd_row, zero).sum()
-    return ce_sum.float(), kd_sum.float()
+        kd_sum += torch.where(valid, kd_scale * kd_row, zero).sum()
+    return ce_sum, kd_sum

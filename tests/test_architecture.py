@@ -29,11 +29,6 @@ FORBIDDEN = {
 }
 MAX_FUNCTION_LINES = 80
 LENGTH_CHECKED = ("kernels", "data", "engine")
-# Functions over the limit in files other helpers are rewriting (issues 10, 11 and 13); the
-# lead empties this list when their branches are merged. (path, function name): lines today.
-LONG_FUNCTIONS_ALLOWED = {
-    ("kernels/kd_loss_triton.py", "kd_loss_fwd_bwd_kernel"): 95,  # kernel work splits it
-}
 
 
 def module_name(path: Path) -> str:
@@ -161,13 +156,10 @@ def test_functions_fit_on_a_screen():
                     lines = node.end_lineno - node.lineno + 1
                     if lines > MAX_FUNCTION_LINES:
                         found[(path.relative_to(REPO_ROOT).as_posix(), node.name)] = lines
-    too_long = {key: n for key, n in found.items() if key not in LONG_FUNCTIONS_ALLOWED}
-    assert not too_long, (
+    assert not found, (
         f"functions longer than {MAX_FUNCTION_LINES} lines (split them): "
-        + ", ".join(f"{path}:{name} ({n})" for (path, name), n in sorted(too_long.items()))
+        + ", ".join(f"{path}:{name} ({n})" for (path, name), n in sorted(found.items()))
     )
-    stale = sorted(set(LONG_FUNCTIONS_ALLOWED) - set(found))
-    assert not stale, f"remove from LONG_FUNCTIONS_ALLOWED (now short or gone): {stale}"
 
 
 # --------------------------------------------------------------------------------------

@@ -30,10 +30,13 @@ DTYPES = {"bf16": "*bf16", "fp32": "*fp32"}
 
 
 def _kernel_specs():
-    """(name, jit function, signature builder, constexprs, num_warps) for every Triton kernel."""
-    from kernels.kd_loss_triton import kd_loss_fwd_bwd_kernel, launch_config
+    """(name, jit function, signature builder, constexprs, num_warps) for every Triton kernel.
 
-    block, warps = launch_config(50304)
+    The loss kernel is one source but a different program per divergence (a constexpr), so
+    each divergence is built and checked for spills on its own.
+    """
+    from kernels.divergences import DIVERGENCES
+    from kernels.kd_loss_triton import kd_loss_fwd_bwd_kernel, launch_config
 
     def kd_signature(ptr_type: str) -> dict:
         return {
@@ -52,13 +55,21 @@ def _kernel_specs():
             "ignore_index": "i32",
             "alpha": "fp32",
             "temperature": "fp32",
+            "kd_scale": "fp32",
+            "w_p": "fp32",
+            "w_q": "fp32",
+            "log_w_p": "fp32",
+            "log_w_q": "fp32",
+            "DIVERGENCE": "constexpr",
             "BLOCK_SIZE": "constexpr",
         }
 
-    return [
-        ("kd_loss_fwd_bwd_kernel", kd_loss_fwd_bwd_kernel, kd_signature, {"BLOCK_SIZE": block},
-         warps),
-    ]
+    specs = []
+    for index, name in enumerate(DIVERGENCES):
+        block, warps = launch_config(50304, name)
+        specs.append((f"kd_loss_fwd_bwd_kernel[{name}]", kd_loss_fwd_bwd_kernel, kd_signature,
+                      {"DIVERGENCE": index, "BLOCK_SIZE": block}, warps))
+    return specs
 
 
 def _find_ptxas(capability: int) -> str:
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     rows, failures = [], 0
-    header = (f"{'kernel':<24} {'dtype':<5} {'arch':<7} {'warps':>5} {'regs':>5} "
+    header = (f"{'kernel':<40} {'dtype':<5} {'arch':<7} {'warps':>5} {'regs':>5} "
               f"{'spill st/ld B':>13} {'stack B':>7} {'shared B':>8}  status")
     print(f"triton {triton.__version__}")
     print(header)
@@ -172,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                 failures += row["status"] != "ok"
                 rows.append(row)
                 if row["status"] == "FAILED":
-                    print(f"{name:<24} {dtype:<5} sm_{capability:<4} {warps:>5}  FAILED:\n"
+                    print(f"{name:<40} {dtype:<5} sm_{capability:<4} {warps:>5}  FAILED:\n"
                           f"{row['error'][-2000:]}")
                 else:
                     spills = f"{row['spill_store_bytes']}/{row['spill_load_bytes']}"
-                    print(f"{name:<24} {dtype:<5} {row['gpu_name']:<7} {warps:>5} "
+                    print(f"{name:<40} {dtype:<5} {row['gpu_name']:<7} {warps:>5} "
                           f"{row['registers']:>5} {spills:>13} {row['stack_bytes']:>7} "
                           f"{row['shared_bytes']:>8}  {row['status']}")
     if args.json:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kernels.kd_loss import kd_loss, kd_loss_reference
-from tests.kernels.kd_cases import make_inputs, reference_loss_and_grad, rel_err
+from tests.kernels.alloc_tracking import AllocationRecorder
+from tests.kernels.kd_cases import make_inputs, ours_loss_and_grad, reference_loss_and_grad, rel_err
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.filterwarnings("ignore"))]
 
@@ -205,3 +206,44 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         kd_loss(student, teacher, labels, backend="triton")
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_autocast_context_does_not_change_the_loss_math(backend, divergence):
+    """Called inside torch.autocast (as a training step may), the math stays fp32."""
+    student, teacher, labels = make_inputs(9, 301, dtype=torch.bfloat16, seed=17)
+    plain = ours_loss_and_grad(student, teacher, labels, backend=backend, divergence=divergence)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = ours_loss_and_grad(student, teacher, labels, backend=backend,
+                                    divergence=divergence)
+    assert torch.equal(plain[0], inside[0]) and torch.equal(plain[1], inside[1])
+
+
+def test_default_mode_holds_one_gradient_buffer_and_recomputes_on_retain_graph():
+    """Issue 11 item 4: the first backward hands the forward-written buffer to autograd (one
+    [N x V] allocation in forward + backward, not two); a retained second backward recomputes
+    it (one more) and still scales correctly. 40 x 50304: the row blocks' scratch (5 rows) is
+    far below N x V, so only full-size buffers are counted."""
+    student, teacher, labels = make_inputs(40, 50304, valid_vocab=50277, seed=18)
+    full = student.numel() * 4
+    s = student.clone().requires_grad_(True)
+    with AllocationRecorder() as first:
+        loss, _ = kd_loss(s, teacher, labels, valid_vocab=50277)
+        loss.backward(retain_graph=True)
+    assert first.count_at_least(full) == 1
+    once = s.grad.clone()
+    with AllocationRecorder() as second:
+        loss.backward(torch.tensor(0.5))
+    assert second.count_at_least(full) == 1
+    torch.testing.assert_close(s.grad, 1.5 * once)
+    _, ref_grad, _ = reference_loss_and_grad(student, teacher, labels, valid_vocab=50277)
+    assert rel_err(once, ref_grad) <= 1e-4
+
+
+def test_double_differentiation_is_refused():
+    student, teacher, labels = make_inputs(4, 30, seed=19)
+    s = student.clone().requires_grad_(True)
+    loss, _ = kd_loss(s, teacher, labels)
+    (grad,) = torch.autograd.grad(loss, s, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad"):
+        grad.sum().backward()
