@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=N -m engine.train --config ...  # DDP (NCCL on GPU, gloo on CPU)
 
 Exit status: 0 done (or stopped by a signal and saved), 1 the run failed (diverged, a bad
-checkpoint, a dead rank), 2 a configuration error. Errors are one line, never a traceback.
+checkpoint, a dead rank, a task regression with eval.alarm_action=stop), 2 a configuration
+error. Errors are one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from engine import dist
 from engine.train import checkpoint as ckpt
 from engine.train.config import ConfigError, load_config, valid_keys
 from engine.train.loop import TrainingDiverged, run
+from engine.train.watch import TaskRegression
 
 USAGE = """usage: python -m engine.train [--config FILE.toml] [--section.key=value ...]
        python -m engine.train            (no arguments: the offline quickstart)
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (TrainingDiverged, ckpt.CheckpointLoadError, dist.DistributedError) as exc:
+    except (TrainingDiverged, TaskRegression, ckpt.CheckpointLoadError,
+            dist.DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as exc:

@@ -32,6 +32,7 @@ from engine.train import checkpoint as ckpt
 from engine.train.config import Config, validate
 from engine.train.export import export_student
 from engine.train.loggers import build_sinks
+from engine.train.lost_updates import build_meter
 from engine.train.model_card import model_card_for
 from engine.train.setup import (
     build_optimizer,
@@ -47,6 +48,7 @@ from engine.train.setup import (
 )
 from engine.train.signals import StopRequest
 from engine.train.step import StepResult, train_step
+from engine.train.watch import TaskRegression, TaskWatch
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,6 +97,12 @@ class Trainer:
                                                optimizer=self.optimizer,
                                                loader=self.train_loader, info=info)
             self.writer.log_text(f"resumed from {self.resume_from} at step {self.step}")
+        self.lost_updates = build_meter(self.optimizer, self.student, precision=config.precision,
+                                        enabled=config.eval.lost_updates, lr=config.optim.lr,
+                                        beta1=config.optim.betas[0], is_main=info.is_main)
+        self.watch = TaskWatch(config, self.student, self.writer, info,
+                               autocast_dtype=autocast_dtype,
+                               resumed_at=self.step if self.resume_from is not None else None)
         self.model = wrap_model(self.student, config, info)
         self.loss_settings = dict(
             alpha=config.loss.alpha,
@@ -170,6 +178,7 @@ class Trainer:
             "step_time_s": elapsed,
             "eta_s": per_step * (self.config.run.steps - self.step),
             "skipped": not result.applied,
+            **self.lost_updates.fields(self.step),
         }
 
     def validate(self) -> dict[str, Any] | None:
@@ -197,6 +206,15 @@ class Trainer:
             + (f" kd {result['val_kd']:.4f}" if "val_kd" in result else "")
         )
         return result
+
+    def watch_tasks(self) -> None:
+        """Score eval.tasks now (engine/train/watch.py); when a task regressed and
+        eval.alarm_action is "stop", save a checkpoint and raise TaskRegression."""
+        reason = self.watch.score(self.step)
+        if reason is not None:
+            self.save()
+            raise TaskRegression(f"{reason}; stopped by eval.alarm_action=stop, checkpoint "
+                                 f"saved at step {self.step}")
 
     def save(self) -> Path | None:
         """A checkpoint of this step (rank 0 writes; every rank's loader and RNG go in it)."""
@@ -237,6 +255,8 @@ class Trainer:
         try:
             self.writer.start(self.step)  # drops records after self.step, opens the sinks
             with StopRequest() as stop:
+                if self.watch.due(self.step):  # step 0: the untouched student
+                    self.watch_tasks()
                 while self.step < run_cfg.steps:
                     result = self.train_step(stop.requested)
                     if self._session_steps == 1:
@@ -245,6 +265,8 @@ class Trainer:
                         self._on_non_finite(result)
                     if run_cfg.val_every and self.step % run_cfg.val_every == 0:
                         self.last_val = self.validate()
+                    if self.watch.due(self.step):
+                        self.watch_tasks()
                     if run_cfg.save_every and self.step % run_cfg.save_every == 0:
                         self.save()
                         last_saved = self.step
@@ -290,6 +312,8 @@ class Trainer:
             return self._result(status, export_dir)
         if self.last_val is None or not run_cfg.val_every or self.step % run_cfg.val_every:
             self.last_val = self.validate()
+        if self.watch.due(self.step, final=True):
+            self.watch_tasks()
         if last_saved != self.step:
             self.save()
         export_dir = Path(run_cfg.export_dir) if run_cfg.export_dir else self.out_dir / "final"
