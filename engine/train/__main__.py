@@ -5,9 +5,9 @@
     torchrun --nproc_per_node=N -m engine.train --config ...  # DDP (NCCL on GPU, gloo on CPU)
 
 Exit status: 0 done; 1 the run failed (diverged, no intact checkpoint, a full disk, the run
-folder in use, a dead rank); 2 a configuration error; 143 / 130 stopped by SIGTERM / SIGINT
-(after saving: resume with run.resume=auto). Errors are one line, "error: <file or key>:
-<what> (<fix>)", never a traceback.
+folder in use, a dead rank, a task regression with eval.alarm_action=stop); 2 a configuration
+error; 143 / 130 stopped by SIGTERM / SIGINT (after saving: resume with run.resume=auto).
+Errors are one line, "error: <file or key>: <what> (<fix>)", never a traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from engine.train.file_writes import WriteFailed, describe_write_error, is_disk_
 from engine.train.lock import RunLocked
 from engine.train.loop import TrainingDiverged, run
 from engine.train.signals import EXIT_STATUS, exit_status
+from engine.train.watch import TaskRegression
 
 USAGE = """usage: python -m engine.train [--config FILE.toml] [--section.key=value ...]
        python -m engine.train            (no arguments: the offline quickstart)
@@ -78,7 +79,8 @@ def _train(argv: list[str]) -> int:
     except OSError as exc:  # named by the file, not by the Python class
         where = f"{exc.filename}: " if exc.filename and is_disk_full(exc) else ""
         return _fail(f"{where}{describe_write_error(exc)}", 1)
-    except (ValueError, TrainingDiverged, WriteFailed, RunLocked, DistributedError) as exc:
+    except (ValueError, TrainingDiverged, TaskRegression, WriteFailed, RunLocked,
+            DistributedError) as exc:
         return _fail(str(exc), 1)  # every engine error (ValueError or these): one line
     if os.environ.get("RANK", "0") == "0":
         print(f"{result['status']} at step {result['step']}; run folder {result['out_dir']}, "

@@ -21,6 +21,7 @@ from typing import Any
 
 from data.atomic import write_json_atomic, write_text_atomic
 from data.loader import DATASET_MODES
+from engine.eval.tasks import TASKS
 from engine.model.config import GPTNeoXConfig
 from engine.precision import DTYPE_NAMES, PRECISION_MODES
 
@@ -43,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("constant", "cosine"),
     "precision": PRECISION_MODES,
     "device": ("auto", "cpu", "cuda"),
+    "eval.alarm_action": ("warn", "stop"),
 }
 
 
@@ -149,6 +151,20 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Task scores while training (engine/train/watch.py) and the lost-update metric."""
+
+    # "KIND=PATH" with KIND lambada, mc or ppl (engine.eval's tasks); needs run.tokenizer.
+    tasks: list[str] = field(default_factory=list)
+    every: int = 0  # optimizer steps between task scores; 0 = only at step 0 and the end
+    limit: int = 0  # documents per task; 0 = all
+    batch_size: int = 8  # sequences per scoring forward
+    alarm: float = 0.1  # warn when a task's ppl is this fraction above step 0's; 0 = off
+    alarm_action: str = "warn"  # "stop": save a checkpoint and exit non-zero
+    lost_updates: bool = True  # update_lost_frac per step in precision "bf16-pure"
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -159,6 +175,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # bf16-autocast: fp32 master weights and AdamW state, bf16 compute (the default);
     # bf16-pure: bf16 weights and optimizer state, like the seed recipe; fp32: no autocast.
     precision: str = "bf16-autocast"
@@ -240,6 +257,13 @@ def _coerce(key: str, typ: Any, value: Any, *, from_text: bool) -> Any:
         if isinstance(value, str):
             return value
         raise bad
+    if typing.get_origin(typ) is list:
+        (item_type,) = typing.get_args(typ)
+        if from_text and isinstance(value, str):
+            value = _text_list(value, bad)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(key, item_type, v, from_text=from_text) for v in value]
     if typing.get_origin(typ) is tuple:
         item_types = typing.get_args(typ)
         if from_text and isinstance(value, str):
@@ -253,7 +277,23 @@ def _coerce(key: str, typ: Any, value: Any, *, from_text: bool) -> Any:
     raise ConfigError(f"{key}: unsupported field type {typ!r}")  # pragma: no cover
 
 
+def _text_list(text: str, bad: ConfigError) -> list:
+    """A command-line list: a JSON/TOML-style ["a", "b"] or plain comma-separated a,b."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise bad from None
+        if not isinstance(value, list):
+            raise bad
+        return value
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is list:
+        return "a list of " + typing.get_args(typ)[0].__name__
     if typing.get_origin(typ) is tuple:
         return "a list of " + ", ".join(t.__name__ for t in typing.get_args(typ))
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
@@ -334,6 +374,7 @@ def validate(config: Config) -> Config:
         "batch.accum_steps": config.batch.accum_steps,
         "batch.seq_len": config.batch.seq_len,
         "loss.temperature": config.loss.temperature,
+        "eval.batch_size": config.eval.batch_size,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -347,6 +388,9 @@ def validate(config: Config) -> Config:
         "optim.weight_decay": config.optim.weight_decay,
         "optim.min_lr": config.optim.min_lr,
         "data.valid_vocab": config.data.valid_vocab,
+        "eval.every": config.eval.every,
+        "eval.limit": config.eval.limit,
+        "eval.alarm": config.eval.alarm,
     }.items():
         if value < 0:
             problems.append(f"{key}: must be >= 0, got {value}")
@@ -360,9 +404,42 @@ def validate(config: Config) -> Config:
         problems.append("student.path: required when student.init = 'pretrained'")
     if not config.data.path:
         problems.append("data.path: required (a folder written by data.preprocess)")
+    problems.extend(_eval_task_problems(config))
     if problems:
         raise ConfigError("; ".join(problems))
     return config
+
+
+def parse_task_spec(spec: str) -> tuple[str, str, str]:
+    """(kind, name, path) of an eval.tasks entry "KIND=PATH"; the name is the file's stem
+    ("lambada_openai" for lambada=data/lambada_openai.jsonl), which tells two files apart."""
+    kind, sep, path = spec.partition("=")
+    kind, path = kind.strip(), path.strip()
+    if not sep or kind not in TASKS or not path:
+        raise ConfigError(
+            f"eval.tasks: {spec!r} is not KIND=PATH with KIND one of {', '.join(TASKS)} "
+            '(e.g. "lambada=lambada_openai.jsonl")'
+        )
+    return kind, Path(path).name.split(".")[0] or path, path
+
+
+def _eval_task_problems(config: Config) -> list[str]:
+    """eval.tasks entries that cannot be parsed, share a name, or lack run.tokenizer."""
+    problems, names = [], set()
+    for spec in config.eval.tasks:
+        try:
+            _, name, _ = parse_task_spec(spec)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        if name in names:
+            problems.append(f"eval.tasks: two tasks are named {name!r} (their file names); "
+                            "rename one file")
+        names.add(name)
+    if config.eval.tasks and not config.run.tokenizer:
+        problems.append("eval.tasks needs run.tokenizer (the tokenizer.json that encodes the "
+                        "task files, the student's own)")
+    return problems
 
 
 def load_config(

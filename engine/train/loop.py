@@ -35,6 +35,7 @@ from engine.train.config import Config, ConfigError, validate, write_resolved
 from engine.train.export import export_student
 from engine.train.lock import hold_run_lock
 from engine.train.loggers import build_sinks
+from engine.train.lost_updates import build_meter
 from engine.train.model_card import model_card_for
 from engine.train.preflight import check_paths, export_dir_of
 from engine.train.setup import (
@@ -52,6 +53,7 @@ from engine.train.setup import (
 from engine.train.signals import StopRequest, finish_pause
 from engine.train.step import StepResult, train_step
 from engine.train.vocab_checks import check_data_fits
+from engine.train.watch import TaskRegression, TaskWatch
 
 
 class TrainingDiverged(RuntimeError):
@@ -110,6 +112,12 @@ class Trainer:
         self.val_step: int | None = None  # the step last_val belongs to
         if self.resume_from is not None:
             self._continue_records()
+        self.lost_updates = build_meter(self.optimizer, self.student, precision=config.precision,
+                                        enabled=config.eval.lost_updates, lr=config.optim.lr,
+                                        beta1=config.optim.betas[0], is_main=info.is_main)
+        self.watch = TaskWatch(config, self.student, self.writer, info,
+                               autocast_dtype=autocast_dtype,
+                               resumed_at=self.step if self.resume_from is not None else None)
         self.model = wrap_model(self.student, config, info)
         self.loss_settings = dict(
             alpha=config.loss.alpha,
@@ -209,6 +217,7 @@ class Trainer:
             "step_time_s": elapsed,
             "eta_s": per_step * (self.config.run.steps - self.step),
             "skipped": not result.applied,
+            **self.lost_updates.fields(self.step),
         }
 
     def validate(self) -> dict[str, Any] | None:
@@ -238,6 +247,15 @@ class Trainer:
             + (f" kd {result['val_kd']:.4f}" if "val_kd" in result else "")
         )
         return result
+
+    def watch_tasks(self) -> None:
+        """Score eval.tasks now (engine/train/watch.py); when a task regressed and
+        eval.alarm_action is "stop", save a checkpoint and raise TaskRegression."""
+        reason = self.watch.score(self.step)
+        if reason is not None:
+            self.save()
+            raise TaskRegression(f"{reason}; stopped by eval.alarm_action=stop, checkpoint "
+                                 f"saved at step {self.step}")
 
     def save(self) -> Path | None:
         """A checkpoint of this step (rank 0 writes; every rank's loader and RNG go in it).
@@ -293,6 +311,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             self.writer.start(self.step)  # drops records after self.step, opens the sinks
+            if self.watch.due(self.step):  # step 0: the untouched student
+                self.watch_tasks()
             while self.step < run_cfg.steps:
                 result = self.train_step(stop.requested)
                 if self._session_steps == 1:
@@ -301,6 +321,8 @@ class Trainer:
                     self._on_non_finite(result)
                 if run_cfg.val_every and self.step % run_cfg.val_every == 0:
                     self.last_val, self.val_step = self.validate(), self.step
+                if self.watch.due(self.step):
+                    self.watch_tasks()
                 if run_cfg.save_every and self.step % run_cfg.save_every == 0:
                     self.save()
                     last_saved = self.step
@@ -360,7 +382,8 @@ class Trainer:
 
     def _finish(self, status: str, last_saved: int | None, stop: StopRequest) -> dict[str, Any]:
         """Save first (the weights are durable before anything else can go wrong); then,
-        unless a signal came, validate, check the final state and export the student."""
+        unless a signal came, validate, check the final state, score the watched tasks and
+        export the student."""
         if last_saved != self.step:
             self.save()
         finish_pause(stop)
@@ -368,6 +391,8 @@ class Trainer:
             if self.val_step != self.step:
                 self.last_val, self.val_step = self.validate(), self.step
             self._check_final_state()
+            if self.watch.due(self.step, final=True):
+                self.watch_tasks()
             if not self._stop_voted(stop):
                 return self._result(status, self._export(), stop)
         self.writer.log_text(f"stopped by {stop.signal_name or 'a signal'} at step {self.step}; "
