@@ -1,7 +1,7 @@
 """Typed training configuration: dataclasses, TOML presets and command-line overrides.
 
 One place decides what a key means and which values it accepts, so a typo in a preset or on
-the command line fails before any model is loaded, with the list of keys that do exist.
+the command line fails before any model is loaded, naming the nearest key that does exist.
 The resolved configuration is written into the run folder so a run can be reproduced (and
 resumed) from its own record rather than from whatever the preset says today.
 """
@@ -9,6 +9,7 @@ resumed) from its own record rather than from whatever the preset says today.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -63,6 +64,9 @@ class RunConfig:
     max_bad_steps: int = 3  # non-finite steps in a row before the run stops
     export_dir: str = ""  # final Hugging Face folder; empty = <out_dir>/final
     tokenizer: str = ""  # tokenizer.json copied beside the exported student when set
+    # A fresh start in an out_dir holding an earlier run's results (final/, metrics.jsonl)
+    # and no checkpoint is refused unless this is true; it then starts metrics.jsonl anew.
+    overwrite: bool = False
 
 
 @dataclass
@@ -202,8 +206,12 @@ def valid_keys() -> list[str]:
     return keys
 
 
-def _keys_hint() -> str:
-    return "valid keys: " + ", ".join(valid_keys())
+def _unknown_key(key: str, known: list[str] | None = None) -> ConfigError:
+    """'unknown key', with the nearest of the `known` keys (default: all) when one is close."""
+    near = difflib.get_close_matches(key, known or valid_keys(), n=1, cutoff=0.6)
+    hint = (f"did you mean {near[0]}?" if near
+            else "python -m engine.train --help lists every key")
+    return ConfigError(f"{key}: unknown key ({hint})")
 
 
 def _coerce(key: str, typ: Any, value: Any, *, from_text: bool) -> Any:
@@ -301,10 +309,10 @@ def _set(config: Config, key: str, value: Any, *, from_text: bool) -> None:
     elif len(parts) == 2 and parts[0] in top and dataclasses.is_dataclass(top[parts[0]]):
         fields = _field_types(top[parts[0]])
         if parts[1] not in fields:
-            raise ConfigError(f"unknown key {key!r}; {_keys_hint()}")
+            raise _unknown_key(key)
         target, name, typ = getattr(config, parts[0]), parts[1], fields[parts[1]]
     else:
-        raise ConfigError(f"unknown key {key!r}; {_keys_hint()}")
+        raise _unknown_key(key)
     coerced = _coerce(key, typ, value, from_text=from_text)
     choices = CHOICES.get(key)
     if choices is not None and coerced not in choices:
@@ -317,7 +325,7 @@ def apply_dict(config: Config, data: dict[str, Any], *, source: str = "config") 
     top = _field_types(Config)
     for name, value in data.items():
         if name not in top:
-            raise ConfigError(f"{source}: unknown key {name!r}; {_keys_hint()}")
+            raise ConfigError(f"{source}: {_unknown_key(name, list(top))}")
         if dataclasses.is_dataclass(top[name]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: [{name}] must be a table of keys")
@@ -339,14 +347,15 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"expected --section.key=value, got {arg!r}; {_keys_hint()}")
+            raise ConfigError(f"{arg}: expected --section.key=value (python -m engine.train "
+                              "--help lists every key)")
         body = arg[2:]
         if "=" in body:
             key, value = body.split("=", 1)
             i += 1
         else:
             if i + 1 >= len(args):
-                raise ConfigError(f"--{body} needs a value (--{body}=VALUE or --{body} VALUE)")
+                raise ConfigError(f"--{body}: needs a value (--{body}=VALUE or --{body} VALUE)")
             key, value = body, args[i + 1]
             i += 2
         pairs.append((key, value))
@@ -369,7 +378,7 @@ def validate(config: Config) -> Config:
     }
     for key, value in positive.items():
         if value <= 0:
-            problems.append(f"{key} must be > 0, got {value}")
+            problems.append(f"{key}: must be > 0, got {value}")
     for key, value in {
         "run.save_every": config.run.save_every,
         "run.val_every": config.run.val_every,
@@ -384,20 +393,20 @@ def validate(config: Config) -> Config:
         "eval.alarm": config.eval.alarm,
     }.items():
         if value < 0:
-            problems.append(f"{key} must be >= 0, got {value}")
+            problems.append(f"{key}: must be >= 0, got {value}")
     if not 0.0 <= config.loss.alpha <= 1.0:
-        problems.append(f"loss.alpha must be in [0, 1], got {config.loss.alpha}")
+        problems.append(f"loss.alpha: must be in [0, 1], got {config.loss.alpha}")
     if config.optim.lr <= 0:
-        problems.append(f"optim.lr must be > 0, got {config.optim.lr}")
+        problems.append(f"optim.lr: must be > 0, got {config.optim.lr}")
     if not 0.0 <= config.data.val_fraction < 1.0:
-        problems.append(f"data.val_fraction must be in [0, 1), got {config.data.val_fraction}")
+        problems.append(f"data.val_fraction: must be in [0, 1), got {config.data.val_fraction}")
     if config.student.init == "pretrained" and not config.student.path:
-        problems.append("student.path is required when student.init = 'pretrained'")
+        problems.append("student.path: required when student.init = 'pretrained'")
     if not config.data.path:
-        problems.append("data.path is required (a folder written by data.preprocess)")
+        problems.append("data.path: required (a folder written by data.preprocess)")
     problems.extend(_eval_task_problems(config))
     if problems:
-        raise ConfigError("invalid configuration: " + "; ".join(problems))
+        raise ConfigError("; ".join(problems))
     return config
 
 

@@ -139,7 +139,7 @@ def test_tasks_need_a_tokenizer_and_well_formed_entries(assets, tmp_path):
         config("--run.tokenizer=t.json", "--eval.tasks=mc=a/piqa.jsonl,mc=b/piqa.jsonl.zst")
     with pytest.raises(ConfigError, match=r"eval\.alarm_action"):
         config("--eval.alarm_action=panic")
-    with pytest.raises(ConfigError, match=r"eval\.every must be >= 0"):
+    with pytest.raises(ConfigError, match=r"eval\.every: must be >= 0"):
         config("--eval.every=-1")
     parsed = config("--run.tokenizer=t.json", '--eval.tasks=["lambada=x/lambada_openai.jsonl"]')
     assert parsed.eval.tasks == ["lambada=x/lambada_openai.jsonl"]
