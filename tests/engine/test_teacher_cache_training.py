@@ -143,7 +143,7 @@ def test_mismatched_cache_is_a_config_error(assets, tmp_path, capsys):
          "temperature 2.0, but loss.temperature is 1.0"),
         (dict(teacher__cache=assets["top8"], teacher__path=assets["student"]),
          "another teacher than teacher.path"),
-        (dict(teacher__cache=tmp_path / "nothing"), "no such cache folder"),
+        (dict(teacher__cache=tmp_path / "nothing"), "nothing is not a folder"),
     ]
     for number, (extra, message) in enumerate(cases):
         code = train_main(overrides(assets, tmp_path / f"run{number}", **extra))
