@@ -10,6 +10,7 @@ only, a chunk of rows at a time, so no [tokens x vocab] tensor of a whole batch 
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from pathlib import Path
@@ -69,7 +70,8 @@ def cache_settings(*, kind, width, temperature, valid_vocab, seed, batch, datase
         "tokenizer": None if tokenizer is None else
         {k: tokenizer[k] for k in ("sha256", "fingerprint", "vocab_size")},
         "teacher": {"fingerprint": model_fingerprint(teacher_dir), "vocab_size": teacher_vocab,
-                    "dtype": canonical_name(teacher_dtype)},
+                    "dtype": canonical_name(teacher_dtype),
+                    "config": json.loads((Path(teacher_dir) / "config.json").read_text())},
         "batch": int(batch),
     }
 

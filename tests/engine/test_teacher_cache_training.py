@@ -158,3 +158,12 @@ def test_metrics_say_the_kd_comes_from_the_cache(assets, tmp_path):
     assert all(r["kd"] > 0 for r in records if r["kind"] == "train")
     val = [r for r in records if r["kind"] == "val"][-1]
     assert val["val_kd_source"] == "cache" and val["val_kd"] > 0
+
+
+def test_model_card_of_a_cache_run_names_the_teacher_and_the_cache(assets, tmp_path):
+    result = run(config(assets, tmp_path / "run", teacher__cache=assets["top8"]))
+    card = (Path(result["export_dir"]) / "README.md").read_text()
+    assert "distilled from a GPT-NeoX teacher" in card and "cross-entropy only" not in card
+    assert f"read from its cache `{assets['top8']}`" in card
+    assert "top-8 per position" in card and "KD to the teacher cache" in card
+    assert "--teacher " not in card  # no teacher folder to score against
