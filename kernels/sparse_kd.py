@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from kernels.constants import IGNORE_INDEX
 from kernels.dispatch import LossOptions, loss_stats, prepare_loss
+from kernels.kd_loss import stored_gradient
 from kernels.sparse_kd_torch import sparse_kd_forward_chunked, sparse_kd_reference
 from kernels.sparse_targets import SparseTargets, check_target_values, check_targets
 
@@ -76,7 +77,8 @@ def _loss_grad_into(in_place, student, targets, labels, inv_norm, options, backe
 class SparseKDLossFunction(torch.autograd.Function):
     """Autograd wrapper: forward computes loss, stats and d loss / d student; backward scales.
 
-    The memory modes and the version-counter bump are kd_loss's (kernels/kd_loss.py)."""
+    The memory modes, the version-counter bump and the backward are kd_loss's
+    (kernels/kd_loss.py)."""
 
     @staticmethod
     def forward(ctx, student, labels, inv_norm, targets, options, backend, inplace_grad):
@@ -97,15 +99,13 @@ class SparseKDLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
-        grad, ctx.grad_buffer = ctx.grad_buffer, None
-        if grad is None:  # a second backward through a retained graph
-            if ctx.inplace_grad:
-                raise RuntimeError("sparse_kd_loss(inplace_grad=True) supports one backward pass")
+        def recompute():
             student, labels, inv_norm = ctx.saved_tensors
-            grad, _ = _loss_grad_into(False, student, ctx.targets, labels, inv_norm,
-                                      ctx.options, ctx.backend)
-        grad = grad.mul_(grad_loss.to(grad.dtype))  # no host sync: see kernels/kd_loss.py
-        return grad.view(ctx.student_shape), None, None, None, None, None, None
+            return _loss_grad_into(False, student, ctx.targets, labels, inv_norm, ctx.options,
+                                   ctx.backend)[0]
+
+        grad = stored_gradient(ctx, grad_loss, "sparse_kd_loss", recompute)
+        return grad, None, None, None, None, None, None
 
 
 def _flat_student(student_logits, labels, valid_vocab) -> tuple[int, torch.Tensor]:

@@ -12,6 +12,7 @@ from data.teacher_cache_encode import (
     top_k_targets,
 )
 from kernels.sparse_kd import sparse_kd_loss, sparse_kd_reference
+from tests.kernels import kd_cases
 
 
 def top_k_case(teacher, k, temperature, valid_vocab, *, ragged=True):
@@ -40,14 +41,10 @@ def as_float32(targets):
 
 
 def reference_loss_and_grad(student, targets, labels, **kwargs):
-    s64 = student.detach().double().requires_grad_(True)
-    loss, stats = sparse_kd_reference(s64, targets, labels, **kwargs)
-    loss.backward()
-    return loss.detach(), s64.grad, stats
+    return kd_cases.reference_loss_and_grad(student, targets, labels,
+                                            loss_fn=sparse_kd_reference, **kwargs)
 
 
 def ours_loss_and_grad(student, targets, labels, **kwargs):
-    s = student.detach().clone().requires_grad_(True)
-    loss, stats = sparse_kd_loss(s, targets, labels, **kwargs)
-    loss.backward()
-    return loss.detach(), s.grad, stats
+    return kd_cases.ours_loss_and_grad(student, targets, labels, loss_fn=sparse_kd_loss,
+                                       **kwargs)
