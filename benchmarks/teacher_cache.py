@@ -46,6 +46,8 @@ from data.loader import build_dataset
 from data.shards import ShardWriter
 from data.teacher_cache import CachedTargets, TeacherCache
 from data.teacher_cache_encode import record_dtype, targets_from_records
+from engine.eval.heldout import heldout_batches, heldout_loader
+from engine.eval.scoring import heldout_metrics
 from engine.model.hf_io import load_pretrained, save_pretrained
 from engine.precision import dtype_of
 from engine.quickstart import pipeline as quickstart
@@ -181,6 +183,18 @@ def median_step_seconds(out_dir: Path) -> float:
     return statistics.median(times[1:] or times)
 
 
+def heldout_against_teacher(model_dir, base, config, batches: int) -> dict:
+    """Held-out CE / ppl of a student and its KD to the real teacher (fp32 both), on the
+    quickstart's validation split: the numbers the quickstart's own table reports."""
+    student = load_pretrained(model_dir, dtype=torch.float32)
+    teacher = load_pretrained(base["teacher"], dtype=torch.float32)
+    split = heldout_loader(build_dataset(base["data"], "packed", config.batch.seq_len),
+                           config.batch.micro_batch, val_fraction=config.data.val_fraction)
+    return heldout_metrics(student, heldout_batches(split, max_batches=batches or None),
+                           teacher=teacher, temperature=config.loss.temperature,
+                           valid_vocab=config.data.valid_vocab or None)
+
+
 def train_row(settings, base, out_dir: Path, row: str, caches: dict,
               temperature: float | None = None) -> dict:
     """Distill with one teacher signal; its held-out numbers against the real teacher."""
@@ -188,9 +202,8 @@ def train_row(settings, base, out_dir: Path, row: str, caches: dict,
     if temperature is not None:
         config.loss.temperature = temperature
     result = train_run(config)
-    held = quickstart.held_out(result["export_dir"], base["data"], config,
-                               teacher_dir=str(base["teacher"]),
-                               eval_batches=settings["quickstart"]["eval_batches"])
+    held = heldout_against_teacher(result["export_dir"], base, config,
+                                   settings["quickstart"]["eval_batches"])
     print(f"[teacher_cache] {row} (T {config.loss.temperature}): held-out ppl "
           f"{held['ppl']:.3f}", flush=True)
     return {"val_ce": held["ce"], "val_ppl": held["ppl"], "val_kd": held["kd"],
