@@ -29,7 +29,7 @@ from engine.memory import training_flops_per_token
 from engine.metrics import MetricsWriter, mfu, peak_flops, peak_memory_bytes
 from engine.precision import precision_dtypes
 from engine.train import checkpoint as ckpt
-from engine.train.config import Config, validate
+from engine.train.config import Config, kd_settings, validate
 from engine.train.export import export_student
 from engine.train.loggers import build_sinks
 from engine.train.model_card import model_card_for
@@ -39,11 +39,14 @@ from engine.train.setup import (
     build_teacher,
     build_train_loader,
     check_compatible,
+    configure_cuda_allocator,
+    describe_runtime,
     lr_at,
     plan_micro_batch,
     prepare_run_folder,
     resume,
     wrap_model,
+    wrap_teacher,
 )
 from engine.train.signals import StopRequest
 from engine.train.step import StepResult, train_step
@@ -60,6 +63,7 @@ def run(config: Config) -> dict[str, Any]:
     non-finite steps in a row (checkpoints untouched), dist.DistributedError when a peer dies.
     """
     validate(config)
+    configure_cuda_allocator(config)
     info = dist.init_distributed(config.device)
     try:
         return Trainer(config, info).train()
@@ -82,8 +86,8 @@ class Trainer:
         self.teacher = build_teacher(config, self.device)
         check_compatible(config, self.student, self.teacher)
         teacher_cfg = self.teacher.config if self.teacher is not None else None
-        self.micro_batch, self.accum_steps, self.predicted_peak = plan_micro_batch(
-            config, teacher_cfg, self.student.config, self.writer.log_text
+        self.micro_batch, self.accum_steps, self.predicted_peak, memory_note = plan_micro_batch(
+            config, teacher_cfg, self.student.config, self.device
         )
         self.dataset = build_dataset(config.data.path, config.data.mode, config.batch.seq_len,
                                      config.data.pad_id)
@@ -96,12 +100,15 @@ class Trainer:
                                                loader=self.train_loader, info=info)
             self.writer.log_text(f"resumed from {self.resume_from} at step {self.step}")
         self.model = wrap_model(self.student, config, info)
+        self.teacher_model = wrap_teacher(self.teacher, config, self.device)
+        self.writer.log_text(describe_runtime(config, self.device, self.optimizer, memory_note))
         self.loss_settings = dict(
             alpha=config.loss.alpha,
-            temperature=config.loss.temperature,
             valid_vocab=config.data.valid_vocab or None,
             autocast_dtype=autocast_dtype,
             backend=config.loss.backend,
+            fused_head=config.loss.fused_head,
+            **kd_settings(config),
         )
         self.tokens_per_step = (self.micro_batch * self.accum_steps * config.batch.seq_len
                                 * info.world_size)
@@ -135,7 +142,7 @@ class Trainer:
         window = list(itertools.islice(self.batches, self.accum_steps))
         lr = lr_at(self.config, self.step)
         result = train_step(
-            self.model, self.student, self.teacher, self.optimizer, window,
+            self.model, self.student, self.teacher_model, self.optimizer, window,
             loss_settings=self.loss_settings,
             max_grad_norm=self.config.optim.grad_clip or float("inf"),
             lr=lr,
@@ -185,10 +192,10 @@ class Trainer:
             self.student,
             heldout_batches(loader, max_batches=config.run.val_batches or None),
             teacher=self.teacher,
-            temperature=config.loss.temperature,
             valid_vocab=self.loss_settings["valid_vocab"],
             autocast_dtype=self.loss_settings["autocast_dtype"],
             reduce_across_ranks=self.info.distributed,
+            **kd_settings(config),
         )  # restores the student's train mode
         result = {f"val_{key}": value for key, value in metrics.items()}
         self.writer.write({"kind": "val", "step": self.step, **result})
