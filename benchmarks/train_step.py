@@ -131,6 +131,8 @@ def parse_args(argv):
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4, help="timed steps (median is reported)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the variants this many times in rotation; report the median")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads per variant (1: CPU time is then a stable measure "
                         "of work on a shared machine)")
@@ -149,29 +151,46 @@ def parse_args(argv):
 
 
 def run_variants(args) -> dict | None:
-    """Each variant in its own process; their result dicts (None when one failed)."""
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    """Each variant in its own process, --rounds times in rotation (a shared machine's busy
+    minutes then hit every variant alike); per variant the round with the median speed, with
+    every round's speed kept beside it. None when a variant failed."""
+    rounds: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    for _ in range(args.rounds):
         for variant in VARIANTS:
-            out = Path(tmp) / f"{variant}.json"
-            cmd = [
-                sys.executable, "-m", "benchmarks.train_step", "--variant", variant,
-                "--result-file", str(out), "--seq-len", str(args.seq_len),
-                "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
-                "--warmup", str(args.warmup), "--student", args.student,
-                "--teacher", args.teacher, "--vocab", str(args.vocab),
-                "--valid-vocab", str(args.valid_vocab), "--threads", str(args.threads),
-            ]
-            if args.baseline_fused_adamw:
-                cmd.append("--baseline-fused-adamw")
-            env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stdout + proc.stderr, file=sys.stderr)
-                print(f"error: variant {variant} failed", file=sys.stderr)
+            result = _run_variant_process(args, variant)
+            if result is None:
                 return None
-            results[variant] = json.loads(out.read_text())
+            rounds[variant].append(result)
+    results = {}
+    for variant, rows in rounds.items():
+        rows = sorted(rows, key=lambda r: r["tokens_per_cpu_s"])
+        results[variant] = {**rows[len(rows) // 2],
+                            "rounds_tokens_per_cpu_s": [r["tokens_per_cpu_s"] for r in rows],
+                            "rounds_peak_memory_bytes": [r["peak_memory_bytes"] for r in rows]}
     return results
+
+
+def _run_variant_process(args, variant: str) -> dict | None:
+    """One variant's timed steps in a fresh process (its own peak memory)."""
+    cmd = [
+        sys.executable, "-m", "benchmarks.train_step", "--variant", variant,
+        "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--student", args.student,
+        "--teacher", args.teacher, "--vocab", str(args.vocab),
+        "--valid-vocab", str(args.valid_vocab), "--threads", str(args.threads),
+    ]
+    if args.baseline_fused_adamw:
+        cmd.append("--baseline-fused-adamw")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / f"{variant}.json"
+        proc = subprocess.run([*cmd, "--result-file", str(out)], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stdout + proc.stderr, file=sys.stderr)
+            print(f"error: variant {variant} failed", file=sys.stderr)
+            return None
+        return json.loads(out.read_text())
 
 
 def compare(results: dict) -> dict:
@@ -196,7 +215,8 @@ def print_report(args, results: dict, ratios: dict) -> None:
     print(f"device: {ours['device']} ({platform.processor() or platform.machine()}, "
           f"{ours['threads']} threads)")
     print(f"shape: student {args.student}, teacher {args.teacher}, vocab {args.vocab}, "
-          f"micro-batch {args.micro_batch} x seq {args.seq_len}, {args.steps} timed steps; "
+          f"micro-batch {args.micro_batch} x seq {args.seq_len}, {args.steps} timed steps, "
+          f"{args.rounds} round(s); "
           f"AdamW: ours fused, transformers "
           f"{'fused' if args.baseline_fused_adamw else 'default (foreach)'}")
     header = (f"{'variant':<14}{'step (median)':>16}{'tokens/s':>12}{'tokens/CPU-s':>14}"
@@ -238,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "shape": {"student": args.student, "teacher": args.teacher, "vocab": args.vocab,
                   "micro_batch": args.micro_batch, "seq_len": args.seq_len,
                   "steps": args.steps, "smoke": args.smoke, "threads": args.threads,
+                  "rounds": args.rounds,
                   "baseline_fused_adamw": args.baseline_fused_adamw},
         "results": results,
         **ratios,
