@@ -195,20 +195,21 @@ def timed(fn, repeats: int, dev: torch.device, warmup: int = 2) -> float:
     """Median seconds of fn() over `repeats`: CUDA events on a GPU, perf_counter elsewhere."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_once(fn, dev) for _ in range(repeats))
+
+
+def time_once(fn, dev, clock=time.perf_counter) -> float:
+    """Seconds of one fn(): CUDA events on a GPU, else `clock` (wall, or process CPU time)."""
+    if dev.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = clock()
+    fn()
+    return clock() - t0
 
 
 def proc_status_mib(field: str) -> float | None:
@@ -415,23 +416,10 @@ def divergence_times(n_tokens, vocab, dtype, dev, repeats, backend) -> dict[str,
                                   inplace_grad=True, divergence=name, **extra.get(name, {}))
                 loss.backward()
 
-            seconds = _time_once(run, dev)
+            seconds = time_once(run, dev, clock=time.process_time)
             if repeat:
                 times[name].append(seconds)
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def _time_once(fn, dev) -> float:
-    if dev.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.process_time()
-    fn()
-    return time.process_time() - t0
 
 
 # ----------------------------------------------------------------------------- the fused head

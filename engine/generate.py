@@ -10,15 +10,16 @@ which is slower but exercises nothing beyond the plain forward.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
-from tokenizers import Tokenizer
 
-from engine.model.config import CheckpointError
+from data.tokenizer_file import read_tokenizer_file
 from engine.model.hf_io import load_pretrained
 from engine.model.network import GPTNeoX, model_device
 from engine.precision import DTYPE_NAMES, dtype_of
+from engine.token_ids import TokenIdError, check_ids
 
 
 def sample_next(
@@ -57,8 +58,9 @@ def generate(
     batch's outputs stay rectangular. valid_vocab excludes the padded embedding rows (Pythia
     has 50304 rows for 50277 tokens) that the tokenizer could not decode.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature: must be a finite number >= 0 (0 = greedy), got "
+                         f"{temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if max_new_tokens < 0:
@@ -69,6 +71,7 @@ def generate(
         raise ValueError(
             f"prompt_ids must be a non-empty [B, T] or [T] tensor, got {tuple(ids.shape)}"
         )
+    check_ids(ids, model.config.vocab_size, "prompt")
     batch, prompt_len = ids.shape
     total = prompt_len + max_new_tokens
     limit = model.config.max_positions
@@ -117,22 +120,32 @@ def _parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-kv-cache", action="store_true")
     parser.add_argument("--stop-at-eos", action="store_true", help="stop after <|endoftext|>")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     return parser.parse_args(argv)
+
+
+def _device(name: str) -> torch.device:
+    """--device as a torch.device that this build and machine can use."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch build or machine has no CUDA device "
+                         "(use --device cpu)")
+    return device
 
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
     try:
-        tokenizer = Tokenizer.from_file(str(args.tokenizer))
-    except Exception as error:  # tokenizers raises a bare Exception for a bad file
-        print(f"error: {args.tokenizer}: cannot load tokenizer ({error})", file=sys.stderr)
-        return 2
-    try:
-        model = load_pretrained(args.model, dtype=dtype_of(args.dtype), device=args.device)
+        device = _device(args.device)
+        tokenizer = read_tokenizer_file(args.tokenizer).tokenizer
+        model = load_pretrained(args.model, dtype=dtype_of(args.dtype), device=device)
         prompt = tokenizer.encode(args.prompt).ids or [model.config.eos_token_id]
-        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        generator = torch.Generator(device=device).manual_seed(args.seed)
         new = generate(
             model,
             torch.tensor(prompt, dtype=torch.long),
@@ -144,12 +157,15 @@ def main(argv=None) -> int:
             stop_token=model.config.eos_token_id if args.stop_at_eos else None,
             valid_vocab=min(tokenizer.get_vocab_size(), model.config.vocab_size),
         )
-    except (CheckpointError, ValueError) as error:
+    except TokenIdError as error:
+        print(f"error: {args.tokenizer}: {error} (use the tokenizer the model was trained "
+              "with)", file=sys.stderr)
+        return 2
+    except ValueError as error:  # CheckpointError, TokenizerFileError, a bad argument
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(args.prompt + tokenizer.decode(new.tolist(), skip_special_tokens=False))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

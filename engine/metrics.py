@@ -116,14 +116,18 @@ def _numbers(prefix: str, value) -> Iterator[tuple[str, float]]:
 def record_scalars(record: dict) -> dict[str, float]:
     """The numbers of one record as {tag: value}: "<kind>/<key>", the key without its kind
     prefix ({"kind": "val", "val_ppl": 9.1} -> {"val/ppl": 9.1}), nested dicts as further
-    "/" levels, booleans as 0/1; None, strings and lists are not scalars and are left out."""
+    "/" levels, booleans as 0/1; None, strings and lists are not scalars and are left out.
+    A record that names what it measures ("name", e.g. a task file) gets the name as the
+    second level, so two tasks scored at one step stay two curves: "task/piqa/acc"."""
     kind = str(record.get("kind", "metrics"))
+    named = record.get("name")
+    prefix = f"{kind}/{named}" if isinstance(named, str) and named else kind
     scalars: dict[str, float] = {}
     for key, value in record.items():
         if key in ("kind", "step"):
             continue
         name = key.removeprefix(f"{kind}_") or key
-        scalars.update(_numbers(f"{kind}/{name}", value))
+        scalars.update(_numbers(f"{prefix}/{name}", value))
     return scalars
 
 

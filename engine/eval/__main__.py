@@ -172,10 +172,8 @@ def _kd_options(args) -> dict:
                 t2_scale=args.t2_scale)
 
 
-def evaluate_folder(model_dir: str, args, label: str, teacher=None) -> list[dict]:
-    """Load one model folder and run every (task, data) pair of `args` on it."""
-    model = load_pretrained(model_dir, dtype=dtype_of(args.dtype), device=_device_of(args))
-    config = model.config
+def _checked_max_length(args, config, model_dir: str) -> int:
+    """--max-length (default max_positions), --valid-vocab and --pad-id against the model."""
     max_length = args.max_length or config.max_positions
     if not 0 < max_length <= config.max_positions:
         raise EvalInputError(
@@ -187,6 +185,19 @@ def evaluate_folder(model_dir: str, args, label: str, teacher=None) -> list[dict
             f"--valid-vocab {args.valid_vocab} must be in [1, {config.vocab_size}] "
             f"(vocab_size of {model_dir})"
         )
+    if args.heldout == "padded" and not 0 <= args.pad_id < config.vocab_size:
+        raise EvalInputError(
+            f"--pad-id {args.pad_id} is outside the {config.vocab_size} embedding rows of "
+            f"{model_dir} (use an id in [0, {config.vocab_size}))"
+        )
+    return max_length
+
+
+def evaluate_folder(model_dir: str, args, label: str, teacher=None) -> list[dict]:
+    """Load one model folder and run every (task, data) pair of `args` on it."""
+    model = load_pretrained(model_dir, dtype=dtype_of(args.dtype), device=_device_of(args))
+    config = model.config
+    max_length = _checked_max_length(args, config, model_dir)
     tokenizer_path = args.tokenizer or Path(model_dir) / "tokenizer.json"
     encoder = None
     if args.tokenizer or Path(tokenizer_path).is_file():
@@ -307,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                     )
     except (ValueError, OSError) as error:
-        print(f"engine.eval: error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -43,6 +43,7 @@ from engine.eval.requests import (
 )
 from engine.eval.scoring import eval_mode, heldout_metrics, perplexity, score_batch
 from engine.model.network import model_device
+from engine.token_ids import checked_batches
 from kernels.constants import IGNORE_INDEX
 
 TASKS = ("ppl", "lambada", "mc")
@@ -430,8 +431,12 @@ def evaluate_heldout(
         )
     progress = Progress("heldout", len(loader.items), "sequences", enabled=setup.progress)
 
+    rows = min(m.config.vocab_size for m in (setup.model, teacher) if m is not None)
+
     def batches():
-        for batch in heldout_batches(loader, max_sequences=limit):
+        checked = checked_batches(heldout_batches(loader, max_sequences=limit), rows,
+                                  f"{path}: held-out", setup.valid_vocab)
+        for batch in checked:
             yield batch
             progress.update(batch["input_ids"].shape[0], tokens=int(batch["input_ids"].numel()))
 

@@ -32,9 +32,12 @@ from data.loader import build_dataset
 from data.preprocess import preprocess
 from engine.curves import plot_runs
 from engine.eval.heldout import heldout_batches, heldout_loader
+from engine.eval.requests import TextEncoder
 from engine.eval.scoring import heldout_metrics
+from engine.eval.tasks import ScoringSetup, evaluate_lambada
 from engine.model.hf_io import load_pretrained
 from engine.quickstart.corpus import build_stdlib_corpus, train_bpe_tokenizer
+from engine.quickstart.last_word import MAX_PASSAGE_TOKENS, build_last_word_task
 from engine.train.config import Config, ConfigError, apply_dict, validate
 from engine.train.loop import run as train_run
 
@@ -51,6 +54,7 @@ QUICKSTART_KEYS = {
     "corpus_max_bytes": int,
     "vocab_size": int,
     "eval_batches": int,
+    "last_word_items": int,
     "control": bool,
     "torch_threads": int,
 }
@@ -99,7 +103,8 @@ def load_settings(path: str | Path) -> dict[str, Any]:
 def shrink(settings: dict[str, Any]) -> dict[str, Any]:
     """A much smaller version of the same pipeline (for tests): every code path, ~1 minute."""
     small = copy.deepcopy(settings)
-    small["quickstart"].update(corpus_max_bytes=600_000, vocab_size=512, eval_batches=6)
+    small["quickstart"].update(corpus_max_bytes=600_000, vocab_size=512, eval_batches=6,
+                               last_word_items=100)
     small.setdefault("common", {}).setdefault("batch", {}).update(micro_batch=4, seq_len=64)
     for stage in STAGES:
         run = small.setdefault(stage, {}).setdefault("run", {})
@@ -109,14 +114,16 @@ def shrink(settings: dict[str, Any]) -> dict[str, Any]:
     return small
 
 
-def stage_config(settings: dict[str, Any], stage: str, fill: dict[str, dict[str, Any]]):
-    """The Config of one stage: defaults <- [common] <- [stage] <- filled paths."""
+def stage_config(settings: dict[str, Any], stage: str, fill: dict[str, dict[str, Any]],
+                 *, check: bool = True):
+    """The Config of one stage: defaults <- [common] <- [stage] <- filled paths (validated
+    unless check is False)."""
     config = Config()
     source = settings.get("source", "quickstart settings")
     apply_dict(config, settings.get("common", {}), source=f"{source} [common]")
     apply_dict(config, settings.get(stage, {}), source=f"{source} [{stage}]")
     apply_dict(config, fill, source=f"quickstart ({stage})")
-    return validate(config)
+    return validate(config) if check else config
 
 
 def _say(message: str) -> None:
@@ -141,8 +148,9 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def held_out(model_dir: str, data_dir: Path, config, *, teacher_dir: str | None,
-             eval_batches: int) -> dict[str, float]:
-    """Held-out metrics of one exported model on the val split every stage held out."""
+             eval_batches: int, last_word: Path, tokenizer_path: Path) -> dict[str, float]:
+    """Held-out metrics of one exported model on the val split every stage held out, and
+    its LAMBADA-style scores on the last-word file (engine.eval's lambada task)."""
     model = load_pretrained(model_dir, dtype=torch.float32, device="cpu")
     teacher = load_pretrained(teacher_dir, dtype=torch.float32) if teacher_dir else None
     dataset = build_dataset(data_dir, "packed", config.batch.seq_len)
@@ -156,6 +164,11 @@ def held_out(model_dir: str, data_dir: Path, config, *, teacher_dir: str | None,
         valid_vocab=config.data.valid_vocab or None,
     )
     metrics["params"] = model.num_parameters()
+    setup = ScoringSetup(model=model, max_length=model.config.max_positions, progress=False)
+    encoder = TextEncoder(tokenizer_path, eos_id=model.config.eos_token_id)
+    scores = evaluate_lambada(setup, encoder, last_word)
+    metrics.update(last_word_ppl=scores["ppl"], last_word_acc=scores["acc"],
+                   last_word_items=scores["documents"])
     return metrics
 
 
@@ -195,6 +208,24 @@ def prepare_data(qs: dict[str, Any], out_dir: Path, lap: _Laps) -> dict[str, Any
             "data_dir": data_dir}
 
 
+def prepare_last_word(settings: dict[str, Any], out_dir: Path, data: dict[str, Any],
+                      lap: _Laps) -> Path:
+    """The LAMBADA-style task file (engine/quickstart/last_word.py): passages of held-out
+    standard-library files, each within the distill stage's seq_len and MAX_PASSAGE_TOKENS."""
+    qs = settings["quickstart"]
+    with lap("last-word task"):
+        path = out_dir / "tasks" / "last_word.jsonl"
+        encoder = TextEncoder(data["tokenizer_path"])
+        seq_len = stage_config(settings, "distill", {}, check=False).batch.seq_len
+        task = build_last_word_task(path, corpus_max_bytes=qs["corpus_max_bytes"],
+                                    items=qs["last_word_items"],
+                                    encode_batch=encoder.encode_batch,
+                                    max_tokens=min(seq_len, MAX_PASSAGE_TOKENS))
+        _say(f"last-word task: {task['items']} passages of {task['files']} held-out files "
+             f"-> {path}")
+    return path
+
+
 def train_stages(settings: dict[str, Any], out_dir: Path, data: dict[str, Any],
                  lap: _Laps) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Pretrain the teacher and the student base, then distill (and the CE-only control);
@@ -222,6 +253,8 @@ def train_stages(settings: dict[str, Any], out_dir: Path, data: dict[str, Any],
             teacher = runs["teacher_pretrain"]["export_dir"] if stage == "distill" else ""
             stage_fill = fill(stage, teacher={"path": teacher}, student={
                 "init": "pretrained", "path": runs["student_base"]["export_dir"]})
+            if stage == "distill":  # watch the last-word score while distilling
+                stage_fill["eval"] = {"tasks": [f"lambada={data['last_word']}"]}
         config = configs[stage] = stage_config(settings, stage, stage_fill)
         _say(f"{stage}: {config.run.steps} steps of {config.batch.micro_batch} x "
              f"{config.batch.seq_len} tokens"
@@ -234,7 +267,7 @@ def train_stages(settings: dict[str, Any], out_dir: Path, data: dict[str, Any],
     return runs, configs
 
 
-def evaluate_stages(runs: dict[str, dict[str, Any]], reference, data_dir: Path,
+def evaluate_stages(runs: dict[str, dict[str, Any]], reference, data: dict[str, Any],
                     eval_batches: int) -> list[dict[str, Any]]:
     """One held-out row per exported model, each against the pretrained teacher."""
     base_steps = runs["student_base"]["steps"]
@@ -251,9 +284,10 @@ def evaluate_stages(runs: dict[str, dict[str, Any]], reference, data_dir: Path,
     teacher_export = runs["teacher_pretrain"]["export_dir"]
     for label, stage, steps in models:
         export = runs[stage]["export_dir"]
-        metrics = held_out(export, data_dir, reference,
+        metrics = held_out(export, data["data_dir"], reference,
                            teacher_dir=teacher_export if stage != "teacher_pretrain" else None,
-                           eval_batches=eval_batches)
+                           eval_batches=eval_batches, last_word=data["last_word"],
+                           tokenizer_path=data["tokenizer_path"])
         rows.append({"model": label, "stage": stage, "steps": steps, "path": export, **metrics})
     return rows
 
@@ -284,10 +318,11 @@ def run_pipeline(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     # Model vocab rounded up like Pythia's 50304 rows for 50277 ids; padding rows excluded
     # from every softmax through data.valid_vocab.
     data["model_vocab"] = _round_up(data["vocab"], 64)
+    data["last_word"] = prepare_last_word(settings, out_dir, data, lap)
     runs, configs = train_stages(settings, out_dir, data, lap)
     curves = draw_curves(runs, out_dir)
     with lap("evaluation"):
-        rows = evaluate_stages(runs, configs["distill"], data["data_dir"], qs["eval_batches"])
+        rows = evaluate_stages(runs, configs["distill"], data, qs["eval_batches"])
     lap.timings["total"] = round(time.perf_counter() - lap.started, 2)
     return {
         "rows": rows,
@@ -296,6 +331,7 @@ def run_pipeline(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "tokenizer": {"path": str(data["tokenizer_path"]), "vocab": data["vocab"],
                       "model_vocab": data["model_vocab"]},
         "data_dir": str(data["data_dir"]),
+        "last_word_task": str(data["last_word"]),
         "curves": curves,
         "runs": {k: {"out_dir": v["out_dir"], "metrics_path": v.get("metrics_path"),
                      "checkpoint": v.get("checkpoint"), "export_dir": v["export_dir"]}
@@ -305,17 +341,21 @@ def run_pipeline(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = (f"{'model':<30}{'params':>10}{'steps':>7}{'held-out CE':>13}{'ppl':>10}"
-              f"{'KD to teacher':>15}")
+              f"{'KD to teacher':>15}{'last-word ppl':>15}{'acc':>8}")
     lines = [header, "-" * len(header)]
     for row in rows:
         kd = f"{row['kd']:.4f}" if "kd" in row else "-"
         lines.append(
             f"{row['model']:<30}{row['params'] / 1e6:>9.2f}M{row['steps']:>7}"
             f"{row['ce']:>13.4f}{row['ppl']:>10.2f}{kd:>15}"
+            f"{row['last_word_ppl']:>15.2f}{row['last_word_acc']:>8.3f}"
         )
     tokens = rows[0].get("tokens")
     lines.append(f"(held-out: {int(tokens) if tokens else '?'} tokens of the val split, "
                  "never trained on; KD = mean T^2 KL(teacher || model), T = 2)")
+    lines.append(f"(last word: LAMBADA-style, {rows[0]['last_word_items']} passages of "
+                 "standard-library files left out of the corpus, each ending with a name its "
+                 "earlier lines use; ppl of that word, acc = greedy match)")
     return "\n".join(lines)
 
 
@@ -329,6 +369,11 @@ def verdict(rows: list[dict[str, Any]]) -> tuple[bool, list[str]]:
     gain = 100 * (1 - distilled["ppl"] / base["ppl"])
     notes.append(f"distilled student vs its base: ppl {distilled['ppl']:.2f} vs {base['ppl']:.2f} "
                  f"({gain:+.1f}%) -> {'AHEAD' if ok else 'NOT AHEAD'}")
+    change = 100 * (distilled["last_word_ppl"] / base["last_word_ppl"] - 1)
+    notes.append(f"last word (LAMBADA-style) of the distilled student vs its base: ppl "
+                 f"{distilled['last_word_ppl']:.2f} vs {base['last_word_ppl']:.2f} "
+                 f"({change:+.1f}%), acc {distilled['last_word_acc']:.3f} vs "
+                 f"{base['last_word_acc']:.3f}")
     if teacher["ppl"] >= base["ppl"]:
         notes.append("warning: the teacher is not better than the student's base; the "
                      "teacher needs more pretraining steps for distillation to mean anything")
@@ -359,7 +404,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def print_summary(result: dict[str, Any], out_dir: Path) -> None:
     """The table, the verdict's notes, and where every artefact is."""
     print()
-    print("Held-out perplexity (Table-1 style)")
+    print("Held-out perplexity and LAMBADA-style last word (Table-1 style)")
     print(format_table(result["rows"]))
     print()
     for line in result["notes"]:

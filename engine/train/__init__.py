@@ -4,6 +4,8 @@
     setup.py       builders: models, loader, optimizer, micro-batch plan, resume, DDP, compile
     step.py        one micro-step and one optimizer step (the normaliser, docs/loss.md)
     loop.py        the Trainer: setup, train_step(), and the validate/save/stop policy
+    watch.py       eval.tasks scored while training, the regression alarm
+    lost_updates.py  update_lost_frac: AdamW updates a bf16 weight rounded away
     checkpoint.py  atomic, resumable checkpoints; export.py the final Hugging Face folder
     signals.py     SIGTERM/SIGINT -> finish the step, save, exit
 """

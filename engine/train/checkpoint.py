@@ -1,20 +1,23 @@
-"""Training checkpoints: atomic folders that a killed process can never leave half-valid.
+"""Training checkpoints: atomic folders, verified on load, never taken from a broken state.
 
 Layout of <out_dir>/checkpoints/step-00000010/ (docs/formats.md):
-    student/            the student in the Hugging Face layout (engine.model.hf_io)
-    optimizer.pt        AdamW state (fp32 moments in the default precision)
-    trainer_state.pt    step, per-rank loader states and RNG states, run counters
-    config.json         the resolved run configuration
-    DONE                written last, after the folder was renamed into place
+    student/                    the student in the Hugging Face layout (engine.model.hf_io)
+    optimizer.safetensors/.json AdamW state (engine/train/state_files.py)
+    trainer_state.json/.safetensors  step, per-rank loader and RNG states, run counters
+    config.json                 the resolved run configuration
+    DONE                        JSON, written last: the step, the non-finite-step counter and
+                                the sha256 of every file above
 
 A checkpoint is assembled in a staged folder (data.atomic.staged_folder: every file fsynced,
-the folder renamed to its final name), and only then is DONE written. Readers (resume=auto)
-trust only folders with DONE, so a process killed at any moment leaves the previous
-checkpoint as the newest usable one.
+the folder renamed to its final name), and only then is DONE written. Readers trust only
+folders with DONE, and check every file against its recorded sha256 and the weights for
+finiteness before using them; resume=auto falls back to the newest intact checkpoint. No file
+is unpickled: a checkpoint from someone else cannot run code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -27,12 +30,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.atomic import staged_folder, write_text_atomic
+from data.atomic import staged_folder, write_json_atomic
+from engine.model.config import CheckpointError
 from engine.model.hf_io import load_pretrained, write_model_files
+from engine.train import state_files
+from engine.train.file_writes import (
+    WRITE_ERRORS,
+    WriteFailed,
+    describe_write_error,
+    follow_umask,
+)
 
 CHECKPOINTS_DIR = "checkpoints"
 DONE_MARKER = "DONE"
+FORMAT_NAME = "neox-distill-checkpoint"
+FORMAT_VERSION = 2
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_PICKLED_FILES = ("optimizer.pt", "trainer_state.pt")  # format 1, before version 2
 
 # Test hook: "STEP:SECONDS" makes the save of checkpoint STEP pause SECONDS between its
 # writes (after creating a PAUSED file in the temporary folder), so a test can SIGKILL the
@@ -53,7 +67,7 @@ def step_dir_name(step: int) -> str:
 
 
 def complete_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, folder) of every checkpoint with a DONE marker, oldest first."""
+    """(step, folder) of every checkpoint with a DONE marker, oldest first (not verified)."""
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return []
@@ -70,28 +84,95 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return done[-1][1] if done else None
 
 
-def resolve_resume(resume: str, out_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint folder to continue from, per run.resume (auto | none | <path>)."""
+def resume_candidates(resume: str, out_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders to try, best first, per run.resume (auto | none | <path>)."""
     if resume == "none":
-        return None
+        return []
     if resume == "auto":
-        return latest_checkpoint(out_dir)
+        return [folder for _, folder in reversed(complete_checkpoints(out_dir))]
     path = Path(resume)
     if not (path / DONE_MARKER).is_file():
         raise CheckpointLoadError(
             f"run.resume={resume!r}: {path} is not a complete checkpoint (no {DONE_MARKER} marker)"
         )
-    return path
+    return [path]
 
 
-def _maybe_pause(step: int, tmp: Path) -> None:
-    spec = os.environ.get(SAVE_PAUSE_ENV)
-    if not spec:
-        return
-    target, _, seconds = spec.partition(":")
-    if int(target) == step:
-        (tmp / "PAUSED").write_text("paused mid-save for a test\n")
-        time.sleep(float(seconds))
+# --------------------------------------------------------------------------------------
+# The DONE marker and verification
+# --------------------------------------------------------------------------------------
+
+
+def file_sha256(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files_below(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def read_done(folder: Path) -> dict[str, Any]:
+    """The DONE marker of a checkpoint folder, format checked."""
+    marker = folder / DONE_MARKER
+    try:
+        done = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        done = None
+    if not isinstance(done, dict) or done.get("format") != FORMAT_NAME:
+        if any((folder / name).exists() for name in _PICKLED_FILES):
+            raise CheckpointLoadError(
+                f"{folder}: written by an older neox-distill (pickled optimizer.pt and "
+                "trainer_state.pt), which this version never loads; start a new run, or "
+                "finish this one with the version that wrote it"
+            )
+        raise CheckpointLoadError(f"{marker}: not a neox-distill checkpoint marker")
+    if done.get("format_version") != FORMAT_VERSION or not isinstance(done.get("files"), dict):
+        raise CheckpointLoadError(
+            f"{marker}: checkpoint format version {done.get('format_version')!r} is not "
+            f"{FORMAT_VERSION}; update neox-distill"
+        )
+    return done
+
+
+def verify_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
+    """Check every file of a checkpoint against the sha256 in its DONE marker; return DONE."""
+    folder = Path(folder)
+    done = read_done(folder)
+    for name, expected in done["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointLoadError(f"{path}: missing (listed in {folder / DONE_MARKER})")
+        if file_sha256(path) != expected:
+            raise CheckpointLoadError(
+                f"{path}: damaged (its sha256 differs from the one recorded when it was saved)"
+            )
+    return done
+
+
+def done_info(folder: Path) -> dict[str, Any] | None:
+    """The DONE marker's content, or None when it is unreadable (no files are hashed)."""
+    try:
+        return read_done(folder)
+    except CheckpointLoadError:
+        return None
+
+
+def last_good_checkpoint(out_dir: str | os.PathLike, before_step: int) -> Path | None:
+    """The newest checkpoint saved at or before `before_step` with no non-finite step pending."""
+    for step, folder in reversed(complete_checkpoints(out_dir)):
+        info = done_info(folder)
+        if step <= before_step and info is not None and info.get("bad_steps", 0) == 0:
+            return folder
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# RNG state
+# --------------------------------------------------------------------------------------
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -114,6 +195,41 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# --------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------
+
+
+def first_non_finite(module: torch.nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or inf, or None (one host sync)."""
+    names, params = zip(*module.named_parameters(), strict=True)
+    finite = torch.stack([torch.isfinite(p).all() for p in params]).cpu()
+    bad = (~finite).nonzero()
+    return names[int(bad[0])] if len(bad) else None
+
+
+def _maybe_pause(step: int, tmp: Path) -> None:
+    spec = os.environ.get(SAVE_PAUSE_ENV)
+    if not spec:
+        return
+    target, _, seconds = spec.partition(":")
+    if int(target) == step:
+        (tmp / "PAUSED").write_text("paused mid-save for a test\n")
+        time.sleep(float(seconds))
+
+
+def _write_checkpoint_files(staged: Path, step: int, *, student, optimizer, trainer_state,
+                            config) -> None:
+    (staged / "student").mkdir()
+    write_model_files(student, staged / "student")
+    _maybe_pause(step, staged)
+    state_files.save_optimizer(optimizer, staged)
+    state_files.save_trainer_state({**trainer_state, "step": step}, staged)
+    (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (staged / "PAUSED").unlink(missing_ok=True)
+    follow_umask(staged)
+
+
 def save_checkpoint(
     out_dir: str | os.PathLike,
     step: int,
@@ -123,35 +239,46 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config: dict[str, Any],
     keep_last: int,
+    prune: bool = True,
 ) -> Path:
-    """Write checkpoint `step` atomically, then prune to the newest `keep_last` complete ones.
+    """Write checkpoint `step` atomically; then, when `prune`, keep the newest `keep_last`.
 
-    Call on rank 0 only: under DDP the weights and optimizer state are identical on every
-    rank, and `trainer_state` already holds the per-rank parts gathered by the caller.
+    Refuses non-finite weights. Call on rank 0 only: under DDP the weights and optimizer
+    state are identical on every rank, and `trainer_state` already holds the per-rank parts
+    gathered by the caller. A failed write (a full disk) raises WriteFailed and leaves every
+    earlier checkpoint as it was.
     """
+    bad = first_non_finite(student)
+    if bad is not None:
+        raise ValueError(f"step {step}: parameter {bad} is not finite; not saving a checkpoint")
     final = checkpoint_root(out_dir) / step_dir_name(step)
-    # The same step may have been saved before (a run resumed from it and stopped at once):
-    # the staged folder replaces it only once the new, complete one is in place.
-    with staged_folder(final) as staged:
-        (staged / "student").mkdir()
-        write_model_files(student, staged / "student")
-        _maybe_pause(step, staged)
-        torch.save(optimizer.state_dict(), staged / "optimizer.pt")
-        torch.save({**trainer_state, "step": step}, staged / "trainer_state.pt")
-        (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (staged / "PAUSED").unlink(missing_ok=True)
-    write_text_atomic(final / DONE_MARKER, f"step {step}\n")  # fsyncs the marker and `final`
-    prune_checkpoints(out_dir, keep_last)
+    try:
+        # The same step may have been saved before (a run resumed from it and stopped at
+        # once): the staged folder replaces it only once the new, complete one is in place.
+        with staged_folder(final) as staged:
+            _write_checkpoint_files(staged, step, student=student, optimizer=optimizer,
+                                    trainer_state=trainer_state, config=config)
+            hashes = {name: file_sha256(staged / name) for name in _files_below(staged)}
+        done = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": step,
+                "bad_steps": int(trainer_state.get("bad_steps", 0)), "files": hashes}
+        write_json_atomic(final / DONE_MARKER, done)  # fsyncs the marker and `final`
+    except WRITE_ERRORS as exc:
+        previous = [f for s, f in complete_checkpoints(out_dir) if s != step]
+        kept = f"; {previous[-1]} is intact" if previous else ""
+        raise WriteFailed(
+            f"{final}: cannot save the checkpoint: {describe_write_error(exc)}{kept}"
+        ) from None
+    if prune:
+        prune_checkpoints(out_dir, keep_last, newest_step=step)
     return final
 
 
-def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, and leftovers of crashes.
-
-    Incomplete folders (temporary names, or no DONE marker) older than the newest complete
-    checkpoint are debris of killed saves; the newest complete one is never touched.
+def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, *, newest_step: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints up to `newest_step`, and leftovers of
+    crashes. Checkpoints after `newest_step` (a damaged one resume fell back from) are left
+    for the run to replace; the newest complete one is never touched.
     """
-    done = complete_checkpoints(out_dir)
+    done = [(s, f) for s, f in complete_checkpoints(out_dir) if s <= newest_step]
     for _, folder in done[: max(0, len(done) - keep_last)]:
         (folder / DONE_MARKER).unlink(missing_ok=True)  # first make it not-a-checkpoint
         shutil.rmtree(folder, ignore_errors=True)
@@ -172,26 +299,19 @@ def clean_incomplete(out_dir: str | os.PathLike) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def load_checkpoint(
-    folder: str | os.PathLike,
-    *,
-    student: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    map_location: str | torch.device = "cpu",
-) -> dict[str, Any]:
-    """Load weights into `student` and state into `optimizer`; return the trainer state.
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
 
-    The weights are read through load_pretrained in the dtype of the live student, then
-    copied in place, so parameters (and the optimizer's references to them) survive.
-    """
-    folder = Path(folder)
-    if not (folder / DONE_MARKER).is_file():
-        raise CheckpointLoadError(f"{folder}: incomplete checkpoint (no {DONE_MARKER} marker)")
-    for name in ("student", "optimizer.pt", "trainer_state.pt"):
-        if not (folder / name).exists():
-            raise CheckpointLoadError(f"{folder}: missing {name}")
+
+def _load_weights(folder: Path, student: torch.nn.Module) -> None:
+    """Copy the checkpoint's weights into the live student (parameters stay the same objects,
+    so the optimizer's references to them survive); refuse non-finite ones."""
     dtype = next(student.parameters()).dtype
-    saved = load_pretrained(folder / "student", dtype=dtype, device="cpu")
+    try:
+        saved = load_pretrained(folder / "student", dtype=dtype, device="cpu")
+    except CheckpointError as exc:
+        raise CheckpointLoadError(str(exc)) from None
     saved_params = dict(saved.named_parameters())
     with torch.no_grad():
         for name, param in student.named_parameters():
@@ -203,9 +323,27 @@ def load_checkpoint(
                     f"the model expects {tuple(param.shape)}"
                 )
             param.copy_(saved_params[name])
-    del saved, saved_params
-    if optimizer is not None:
-        # Our own file, written by save_checkpoint: the full pickle is trusted.
-        state = torch.load(folder / "optimizer.pt", map_location=map_location, weights_only=False)
-        optimizer.load_state_dict(state)
-    return torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
+    bad = first_non_finite(student)
+    if bad is not None:
+        raise CheckpointLoadError(f"{folder / 'student'}: weight {bad} is not finite")
+
+
+def load_checkpoint(
+    folder: str | os.PathLike,
+    *,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+) -> dict[str, Any]:
+    """Verify a checkpoint, load its weights into `student` and its state into `optimizer`;
+    return the trainer state. Every failure is a CheckpointLoadError naming the file."""
+    folder = Path(folder)
+    if not (folder / DONE_MARKER).is_file():
+        raise CheckpointLoadError(f"{folder}: incomplete checkpoint (no {DONE_MARKER} marker)")
+    verify_checkpoint(folder)
+    _load_weights(folder, student)
+    try:
+        if optimizer is not None:
+            state_files.load_optimizer(optimizer, folder)
+        return state_files.load_trainer_state(folder)
+    except state_files.StateFileError as exc:
+        raise CheckpointLoadError(str(exc)) from None

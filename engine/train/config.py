@@ -1,7 +1,7 @@
 """Typed training configuration: dataclasses, TOML presets and command-line overrides.
 
 One place decides what a key means and which values it accepts, so a typo in a preset or on
-the command line fails before any model is loaded, with the list of keys that do exist.
+the command line fails before any model is loaded, naming the nearest key that does exist.
 The resolved configuration is written into the run folder so a run can be reproduced (and
 resumed) from its own record rather than from whatever the preset says today.
 """
@@ -9,6 +9,7 @@ resumed) from its own record rather than from whatever the preset says today.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from typing import Any
 
 from data.atomic import write_json_atomic, write_text_atomic
 from data.loader import DATASET_MODES
+from engine.eval.tasks import TASKS
 from engine.memory import parse_bytes
 from engine.model.config import GPTNeoXConfig
 from engine.precision import DTYPE_NAMES, PRECISION_MODES
@@ -48,6 +50,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("constant", "cosine"),
     "precision": PRECISION_MODES,
     "device": ("auto", "cpu", "cuda"),
+    "eval.alarm_action": ("warn", "stop"),
 }
 
 
@@ -67,6 +70,9 @@ class RunConfig:
     max_bad_steps: int = 3  # non-finite steps in a row before the run stops
     export_dir: str = ""  # final Hugging Face folder; empty = <out_dir>/final
     tokenizer: str = ""  # tokenizer.json copied beside the exported student when set
+    # A fresh start in an out_dir holding an earlier run's results (final/, metrics.jsonl)
+    # and no checkpoint is refused unless this is true; it then starts metrics.jsonl anew.
+    overwrite: bool = False
 
 
 @dataclass
@@ -164,6 +170,20 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Task scores while training (engine/train/watch.py) and the lost-update metric."""
+
+    # "KIND=PATH" with KIND lambada, mc or ppl (engine.eval's tasks); needs run.tokenizer.
+    tasks: list[str] = field(default_factory=list)
+    every: int = 0  # optimizer steps between task scores; 0 = only at step 0 and the end
+    limit: int = 0  # documents per task; 0 = all
+    batch_size: int = 8  # sequences per scoring forward
+    alarm: float = 0.1  # warn when a task's ppl is this fraction above step 0's; 0 = off
+    alarm_action: str = "warn"  # "stop": save a checkpoint and exit non-zero
+    lost_updates: bool = True  # update_lost_frac per step in precision "bf16-pure"
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -174,6 +194,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # bf16-autocast: fp32 master weights and AdamW state, bf16 compute (the default);
     # bf16-pure: bf16 weights and optimizer state, like the seed recipe; fp32: no autocast.
     precision: str = "bf16-autocast"
@@ -204,8 +225,12 @@ def valid_keys() -> list[str]:
     return keys
 
 
-def _keys_hint() -> str:
-    return "valid keys: " + ", ".join(valid_keys())
+def _unknown_key(key: str, known: list[str] | None = None) -> ConfigError:
+    """'unknown key', with the nearest of the `known` keys (default: all) when one is close."""
+    near = difflib.get_close_matches(key, known or valid_keys(), n=1, cutoff=0.6)
+    hint = (f"did you mean {near[0]}?" if near
+            else "python -m engine.train --help lists every key")
+    return ConfigError(f"{key}: unknown key ({hint})")
 
 
 def _coerce(key: str, typ: Any, value: Any, *, from_text: bool) -> Any:
@@ -214,20 +239,9 @@ def _coerce(key: str, typ: Any, value: Any, *, from_text: bool) -> Any:
     if typ == bool | str:  # a switch that may also be left to the engine: true, false, "auto"
         if isinstance(value, str) and value.strip().lower() == AUTO:
             return AUTO
-        try:
-            return _coerce(key, bool, value, from_text=from_text)
-        except ConfigError:
-            raise bad from None
+        return _coerce_bool(value, from_text, bad)
     if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if from_text and isinstance(value, str):
-            text = value.strip().lower()
-            if text in ("true", "1", "yes", "on"):
-                return True
-            if text in ("false", "0", "no", "off"):
-                return False
-        raise bad
+        return _coerce_bool(value, from_text, bad)
     if typ is int:
         if isinstance(value, bool):
             raise bad
@@ -258,6 +272,13 @@ def _coerce(key: str, typ: Any, value: Any, *, from_text: bool) -> Any:
         if isinstance(value, str):
             return value
         raise bad
+    if typing.get_origin(typ) is list:
+        (item_type,) = typing.get_args(typ)
+        if from_text and isinstance(value, str):
+            value = _text_list(value, bad)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(key, item_type, v, from_text=from_text) for v in value]
     if typing.get_origin(typ) is tuple:
         item_types = typing.get_args(typ)
         if from_text and isinstance(value, str):
@@ -271,9 +292,37 @@ def _coerce(key: str, typ: Any, value: Any, *, from_text: bool) -> Any:
     raise ConfigError(f"{key}: unsupported field type {typ!r}")  # pragma: no cover
 
 
+def _coerce_bool(value: Any, from_text: bool, bad: ConfigError) -> bool:
+    if isinstance(value, bool):
+        return value
+    if from_text and isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+    raise bad
+
+
+def _text_list(text: str, bad: ConfigError) -> list:
+    """A command-line list: a JSON/TOML-style ["a", "b"] or plain comma-separated a,b."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise bad from None
+        if not isinstance(value, list):
+            raise bad
+        return value
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _type_name(typ: Any) -> str:
     if typ == bool | str:
         return 'true, false or "auto"'
+    if typing.get_origin(typ) is list:
+        return "a list of " + typing.get_args(typ)[0].__name__
     if typing.get_origin(typ) is tuple:
         return "a list of " + ", ".join(t.__name__ for t in typing.get_args(typ))
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
@@ -289,10 +338,10 @@ def _set(config: Config, key: str, value: Any, *, from_text: bool) -> None:
     elif len(parts) == 2 and parts[0] in top and dataclasses.is_dataclass(top[parts[0]]):
         fields = _field_types(top[parts[0]])
         if parts[1] not in fields:
-            raise ConfigError(f"unknown key {key!r}; {_keys_hint()}")
+            raise _unknown_key(key)
         target, name, typ = getattr(config, parts[0]), parts[1], fields[parts[1]]
     else:
-        raise ConfigError(f"unknown key {key!r}; {_keys_hint()}")
+        raise _unknown_key(key)
     coerced = _coerce(key, typ, value, from_text=from_text)
     choices = CHOICES.get(key)
     if choices is not None and coerced not in choices:
@@ -305,7 +354,7 @@ def apply_dict(config: Config, data: dict[str, Any], *, source: str = "config") 
     top = _field_types(Config)
     for name, value in data.items():
         if name not in top:
-            raise ConfigError(f"{source}: unknown key {name!r}; {_keys_hint()}")
+            raise ConfigError(f"{source}: {_unknown_key(name, list(top))}")
         if dataclasses.is_dataclass(top[name]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: [{name}] must be a table of keys")
@@ -327,14 +376,15 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"expected --section.key=value, got {arg!r}; {_keys_hint()}")
+            raise ConfigError(f"{arg}: expected --section.key=value (python -m engine.train "
+                              "--help lists every key)")
         body = arg[2:]
         if "=" in body:
             key, value = body.split("=", 1)
             i += 1
         else:
             if i + 1 >= len(args):
-                raise ConfigError(f"--{body} needs a value (--{body}=VALUE or --{body} VALUE)")
+                raise ConfigError(f"--{body}: needs a value (--{body}=VALUE or --{body} VALUE)")
             key, value = body, args[i + 1]
             i += 2
         pairs.append((key, value))
@@ -353,10 +403,11 @@ def validate(config: Config) -> Config:
         "batch.accum_steps": config.batch.accum_steps,
         "batch.seq_len": config.batch.seq_len,
         "loss.temperature": config.loss.temperature,
+        "eval.batch_size": config.eval.batch_size,
     }
     for key, value in positive.items():
         if value <= 0:
-            problems.append(f"{key} must be > 0, got {value}")
+            problems.append(f"{key}: must be > 0, got {value}")
     for key, value in {
         "run.save_every": config.run.save_every,
         "run.val_every": config.run.val_every,
@@ -366,27 +417,31 @@ def validate(config: Config) -> Config:
         "optim.weight_decay": config.optim.weight_decay,
         "optim.min_lr": config.optim.min_lr,
         "data.valid_vocab": config.data.valid_vocab,
+        "eval.every": config.eval.every,
+        "eval.limit": config.eval.limit,
+        "eval.alarm": config.eval.alarm,
     }.items():
         if value < 0:
-            problems.append(f"{key} must be >= 0, got {value}")
+            problems.append(f"{key}: must be >= 0, got {value}")
     if not 0.0 <= config.loss.alpha <= 1.0:
-        problems.append(f"loss.alpha must be in [0, 1], got {config.loss.alpha}")
+        problems.append(f"loss.alpha: must be in [0, 1], got {config.loss.alpha}")
     for key in ("beta", "skew"):
         value = getattr(config.loss, key)
         if not 0.0 <= value <= 1.0:
-            problems.append(f"loss.{key} must be in [0, 1], got {value} "
+            problems.append(f"loss.{key}: must be in [0, 1], got {value} "
                             f"(read by {'jsd' if key == 'beta' else 'the skew divergences'})")
     problems += _budget_problems(config.batch.memory_budget)
     if config.optim.lr <= 0:
-        problems.append(f"optim.lr must be > 0, got {config.optim.lr}")
+        problems.append(f"optim.lr: must be > 0, got {config.optim.lr}")
     if not 0.0 <= config.data.val_fraction < 1.0:
-        problems.append(f"data.val_fraction must be in [0, 1), got {config.data.val_fraction}")
+        problems.append(f"data.val_fraction: must be in [0, 1), got {config.data.val_fraction}")
     if config.student.init == "pretrained" and not config.student.path:
-        problems.append("student.path is required when student.init = 'pretrained'")
+        problems.append("student.path: required when student.init = 'pretrained'")
     if not config.data.path:
-        problems.append("data.path is required (a folder written by data.preprocess)")
+        problems.append("data.path: required (a folder written by data.preprocess)")
+    problems.extend(_eval_task_problems(config))
     if problems:
-        raise ConfigError("invalid configuration: " + "; ".join(problems))
+        raise ConfigError("; ".join(problems))
     return config
 
 
@@ -416,6 +471,38 @@ def memory_budget_bytes(config: Config, device_memory: int | None) -> int | None
     if budget == AUTO:
         return device_memory
     return parse_bytes(config.batch.memory_budget)
+
+
+def parse_task_spec(spec: str) -> tuple[str, str, str]:
+    """(kind, name, path) of an eval.tasks entry "KIND=PATH"; the name is the file's stem
+    ("lambada_openai" for lambada=data/lambada_openai.jsonl), which tells two files apart."""
+    kind, sep, path = spec.partition("=")
+    kind, path = kind.strip(), path.strip()
+    if not sep or kind not in TASKS or not path:
+        raise ConfigError(
+            f"eval.tasks: {spec!r} is not KIND=PATH with KIND one of {', '.join(TASKS)} "
+            '(e.g. "lambada=lambada_openai.jsonl")'
+        )
+    return kind, Path(path).name.split(".")[0] or path, path
+
+
+def _eval_task_problems(config: Config) -> list[str]:
+    """eval.tasks entries that cannot be parsed, share a name, or lack run.tokenizer."""
+    problems, names = [], set()
+    for spec in config.eval.tasks:
+        try:
+            _, name, _ = parse_task_spec(spec)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        if name in names:
+            problems.append(f"eval.tasks: two tasks are named {name!r} (their file names); "
+                            "rename one file")
+        names.add(name)
+    if config.eval.tasks and not config.run.tokenizer:
+        problems.append("eval.tasks needs run.tokenizer (the tokenizer.json that encodes the "
+                        "task files, the student's own)")
+    return problems
 
 
 def load_config(

@@ -2,22 +2,51 @@
 
 The export loads unchanged in transformers' GPTNeoXForCausalLM and AutoTokenizer and in
 lm-evaluation-harness (docs/formats.md). It is staged and swapped in whole, so a crash leaves
-the previous export.
+the previous export. Every export carries a marker file, written last; an existing folder is
+replaced only when it carries that marker (or is empty), so an export can never delete a
+folder the engine did not export (a model's source folder, a run folder, anything of the
+user's).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 from data.atomic import staged_folder
-from engine.model.hf_io import CONFIG_NAME, write_model_files
+from engine.model.hf_io import write_model_files
+from engine.train.file_writes import WRITE_ERRORS, WriteFailed, describe_write_error, follow_umask
 from engine.train.model_card import CARD_NAME, write_tokenizer_files
 
 TOKENIZER_NAME = "tokenizer.json"
+EXPORT_MARKER = "neox_distill_export.json"
+EXPORT_FORMAT = "neox-distill-export"
+
+
+def is_engine_export(folder: Path) -> bool:
+    """Whether `folder` holds a marker that this engine wrote at the end of an export."""
+    try:
+        marker = json.loads((folder / EXPORT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(marker, dict) and marker.get("format") == EXPORT_FORMAT
+
+
+def replace_refusal(folder: Path) -> str | None:
+    """Why an export must not replace `folder`, or None when it may."""
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        return f"{folder}: exists and is not a folder; not replacing it"
+    if any(folder.iterdir()) and not is_engine_export(folder):
+        return (f"{folder}: exists and was not exported by neox-distill (no {EXPORT_MARKER}); "
+                "not replacing it (choose another run.export_dir, or move the folder away)")
+    return None
 
 
 def export_student(
@@ -28,26 +57,36 @@ def export_student(
     dtype: torch.dtype | None = None,
     model_card: str | None = None,
     pad_id: int | None = None,
+    source: dict | None = None,
 ) -> Path:
     """Write the student as a plain Hugging Face folder, atomically: with `tokenizer_path`
     also tokenizer.json and the AutoTokenizer settings (engine/train/model_card.py, `pad_id`
     the pad token), with `model_card` a README.md.
 
-    An existing folder is replaced only when it is a model folder (has config.json).
+    `source` (e.g. the run folder and step) goes into the marker. Raises FileExistsError for
+    a folder this engine did not export and WriteFailed when the disk refuses the files.
     """
     export_dir = Path(export_dir)
-    if export_dir.exists() and not (export_dir / CONFIG_NAME).is_file():
-        raise FileExistsError(
-            f"{export_dir}: exists and is not a model folder (no config.json); not replacing it"
-        )
-    with staged_folder(export_dir) as staged:
-        write_model_files(student, staged, dtype)
-        if tokenizer_path:
-            tokenizer_path = Path(tokenizer_path)
-            if not tokenizer_path.is_file():
-                raise FileNotFoundError(f"run.tokenizer: {tokenizer_path} is not a file")
-            shutil.copyfile(tokenizer_path, staged / TOKENIZER_NAME)
-            write_tokenizer_files(staged, student.config, pad_id, source=tokenizer_path)
-        if model_card is not None:
-            (staged / CARD_NAME).write_text(model_card, encoding="utf-8")
+    refusal = replace_refusal(export_dir)
+    if refusal:
+        raise FileExistsError(refusal)
+    try:
+        with staged_folder(export_dir) as staged:
+            write_model_files(student, staged, dtype)
+            if tokenizer_path:
+                shutil.copyfile(tokenizer_path, staged / TOKENIZER_NAME)
+                write_tokenizer_files(staged, student.config, pad_id,
+                                      source=Path(tokenizer_path))
+            if model_card is not None:
+                (staged / CARD_NAME).write_text(model_card, encoding="utf-8")
+            follow_umask(staged)
+            # Last: a folder holding the marker is a complete export of ours.
+            marker = {"format": EXPORT_FORMAT, "format_version": 1,
+                      "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(source or {})}
+            (staged / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n",
+                                                encoding="utf-8")
+    except WRITE_ERRORS as exc:
+        raise WriteFailed(
+            f"{export_dir}: cannot export the student: {describe_write_error(exc)}"
+        ) from None
     return export_dir

@@ -14,6 +14,7 @@ MetricsWriter, an evaluation in `validate()`, a new artefact in `_finish()`.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 import warnings
 from pathlib import Path
@@ -26,13 +27,17 @@ from engine import dist
 from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.scoring import heldout_metrics
 from engine.memory import training_flops_per_token
-from engine.metrics import MetricsWriter, mfu, peak_flops, peak_memory_bytes
+from engine.metrics import MetricsWriter, mfu, peak_flops, peak_memory_bytes, read_records
 from engine.precision import precision_dtypes
+from engine.token_ids import check_batch, checked_batches
 from engine.train import checkpoint as ckpt
-from engine.train.config import Config, kd_settings, validate
+from engine.train.config import Config, ConfigError, kd_settings, validate, write_resolved
 from engine.train.export import export_student
+from engine.train.lock import hold_run_lock
 from engine.train.loggers import build_sinks
+from engine.train.lost_updates import build_meter
 from engine.train.model_card import model_card_for
+from engine.train.preflight import check_paths, export_dir_of
 from engine.train.setup import (
     build_optimizer,
     build_student,
@@ -48,25 +53,34 @@ from engine.train.setup import (
     wrap_model,
     wrap_teacher,
 )
-from engine.train.signals import StopRequest
+from engine.train.signals import StopRequest, finish_pause
 from engine.train.step import StepResult, train_step
+from engine.train.vocab_checks import check_data_fits
+from engine.train.watch import TaskRegression, TaskWatch
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row; the last good checkpoint was left untouched."""
+    """Non-finite steps or weights; nothing was saved or exported from the broken state."""
 
 
 def run(config: Config) -> dict[str, Any]:
     """Train per `config` (resuming per run.resume); returns out_dir, status and final metrics.
 
-    Raises ConfigError for unusable settings, TrainingDiverged after run.max_bad_steps
-    non-finite steps in a row (checkpoints untouched), dist.DistributedError when a peer dies.
+    Every path is checked before anything is loaded, the run folder is locked for the whole
+    run, and SIGTERM/SIGINT are handled from the first step until the end (validation and
+    export included). Raises ConfigError for unusable settings, RunLocked when another run
+    holds out_dir, TrainingDiverged when the state turned non-finite (nothing saved from
+    it), dist.DistributedError when a peer dies.
     """
     validate(config)
+    check_paths(config)
     configure_cuda_allocator(config)
     info = dist.init_distributed(config.device)
     try:
-        return Trainer(config, info).train()
+        with hold_run_lock(config.run.out_dir, info):
+            trainer = Trainer(config, info)
+            with StopRequest() as stop:
+                return trainer.train(stop)
     finally:
         dist.teardown()
 
@@ -80,25 +94,34 @@ class Trainer:
         self.writer = MetricsWriter(self.out_dir, enabled=info.is_main,
                                     total_steps=config.run.steps,
                                     sinks=build_sinks(config, enabled=info.is_main))
-        self.resume_from = prepare_run_folder(config, info)
+        candidates = prepare_run_folder(config, info)
         weight_dtype, autocast_dtype = precision_dtypes(config.precision)
         self.student = build_student(config, self.device, weight_dtype)
         self.teacher = build_teacher(config, self.device)
         check_compatible(config, self.student, self.teacher)
+        self.vocab_rows = self.student.config.vocab_size
         teacher_cfg = self.teacher.config if self.teacher is not None else None
         self.micro_batch, self.accum_steps, self.predicted_peak, memory_note = plan_micro_batch(
             config, teacher_cfg, self.student.config, self.device
         )
         self.dataset = build_dataset(config.data.path, config.data.mode, config.batch.seq_len,
                                      config.data.pad_id)
+        check_data_fits(config, self.dataset.shards, self.vocab_rows)
         self.train_loader = build_train_loader(config, self.dataset, self.micro_batch, info)
         self.optimizer = build_optimizer(config, self.student, self.device)
-        self.step, self.bad_steps = 0, 0
+        self.resume_from, self.step, self.bad_steps = resume(
+            candidates, log=self.writer.log_text, student=self.student,
+            optimizer=self.optimizer, loader=self.train_loader, info=info)
+        self.last_val: dict[str, Any] | None = None
+        self.val_step: int | None = None  # the step last_val belongs to
         if self.resume_from is not None:
-            self.step, self.bad_steps = resume(self.resume_from, student=self.student,
-                                               optimizer=self.optimizer,
-                                               loader=self.train_loader, info=info)
-            self.writer.log_text(f"resumed from {self.resume_from} at step {self.step}")
+            self._continue_records()
+        self.lost_updates = build_meter(self.optimizer, self.student, precision=config.precision,
+                                        enabled=config.eval.lost_updates, lr=config.optim.lr,
+                                        beta1=config.optim.betas[0], is_main=info.is_main)
+        self.watch = TaskWatch(config, self.student, self.writer, info,
+                               autocast_dtype=autocast_dtype,
+                               resumed_at=self.step if self.resume_from is not None else None)
         self.model = wrap_model(self.student, config, info)
         self.teacher_model = wrap_teacher(self.teacher, config, self.device)
         self.writer.log_text(describe_runtime(config, self.device, self.optimizer, memory_note))
@@ -118,9 +141,30 @@ class Trainer:
         self.peak_flops_total = peak * info.world_size if peak is not None else None
         self.batches = iter(self.train_loader)
         self.last_record: dict[str, Any] = {}
-        self.last_val: dict[str, Any] | None = None
         self._session_start, self._session_steps = time.perf_counter(), 0  # for the ETA
         self.writer.log_text(self._describe())
+        if info.is_main:  # only now: a failed launch leaves an earlier run's record alone
+            write_resolved(config, self.out_dir)
+
+    def _continue_records(self) -> None:
+        """A resumed run: refuse run.steps below the checkpoint, and take back a validation
+        already recorded at its step (none is logged twice). writer.start() later drops the
+        records after the step; nothing is changed here, the launch may still fail."""
+        if self.step > self.config.run.steps:
+            raise ConfigError(
+                f"run.steps={self.config.run.steps} is below step {self.step} of the checkpoint "
+                f"{self.resume_from}; raise run.steps to continue, or resume an earlier "
+                "checkpoint with run.resume=<folder>"
+            )
+        self.writer.log_text(f"resumed from {self.resume_from} at step {self.step}")
+        recorded = None
+        if self.info.is_main and self.writer.path.is_file():
+            for record in read_records(self.writer.path):
+                if record.get("kind") == "val" and record.get("step") == self.step:
+                    recorded = {k: v for k, v in record.items() if k.startswith("val_")}
+        self.last_val = dist.all_gather_object(recorded)[0]  # every rank validates, or none
+        if self.last_val is not None:
+            self.val_step = self.step
 
     def _describe(self) -> str:
         teacher_params = self.teacher.num_parameters() if self.teacher is not None else 0
@@ -140,6 +184,9 @@ class Trainer:
         """One optimizer step over the next accumulation window; logs its record."""
         started = time.perf_counter()
         window = list(itertools.islice(self.batches, self.accum_steps))
+        for batch in window:  # the CPU copy: an id past the embedding never reaches the device
+            check_batch(batch, self.vocab_rows, f"data.path={self.config.data.path}: a batch "
+                        f"of step {self.step + 1}", self.loss_settings["valid_vocab"])
         lr = lr_at(self.config, self.step)
         result = train_step(
             self.model, self.student, self.teacher_model, self.optimizer, window,
@@ -177,6 +224,7 @@ class Trainer:
             "step_time_s": elapsed,
             "eta_s": per_step * (self.config.run.steps - self.step),
             "skipped": not result.applied,
+            **self.lost_updates.fields(self.step),
         }
 
     def validate(self) -> dict[str, Any] | None:
@@ -188,9 +236,11 @@ class Trainer:
         loader = heldout_loader(self.dataset, self.micro_batch,
                                 val_fraction=config.data.val_fraction,
                                 rank=self.info.rank, world_size=self.info.world_size)
+        batches = heldout_batches(loader, max_batches=config.run.val_batches or None)
         metrics = heldout_metrics(
             self.student,
-            heldout_batches(loader, max_batches=config.run.val_batches or None),
+            checked_batches(batches, self.vocab_rows, f"data.path={config.data.path}: "
+                            "validation", self.loss_settings["valid_vocab"]),
             teacher=self.teacher,
             valid_vocab=self.loss_settings["valid_vocab"],
             autocast_dtype=self.loss_settings["autocast_dtype"],
@@ -205,8 +255,27 @@ class Trainer:
         )
         return result
 
+    def watch_tasks(self) -> None:
+        """Score eval.tasks now (engine/train/watch.py); when a task regressed and
+        eval.alarm_action is "stop", save a checkpoint and raise TaskRegression."""
+        reason = self.watch.score(self.step)
+        if reason is not None:
+            self.save()
+            raise TaskRegression(f"{reason}; stopped by eval.alarm_action=stop, checkpoint "
+                                 f"saved at step {self.step}")
+
     def save(self) -> Path | None:
-        """A checkpoint of this step (rank 0 writes; every rank's loader and RNG go in it)."""
+        """A checkpoint of this step (rank 0 writes; every rank's loader and RNG go in it).
+
+        Never from non-finite weights (TrainingDiverged instead); a checkpoint taken while
+        non-finite steps are pending does not prune the older ones, which may be the last good.
+        """
+        bad = ckpt.first_non_finite(self.student)  # same weights on every rank: same verdict
+        if bad is not None:
+            raise TrainingDiverged(
+                f"step {self.step}: the student's weight {bad} is not finite; nothing saved. "
+                f"{self._last_good_message()}"
+            )
         loader_states = dist.all_gather_object(self.train_loader.state_dict())
         rng_states = dist.all_gather_object(ckpt.capture_rng_state())
         path = None
@@ -224,6 +293,7 @@ class Trainer:
                 },
                 config=self.config.to_dict(),
                 keep_last=self.config.run.keep_last,
+                prune=self.bad_steps == 0,
             )
             self.writer.log_text(f"saved checkpoint {path}")
         dist.barrier()
@@ -233,8 +303,13 @@ class Trainer:
     # The loop and its policy
     # ----------------------------------------------------------------------------------
 
-    def train(self) -> dict[str, Any]:
-        """Steps until run.steps or a stop signal, then the end of the run (_finish)."""
+    def train(self, stop: StopRequest | None = None) -> dict[str, Any]:
+        """Steps until run.steps or a stop signal, then the end of the run (_finish).
+
+        `stop` is the signal handler run() holds until the process is done; without one
+        (a caller driving the Trainer itself) signals keep their default meaning.
+        """
+        stop = stop or StopRequest()
         run_cfg = self.config.run
         last_saved = self.step if self.resume_from is not None else None
         status = "completed"
@@ -243,22 +318,25 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             self.writer.start(self.step)  # drops records after self.step, opens the sinks
-            with StopRequest() as stop:
-                while self.step < run_cfg.steps:
-                    result = self.train_step(stop.requested)
-                    if self._session_steps == 1:
-                        self._log_peak_memory()
-                    if not result.applied:
-                        self._on_non_finite(result)
-                    if run_cfg.val_every and self.step % run_cfg.val_every == 0:
-                        self.last_val = self.validate()
-                    if run_cfg.save_every and self.step % run_cfg.save_every == 0:
-                        self.save()
-                        last_saved = self.step
-                    if result.stop_votes > 0:
-                        status = "interrupted"
-                        break
-            return self._finish(status, last_saved)
+            if self.watch.due(self.step):  # step 0: the untouched student
+                self.watch_tasks()
+            while self.step < run_cfg.steps:
+                result = self.train_step(stop.requested)
+                if self._session_steps == 1:
+                    self._log_peak_memory()
+                if not result.applied:
+                    self._on_non_finite(result)
+                if run_cfg.val_every and self.step % run_cfg.val_every == 0:
+                    self.last_val, self.val_step = self.validate(), self.step
+                if self.watch.due(self.step):
+                    self.watch_tasks()
+                if run_cfg.save_every and self.step % run_cfg.save_every == 0:
+                    self.save()
+                    last_saved = self.step
+                if result.stop_votes > 0:
+                    status = "interrupted"
+                    break
+            return self._finish(status, last_saved, stop)
         finally:
             self.writer.close()
 
@@ -270,6 +348,15 @@ class Trainer:
         measured = self.last_record["peak_memory_bytes"] / 2**30
         self.writer.log_text(f"peak memory: {predicted}measured {measured:.2f} GiB")
 
+    def _last_good_message(self) -> str:
+        """Names the newest checkpoint saved before the current run of non-finite steps."""
+        first_bad = self.step - self.bad_steps + 1
+        good = ckpt.last_good_checkpoint(self.out_dir, before_step=first_bad - 1)
+        if good is None:
+            return "No checkpoint from before the first non-finite step."
+        return (f"Last good checkpoint (saved before the first non-finite step): {good}; "
+                f"resume from it with run.resume={good} and a lower optim.lr")
+
     def _on_non_finite(self, result: StepResult) -> None:
         """Warn about a skipped update; stop after run.max_bad_steps of them in a row."""
         limit = self.config.run.max_bad_steps
@@ -279,40 +366,65 @@ class Trainer:
         )
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         if self.bad_steps >= limit:
-            good = ckpt.latest_checkpoint(self.out_dir)
             raise TrainingDiverged(
                 f"{self.bad_steps} non-finite steps in a row (last at step {self.step}); "
-                f"stopped. Last good checkpoint: {good if good else 'none saved yet'}"
+                f"stopped. {self._last_good_message()}"
             )
 
-    def _finish(self, status: str, last_saved: int | None) -> dict[str, Any]:
-        """Interrupted: save and leave. Completed: validate, save, export the student."""
-        run_cfg = self.config.run
-        export_dir = None
-        if status == "interrupted":
-            if last_saved != self.step:
-                self.save()
-            self.writer.log_text(f"stopped by signal at step {self.step}; "
-                                 "resume with run.resume=auto")
-            return self._result(status, export_dir)
-        if self.last_val is None or not run_cfg.val_every or self.step % run_cfg.val_every:
-            self.last_val = self.validate()
+    def _stop_voted(self, stop: StopRequest) -> bool:
+        """Whether any rank has been asked to stop (every rank gets the same answer)."""
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+        return dist.all_reduce_sum(flag).item() > 0
+
+    def _check_final_state(self) -> None:
+        """A run ends in success only from a finite state: last step, weights, validation."""
+        val_ce = (self.last_val or {}).get("val_ce", 0.0)
+        if self.bad_steps or not math.isfinite(val_ce):
+            what = (f"its last {self.bad_steps} step(s) were non-finite" if self.bad_steps
+                    else f"the final validation gave val_ce {val_ce}")
+            raise TrainingDiverged(
+                f"the run ended in a non-finite state ({what}); nothing exported. "
+                f"{self._last_good_message()}"
+            )
+
+    def _finish(self, status: str, last_saved: int | None, stop: StopRequest) -> dict[str, Any]:
+        """Save first (the weights are durable before anything else can go wrong); then,
+        unless a signal came, validate, check the final state, score the watched tasks and
+        export the student."""
         if last_saved != self.step:
             self.save()
-        export_dir = Path(run_cfg.export_dir) if run_cfg.export_dir else self.out_dir / "final"
+        finish_pause(stop)
+        if status == "completed" and not self._stop_voted(stop):
+            if self.val_step != self.step:
+                self.last_val, self.val_step = self.validate(), self.step
+            self._check_final_state()
+            if self.watch.due(self.step, final=True):
+                self.watch_tasks()
+            if not self._stop_voted(stop):
+                return self._result(status, self._export(), stop)
+        self.writer.log_text(f"stopped by {stop.signal_name or 'a signal'} at step {self.step}; "
+                             "resume with run.resume=auto to finish")
+        return self._result("interrupted", None, stop)
+
+    def _export(self) -> Path:
+        export_dir = export_dir_of(self.config)
         if self.info.is_main:
-            export_student(self.student, export_dir, tokenizer_path=run_cfg.tokenizer or None,
+            export_student(self.student, export_dir,
+                           tokenizer_path=self.config.run.tokenizer or None,
                            model_card=model_card_for(self, export_dir),
-                           pad_id=self.config.data.pad_id)
+                           pad_id=self.config.data.pad_id,
+                           source={"run_dir": str(self.out_dir), "step": self.step})
             self.writer.log_text(f"exported the student to {export_dir}")
         dist.barrier()
-        return self._result(status, export_dir)
+        return export_dir
 
-    def _result(self, status: str, export_dir: Path | None) -> dict[str, Any]:
+    def _result(self, status: str, export_dir: Path | None,
+                stop: StopRequest) -> dict[str, Any]:
         latest = ckpt.latest_checkpoint(self.out_dir)
         return {
             "out_dir": str(self.out_dir),
             "status": status,
+            "signal": stop.signal_name or None,
             "step": self.step,
             "steps": self.config.run.steps,
             "micro_batch": self.micro_batch,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from data.atomic import write_text_atomic
 from data.loader import BatchLoader
 from engine import dist
 from engine.memory import format_bytes, largest_micro_batch, plan_memory
@@ -21,29 +22,52 @@ from engine.model.hf_io import load_pretrained
 from engine.model.network import GPTNeoX
 from engine.precision import dtype_bytes, dtype_of
 from engine.train import checkpoint as ckpt
-from engine.train.config import AUTO, Config, ConfigError, memory_budget_bytes, write_resolved
+from engine.train.config import AUTO, Config, ConfigError, memory_budget_bytes
 
 # --------------------------------------------------------------------------------------
 # The run folder
 # --------------------------------------------------------------------------------------
 
 
-def prepare_run_folder(config: Config, info: dist.DistInfo) -> Path | None:
-    """Create out_dir, clear debris of killed saves, write the resolved configuration; return
-    the checkpoint to resume from (None for a fresh start)."""
+def earlier_results(out_dir: Path) -> list[str]:
+    """What an earlier run left in out_dir besides checkpoints: its export, its metrics."""
+    found = []
+    if (out_dir / "final").exists():
+        found.append(str(out_dir / "final"))
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(str(metrics))
+    return found
+
+
+def prepare_run_folder(config: Config, info: dist.DistInfo) -> list[Path]:
+    """Check out_dir against run.resume and run.overwrite, clear debris of killed saves;
+    return the checkpoints to try resuming from, best first (empty: a fresh start).
+
+    Call with the run lock held. A fresh start refuses a folder holding an earlier run's
+    results unless run.overwrite is set, which then starts metrics.jsonl anew.
+    """
     out_dir = Path(config.run.out_dir)
-    resume_from = ckpt.resolve_resume(config.run.resume, out_dir)
+    candidates = ckpt.resume_candidates(config.run.resume, out_dir)
     if config.run.resume == "none" and ckpt.latest_checkpoint(out_dir) is not None:
         raise ConfigError(
-            f"run.resume=none but {ckpt.checkpoint_root(out_dir)} holds checkpoints; "
+            f"run.resume=none: {ckpt.checkpoint_root(out_dir)} holds checkpoints; "
             "use run.resume=auto to continue, or another run.out_dir"
+        )
+    earlier = earlier_results(out_dir) if not candidates else []
+    if earlier and not config.run.overwrite:
+        raise ConfigError(
+            f"run.out_dir: {out_dir} holds an earlier run ({', '.join(earlier)}) and no "
+            "checkpoint to resume from; choose another run.out_dir, or set "
+            "run.overwrite=true to replace its results"
         )
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_incomplete(out_dir)
-        write_resolved(config, out_dir)
+        if earlier:
+            write_text_atomic(out_dir / "metrics.jsonl", "")
     dist.barrier()
-    return resume_from
+    return candidates
 
 
 # --------------------------------------------------------------------------------------
@@ -273,7 +297,7 @@ def lr_at(config: Config, step: int) -> float:
 # --------------------------------------------------------------------------------------
 
 
-def resume(
+def load_resume_state(
     folder: Path,
     *,
     student: GPTNeoX,
@@ -292,3 +316,33 @@ def resume(
     loader.load_state_dict(state["loader_states"][info.rank])
     ckpt.restore_rng_state(state["rng_states"][info.rank])
     return int(state["step"]), int(state.get("bad_steps", 0))
+
+
+def resume(candidates: list[Path], *, log, **live) -> tuple[Path | None, int, int]:
+    """(checkpoint, step, non-finite steps in a row) of the first candidate that loads.
+
+    A damaged one (a file whose sha256 changed, non-finite weights, an unreadable state
+    file) is skipped with a warning naming it and why, so resume=auto falls back to the
+    newest intact checkpoint; when none is intact the run stops rather than start afresh
+    over them. Every load overwrites all of the live state, so a failed attempt leaves
+    nothing behind.
+    """
+    if not candidates:
+        return None, 0, 0
+    failures = []
+    for folder in candidates:
+        try:
+            step, bad_steps = load_resume_state(folder, **live)
+        except ckpt.CheckpointLoadError as exc:
+            failures.append(str(exc))
+            log(f"warning: not resuming from {folder}: {exc}")
+            continue
+        if failures:
+            log(f"warning: resuming from {folder}, the newest intact checkpoint")
+        return folder, step, bad_steps
+    if len(candidates) == 1:
+        raise ckpt.CheckpointLoadError(failures[0])
+    raise ckpt.CheckpointLoadError(
+        f"no intact checkpoint to resume from ({'; '.join(failures)}); move the damaged "
+        "ones away to start afresh, or choose another run.out_dir"
+    )

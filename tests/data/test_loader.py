@@ -208,10 +208,16 @@ def test_cuda_batches_arrive_on_the_device(shard_dir):
 
 
 def _distributed_worker(rank, world_size, init_file, out_dir):
+    import datetime
     import json
+    import os
 
+    from tests.dist_helpers import LOOPBACK_ENV, leave_process_group
+
+    os.environ.update(LOOPBACK_ENV)
     torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=300),  # generous: a loaded 2-core machine
     )
     try:
         loader = BatchLoader(IndexDataset(37), 2, seed=4, val_fraction=0.1, drop_last=False)
@@ -219,7 +225,7 @@ def _distributed_worker(rank, world_size, init_file, out_dir):
         with open(f"{out_dir}/rank{rank}.json", "w") as handle:
             json.dump({"rank": loader.rank, "world": loader.world_size, "seen": seen}, handle)
     finally:
-        torch.distributed.destroy_process_group()
+        leave_process_group()
 
 
 @pytest.mark.distributed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -18,25 +19,14 @@ from engine.model import GPTNeoX, GPTNeoXConfig, load_pretrained
 from engine.train import checkpoint as ckpt
 from engine.train import run
 from engine.train.export import export_student
+from engine.train.signals import FINISH_PAUSE_ENV
 from tests.engine.test_train import (
     assert_same_run,
     base_overrides,
-    do_straight_run,
-    make_assets,
     make_config,
 )
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_assets(tmp_path_factory.mktemp("checkpoint-assets"))
-
-
-@pytest.fixture(scope="module")
-def straight_run(assets, tmp_path_factory):
-    return do_straight_run(assets, tmp_path_factory.mktemp("straight"))
 
 
 def tiny_student(seed: int = 0) -> GPTNeoX:
@@ -66,10 +56,11 @@ def test_keep_last_and_incomplete_folders(tmp_path):
     fake = ckpt.checkpoint_root(tmp_path) / ckpt.step_dir_name(9)
     fake.mkdir()
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000004"
-    assert ckpt.resolve_resume("auto", tmp_path).name == "step-00000004"
-    assert ckpt.resolve_resume("none", tmp_path) is None
+    assert [p.name for p in ckpt.resume_candidates("auto", tmp_path)] == ["step-00000004",
+                                                                          "step-00000003"]
+    assert ckpt.resume_candidates("none", tmp_path) == []
     with pytest.raises(ckpt.CheckpointLoadError, match="no DONE marker"):
-        ckpt.resolve_resume(str(fake), tmp_path)
+        ckpt.resume_candidates(str(fake), tmp_path)
     with pytest.raises(ckpt.CheckpointLoadError, match="incomplete checkpoint"):
         ckpt.load_checkpoint(fake, student=model, optimizer=optimizer)
     ckpt.clean_incomplete(tmp_path)
@@ -112,17 +103,26 @@ def test_export_with_tokenizer_and_refusal(tmp_path):
     model = tiny_student()
     tokenizer = tmp_path / "tok.json"
     tokenizer.write_text('{"fake": "tokenizer"}')
-    out = export_student(model, tmp_path / "final", tokenizer_path=tokenizer)
+    with pytest.warns(RuntimeWarning, match="not a tokenizer.json"):  # copied as it is
+        out = export_student(model, tmp_path / "final", tokenizer_path=tokenizer)
     assert (out / "tokenizer.json").read_text() == tokenizer.read_text()
     assert load_pretrained(out).config.intermediate_size == 40
+    assert (out / "neox_distill_export.json").is_file()
     export_student(model, tmp_path / "final")  # replacing an export is fine
+    model_folder = tmp_path / "a-model"  # config.json but no marker: not ours
+    model_folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model_folder / name).write_bytes((out / name).read_bytes())
+    with pytest.raises(FileExistsError, match="not exported by neox-distill"):
+        export_student(model, model_folder)
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a model folder"):
+    with pytest.raises(FileExistsError, match="not exported by neox-distill"):
         export_student(model, precious)
     assert (precious / "notes.txt").read_text() == "keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "precious", "tok.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-model", "final", "precious",
+                                                          "tok.json"]
 
 
 def start_training(overrides: list[str], log: Path, **env) -> subprocess.Popen:
@@ -175,14 +175,35 @@ def test_sigkill_mid_save_keeps_previous_checkpoint(assets, tmp_path, straight_r
     assert_same_run(result, straight_run)
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_cleanly(assets, tmp_path, straight_run):
+def test_sigterm_finishes_the_step_saves_and_exits_143(assets, tmp_path, straight_run):
     out, log, proc = start_and_pause_mid_save(assets, tmp_path, "terminated", "2:2")
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, log.read_text()
+    assert proc.wait(timeout=120) == 143, log.read_text()  # a scheduler sees "interrupted"
     text = log.read_text()
-    assert "SIGTERM: finishing the current step" in text and "stopped by signal" in text
+    assert "SIGTERM: finishing the current step" in text and "stopped by SIGTERM" in text
     steps = [s for s, _ in ckpt.complete_checkpoints(out)]
     assert steps[-1] == 3  # step 2 saved as planned; step 3 finished, saved, then exit
     assert not (out / "final").exists()
     result = run(make_config(assets, out, run__save_every=2))
     assert_same_run(result, straight_run)
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_the_final_validation_loses_nothing(assets, tmp_path, straight_run,
+                                                           sig, status):
+    """Issue 10 item 3: the handler stays until the end, and with save_every=0 the trained
+    weights are saved before the final validation; resuming validates and exports."""
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start_training(base_overrides(assets, out), log,
+                          **{FINISH_PAUSE_ENV: "120"})  # pauses after the final save
+    wait_for(lambda: "pausing before the final validation" in log.read_text(), proc, log)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == status, log.read_text()
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [4]
+    assert not (out / "final").exists()
+    result = run(make_config(assets, out))  # nothing left to train: validate and export
+    assert result["status"] == "completed"
+    assert_same_run(result, straight_run)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    kinds = [json.loads(line)["kind"] for line in lines]
+    assert kinds.count("val") == 1

@@ -76,9 +76,9 @@ def test_parse_overrides_splits_pairs():
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ("--run.stpes=3", "unknown key 'run.stpes'"),
-        ("--nosuch.key=3", "unknown key 'nosuch.key'"),
-        ("--run=3", "unknown key 'run'"),
+        ("--run.stpes=3", "run.stpes: unknown key (did you mean run.steps?)"),
+        ("--nosuch.key=3", "nosuch.key: unknown key (python -m engine.train --help lists"),
+        ("--run=3", "run: unknown key"),
         ("--run.steps=three", "run.steps: cannot use 'three' as an integer"),
         ("--run.steps=2.5", "run.steps: cannot use '2.5' as an integer"),
         ("--optim.lr=fast", "optim.lr: cannot use 'fast' as a number"),
@@ -89,15 +89,15 @@ def test_parse_overrides_splits_pairs():
         ("--runtime.activation_checkpointing=auto",
          "runtime.activation_checkpointing: cannot use 'auto' as a boolean"),
         ("--loss.divergence=kl", "loss.divergence: 'kl' is not one of forward_kl, reverse_kl"),
-        ("--loss.beta=1.5", "loss.beta must be in [0, 1], got 1.5 (read by jsd)"),
-        ("--loss.skew=-0.1", "loss.skew must be in [0, 1], got -0.1"),
+        ("--loss.beta=1.5", "loss.beta: must be in [0, 1], got 1.5 (read by jsd)"),
+        ("--loss.skew=-0.1", "loss.skew: must be in [0, 1], got -0.1"),
         ("--loss.t2_scale=sometimes", "loss.t2_scale: cannot use 'sometimes' as a boolean"),
         ("--loss.fused_head=2", "loss.fused_head: cannot use '2' as a boolean"),
         ("--batch.memory_budget=lots", "batch.memory_budget: cannot parse memory size 'lots'"),
         ("--data.mode=zigzag", "data.mode: 'zigzag' is not one of packed, padded"),
         ("--precision=fp8", "precision: 'fp8' is not one of"),
-        ("--loss.alpha=1.5", "loss.alpha must be in [0, 1]"),
-        ("--batch.accum_steps=0", "batch.accum_steps must be > 0"),
+        ("--loss.alpha=1.5", "loss.alpha: must be in [0, 1]"),
+        ("--batch.accum_steps=0", "batch.accum_steps: must be > 0"),
         ("run.steps=3", "expected --section.key=value"),
     ],
 )
@@ -105,20 +105,20 @@ def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(SEED_PRESET, [override])
     assert fragment in str(info.value)
-    if "unknown key" in fragment:
-        assert "valid keys:" in str(info.value) and "batch.micro_batch" in str(info.value)
+    assert len(str(info.value)) < 200  # one key named, not the list of all of them
 
 
 def test_missing_value_is_an_error():
-    with pytest.raises(ConfigError, match=r"--run\.steps needs a value"):
+    with pytest.raises(ConfigError, match=r"--run\.steps: needs a value"):
         load_config(SEED_PRESET, ["--run.steps"])
 
 
 @pytest.mark.parametrize(
     "name, text, pattern",
     [
-        ("a.toml", '[rnu]\nsteps = 3\n', r"a\.toml: unknown key 'rnu'.*valid keys"),
-        ("b.toml", '[data]\npath = "x"\nmoed = "packed"\n', r"b\.toml: unknown key 'data\.moed'"),
+        ("a.toml", '[rnu]\nsteps = 3\n', r"a\.toml: rnu: unknown key \(did you mean run\?\)"),
+        ("b.toml", '[data]\npath = "x"\nmoed = "packed"\n',
+         r"b\.toml: data\.moed: unknown key \(did you mean data\.mode\?\)"),
         (
             "c.toml",
             '[data]\npath = "x"\n[batch]\nmicro_batch = "2"\n',
@@ -140,9 +140,9 @@ def test_missing_config_file_is_named(tmp_path):
 
 
 def test_required_paths_are_checked():
-    with pytest.raises(ConfigError, match=r"data\.path is required"):
+    with pytest.raises(ConfigError, match=r"data\.path: required"):
         load_config(None, ["--student.init=scratch"])
-    with pytest.raises(ConfigError, match=r"student\.path is required"):
+    with pytest.raises(ConfigError, match=r"student\.path: required"):
         load_config(None, ["--data.path=x"])
     # Tools that only read shapes may skip the cross-field checks.
     assert isinstance(load_config(None, [], check=False), Config)
@@ -171,7 +171,8 @@ def test_cli_reports_config_errors(capsys):
     code = train_main(["--config", str(SEED_PRESET), "--batch.micro_btch=4"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "unknown key 'batch.micro_btch'" in err and "batch.micro_batch" in err
+    assert err == ("error: batch.micro_btch: unknown key (did you mean batch.micro_batch?)"
+                   "\n")
 
 
 def test_new_loss_and_runtime_keys_and_their_defaults(tmp_path):

@@ -7,9 +7,9 @@ on the path under test.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,11 +20,11 @@ import torch
 
 from engine.train import checkpoint as ckpt
 from engine.train import run
+from tests.dist_helpers import LOOPBACK_ENV, free_port
 from tests.engine.test_train import (
     assert_weights_close,
     base_overrides,
     final_weights,
-    make_assets,
     make_config,
     train_records,
 )
@@ -32,17 +32,6 @@ from tests.engine.test_train import (
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_assets(tmp_path_factory.mktemp("ddp-assets"))
 
 
 def test_two_ranks_match_one_process(assets, tmp_path):
@@ -55,19 +44,20 @@ def test_two_ranks_match_one_process(assets, tmp_path):
     out = tmp_path / "ddp"
     overrides = base_overrides(assets, out, data__mode="padded", batch__accum_steps=2,
                                run__steps=3, run__save_every=2)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "NEOX_DIST_TIMEOUT_S": "120"}
+    env = {**os.environ, **LOOPBACK_ENV, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "NEOX_DIST_TIMEOUT_S": "300"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "engine.train",
-         *overrides],
+        # --standalone: torchrun picks a free port and holds it, so no other process can
+        # take it between our choice and its use.
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "engine.train", *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # Rank 0 alone logs and saves.
     assert proc.stdout.count("step 3/3") == 1, proc.stdout
     assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2, 3]
-    state = torch.load(ckpt.latest_checkpoint(out) / "trainer_state.pt", weights_only=False)
+    state = json.loads((ckpt.latest_checkpoint(out) / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["loader_states"]) == 2
 
     ddp_records, single_records = train_records(out), train_records(single["out_dir"])
@@ -82,8 +72,8 @@ def test_two_ranks_match_one_process(assets, tmp_path):
 
 
 def _rank_main(rank: int, port: int, result_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(LOOPBACK_ENV, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
     from engine import dist
 
     dist.init_distributed("cpu", timeout_s=30)

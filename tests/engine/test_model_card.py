@@ -126,8 +126,8 @@ def test_export_file_modes_follow_the_umask(exported, tmp_path, umask):
     finally:
         os.umask(old)
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["README.md", "config.json", "model.safetensors", "special_tokens_map.json",
-                     "tokenizer.json", "tokenizer_config.json"]
+    assert names == ["README.md", "config.json", "model.safetensors", "neox_distill_export.json",
+                     "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
     for path in folder.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name

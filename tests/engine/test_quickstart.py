@@ -192,7 +192,8 @@ def _rows(base_ppl, distilled_ppl, control_ppl=None):
 
     def row(stage, ppl):
         return {"model": stage, "stage": stage, "steps": 10, "params": 1e5,
-                "ce": math.log(ppl), "ppl": ppl, "tokens": 100}
+                "ce": math.log(ppl), "ppl": ppl, "tokens": 100, "last_word_ppl": 10 * ppl,
+                "last_word_acc": 0.25, "last_word_items": 40}
 
     rows = [row("student_base", base_ppl), row("teacher_pretrain", 50.0),
             row("distill", distilled_ppl)]
@@ -204,11 +205,15 @@ def _rows(base_ppl, distilled_ppl, control_ppl=None):
 def test_verdict():
     ok, notes = quickstart.verdict(_rows(100.0, 90.0, 95.0))
     assert ok and "AHEAD" in notes[0] and "teacher helped" in notes[-1]
+    assert notes[1] == ("last word (LAMBADA-style) of the distilled student vs its base: ppl "
+                        "900.00 vs 1000.00 (-10.0%), acc 0.250 vs 0.250")
     ok, notes = quickstart.verdict(_rows(100.0, 101.0))
     assert not ok and "NOT AHEAD" in notes[0]
     ok, _ = quickstart.verdict(_rows(100.0, float("nan")))
     assert not ok
-    assert "student_base" in quickstart.format_table(_rows(100.0, 90.0))
+    table = quickstart.format_table(_rows(100.0, 90.0))
+    assert "student_base" in table and "last-word ppl" in table and "40 passages" in table
+    assert "1000.00   0.250" in table
 
 
 @pytest.mark.parametrize("distilled, code", [(90.0, 0), (120.0, 1)])

@@ -1,0 +1,103 @@
+"""One run per out_dir: an exclusive lock on <out_dir>/.lock for the run's whole lifetime.
+
+Two runs in one folder delete each other's temporary checkpoints, interleave metrics.jsonl
+and leave a config.toml that describes neither. fcntl.flock is released by the kernel when
+the holder dies, even by SIGKILL, so a crashed run never leaves a stale lock behind; the
+file's content (pid, host, start time, command) only tells a second run who holds it. The
+file itself stays: deleting it would let a third run lock a different file of the same name.
+(flock is per host on some network file systems: keep one out_dir per machine there.)
+Under torchrun only rank 0 takes the lock; every rank learns whether it got it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from engine import dist
+
+LOCK_NAME = ".lock"
+
+
+class RunLocked(RuntimeError):
+    """Another process holds the run folder; the message says which one."""
+
+
+def _holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 1 << 16).decode("utf-8"))
+        return (f"pid {info['pid']} on host {info['host']}, started {info['started']}, "
+                f"command: {info['command']}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return "a process that has not yet written its name"
+
+
+class RunLock:
+    """flock on <out_dir>/.lock (created with out_dir when missing); release() or exit frees it."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.path = Path(out_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise RunLocked(
+                f"run.out_dir={self.path.parent}: in use by another run ({holder}); wait for "
+                "it to finish, or choose another run.out_dir"
+            ) from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "command": " ".join([sys.executable, *sys.argv])}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
+
+
+@contextlib.contextmanager
+def hold_run_lock(out_dir: str | os.PathLike, info: dist.DistInfo) -> Iterator[None]:
+    """Rank 0 holds the lock for the block; every rank raises RunLocked when it is taken."""
+    lock = RunLock(out_dir)
+    problem = None
+    if info.is_main:
+        try:
+            lock.acquire()
+        except (RunLocked, OSError) as exc:
+            problem = str(exc) if isinstance(exc, RunLocked) else (
+                f"run.out_dir={out_dir}: cannot create the lock file {lock.path} "
+                f"({exc.strerror or exc})")
+    problems = [p for p in dist.all_gather_object(problem) if p]
+    if problems:
+        lock.release()
+        raise RunLocked(problems[0])
+    try:
+        yield
+    finally:
+        lock.release()

@@ -1,0 +1,168 @@
+"""Watch the student while it trains: task scores (eval.tasks) and the regression alarm.
+
+Warm-started distillation can make a student worse at what it already knew while the
+held-out loss barely moves (the seed's LAMBADA perplexity went from 140 to 420 in 64 steps,
+unseen until after the run). So the run scores the tasks named in eval.tasks at step 0,
+before any update, every eval.every steps and at the end, with engine.eval's own task code
+(engine/eval/tasks.py, the lm-evaluation-harness definitions: a record equals
+`python -m engine.eval` on the same weights), and compares each perplexity with its step-0
+value: more than eval.alarm worse is a warning naming the task, both values and the step,
+and with eval.alarm_action = "stop" the run saves a checkpoint and stops (exit status 1).
+
+Rank 0 scores (the student is the same on every rank) while the others wait; the stop
+decision is shared with every rank. The step-0 values are read back from metrics.jsonl on
+resume, so a resumed run keeps comparing against the untouched student. Records:
+docs/formats.md, "metrics.jsonl records".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import dist
+from engine.eval.requests import EvalInputError, TextEncoder
+from engine.eval.tasks import ScoringSetup, evaluate_lambada, evaluate_mc, evaluate_ppl
+from engine.metrics import MetricsWriter
+from engine.train.config import Config, parse_task_spec
+
+
+class TaskRegression(RuntimeError):
+    """A watched task's perplexity passed eval.alarm with eval.alarm_action = "stop"."""
+
+
+def _label(record: dict[str, Any]) -> str:
+    """"lambada" for lambada=lambada.jsonl, "mc piqa" for mc=piqa.jsonl."""
+    kind, name = record["task"], record["name"]
+    return kind if kind == name else f"{kind} {name}"
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a task result (no per-set tables); NaN / inf as null (strict JSON)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[key] = value if math.isfinite(value) else None
+    return out
+
+
+def read_task_history(path: Path, up_to: int) -> tuple[dict[str, dict], int | None]:
+    """({task name: its earliest record}, the last step with a task record) among the task
+    records of a metrics.jsonl up to step `up_to` (later ones belong to work a resumed run
+    redoes; a torn last line from a killed process is skipped)."""
+    first: dict[str, dict] = {}
+    last_step = None
+    if not path.is_file():
+        return first, last_step
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or record.get("kind") != "task":
+            continue
+        step = int(record.get("step", 0))
+        if step > up_to:
+            continue
+        name = record.get("name")
+        if name not in first or step < int(first[name]["step"]):
+            first[name] = record
+        last_step = step if last_step is None else max(last_step, step)
+    return first, last_step
+
+
+class TaskWatch:
+    """Scores eval.tasks on the student and raises the alarm; one per Trainer."""
+
+    def __init__(self, config: Config, student: torch.nn.Module, writer: MetricsWriter,
+                 info: dist.DistInfo, *, autocast_dtype: torch.dtype | None,
+                 resumed_at: int | None):
+        self.settings = config.eval
+        self.tasks = [parse_task_spec(spec) for spec in config.eval.tasks]
+        self.writer, self.is_main = writer, info.is_main
+        self.baselines: dict[str, dict] = {}
+        self.last_step: int | None = None
+        self.encoder = None
+        if not self.tasks or not self.is_main:
+            return
+        self.encoder = TextEncoder(config.run.tokenizer, eos_id=student.config.eos_token_id)
+        self.encoder.check_fits(student.config.vocab_size, "the student")
+        for _, _, path in self.tasks:
+            if not Path(path).exists():
+                raise EvalInputError(f"eval.tasks: {path}: data file not found")
+        self.setup = ScoringSetup(
+            model=student,
+            max_length=student.config.max_positions,
+            batch_size=config.eval.batch_size,
+            valid_vocab=None,  # the harness's definition, as python -m engine.eval
+            autocast_dtype=autocast_dtype,
+            progress=False,  # the step bar owns the terminal
+        )
+        if resumed_at is not None:
+            self.baselines, self.last_step = read_task_history(writer.path, resumed_at)
+
+    def due(self, step: int, *, final: bool = False) -> bool:
+        """Score now? At step 0, every eval.every steps, at the end; never twice a step."""
+        if not self.tasks or step == self.last_step:
+            return False
+        every = self.settings.every
+        return final or step == 0 or bool(every and step % every == 0)
+
+    def score(self, step: int) -> str | None:
+        """Score every task (rank 0), log and check each; returns the reason to stop (on every
+        rank) when a task regressed and eval.alarm_action is "stop", else None."""
+        self.last_step = step
+        alarms = []
+        if self.is_main:
+            for kind, name, path in self.tasks:
+                record = {"kind": "task", "step": step, "task": kind, "name": name,
+                          **_scalars(self._evaluate(kind, path))}
+                self.writer.write(record)
+                alarms.extend(self._check(record))
+        reason = "; ".join(alarms) if alarms and self.settings.alarm_action == "stop" else None
+        return dist.all_gather_object(reason)[0]
+
+    def _evaluate(self, kind: str, path: str) -> dict[str, Any]:
+        limit = self.settings.limit or None
+        if kind == "lambada":
+            return evaluate_lambada(self.setup, self.encoder, path, limit)
+        if kind == "mc":
+            return evaluate_mc(self.setup, self.encoder, path, limit)
+        return evaluate_ppl(self.setup, self.encoder, path,
+                            model_vocab=self.setup.model.config.vocab_size,
+                            eos_id=self.encoder.eos_id, limit=limit)
+
+    def _check(self, record: dict[str, Any]) -> list[str]:
+        """Log the record; compare its ppl with the baseline; return the alarm, if any."""
+        name = record["name"]
+        base = self.baselines.setdefault(name, record)
+        scores = " ".join(f"{key} {record[key]:.4g}" for key in ("ppl", "acc", "acc_norm")
+                          if record.get(key) is not None)
+        ppl, base_ppl = record.get("ppl", math.nan), base.get("ppl")
+        against = ""
+        if base is not record and base_ppl is not None and "ppl" in record:
+            change = (ppl / base_ppl - 1) if ppl is not None else math.inf
+            against = f" ({change:+.1%} against step {base['step']})"
+        self.writer.log_text(f"task {_label(record)} step {record['step']}: "
+                             f"{scores or 'no finite score'}{against}")
+        alarm = self.settings.alarm
+        if not alarm or base is record or base_ppl is None or "ppl" not in record:
+            return []
+        limit = base_ppl * (1 + alarm)
+        if ppl is not None and ppl <= limit:
+            return []
+        shown = f"{ppl:.2f}" if ppl is not None else "not finite"
+        message = (f"regression alarm: task {_label(record)} at step {record['step']}: "
+                   f"ppl {shown}, step {base['step']}: ppl {base_ppl:.2f}; worse by more than "
+                   f"eval.alarm={alarm:g} (limit {limit:.2f})")
+        self.writer.write({"kind": "alarm", "step": record["step"], "task": record["task"],
+                           "name": name, "ppl": ppl, "baseline_ppl": base_ppl,
+                           "baseline_step": base["step"], "alarm": alarm})
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return [message]

@@ -1,0 +1,37 @@
+"""What every multi-process test needs to pass on a loaded machine, every time.
+
+- Gloo on the loopback interface only: by default it resolves the host name and may pick
+  another interface, whose reachability is not the test's business.
+- A barrier before a process group is destroyed: a rank that leaves while its peer is still
+  finishing the connection handshake makes the peer fail with "connectFullMesh ...
+  Connection closed by peer" (the flaky failure of issue 10); after a barrier both have
+  finished connecting.
+- Rendezvous through a file (file://) or torchrun --standalone, which picks and keeps its
+  own free port, rather than a port chosen beforehand that another process may take.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import torch.distributed as dist
+
+LOOPBACK_ENV = {
+    "GLOO_SOCKET_IFNAME": "lo0" if sys.platform == "darwin" else "lo",
+    "MASTER_ADDR": "127.0.0.1",
+}
+
+
+def free_port() -> int:
+    """A port free at this moment (only for a test that must pass MASTER_PORT itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def leave_process_group() -> None:
+    """Barrier, then destroy: no rank leaves before every rank is done."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
