@@ -35,7 +35,7 @@ def sparse_options(flat_labels, device, targets: SparseTargets, *, backend, norm
     """prepare_loss for the sparse loss: the same checks, the divergence refused unless it is
     the forward KL, and on CPU the targets' values checked. Returns prepare_loss's tuple."""
     prepared = prepare_loss(flat_labels, device, backend=backend, normalizer=normalizer,
-                            divergence=divergence, beta=0.5, skew=0.1, **loss_kwargs)
+                            divergence=divergence, **loss_kwargs)
     if prepared[0].divergence not in SUPPORTED_DIVERGENCES:
         raise ValueError(
             f"divergence={divergence!r} cannot be computed from a teacher cache: it stores a "
@@ -141,13 +141,16 @@ def sparse_kd_loss(
     backend: str = "auto",
     inplace_grad: bool = False,
     divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
     t2_scale: bool = True,
 ):
     """Distillation loss against cached sparse targets, summed over valid tokens / normalizer.
 
     student_logits [N, V] or [B, T, V]; labels and the targets' positions share its leading
     dims; every keyword means what it means for kernels.kd_loss.kd_loss (divergence: the
-    forward KL only, see the module docstring). Returns (loss, stats) like kd_loss: stats
+    forward KL only, see the module docstring; beta and skew are range-checked as there, and
+    read by no divergence the cache supports). Returns (loss, stats) like kd_loss: stats
     {"ce_sum", "kd_sum", "valid_tokens"}, detached fp32 sums.
     """
     valid_vocab, flat_labels = _flat_student(student_logits, labels, valid_vocab)
@@ -155,7 +158,8 @@ def sparse_kd_loss(
     options, resolved, valid_count, inv_norm = sparse_options(
         flat_labels, student_logits.device, flat_targets, backend=backend,
         normalizer=normalizer, divergence=divergence, alpha=alpha, temperature=temperature,
-        ignore_index=ignore_index, valid_vocab=valid_vocab, t2_scale=t2_scale)
+        ignore_index=ignore_index, valid_vocab=valid_vocab, beta=beta, skew=skew,
+        t2_scale=t2_scale)
     loss, ce_sum, kd_sum = SparseKDLossFunction.apply(
         student_logits, flat_labels, inv_norm, flat_targets, options, resolved,
         bool(inplace_grad))

@@ -129,6 +129,8 @@ def sparse_kd_head_loss(
     normalizer: float | torch.Tensor | None = None,
     backend: str = "auto",
     divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
     t2_scale: bool = True,
     chunk_tokens: int | None = None,
 ):
@@ -149,7 +151,8 @@ def sparse_kd_head_loss(
     options, resolved, valid_count, inv_norm = sparse_options(
         flat_labels, student_hidden.device, flat_targets, backend=backend,
         normalizer=normalizer, divergence=divergence, alpha=alpha, temperature=temperature,
-        ignore_index=ignore_index, valid_vocab=valid_vocab, t2_scale=t2_scale)
+        ignore_index=ignore_index, valid_vocab=valid_vocab, beta=beta, skew=skew,
+        t2_scale=t2_scale)
     plan = _plan(student_hidden, student_weight, chunk_tokens)
     loss, ce_sum, kd_sum = SparseKDHeadLossFunction.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, flat_labels,

@@ -26,9 +26,11 @@ from data.teacher_cache import (
     targets_of_batch,
 )
 from data.tokenizer_file import read_tokenizer_file
+from engine.model.network import unwrap_model
 from engine.precision import autocast_context
 from engine.train.config import ConfigError
 from kernels.sparse_kd import SUPPORTED_DIVERGENCES, sparse_kd_loss
+from kernels.sparse_kd_head import sparse_kd_head_loss
 
 
 class CachedTeacher:
@@ -81,16 +83,20 @@ def open_teacher_cache(config, dataset, teacher_model, valid_vocab: int):
     return CachedTeacher(cache), CachedTargets(dataset, cache)
 
 
-def cached_micro_loss(student, batch, input_ids, labels, *, alpha, temperature, valid_vocab,
-                      normalizer, autocast_dtype=None, backend="auto", inplace_grad=True,
-                      **_unused):
+def cached_micro_loss(student, batch, input_ids, labels, *, fused_head, inplace_grad,
+                      autocast_dtype=None, chunk_tokens=None, **loss_args):
     """(loss, stats) of one micro-batch against the batch's cached targets.
 
-    The student runs to its logits under autocast and the sparse loss writes its gradient
-    over them (inplace_grad, as the online path does with kd_loss)."""
+    fused_head: the student stops at its final hidden states and the sparse loss runs its head
+    chunk by chunk (kernels.sparse_kd_head, as kd_head_loss does online); otherwise the
+    student's logits get the loss's gradient written over them (inplace_grad). `loss_args`:
+    alpha, temperature, valid_vocab, normalizer, backend, divergence, beta, skew, t2_scale.
+    The head and the loss run under the student's autocast, as on the online path."""
     targets = CachedTeacher.targets(batch, input_ids.device)
     with autocast_context(input_ids.device.type, autocast_dtype):
+        if fused_head:
+            hidden = student(input_ids, return_hidden=True)
+            return sparse_kd_head_loss(hidden, unwrap_model(student).embed_out.weight, targets,
+                                       labels, chunk_tokens=chunk_tokens, **loss_args)
         s_logits = student(input_ids)
-    return sparse_kd_loss(s_logits, targets, labels, alpha=alpha, temperature=temperature,
-                          valid_vocab=valid_vocab, normalizer=normalizer, backend=backend,
-                          inplace_grad=inplace_grad)
+    return sparse_kd_loss(s_logits, targets, labels, inplace_grad=inplace_grad, **loss_args)
