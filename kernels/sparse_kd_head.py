@@ -1,102 +1,35 @@
 """The student's LM head fused with the sparse (teacher cache) loss: no [tokens x vocab] logits.
 
 `sparse_kd_head_loss(student_hidden, student_weight, targets, labels, ...)` returns what
-`sparse_kd_loss(student_hidden @ student_weight.T, targets, labels, ...)` returns, working
-through chunks of tokens like kernels/kd_head.py (its chunk rule, precision rules and plan,
-with no teacher head): each chunk's logits are formed, the sparse loss writes their gradient
-in place, and that becomes the chunk's d hidden rows and its part of d weight in the forward;
-backward only scales them. Gradients come back in the inputs' dtypes, d weight accumulated in
-fp32 across chunks.
+`sparse_kd_loss(student_hidden @ student_weight.T, targets, labels, ...)` returns, through
+kernels/kd_head.py's own chunk loop, plan and autograd wrapper (its chunk rule and precision
+rules, with no teacher head): each chunk's logits are formed, the sparse loss writes their
+gradient in place, and that becomes the chunk's d hidden rows and its part of d weight in the
+forward; backward only scales them. Gradients come back in the inputs' dtypes, d weight
+accumulated in fp32 across chunks.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from torch.autograd.function import once_differentiable
 
 from kernels.constants import IGNORE_INDEX
 from kernels.dispatch import loss_stats
-from kernels.kd_head import HeadPlan, _matmul_dtype, default_chunk_tokens
+from kernels.kd_head import HeadLossFunction, head_plan, student_head_chunks
 from kernels.sparse_kd import sparse_kd_reference, sparse_loss_and_grad, sparse_options
 from kernels.sparse_targets import SparseTargets, check_targets
 
 
-def _chunk_gradients(plan: HeadPlan, h_s, w_s):
-    """(d hidden buffer or None, fp32 d weight accumulator or None, partial-product buffer)."""
-    grad_h = torch.empty_like(h_s) if plan.grad_hidden else None
-    acc = torch.float64 if w_s.dtype == torch.float64 else torch.float32
-    grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if plan.grad_weight else None
-    partial = torch.empty(w_s.shape, dtype=plan.student_dtype, device=w_s.device) \
-        if grad_w is not None and plan.student_dtype != acc else None
-    return grad_h, grad_w, partial
-
-
-def _sparse_chunks(h_s, w_s, labels, targets, inv_norm, options, backend, plan):
+def _sparse_chunks(h_s, w_s, *, labels, targets, inv_norm, options, backend, plan):
     """The forward proper: (d hidden or None, d weight or None, ce_sum, kd_sum), unscaled."""
-    hs, ws = h_s.to(plan.student_dtype), w_s.to(plan.student_dtype)
-    block = torch.empty(min(plan.chunk_tokens, max(h_s.shape[0], 1)), w_s.shape[0],
-                        dtype=plan.student_dtype, device=h_s.device)
-    grad_h, grad_w, partial = _chunk_gradients(plan, h_s, w_s)
-    wanted = grad_h is not None or grad_w is not None
-    sums = torch.zeros(2, dtype=torch.float64 if w_s.dtype == torch.float64 else torch.float32,
-                       device=h_s.device)
-    for start in range(0, h_s.shape[0], plan.chunk_tokens):
-        stop = min(start + plan.chunk_tokens, h_s.shape[0])
-        s = torch.mm(hs[start:stop], ws.t(), out=block[: stop - start])
-        sums += torch.stack(sparse_loss_and_grad(backend, s, targets.rows(start, stop),
-                                                 labels[start:stop], s if wanted else None,
-                                                 inv_norm, options)).to(sums.dtype)
-        if grad_h is not None:  # s holds d loss / d logits of the chunk
-            grad_h[start:stop] = torch.mm(s, ws)
-        if partial is not None:
-            grad_w.add_(torch.mm(s.t(), hs[start:stop], out=partial))
-        elif grad_w is not None:
-            grad_w.addmm_(s.t(), hs[start:stop])
-    if grad_w is not None:
-        grad_w = grad_w.to(w_s.dtype)
-    return grad_h, grad_w, sums[0], sums[1]
 
+    def block_loss(s, start, stop, write_grad):
+        return sparse_loss_and_grad(backend, s, targets.rows(start, stop), labels[start:stop],
+                                    s if write_grad else None, inv_norm, options)
 
-class SparseKDHeadLossFunction(torch.autograd.Function):
-    """Autograd wrapper: the forward forms d hidden and d weight; backward scales them."""
-
-    @staticmethod
-    def forward(ctx, h_s, w_s, labels, inv_norm, targets, options, backend, plan):
-        with torch.autocast(h_s.device.type, enabled=False):
-            grad_h, grad_w, ce_sum, kd_sum = _sparse_chunks(h_s, w_s, labels, targets, inv_norm,
-                                                            options, backend, plan)
-        loss = ((1.0 - options.alpha) * kd_sum + options.alpha * ce_sum) * inv_norm
-        ctx.grads = (grad_h, grad_w)  # handed to autograd by the first backward
-        ctx.save_for_backward(h_s, w_s, labels, inv_norm)  # to recompute; no copies
-        ctx.targets, ctx.options, ctx.backend, ctx.plan = targets, options, backend, plan
-        ctx.mark_non_differentiable(ce_sum, kd_sum)
-        return loss, ce_sum, kd_sum
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
-        grads, ctx.grads = ctx.grads, None
-        h_s, w_s, labels, inv_norm = ctx.saved_tensors
-        if grads is None:  # a second backward through a retained graph: form them again
-            with torch.autocast(h_s.device.type, enabled=False):
-                grads = _sparse_chunks(h_s, w_s, labels, ctx.targets, inv_norm, ctx.options,
-                                       ctx.backend, ctx.plan)[:2]
-        grad_h, grad_w = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
-        return grad_h, grad_w, None, None, None, None, None, None
-
-
-def _plan(student_hidden, student_weight, chunk_tokens) -> HeadPlan:
-    if chunk_tokens is not None and (isinstance(chunk_tokens, bool)
-                                     or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
-        raise ValueError(f"chunk_tokens={chunk_tokens!r} must be a positive integer or None")
-    dtype = _matmul_dtype(student_hidden, student_weight, "student")
-    if chunk_tokens is None:  # kd_head's rule with no teacher head
-        chunk_tokens = default_chunk_tokens(
-            student_hidden.shape[:-1].numel(), student_weight.shape[0],
-            student_weight.shape[1], 0, torch.finfo(dtype).bits // 8, student_hidden.device)
-    grad_on = torch.is_grad_enabled()
-    return HeadPlan(int(chunk_tokens), dtype, dtype, grad_on and student_hidden.requires_grad,
-                    grad_on and student_weight.requires_grad)
+    return student_head_chunks(h_s, w_s, plan, block_loss)
 
 
 def _check_student_head(hidden, weight, labels) -> None:
@@ -153,10 +86,12 @@ def sparse_kd_head_loss(
         normalizer=normalizer, divergence=divergence, alpha=alpha, temperature=temperature,
         ignore_index=ignore_index, valid_vocab=valid_vocab, beta=beta, skew=skew,
         t2_scale=t2_scale)
-    plan = _plan(student_hidden, student_weight, chunk_tokens)
-    loss, ce_sum, kd_sum = SparseKDHeadLossFunction.apply(
-        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, flat_labels,
-        inv_norm, flat_targets, options, resolved, plan)
+    plan = head_plan(student_hidden, student_weight, None, None, chunk_tokens)
+    chunks = functools.partial(_sparse_chunks, labels=flat_labels, targets=flat_targets,
+                               inv_norm=inv_norm, options=options, backend=resolved, plan=plan)
+    loss, ce_sum, kd_sum = HeadLossFunction.apply(
+        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, inv_norm,
+        options.alpha, chunks)
     return loss, loss_stats(ce_sum, kd_sum, valid_count)
 
 
