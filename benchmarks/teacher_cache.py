@@ -41,11 +41,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import REPO_ROOT, RESULTS_DIR, build_ours, make_batch, write_json
+from benchmarks.common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    build_ours,
+    make_batch,
+    random_top_k_batch,
+    write_json,
+)
 from data.loader import build_dataset
 from data.shards import ShardWriter
 from data.teacher_cache import CachedTargets, TeacherCache
-from data.teacher_cache_encode import record_dtype, targets_from_records
 from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.scoring import heldout_metrics
 from engine.model.hf_io import load_pretrained, save_pretrained
@@ -282,22 +288,6 @@ def quickstart_step_ratio(base, config, cache_folder: Path, steps: int) -> dict:
     teacher.requires_grad_(False)
     return step_ratio(lambda: load_pretrained(base["student"], dtype=torch.float32).train(),
                       teacher, batch, base["vocab"], config, steps)
-
-
-def random_top_k_batch(batch: dict, width: int, valid_vocab: int, seed: int = 0) -> dict:
-    """`batch` plus top-k targets of a random teacher (what a cache would hand the loader)."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = batch["labels"].shape
-    n = batch["labels"].numel()
-    records = np.zeros(n, dtype=record_dtype(width, "uint16", "float16"))
-    ids = torch.rand(n, valid_vocab, generator=gen).topk(width, dim=-1).indices.sort(-1).values
-    log_p = torch.log_softmax(torch.randn(n, width + 1, generator=gen) * 2, dim=-1)
-    records["ids"], records["values"] = ids.numpy(), log_p[:, :width].numpy()
-    records["aux"], records["count"] = log_p[:, width].numpy(), width
-    targets = targets_from_records(records.reshape(shape), "top_k")
-    return {**batch, "teacher_ids": targets.ids, "teacher_log_mass": targets.log_mass,
-            "teacher_count": targets.count, "teacher_log_tail": targets.log_tail,
-            "teacher_entropy": targets.entropy}
 
 
 def seed_step_ratio(config, smoke: bool, steps: int) -> dict:
