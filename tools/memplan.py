@@ -4,7 +4,9 @@ Reads the same TOML (and `--section.key=value` overrides) that engine.train read
 model shapes from the checkpoint folders' config.json when they exist on this machine and
 from the built-in Pythia table by name otherwise, and prints the per-component table for the
 configured micro-batch plus the largest micro-batch that fits the budget, with and without
-activation checkpointing. Exits 1 when the configured micro-batch does not fit, 2 on bad input.
+activation checkpointing. The plan follows loss.fused_head (default: both LM heads inside the
+loss, no logits; --loss.fused_head=false plans the full-logits path). Exits 1 when the
+configured micro-batch does not fit, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from pathlib import Path
 from data.atomic import write_json_atomic
 from engine.memory import format_bytes, largest_micro_batch, parse_bytes, plan_memory
 from engine.model.config import PYTHIA_SHAPES, GPTNeoXConfig, pythia_config
-from engine.precision import dtype_bytes
 from engine.train.config import load_config
+from engine.train.setup import memory_plan_args
 
 
 def model_config_for(path: str, *, role: str):
@@ -64,13 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memplan: error: {exc}", file=sys.stderr)
         return 2
 
-    common = dict(
-        seq_len=config.batch.seq_len,
-        precision=config.precision,
-        teacher_dtype_bytes=dtype_bytes(config.teacher.dtype),
-        in_place_loss_gradient=config.loss.backend != "torch",
-    )
-    checkpointing = config.runtime.activation_checkpointing
+    common = memory_plan_args(config)  # exactly what engine.train plans with
+    checkpointing = common.pop("activation_checkpointing")
     plan = plan_memory(
         teacher_cfg,
         student_cfg,

@@ -232,9 +232,20 @@ class GPTNeoX(nn.Module):
         return self.gpt_neox.final_layer_norm(x)
 
     def forward(
-        self, input_ids: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0
+        self,
+        input_ids: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
-        return self.embed_out(self.hidden_states(input_ids, kv_cache, start_pos))
+        """Logits [B, T, V]; with return_hidden the final hidden states [B, T, H] instead.
+
+        return_hidden is how the training step reaches the fused head + loss through a DDP or
+        torch.compile wrapper: the forward must run through the wrapper for DDP's gradient
+        hooks to be armed, and the head (embed_out) then runs inside the loss.
+        """
+        hidden = self.hidden_states(input_ids, kv_cache, start_pos)
+        return hidden if return_hidden else self.embed_out(hidden)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         weight = self.embed_out.weight
@@ -252,4 +263,16 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-__all__ = ["GPTNeoX", "KVCache", "RotaryCache", "apply_rotary", "model_device"]
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, which is
+    where attributes such as embed_out live; the model itself when it is not wrapped."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+__all__ = ["GPTNeoX", "KVCache", "RotaryCache", "apply_rotary", "model_device", "unwrap_model"]
