@@ -248,8 +248,14 @@ class GPTNeoX(nn.Module):
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of a module's parameters (where its inputs must go)."""
-    return next(model.parameters()).device
+    """The device a module computes on (where its inputs must go): its parameters' device, or
+    for FSDP's sharded parameters (DTensors) their mesh's, which differs when the shards are
+    offloaded to the host."""
+    param = next(model.parameters())
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is not None and mesh.device_type == "cuda" and param.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return param.device
 
 
 __all__ = ["GPTNeoX", "KVCache", "RotaryCache", "apply_rotary", "model_device"]

@@ -20,8 +20,11 @@ from engine.memory import largest_micro_batch, parse_bytes, plan_memory
 from engine.model.hf_io import load_pretrained
 from engine.model.network import GPTNeoX
 from engine.precision import dtype_of
+from engine.sharded_memory import plan_sharded_memory
 from engine.train import checkpoint as ckpt
+from engine.train import fsdp
 from engine.train.config import Config, ConfigError
+from engine.train.sharded_checkpoint import load_sharded_checkpoint
 
 # --------------------------------------------------------------------------------------
 # The run folder
@@ -118,7 +121,7 @@ def check_compatible(config: Config, student: GPTNeoX, teacher: GPTNeoX | None) 
 def wrap_model(student: GPTNeoX, config: Config, info: dist.DistInfo) -> torch.nn.Module:
     """What runs the forward: the student, under DDP across ranks, compiled when asked."""
     model: torch.nn.Module = student
-    if info.distributed:
+    if info.distributed and config.dist.strategy == "ddp":  # fsdp: sharded when built
         model = DistributedDataParallel(
             student,
             device_ids=[info.device.index] if info.device.type == "cuda" else None,
@@ -138,22 +141,38 @@ def wrap_model(student: GPTNeoX, config: Config, info: dist.DistInfo) -> torch.n
 # --------------------------------------------------------------------------------------
 
 
-def plan_micro_batch(config: Config, teacher_cfg, student_cfg, log) -> tuple[int, int, int | None]:
+def memory_planner(config: Config, *, world_size: int = 1, teacher_sharded: bool = False):
+    """(plan function, its extra arguments): one GPU's plan (engine.memory), or under
+    dist.strategy=fsdp the plan of one GPU among `world_size` (engine.sharded_memory)."""
+    if config.dist.strategy != "fsdp":
+        return plan_memory, {}
+    return plan_sharded_memory, dict(world_size=world_size, teacher_sharded=teacher_sharded,
+                                     reshard_after_forward=config.dist.reshard_after_forward,
+                                     cpu_offload=config.dist.cpu_offload)
+
+
+def plan_micro_batch(config: Config, teacher_cfg, student_cfg, log, *, world_size: int = 1,
+                     teacher_sharded: bool = False) -> tuple[int, int, int | None]:
     """(micro_batch, accum_steps, predicted peak bytes) honouring batch.memory_budget.
 
     The budget picks the largest micro-batch the memory plan fits, among the divisors of the
     sequences per step, so the accumulation steps change but the tokens per step do not.
+    Under FSDP the plan is per GPU, for `world_size` GPUs and the teacher as placed.
     """
     mb, accum = config.batch.micro_batch, config.batch.accum_steps
     if not config.batch.memory_budget:
         return mb, accum, None
+    planner, extra = memory_planner(config, world_size=world_size,
+                                    teacher_sharded=teacher_sharded)
     plan_args = dict(
         seq_len=config.batch.seq_len,
         precision=config.precision,
         activation_checkpointing=config.runtime.activation_checkpointing,
+        **extra,
     )
     budget = parse_bytes(config.batch.memory_budget)
-    largest = largest_micro_batch(teacher_cfg, student_cfg, budget_bytes=budget, **plan_args)
+    largest = largest_micro_batch(teacher_cfg, student_cfg, budget_bytes=budget,
+                                  planner=planner, **plan_args)
     if largest < 1:
         raise ConfigError(
             f"batch.memory_budget={config.batch.memory_budget}: not even one sequence of "
@@ -162,7 +181,7 @@ def plan_micro_batch(config: Config, teacher_cfg, student_cfg, log) -> tuple[int
     sequences = mb * accum
     new_mb = max(d for d in range(1, min(largest, sequences) + 1) if sequences % d == 0)
     new_accum = sequences // new_mb
-    predicted = plan_memory(teacher_cfg, student_cfg, micro_batch=new_mb, **plan_args)
+    predicted = planner(teacher_cfg, student_cfg, micro_batch=new_mb, **plan_args)
     log(
         f"memory budget {config.batch.memory_budget}: largest micro-batch {largest}; using "
         f"micro_batch={new_mb} x accum_steps={new_accum} (was {mb} x {accum}), "
@@ -243,18 +262,56 @@ def load_resume_state(
     optimizer: torch.optim.Optimizer,
     loader: BatchLoader,
     info: dist.DistInfo,
+    log=print,
 ) -> tuple[int, int]:
     """Load a checkpoint into the live student, optimizer, loader and RNGs; return
-    (step, non-finite steps in a row) as they were when it was saved."""
-    state = ckpt.load_checkpoint(folder, student=student, optimizer=optimizer)
-    if len(state["loader_states"]) != info.world_size:
-        raise ckpt.CheckpointLoadError(
-            f"{folder}: saved by {len(state['loader_states'])} rank(s), "
-            f"this run has {info.world_size}"
-        )
-    loader.load_state_dict(state["loader_states"][info.rank])
-    ckpt.restore_rng_state(state["rng_states"][info.rank])
+    (step, non-finite steps in a row) as they were when it was saved.
+
+    An FSDP student loads a sharded checkpoint (engine/train/sharded_checkpoint.py), any
+    other a whole-model one. A checkpoint of another number of ranks continues on this one
+    (the loader's position converted, see rescaled_loader_state).
+    """
+    if fsdp.is_sharded(student):
+        state = load_sharded_checkpoint(folder, student=student, optimizer=optimizer)
+    else:
+        state = ckpt.load_checkpoint(folder, student=student, optimizer=optimizer)
+    saved = state["loader_states"]
+    if len(saved) == info.world_size:
+        loader.load_state_dict(saved[info.rank])
+        ckpt.restore_rng_state(state["rng_states"][info.rank])
+    else:
+        loader.load_state_dict(rescaled_loader_state(saved, loader, folder))
+        # No rank of the saved run is this one: every rank takes rank 0's RNG streams.
+        ckpt.restore_rng_state(state["rng_states"][0])
+        log(f"{folder}: saved by {len(saved)} rank(s), continuing on {info.world_size}: the "
+            "data continues where the saved ranks stopped (not bit-exact across world sizes)")
     return int(state["step"]), int(state.get("bad_steps", 0))
+
+
+def rescaled_loader_state(states: list[dict], loader: BatchLoader, folder: Path) -> dict:
+    """This rank's loader state for a checkpoint written by another number of ranks.
+
+    The ranks deal each epoch's permutation out round-robin, micro-batch by micro-batch, so
+    after `position` micro-batches each, N ranks have together consumed exactly the first
+    position x micro_batch x N items of it, whatever N is. M ranks continue from the same
+    item when that count is a whole number of their micro_batch x M items (always so when
+    the sequences per optimizer step stay the same); otherwise the resume is refused.
+    """
+    first = states[0]
+    if any((s["epoch"], s["position"]) != (first["epoch"], first["position"]) for s in states):
+        raise ckpt.CheckpointLoadError(
+            f"{folder}: its ranks' data loaders stopped at different positions; it can only "
+            f"continue on {len(states)} ranks")
+    consumed = first["position"] * first["micro_batch"] * len(states)
+    per_batch = loader.micro_batch * loader.world_size
+    if consumed % per_batch:
+        raise ckpt.CheckpointLoadError(
+            f"{folder}: {len(states)} rank(s) consumed {consumed} sequences of epoch "
+            f"{first['epoch']}, not a multiple of this run's {loader.micro_batch} x "
+            f"{loader.world_size} per micro-batch; resume on {len(states)} rank(s), or keep "
+            "micro_batch x world size a divisor of that count")
+    return {**first, "world_size": loader.world_size, "micro_batch": loader.micro_batch,
+            "position": consumed // per_batch}
 
 
 def resume(candidates: list[Path], *, log, **live) -> tuple[Path | None, int, int]:
@@ -271,7 +328,7 @@ def resume(candidates: list[Path], *, log, **live) -> tuple[Path | None, int, in
     failures = []
     for folder in candidates:
         try:
-            step, bad_steps = load_resume_state(folder, **live)
+            step, bad_steps = load_resume_state(folder, log=log, **live)
         except ckpt.CheckpointLoadError as exc:
             failures.append(str(exc))
             log(f"warning: not resuming from {folder}: {exc}")

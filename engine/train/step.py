@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from engine import dist
 from engine.model.network import model_device
 from engine.precision import autocast_context
+from engine.train.fsdp import clip_grad_norm
 from kernels.constants import IGNORE_INDEX
 from kernels.kd_loss import kd_loss
 
@@ -196,7 +197,7 @@ def train_step(
         sums += torch.stack(
             [stats["loss"], stats["ce_sum"], stats["kd_sum"], stats["valid_tokens"]]
         )
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
+    grad_norm = clip_grad_norm(student.parameters(), max_grad_norm)  # DTensors too (FSDP)
     flag = torch.tensor([1.0 if stop_requested else 0.0], device=device)
     totals = dist.all_reduce_sum(torch.cat([sums, flag]))
     # One host sync per step: the grad norm (already global after DDP's all-reduce) rides
