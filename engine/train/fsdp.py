@@ -70,9 +70,10 @@ def shard_model(model: GPTNeoX, mesh, *, mp_policy: MixedPrecisionPolicy | None 
     the frozen teacher) then leaves nothing gathered, at the cost of gathering the final
     LayerNorm and the head again for the backward.
     """
-    kwargs = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(cast_forward_inputs=False),
-                  offload_policy=CPUOffloadPolicy(pin_memory=True) if cpu_offload
-                  else OffloadPolicy())
+    offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload
+               else OffloadPolicy())
+    kwargs = dict(mesh=mesh, offload_policy=offload,
+                  mp_policy=mp_policy or MixedPrecisionPolicy(cast_forward_inputs=False))
     for block in model.gpt_neox.layers:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
     embedding = fully_shard(model.gpt_neox.embed_in, reshard_after_forward=True, **kwargs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ import pytest
 import torch
 
 from engine.model import load_pretrained
+from engine.quickstart.corpus import train_bpe_tokenizer
 from engine.train import checkpoint as ckpt
 from engine.train import run
 from engine.train.config import ConfigError
@@ -40,6 +42,7 @@ from tests.engine.test_train import (
     make_config,
     train_records,
 )
+from tests.engine.test_watch import WORDS
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = dict(data__mode="padded", run__steps=3, run__save_every=2)
@@ -228,6 +231,34 @@ def test_a_two_rank_checkpoint_continues_on_one_rank(two_ranks, single, assets, 
                       {"records": single["records"][2:], "weights": single["weights"]})
 
 
+@pytest.mark.distributed
+def test_watched_tasks_and_lost_updates_on_two_fsdp_ranks(assets, tmp_path):
+    """Every rank scores the watched task (the forward is collective), rank 0 records it;
+    each rank measures the lost updates of its shards and the sums are added."""
+    rng = random.Random(0)
+    sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
+                 for _ in range(60)]
+    tokenizer, lambada = tmp_path / "tokenizer.json", tmp_path / "lambada.jsonl"
+    train_bpe_tokenizer(sentences, tokenizer, vocab_size=300)
+    lambada.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences[:8]))
+    watch = dict(precision="bf16-pure", run__steps=2, run__tokenizer=tokenizer,
+                 eval__tasks=f"lambada={lambada}", optim__lr=1e-2)
+    plain = run(make_config(assets, tmp_path / "plain", batch__accum_steps=4, **watch))
+    out = tmp_path / "fsdp"
+    torchrun(base_overrides(assets, out, dist__strategy="fsdp", **watch))
+    tasks = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "task"]
+    assert [r["step"] for r in tasks] == [0, 2]
+    plain_tasks = [r for r in map(json.loads, (Path(plain["out_dir"]) / "metrics.jsonl")
+                                  .read_text().splitlines()) if r["kind"] == "task"]
+    for key in ("ppl", "acc", "documents"):  # the same bf16 weights at step 0
+        assert tasks[0][key] == pytest.approx(plain_tasks[0][key], rel=1e-6), key
+    for mine, ref in zip(train_records(out), train_records(plain["out_dir"]), strict=True):
+        assert 0.0 < mine["update_lost_frac"] < 1.0
+        # bf16 gradients summed in another order: nearly, not exactly, the same update
+        assert mine["update_lost_frac"] == pytest.approx(ref["update_lost_frac"], abs=0.01)
+
+
 # --------------------------------------------------------------------------------------
 # One rank, in this process
 # --------------------------------------------------------------------------------------
@@ -251,6 +282,14 @@ def test_one_rank_fsdp_is_the_plain_run_exactly(assets, tmp_path, straight_run):
 def test_activation_checkpointing_under_fsdp_changes_nothing(assets, tmp_path, straight_run):
     result = run(make_config(assets, tmp_path / "ac", run__save_every=2, dist__strategy="fsdp",
                              runtime__activation_checkpointing="true"))
+    assert_same_run(result, straight_run)
+
+
+def test_cpu_offload_runs_the_same_step(assets, tmp_path, straight_run):
+    """On a CPU machine the offloaded shards stay where they are: the same run, bit for bit
+    (on a GPU the optimizer step then runs on the host)."""
+    result = run(make_config(assets, tmp_path / "offload", run__save_every=2,
+                             dist__strategy="fsdp", dist__cpu_offload="true"))
     assert_same_run(result, straight_run)
 
 
