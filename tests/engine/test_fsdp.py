@@ -22,16 +22,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
 
-from engine.model import load_pretrained
+from engine.dist import DistInfo
+from engine.model import load_pretrained, pythia_config
 from engine.quickstart.corpus import train_bpe_tokenizer
+from engine.sharded_memory import plan_sharded_memory
 from engine.train import checkpoint as ckpt
-from engine.train import run
+from engine.train import run, strategy
 from engine.train.config import ConfigError
-from engine.train.setup import rescaled_loader_state
+from engine.train.setup import plan_micro_batch, rescaled_loader_state
 from engine.train.sharded_checkpoint import OPTIMIZER_SHARDS, STUDENT_SHARDS
 from tests.dist_helpers import LOOPBACK_ENV
 from tests.engine.test_train import (
@@ -152,6 +155,13 @@ def test_fsdp_export_loads_in_transformers_and_equals_the_ddp_export(two_ranks, 
     ddp = run_summary(ddp_out)
     # Both runs equal the one-process run to 1e-6, so each other to 2e-6.
     assert_runs_close(two_ranks["records"], two_ranks["weights"], ddp, rel=2e-6)
+    # Validation: every FSDP rank scores the batches DDP's two ranks share out.
+    fsdp_val, ddp_val = (
+        [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+         if r["kind"] == "val"] for out in (two_ranks["out"], ddp_out))
+    assert [r["val_tokens"] for r in fsdp_val] == [r["val_tokens"] for r in ddp_val]
+    for f, d in zip(fsdp_val, ddp_val, strict=True):
+        assert f["val_ce"] == pytest.approx(d["val_ce"], rel=1e-5)
     hf, info = GPTNeoXForCausalLM.from_pretrained(fsdp_final, dtype=torch.float32,
                                                   output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -328,6 +338,26 @@ def test_sharded_checkpoints_are_verified_and_layouts_refused(assets, tmp_path, 
     run(make_config(assets, plain, run__steps=2))
     with pytest.raises(ckpt.CheckpointLoadError, match=r"resume it with --dist\.strategy=ddp"):
         run(make_config(assets, plain, run__steps=4, dist__strategy="fsdp"))
+
+
+def test_auto_teacher_placement_and_micro_batch_follow_the_per_gpu_plan(assets, tmp_path):
+    """dist.teacher=auto replicates while the plan with a whole teacher fits the budget, and
+    batch.memory_budget picks the micro-batch from the per-GPU plan of the placement."""
+    info = DistInfo(0, 0, 8, torch.device("cpu"))
+    base = dict(dist__strategy="fsdp", teacher__path="pythia-6.9b", batch__seq_len=2048,
+                batch__accum_steps=8)
+    teacher, student = pythia_config("pythia-6.9b"), pythia_config("pythia-1b")
+    for budget, sharded in (("80GiB", False), ("24GiB", True)):
+        config = make_config(assets, tmp_path, batch__memory_budget=budget, **base)
+        with patch.object(strategy, "teacher_config", lambda c: teacher), \
+                patch.object(strategy, "student_config", lambda c: student):
+            placed, why = strategy.teacher_placement(config, info)
+        assert placed == sharded and ("sharded" if sharded else "replicated") in why, why
+        mb, accum, peak = plan_micro_batch(config, teacher, student, print, world_size=8,
+                                           teacher_sharded=placed)
+        assert mb * accum == 2 * 8 and peak == plan_sharded_memory(
+            teacher, student, world_size=8, teacher_sharded=placed, micro_batch=mb,
+            seq_len=2048, precision="fp32").allocated_peak
 
 
 def test_dist_keys_need_fsdp(assets, tmp_path):
