@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +22,8 @@ from engine.sharded_memory import (
 )
 from tests.dist_helpers import LOOPBACK_ENV, free_port, leave_process_group
 from tools.ladder import GPU_COUNTS, one_gpu, pairs
+from tools.memplan import main as memplan_main
 
-REPO = Path(__file__).resolve().parents[2]
 # Odd sizes: no first dimension divides by 2 except where it must, so FSDP pads.
 TINY = dict(vocab_size=301, hidden_size=36, num_layers=3, num_heads=4, intermediate_size=74,
             max_positions=32)
@@ -121,18 +119,11 @@ def test_sharding_divides_the_state_and_adds_the_gathered_groups():
                                activation_checkpointing=True) >= 1
 
 
-def run_memplan(*args):
-    return subprocess.run([sys.executable, "-m", "tools.memplan", *args], cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                          text=True, timeout=300)
-
-
-def test_ladder_names_the_cheapest_way_for_every_pair(tmp_path):
-    result = run_memplan("--ladder", "--budget", "12GiB", "--json", str(tmp_path / "l.json"))
-    assert result.returncode == 0, result.stderr
+def test_ladder_names_the_cheapest_way_for_every_pair(tmp_path, capsys):
+    assert memplan_main(["--ladder", "--budget", "12GiB", "--json", str(tmp_path / "l.json")]) == 0
     rows = json.loads((tmp_path / "l.json").read_text())["rows"]
     assert len(rows) == len(pairs()) == 28
-    assert "| 160m -> 70m | 1 (one GPU) | bf16-autocast |" in result.stdout
+    assert "| 160m -> 70m | 1 (one GPU) | bf16-autocast |" in capsys.readouterr().out
     budget = 12 * 2**30
     for row in rows:
         assert row["gpus"] is not None, row  # everything fits on at most 256 GPUs of 12 GiB
@@ -150,7 +141,7 @@ def test_ladder_names_the_cheapest_way_for_every_pair(tmp_path):
                 teacher_dtype_bytes=2).fits(budget)
 
 
-def test_ladder_refuses_bad_input():
+def test_ladder_refuses_bad_input(capsys):
     for args in (["--budget", "12XB"], ["--config", "x.toml"], ["--seq-len", "0"]):
-        result = run_memplan("--ladder", *args)
-        assert result.returncode == 2 and "memplan: error:" in result.stderr, args
+        assert memplan_main(["--ladder", *args]) == 2, args
+        assert "memplan: error:" in capsys.readouterr().err
