@@ -36,6 +36,7 @@ from benchmarks.common import (
     SMOKE,
     build_ours,
     build_pair,
+    cap_memory_to,
     current_device,
     device_name,
     error_record,
@@ -141,12 +142,8 @@ def random_model(name: str, sizes, device, dtype: torch.dtype, seed: int) -> GPT
 def capped_part(sizes, smoke: bool) -> dict[str, Any]:
     """The largest one-GPU pair at 12 GiB: measured allocated peak against the plan."""
     device = current_device()
-    result: dict[str, Any] = {"device": device_name(device)}
-    if device.type == "cuda":
-        cap = CARD_BYTES - CUDA_CONTEXT_BYTES
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(cap / total, device)
-        result["cap_bytes"] = cap
+    result: dict[str, Any] = {"device": device_name(device),
+                              "cap_bytes": cap_memory_to(device, CARD_BYTES, CUDA_CONTEXT_BYTES)}
     row = (dict(teacher=sizes["teacher"], student=sizes["student"], precision="bf16-autocast",
                 activation_checkpointing=True, micro_batch=sizes["micro_batch"])
            if smoke else largest_one_gpu_pair())

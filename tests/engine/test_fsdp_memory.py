@@ -4,7 +4,6 @@ and `python -m tools.memplan --ladder`."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 from pathlib import Path
 
@@ -13,14 +12,9 @@ import torch
 
 from engine.memory import largest_micro_batch, parameter_count, plan_memory
 from engine.model import GPTNeoX, GPTNeoXConfig, pythia_config
-from engine.sharded_memory import (
-    block_numel,
-    head_numel,
-    parameter_shapes,
-    plan_sharded_memory,
-    sharded_numel,
-)
-from tests.dist_helpers import LOOPBACK_ENV, free_port, leave_process_group
+from engine import sharded_memory as sharded
+from engine.sharded_memory import plan_sharded_memory
+from tests.dist_helpers import LOOPBACK_ENV, free_port, leave_process_group, run_ranks
 from tools.ladder import GPU_COUNTS, one_gpu, pairs
 from tools.memplan import main as memplan_main
 
@@ -32,12 +26,12 @@ TINY = dict(vocab_size=301, hidden_size=36, num_layers=3, num_heads=4, intermedi
 def test_parameter_shapes_are_the_models():
     config = GPTNeoXConfig(**TINY)
     model = GPTNeoX(config)
-    assert parameter_shapes(config) == [tuple(p.shape) for p in model.parameters()]
-    assert block_numel(config) == sum(p.numel() for p in model.gpt_neox.layers[0].parameters())
-    assert head_numel(config) == sum(
+    assert sharded.parameter_shapes(config) == [tuple(p.shape) for p in model.parameters()]
+    assert sharded.block_numel(config) == sum(p.numel() for p in model.gpt_neox.layers[0].parameters())
+    assert sharded.head_numel(config) == sum(
         p.numel() for p in (*model.gpt_neox.final_layer_norm.parameters(),
                             *model.embed_out.parameters()))
-    assert sharded_numel(parameter_shapes(config), 1) == parameter_count(config)["total"]
+    assert sharded.sharded_numel(sharded.parameter_shapes(config), 1) == parameter_count(config)["total"]
 
 
 def _rank_main(rank: int, port: int, out: str) -> None:
@@ -72,14 +66,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
 
 
 def test_sharded_state_is_what_two_ranks_hold(tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, str(tmp_path))) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
+    assert run_ranks(_rank_main, free_port(), str(tmp_path)) == [0, 0]
     measured = json.loads((tmp_path / "rank0.json").read_text())  # rank 0: the larger shard
     assert measured["weight dtype"] == measured["gradient dtype"] == "torch.float32"
     plan = plan_sharded_memory(None, GPTNeoXConfig(**TINY), world_size=2, micro_batch=1,
@@ -110,7 +97,7 @@ def test_sharding_divides_the_state_and_adds_the_gathered_groups():
     kept = plan_sharded_memory(teacher, student, world_size=8, reshard_after_forward=False,
                                **args)
     assert kept.components[f"gathered: {student.num_layers} block(s)"] == (
-        2 * student.num_layers * block_numel(student))
+        2 * student.num_layers * sharded.block_numel(student))
     offloaded = plan_sharded_memory(teacher, student, world_size=8, cpu_offload=True, **args)
     assert eight.allocated_peak - offloaded.allocated_peak == sharded  # on the host now
     # The micro-batch search takes the sharded planner too.
