@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine import sharded_memory as sharded
 from engine.memory import largest_micro_batch, parameter_count, plan_memory
 from engine.model import GPTNeoX, GPTNeoXConfig, pythia_config
-from engine import sharded_memory as sharded
 from engine.sharded_memory import plan_sharded_memory
 from tests.dist_helpers import LOOPBACK_ENV, free_port, leave_process_group, run_ranks
 from tools.ladder import GPU_COUNTS, one_gpu, pairs
@@ -27,11 +27,13 @@ def test_parameter_shapes_are_the_models():
     config = GPTNeoXConfig(**TINY)
     model = GPTNeoX(config)
     assert sharded.parameter_shapes(config) == [tuple(p.shape) for p in model.parameters()]
-    assert sharded.block_numel(config) == sum(p.numel() for p in model.gpt_neox.layers[0].parameters())
+    block = model.gpt_neox.layers[0]
+    assert sharded.block_numel(config) == sum(p.numel() for p in block.parameters())
     assert sharded.head_numel(config) == sum(
         p.numel() for p in (*model.gpt_neox.final_layer_norm.parameters(),
                             *model.embed_out.parameters()))
-    assert sharded.sharded_numel(sharded.parameter_shapes(config), 1) == parameter_count(config)["total"]
+    whole = sharded.sharded_numel(sharded.parameter_shapes(config), 1)
+    assert whole == parameter_count(config)["total"]
 
 
 def _rank_main(rank: int, port: int, out: str) -> None:
