@@ -86,9 +86,9 @@ def test_sharding_divides_the_state_and_adds_the_gathered_groups():
     one = plan_memory(teacher, student, **args)
     eight = plan_sharded_memory(teacher, student, world_size=8, **args)
     state = 16 * parameter_count(student)["total"]  # fp32 weights, gradients, m and v
-    sharded = sum(b for k, b in eight.components.items() if "shard)" in k and "student" in
-                  eight.groups[k])
-    assert sharded == pytest.approx(state / 8, rel=1e-3)
+    shards = sum(b for k, b in eight.components.items() if "shard)" in k and "student" in
+                 eight.groups[k])
+    assert shards == pytest.approx(state / 8, rel=1e-3)
     assert eight.components["teacher weights (bf16, 1/8 shard)"] == pytest.approx(
         2 * parameter_count(teacher)["total"] / 8, rel=1e-3)
     assert eight.total < one.total
@@ -101,7 +101,7 @@ def test_sharding_divides_the_state_and_adds_the_gathered_groups():
     assert kept.components[f"gathered: {student.num_layers} block(s)"] == (
         2 * student.num_layers * sharded.block_numel(student))
     offloaded = plan_sharded_memory(teacher, student, world_size=8, cpu_offload=True, **args)
-    assert eight.allocated_peak - offloaded.allocated_peak == sharded  # on the host now
+    assert eight.allocated_peak - offloaded.allocated_peak == shards  # on the host now
     # The micro-batch search takes the sharded planner too.
     assert largest_micro_batch(teacher, student, seq_len=2048, budget_bytes=12 * 2**30,
                                planner=plan_sharded_memory, world_size=8,
