@@ -4,7 +4,9 @@ No benchmark script imports another one; whatever two of them need lives here, o
   - the naive KD + CE composite (the baseline every loss comparison is made against);
   - model shapes and builders for our GPTNeoX and transformers' GPTNeoXForCausalLM;
   - token batches, the distillation micro-step of each engine;
-  - the kernel's correctness and speed measurements (benchmarks.kd_loss and the GPU suite);
+  - the kernel's correctness and speed measurements (benchmarks.kd_loss and the GPU suite),
+    per divergence too; the fused head + loss, its unfused form, its four matmuls alone and
+    Liger-Kernel's LigerFusedLinearJSDLoss as timed callables;
   - devices, timing, process memory, JSON results.
 Benchmarks run from the checkout (`python -m benchmarks.x` in the repository root).
 """
@@ -27,7 +29,8 @@ from engine.model.network import GPTNeoX
 from engine.precision import DTYPES
 from engine.train.step import distill_micro_step
 from kernels.constants import IGNORE_INDEX
-from kernels.kd_loss import kd_loss, kd_loss_reference
+from kernels.divergences import DIVERGENCES
+from kernels.kd_loss import kd_head_loss, kd_loss, kd_loss_reference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -43,12 +46,15 @@ TINY_SHAPES = {
 
 # The GPU suite's sizes (also the step profiler's): (teacher, student) shapes, vocab, seq_len,
 # micro-batch, warm-up and timed micro-steps, micro-steps per optimizer step, kernel-speed
-# token counts, micro-batch search limit and time bound.
+# token counts, repeats of the per-divergence and fused-head timings, the fused head's chunk
+# sweep, micro-batch search limit and time bound, the capped worker's time limit.
 FULL = dict(teacher="pythia-160m", student="pythia-70m", vocab=50304, valid_vocab=50277,
             seq_len=2048, micro_batch=2, warmup=4, steps=20, accum=4, speed_tokens=(4096, 16384),
-            search_max_mb=64, search_seconds=120, worker_timeout=300)
+            div_repeats=20, head_repeats=20, head_chunks=(1024, 2048, 4096),
+            search_max_mb=64, search_seconds=150, worker_timeout=420)
 SMOKE = dict(teacher="tiny-teacher", student="tiny-student", vocab=1000, valid_vocab=987,
              seq_len=64, micro_batch=2, warmup=2, steps=4, accum=2, speed_tokens=(4096,),
+             div_repeats=1, head_repeats=1, head_chunks=(16, 32),
              search_max_mb=4, search_seconds=20, worker_timeout=120)
 
 
@@ -124,12 +130,20 @@ def make_batch(micro_batch: int, seq_len: int, valid_vocab: int, device="cpu", s
 
 
 def ours_micro_step(student, teacher, batch, valid_vocab, normalizer, *, inplace_grad=True,
-                    autocast_dtype=torch.bfloat16):
-    """Our micro-step (engine.train.step.distill_micro_step), under bf16 autocast by default."""
+                    autocast_dtype=torch.bfloat16, fused_head=True):
+    """Our micro-step (engine.train.step.distill_micro_step), under bf16 autocast by default;
+    fused_head=False is the full-logits path (loss.fused_head = false)."""
     return distill_micro_step(
         student, teacher, batch, alpha=ALPHA, temperature=TEMPERATURE, valid_vocab=valid_vocab,
         normalizer=normalizer, autocast_dtype=autocast_dtype, inplace_grad=inplace_grad,
+        fused_head=fused_head,
     )
+
+
+def logits_micro_step(student, teacher, batch, valid_vocab, normalizer, **kwargs):
+    """Our micro-step with full logits and kd_loss (loss.fused_head = false)."""
+    return ours_micro_step(student, teacher, batch, valid_vocab, normalizer, fused_head=False,
+                           **kwargs)
 
 
 def transformers_micro_step(student, teacher, batch, valid_vocab, normalizer,
@@ -192,20 +206,21 @@ def timed(fn, repeats: int, dev: torch.device, warmup: int = 2) -> float:
     """Median seconds of fn() over `repeats`: CUDA events on a GPU, perf_counter elsewhere."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_once(fn, dev) for _ in range(repeats))
+
+
+def time_once(fn, dev, clock=time.perf_counter) -> float:
+    """Seconds of one fn(): CUDA events on a GPU, else `clock` (wall, or process CPU time)."""
+    if dev.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = clock()
+    fn()
+    return clock() - t0
 
 
 def proc_status_mib(field: str) -> float | None:
@@ -389,3 +404,105 @@ def _cuda_peak_mib(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ----------------------------------------------------------------------------- per divergence
+
+
+def divergence_times(n_tokens, vocab, dtype, dev, repeats, backend) -> dict[str, float]:
+    """Seconds per kd_loss forward + backward for every divergence on the same logits, the
+    divergences interleaved repeat by repeat (so a slow minute of a shared machine hits them
+    all alike): CUDA events on a GPU, process CPU time elsewhere. Median of `repeats`."""
+    student, teacher, labels = make_inputs(n_tokens, vocab, dtype, dev)
+    extra = {"jsd": {"beta": 0.5}, "skew_forward_kl": {"skew": 0.1},
+             "skew_reverse_kl": {"skew": 0.1}}
+    times: dict[str, list[float]] = {name: [] for name in DIVERGENCES}
+    for repeat in range(repeats + 1):  # the first round warms up (and compiles on a GPU)
+        for name in DIVERGENCES:
+            x = student.detach().clone().requires_grad_(True)
+
+            def run(x=x, name=name):
+                loss, _ = kd_loss(x, teacher, labels, alpha=ALPHA, temperature=TEMPERATURE,
+                                  valid_vocab=vocab - VALID_VOCAB_PAD, backend=backend,
+                                  inplace_grad=True, divergence=name, **extra.get(name, {}))
+                loss.backward()
+
+            seconds = time_once(run, dev, clock=time.process_time)
+            if repeat:
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# ----------------------------------------------------------------------------- the fused head
+
+SEED_HEAD = dict(n_tokens=4096, student_hidden=512, teacher_hidden=768, vocab=50304)
+
+
+def head_inputs(n_tokens, student_hidden, teacher_hidden, vocab, dtype, dev, seed=0):
+    """Hidden states, head weights (scaled so the logits are a few units, as a trained head's)
+    and labels (10% ignored) for the head + loss alone."""
+    gen = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(n_tokens, student_hidden, generator=gen)
+    w_s = torch.randn(vocab, student_hidden, generator=gen) * (2.0 / student_hidden**0.5)
+    h_t = torch.randn(n_tokens, teacher_hidden, generator=gen)
+    w_t = torch.randn(vocab, teacher_hidden, generator=gen) * (2.0 / teacher_hidden**0.5)
+    labels = torch.randint(0, vocab - VALID_VOCAB_PAD, (n_tokens,), generator=gen)
+    labels[torch.rand(n_tokens, generator=gen) < 0.1] = IGNORE_INDEX
+    tensors = [t.to(device=dev, dtype=dtype) for t in (h_s, w_s, h_t, w_t)]
+    return (*tensors, labels.to(dev))
+
+
+def head_step(variant: str, inputs, *, backend="auto", chunk_tokens=None, liger=None,
+              full_vocab=False, inplace_grad=True):
+    """A callable running one forward + backward of the LM heads + loss (student gradients
+    into .grad of the returned leaves). Variants:
+      fused     kd_head_loss (never forms the logits)
+      unfused   the head matmuls under autograd, then kd_loss, with the in-place gradient
+                as loss.fused_head = false trains (inplace_grad=False: its default mode)
+      matmuls   the four matmuls alone: both heads forward, d hidden and d weight (the floor)
+      liger     Liger-Kernel's LigerFusedLinearJSDLoss (pass the module as `liger`)
+    Every column takes part with full_vocab (Liger has no valid_vocab), else the padded rows
+    do not. Returns (run, leaves): call run(); the leaves are the student hidden states and
+    weight."""
+    h_s, w_s, h_t, w_t, labels = inputs
+    hs = h_s.detach().clone().requires_grad_(True)
+    ws = w_s.detach().clone().requires_grad_(True)
+    valid_vocab = None if full_vocab else w_s.shape[0] - VALID_VOCAB_PAD
+
+    def run():
+        hs.grad = ws.grad = None
+        if variant == "matmuls":
+            logits = hs.detach() @ ws.detach().t()
+            _ = h_t @ w_t.t()
+            hs.grad, ws.grad = logits @ ws.detach(), logits.t() @ hs.detach()
+            return
+        if variant == "fused":
+            loss, _ = kd_head_loss(hs, ws, h_t, w_t, labels, alpha=ALPHA,
+                                   temperature=TEMPERATURE, valid_vocab=valid_vocab,
+                                   backend=backend, chunk_tokens=chunk_tokens)
+        elif variant == "unfused":
+            with torch.no_grad():
+                teacher = h_t @ w_t.t()
+            loss, _ = kd_loss(hs @ ws.t(), teacher, labels, alpha=ALPHA, temperature=TEMPERATURE,
+                              valid_vocab=valid_vocab, backend=backend, inplace_grad=inplace_grad)
+        else:
+            loss = liger(hs, ws, h_t, w_t, labels)
+        loss.backward()
+
+    return run, (hs, ws)
+
+
+def liger_jsd_loss(chunk_size=1024, compiled=True):
+    """Liger-Kernel's LigerFusedLinearJSDLoss set to our objective, or None without the
+    package: beta 0 is its forward KL(teacher || student) at temperature 2 without T^2, so
+    weight_soft_loss = (1 - alpha) T^2 = 2 and weight_hard_loss = alpha = 0.5 give
+    (1 - alpha) T^2 KL + alpha CE, both means over the valid tokens, over the full vocabulary
+    (Liger has no valid_vocab)."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearJSDLoss(
+        weight_hard_loss=ALPHA, weight_soft_loss=(1 - ALPHA) * TEMPERATURE**2, beta=0.0,
+        ignore_index=IGNORE_INDEX, temperature=TEMPERATURE, compiled=compiled,
+        chunk_size=chunk_size)

@@ -3,28 +3,38 @@
     python3 -m benchmarks.gpu_suite [--out DIR] [--smoke]
 
 Sections (each guarded: a failure is recorded with its traceback and the others still run):
-  1. kernel correctness on the device (benchmarks.common.gpu_correctness)
-  2. kernel speed at 4096 and 16384 tokens x 50304 bf16 (benchmarks.common.gpu_speed)
-  3. the seed recipe end to end with random-weight pythia-160m teacher / pythia-70m student
-     (engine.model.GPTNeoX): micro-batch 2 x 2048, bf16 autocast, fused AdamW, timed
-     micro-steps through engine.train.step.distill_micro_step + optimizer steps: tokens/s,
-     MFU, peak memory and the memory plan's prediction; then, in a fresh subprocess capped with
-     torch.cuda.set_per_process_memory_fraction to a 12 GiB card, the same step and the
-     largest micro-batch that runs (mb = 2, 4, 6, ... until out of memory, bounded in time)
-  4. the same step through transformers' GPTNeoXForCausalLM with the naive loss, for the ratio
-  (and the seed step again with both models under torch.compile, the engine's runtime.compile)
-The summary table is printed last; everything is also written to DIR/gpu_suite.json.
+  kernel_correctness  the loss kernel against the float64 reference on the device
+  kernel_speed        the loss kernel at 4096 and 16384 tokens x 50304 bf16
+  divergences         the loss kernel per divergence against forward_kl (target <= 1.2x)
+  head                the fused heads + loss at the seed shapes against its own four matmuls
+                      (target <= 1.25x), the unfused path, a chunk sweep, and Liger-Kernel's
+                      LigerFusedLinearJSDLoss side by side (skipped without liger_kernel)
+  seed_recipe         the seed step (random pythia-160m teacher / pythia-70m student,
+                      micro-batch 2 x 2048, bf16 autocast, fused AdamW, fused head) eager:
+                      tokens/s, MFU, peak memory against the memory plan
+  seed_recipe_logits  the same with full logits (loss.fused_head = false)
+  seed_recipe_compiled  the same fused step with both models under torch.compile
+  transformers        the step through GPTNeoXForCausalLM + the naive loss (target: ours eager
+                      >= 1.5x)
+  capped_12gib        a fresh process capped to a 12 GiB card: the seed step, the largest
+                      micro-batch that runs (target >= 24), and that micro-batch compiled, the
+                      best configuration that fits (target >= 500k tokens/s, MFU >= 35%)
+Every configuration that trains records the memory plan beside its measured peaks (allocated,
+and reserved + memory outside the allocator). The summary table is printed last; everything is
+also written to DIR/gpu_suite.json. Sizes keep the whole run within ~8 minutes on an H200.
 
-`--smoke` runs every code path at tiny sizes on whatever device there is (CPU in CI) in about
-a minute (kernel speed once: at smoke size both token counts are the same 64 tokens), so the
-real run cannot die of a typo. Needs only torch (+ triton on a GPU); transformers is optional
-(section 4 is skipped without it); zstandard is never imported.
+`--smoke` runs every code path at tiny sizes on whatever device there is (CPU in CI), so the
+real run cannot die of a typo. Needs only torch (+ triton on a GPU); transformers and
+liger_kernel are optional (their rows are skipped without them); zstandard is never imported.
+The suite starts the CUDA allocator the way engine.train does (expandable segments unless
+PYTORCH_CUDA_ALLOC_CONF is set), so its memory figures are the engine's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -39,24 +49,35 @@ from benchmarks.common import (
     FULL,
     REPO_ROOT,
     RESULTS_DIR,
+    SEED_HEAD,
     SMOKE,
     build_ours,
     build_pair,
     build_transformers,
+    cap_memory_to,
     current_device,
     device_name,
+    divergence_times,
     error_record,
     free_memory,
     gpu_correctness,
     gpu_speed,
+    head_inputs,
+    head_step,
+    kernel_backend,
+    liger_jsd_loss,
+    logits_micro_step,
     make_batch,
+    model_config,
     ours_micro_step,
     sync,
+    timed,
     transformers_micro_step,
     write_json,
 )
 from engine.memory import CUDA_CONTEXT_BYTES, largest_micro_batch, plan_memory
 from engine.metrics import peak_flops
+from engine.train.setup import CUDA_ALLOC_CONF
 from kernels.constants import IGNORE_INDEX
 
 DEFAULT_SMOKE_OUT = REPO_ROOT / "runs" / "gpu_suite_smoke"
@@ -82,8 +103,11 @@ def _optimizer(model, device):
 
 
 def time_training(student, teacher, micro_step, sizes, device, *, micro_batch=None,
-                  warmup=None, steps=None) -> dict:
-    """Warm up, then time sizes['steps'] micro-steps with an optimizer step every accum."""
+                  warmup=None, steps=None, other_bytes: int = 0) -> dict:
+    """Warm up, then time sizes['steps'] micro-steps with an optimizer step every accum.
+
+    `other_bytes`: device memory other processes held when this one started (the suite's
+    parent), left out of this process's memory outside the allocator."""
     mb = micro_batch or sizes["micro_batch"]
     warmup = sizes["warmup"] if warmup is None else warmup
     steps = sizes["steps"] if steps is None else steps
@@ -130,11 +154,14 @@ def time_training(student, teacher, micro_step, sizes, device, *, micro_batch=No
         out["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
         free, total = torch.cuda.mem_get_info(device)
         # Device memory in use that the caching allocator does not hold: context, handles.
-        out["non_allocator_bytes"] = int(total - free - torch.cuda.memory_reserved(device))
+        out["non_allocator_bytes"] = int(total - free - torch.cuda.memory_reserved(device)
+                                         - other_bytes)
     return out
 
 
-# ----------------------------------------------------------------------------- sections
+# ----------------------------------------------------------------------------- kernel sections
+
+SMOKE_HEAD = dict(n_tokens=64, student_hidden=32, teacher_hidden=48, vocab=1000)
 
 
 def section_kernel_correctness(sizes, smoke: bool) -> dict:
@@ -158,44 +185,134 @@ def section_kernel_speed(sizes, smoke: bool) -> dict:
     return out
 
 
-def section_seed_recipe(sizes, smoke: bool) -> dict:
+def section_divergences(sizes, smoke: bool) -> dict:
+    """kd_loss forward + backward per divergence on the same logits (4096 x 50304 bf16 on a
+    GPU), each against forward_kl (issue 13: within 1.2x on a GPU)."""
+    dev = current_device()
+    n, vocab = (16, 1000) if smoke else (4096, 50304)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    seconds = divergence_times(n, vocab, dtype, dev, sizes["div_repeats"], kernel_backend(dev))
+    base = seconds["forward_kl"]
+    rows = {name: {"median_ms": s * 1e3, "vs_forward_kl": s / base}
+            for name, s in seconds.items()}
+    return {"n_tokens": n, "vocab": vocab, "dtype": str(dtype).replace("torch.", ""),
+            "rows": rows, "max_vs_forward_kl": max(r["vs_forward_kl"] for r in rows.values())}
+
+
+def _measure(run, dev, repeats: int) -> dict:
+    """Median ms of run() and, on CUDA, the peak memory it adds beyond what exists."""
+    peak_mib = None
+    if dev.type == "cuda":
+        run()  # warm up (compiles) before the memory reading
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        run()
+        torch.cuda.synchronize(dev)
+        peak_mib = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+    seconds = timed(run, repeats, dev, warmup=1)
+    return {"median_ms": seconds * 1e3, "peak_mib": peak_mib}
+
+
+def section_head(sizes, smoke: bool) -> dict:
+    """The fused heads + loss forward + backward at the seed shapes (4096 tokens, hidden 512 /
+    768, V 50304, bf16 on a GPU) against its own four matmuls alone (target <= 1.25x), the
+    unfused path, a sweep of chunk sizes, and Liger-Kernel's LigerFusedLinearJSDLoss set to
+    the same objective (time and peak memory side by side; skipped without liger_kernel)."""
+    dev = current_device()
+    shape = SMOKE_HEAD if smoke else SEED_HEAD
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    inputs = head_inputs(**shape, dtype=dtype, dev=dev)
+    backend = kernel_backend(dev)
+    repeats = sizes["head_repeats"]
+    variants = {"matmuls": ("matmuls", {}), "fused": ("fused", {}), "unfused": ("unfused", {})}
+    for chunk in sizes["head_chunks"]:
+        variants[f"fused_chunk_{chunk}"] = ("fused", {"chunk_tokens": chunk})
+    liger = liger_jsd_loss(compiled=dev.type == "cuda")
+    if liger is not None:
+        variants["liger"] = ("liger", {"liger": liger})
+        variants["fused_full_vocab"] = ("fused", {"full_vocab": True})  # Liger's objective
+    rows = {}
+    for name, (variant, options) in variants.items():
+        try:
+            run, _ = head_step(variant, inputs, backend=backend, **options)
+            rows[name] = _measure(run, dev, repeats)
+        except Exception as exc:  # one variant failing (Liger, say) keeps the others
+            rows[name] = error_record(exc)
+        free_memory(dev)
+    out = {**shape, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
+           "variants": rows, "liger": "absent" if liger is None else "present"}
+    if "median_ms" in rows.get("fused", {}) and "median_ms" in rows.get("matmuls", {}):
+        out["fused_vs_matmuls"] = rows["fused"]["median_ms"] / rows["matmuls"]["median_ms"]
+        timed_chunks = {k: v["median_ms"] for k, v in rows.items()
+                        if k.startswith("fused_chunk_") and "median_ms" in v}
+        if timed_chunks:
+            out["best_chunk"] = min(timed_chunks, key=timed_chunks.get)
+    return out
+
+
+# ----------------------------------------------------------------------------- training sections
+
+
+def plan_rows(result: dict, teacher_cfg, student_cfg, *, fused_head: bool) -> dict:
+    """The memory plan of the configuration `result` ran (bf16 autocast, bf16 teacher) and,
+    where CUDA measured it, plan / measured for the allocated peak and for the whole card
+    (reserved peak + this process's memory outside the allocator)."""
+    plan = plan_memory(teacher_cfg, student_cfg, micro_batch=result["micro_batch"],
+                       seq_len=result["seq_len"], precision="bf16-autocast",
+                       teacher_dtype_bytes=2, fused_head=fused_head)
+    rows = {"plan_allocated_peak_bytes": plan.allocated_peak, "plan_total_bytes": plan.total,
+            "flops_per_token": plan.flops_per_token}
+    if "peak_allocated_bytes" in result:
+        measured_total = result["peak_reserved_bytes"] + result["non_allocator_bytes"]
+        rows.update(plan_over_measured=plan.allocated_peak / result["peak_allocated_bytes"],
+                    measured_total_bytes=measured_total,
+                    plan_total_over_measured=plan.total / measured_total,
+                    reserved_over_allocated=result["peak_reserved_bytes"]
+                    / result["peak_allocated_bytes"])
+    return rows
+
+
+def _with_mfu(result: dict, device) -> dict:
+    peak = _peak_flops(device)
+    result["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / peak if peak else None
+    return result
+
+
+def _seed_step(sizes, micro_step, *, fused_head: bool, compiled: bool = False) -> dict:
     device = current_device()
     teacher, student = build_pair(build_ours, sizes, device)
-    result = time_training(student, teacher, ours_micro_step, sizes, device)
-    plan = plan_memory(teacher.config, student.config, micro_batch=sizes["micro_batch"],
-                       seq_len=sizes["seq_len"], precision="bf16-autocast")
-    flops = plan.flops_per_token
-    peak = _peak_flops(device)
-    result.update(
-        device=device_name(device),
-        flops_per_token=flops,
-        mfu=result["tokens_per_s"] * flops / peak if peak else None,
-        peak_flops=peak,
-        plan_allocated_peak_bytes=plan.allocated_peak,
-        plan_total_bytes=plan.total,
-        plan_largest_micro_batch_12gib=largest_micro_batch(
-            teacher.config, student.config, seq_len=sizes["seq_len"], budget_bytes=CARD_BYTES),
-        plan_largest_micro_batch_12gib_checkpointing=largest_micro_batch(
-            teacher.config, student.config, seq_len=sizes["seq_len"], budget_bytes=CARD_BYTES,
-            activation_checkpointing=True),
-    )
-    if "peak_allocated_bytes" in result:
-        result["plan_over_measured"] = plan.allocated_peak / result["peak_allocated_bytes"]
-    del teacher, student
+    models = (torch.compile(student), torch.compile(teacher)) if compiled else (student, teacher)
+    result = time_training(*models, micro_step, sizes, device)
+    result.update(device=device_name(device), fused_head=fused_head, compiled=compiled,
+                  **plan_rows(result, teacher.config, student.config, fused_head=fused_head))
+    del teacher, student, models
     free_memory(device)
+    return _with_mfu(result, device)
+
+
+def section_seed_recipe(sizes, smoke: bool) -> dict:
+    """The seed step, eager, fused head (the engine's default), with the plan's view of it."""
+    result = _seed_step(sizes, ours_micro_step, fused_head=True)
+    teacher, student = (model_config(sizes[k], vocab=sizes["vocab"])
+                        for k in ("teacher", "student"))
+    for ckpt in (False, True):
+        key = "plan_largest_micro_batch_12gib" + ("_checkpointing" if ckpt else "")
+        result[key] = largest_micro_batch(teacher, student, seq_len=sizes["seq_len"],
+                                          budget_bytes=CARD_BYTES, teacher_dtype_bytes=2,
+                                          activation_checkpointing=ckpt)
     return result
+
+
+def section_seed_recipe_logits(sizes, smoke: bool) -> dict:
+    """The same step with full logits (loss.fused_head = false), as every earlier run."""
+    return _seed_step(sizes, logits_micro_step, fused_head=False)
 
 
 def section_seed_recipe_compiled(sizes, smoke: bool) -> dict:
     """The seed step with student and teacher under torch.compile (the engine's
-    runtime.compile option): models this small are launch-bound in eager mode."""
-    device = current_device()
-    teacher, student = build_pair(build_ours, sizes, device)
-    result = time_training(torch.compile(student), torch.compile(teacher), ours_micro_step,
-                           sizes, device)
-    del teacher, student
-    free_memory(device)
-    return result
+    runtime.compile, on by default with CUDA): models this small are launch-bound eager."""
+    return _seed_step(sizes, ours_micro_step, fused_head=True, compiled=True)
 
 
 def section_transformers(sizes, smoke: bool) -> dict:
@@ -213,10 +330,27 @@ def section_transformers(sizes, smoke: bool) -> dict:
 
 
 def section_capped(sizes, smoke: bool, out_dir: Path) -> dict:
-    """Run the capped measurements in a fresh process so the cap and allocator start clean."""
+    """Run the capped measurements in a fresh process so the cap and allocator start clean.
+    The device memory this process still holds is passed along, so the child's own memory
+    outside the allocator can be told apart from ours (both sit on the same card)."""
+    device = current_device()
+    parent_used = 0
+    if device.type == "cuda":
+        free_memory(device)
+        free, total = torch.cuda.mem_get_info(device)
+        parent_used = total - free
+    args = ["benchmarks.gpu_suite", "--parent-used", str(parent_used), "--worker-capped"]
+    result = run_worker("capped worker", args, sizes, smoke, out_dir)
+    result["parent_used_bytes"] = parent_used
+    return result
+
+
+def run_worker(what: str, module_args: list[str], sizes, smoke: bool, out_dir: Path) -> dict:
+    """`python -m <module_args> RESULT [--smoke]` in a fresh process; the JSON it writes to
+    RESULT, or an error record when it wrote none."""
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        result_path = Path(tmp) / "capped.json"
-        cmd = [sys.executable, "-m", "benchmarks.gpu_suite", "--worker-capped", str(result_path)]
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", *module_args, str(result_path)]
         if smoke:
             cmd.append("--smoke")
         t0 = time.perf_counter()
@@ -224,15 +358,29 @@ def section_capped(sizes, smoke: bool, out_dir: Path) -> dict:
             proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True,
                                   timeout=sizes["worker_timeout"])
         except subprocess.TimeoutExpired as exc:
-            return {"error": f"capped worker timed out after {exc.timeout} s"}
+            return {"error": f"{what} timed out after {exc.timeout} s"}
         if not result_path.is_file():
             tail = (proc.stdout + proc.stderr)[-4000:]
-            return {"error": f"capped worker exited {proc.returncode} without a result", "log":
-                    tail}
+            return {"error": f"{what} exited {proc.returncode} without a result", "log": tail}
         result = json.loads(result_path.read_text())
         result["worker_seconds"] = time.perf_counter() - t0
         result["worker_returncode"] = proc.returncode
         return result
+
+
+def section_fsdp(sizes, smoke: bool, out_dir: Path) -> dict:
+    """benchmarks/gpu_fsdp.py's two parts, each in a fresh process (its process group and its
+    memory cap are process-wide): the seed step under FSDP at world size 1 against the plain
+    step, and the largest pair that fits one 12 GiB card against its memory plan."""
+    result: dict[str, Any] = {
+        part: run_worker(f"FSDP {part} part", ["benchmarks.gpu_fsdp", "--part", part, "--out"],
+                         sizes, smoke, out_dir)
+        for part in ("seed", "capped")}
+    failed = [f"{part}: {body['error'].strip().splitlines()[-1]}"
+              for part, body in result.items() if "error" in body]
+    if failed:  # the section fails as a whole, so the suite's exit status says so
+        result["error"] = "; ".join(failed)
+    return result
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -243,24 +391,26 @@ def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in text or "alloc_failed" in text
 
 
-def capped_worker(sizes, smoke: bool, result_path: Path) -> int:
-    """In a fresh process: cap the allocator to a 12 GiB card, run the seed step, then find
-    the largest micro-batch (2, 4, 6, ...) that still runs a window without running out."""
-    device = current_device()
-    result: dict[str, Any] = {"device": device_name(device)}
-    if device.type == "cuda":
-        # The driver's context lives outside the allocator but inside the card's 12 GiB.
-        cap = CARD_BYTES - CUDA_CONTEXT_BYTES
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(cap / total, device)
+def _cap_to_card(device, result: dict) -> None:
+    # The driver's context lives outside the allocator but inside the card's 12 GiB.
+    cap = cap_memory_to(device, CARD_BYTES, CUDA_CONTEXT_BYTES)
+    if cap is not None:
         result.update(cap_bytes=cap, cap_note="12 GiB card minus the plan's CUDA context reserve")
     else:
         result["cap_note"] = "no cap on CPU (smoke): the code path only"
 
+
+def capped_worker(sizes, smoke: bool, result_path: Path, parent_used: int) -> int:
+    """In a fresh process: cap the allocator to a 12 GiB card, run the seed step, find the
+    largest micro-batch (2, 4, 6, ...) that still runs a window without running out, then time
+    the best configuration that fits: that micro-batch with both models compiled."""
+    device = current_device()
+    result: dict[str, Any] = {"device": device_name(device)}
+    _cap_to_card(device, result)
     teacher, student = build_pair(build_ours, sizes, device)
     attempts = []
 
-    def attempt(mb: int, *, full: bool) -> bool:
+    def attempt(mb: int, *, full: bool, compiled: bool = False) -> bool:
         """One measured run at micro-batch mb (the search uses one window of warm-up and one
         timed window: enough to allocate everything a longer run would)."""
         student.zero_grad(set_to_none=True)
@@ -268,15 +418,19 @@ def capped_worker(sizes, smoke: bool, result_path: Path) -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         short = {} if full else {"warmup": sizes["accum"], "steps": sizes["accum"]}
+        models = (torch.compile(student), torch.compile(teacher)) if compiled else (
+            student, teacher)
         try:
-            row = time_training(student, teacher, ours_micro_step, sizes, device, micro_batch=mb,
-                                **short)
-            attempts.append({"micro_batch": mb, "ok": True, **row})
+            row = time_training(*models, ours_micro_step, sizes, device, micro_batch=mb,
+                                other_bytes=parent_used, **short)
+            row.update(compiled=compiled,
+                       **plan_rows(row, teacher.config, student.config, fused_head=True))
+            attempts.append({"micro_batch": mb, "ok": True, **_with_mfu(row, device)})
             return True
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError too
             if not _is_oom(exc):
                 raise
-            attempts.append({"micro_batch": mb, "ok": False, "oom": True,
+            attempts.append({"micro_batch": mb, "ok": False, "oom": True, "compiled": compiled,
                              "error": str(exc).splitlines()[0][:300]})
             return False
         finally:
@@ -284,22 +438,30 @@ def capped_worker(sizes, smoke: bool, result_path: Path) -> int:
             free_memory(device)
 
     result["seed_micro_batch_fits"] = attempt(sizes["micro_batch"], full=True)
-    started = time.perf_counter()
-    largest = sizes["micro_batch"] if result["seed_micro_batch_fits"] else 0
-    mb = sizes["micro_batch"] + 2
-    stopped = "limit"
-    while mb <= sizes["search_max_mb"]:
-        if time.perf_counter() - started > sizes["search_seconds"]:
-            stopped = "time bound"
+    largest, stopped = _search_largest(attempt, sizes, result["seed_micro_batch_fits"])
+    result.update(measured_largest_micro_batch=largest, search_stopped=stopped)
+    for mb in (largest, largest - 2):  # the compiled step may need a little more room
+        if mb >= 1 and attempt(mb, full=True, compiled=True):
+            result["best_compiled_micro_batch"] = mb
             break
-        if not attempt(mb, full=False):
-            stopped = "out of memory"
-            break
-        largest = mb
-        mb += 2
-    result.update(attempts=attempts, measured_largest_micro_batch=largest, search_stopped=stopped)
+    result["attempts"] = attempts
     write_json(result_path, result)
     return 0
+
+
+def _search_largest(attempt, sizes, seed_fits: bool) -> tuple[int, str]:
+    """Micro-batches 2 above the seed's, upwards, until one runs out (bounded in time)."""
+    started = time.perf_counter()
+    largest = sizes["micro_batch"] if seed_fits else 0
+    mb = sizes["micro_batch"] + 2
+    while mb <= sizes["search_max_mb"]:
+        if time.perf_counter() - started > sizes["search_seconds"]:
+            return largest, "time bound"
+        if not attempt(mb, full=False):
+            return largest, "out of memory"
+        largest = mb
+        mb += 2
+    return largest, "limit"
 
 
 # ----------------------------------------------------------------------------- report
@@ -309,19 +471,23 @@ def _gib(n) -> str:
     return f"{n / 2**30:.2f} GiB" if isinstance(n, (int, float)) else "n/a"
 
 
-def summary_rows(report: dict) -> list[tuple[str, str, str]]:
-    """(check, measured, target) rows for the final table."""
-    rows: list[tuple[str, str, str]] = []
-    sec = report["sections"]
-    for name, body in sec.items():
-        if "error" in body:
-            rows.append((name, "FAILED: " + body["error"].strip().splitlines()[-1][:70], "-"))
-    kc = sec.get("kernel_correctness", {})
+def _mib(n) -> str:
+    return f"{n:.0f} MiB" if isinstance(n, (int, float)) else "n/a"
+
+
+def _failures(sections: dict) -> list[tuple[str, str, str]]:
+    return [(name, "FAILED: " + body["error"].strip().splitlines()[-1][:70], "-")
+            for name, body in sections.items() if "error" in body]
+
+
+def _kernel_rows(sections: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    kc = sections.get("kernel_correctness", {})
     if "passed" in kc:
         rows.append(("kernel vs float64 reference",
                      f"{'PASS' if kc['passed'] else 'FAIL'} ({len(kc['cases'])} cases, max grad "
                      f"rel err {kc['max_grad_rel_err']:.1e})", "all pass"))
-    for n, speed in sec.get("kernel_speed", {}).items():
+    for n, speed in sections.get("kernel_speed", {}).items():
         if isinstance(speed, dict) and "error" in speed:
             rows.append((f"kernel speed {n} tokens", "FAILED: " + speed["error"][:70], "-"))
         if not isinstance(speed, dict) or "variants" not in speed:
@@ -334,40 +500,130 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
                      f"bw, x{ours['speedup_vs_eager']:.1f} eager, x"
                      f"{v['naive_compiled']['median_ms'] / ours['median_ms']:.1f} compiled",
                      ">= 80% copy bw, >= 3x eager"))
-    seed = sec.get("seed_recipe", {})
-    if "tokens_per_s" in seed:
-        mfu = f", MFU {seed['mfu'] * 100:.1f}%" if seed.get("mfu") else ""
-        rows.append(("seed step tokens/s", f"{seed['tokens_per_s']:,.0f}{mfu}",
-                     ">= 250,000 (H100)"))
-        rows.append(("seed peak memory (measured / plan)",
-                     f"{_gib(seed.get('peak_allocated_bytes'))} / "
-                     f"{_gib(seed['plan_allocated_peak_bytes'])}", "plan >= measured"))
+    div = sections.get("divergences", {})
+    if "rows" in div:
+        worst = max(div["rows"], key=lambda k: div["rows"][k]["vs_forward_kl"])
+        rows.append((f"divergences {div['n_tokens']}x{div['vocab']} {div['dtype']}",
+                     f"worst x{div['max_vs_forward_kl']:.2f} of forward_kl ({worst}, "
+                     f"{div['rows'][worst]['median_ms']:.3f} ms)", "<= 1.2x"))
+    return rows
+
+
+def _head_rows(sections: dict) -> list[tuple[str, str, str]]:
+    head = sections.get("head", {})
+    variants = head.get("variants", {})
+    rows = []
+    if "fused_vs_matmuls" in head:
+        fused, matmuls = variants["fused"], variants["matmuls"]
+        rows.append(("head + loss fwd+bwd vs its 4 matmuls",
+                     f"x{head['fused_vs_matmuls']:.2f} ({fused['median_ms']:.2f} vs "
+                     f"{matmuls['median_ms']:.2f} ms; fastest chunk {head.get('best_chunk')})",
+                     "<= 1.25x"))
+        unfused = variants.get("unfused", {})
+        if "median_ms" in unfused:
+            rows.append(("head + loss: fused vs head matmuls + kd_loss",
+                         f"{fused['median_ms']:.2f} vs {unfused['median_ms']:.2f} ms, "
+                         f"{_mib(fused['peak_mib'])} vs {_mib(unfused['peak_mib'])}", "-"))
+    if head.get("liger") == "absent":
+        rows.append(("Liger LigerFusedLinearJSDLoss", "skipped: liger_kernel is not installed",
+                     "-"))
+    elif "median_ms" in variants.get("liger", {}) and "median_ms" in variants.get(
+            "fused_full_vocab", {}):
+        ours, liger = variants["fused_full_vocab"], variants["liger"]
+        rows.append(("ours vs Liger (same objective)",
+                     f"{ours['median_ms']:.2f} vs {liger['median_ms']:.2f} ms, "
+                     f"{_mib(ours['peak_mib'])} vs {_mib(liger['peak_mib'])}",
+                     "faster and leaner"))
+    return rows
+
+
+def _plan_row(name: str, body: dict) -> tuple[str, str, str] | None:
+    if "plan_over_measured" not in body:
+        return None
+    planned = _gib(body["plan_allocated_peak_bytes"])
+    return (f"memory plan / measured: {name}",
+            f"allocated x{body['plan_over_measured']:.3f} ({planned}), card "
+            f"x{body['plan_total_over_measured']:.3f}, reserved/allocated "
+            f"{body['reserved_over_allocated']:.2f}", "within 5%")
+
+
+def _step_rows(sections: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    labels = {"seed_recipe": "seed step, eager, fused head",
+              "seed_recipe_logits": "seed step, eager, full logits",
+              "seed_recipe_compiled": "seed step, compiled, fused head"}
+    for key, label in labels.items():
+        body = sections.get(key, {})
+        if "tokens_per_s" in body:
+            mfu = f", MFU {body['mfu'] * 100:.1f}%" if body.get("mfu") else ""
+            rows.append((label, f"{body['tokens_per_s']:,.0f} tokens/s{mfu}, peak "
+                         f"{_gib(body.get('peak_allocated_bytes'))}", "-"))
+    seed = sections.get("seed_recipe", {})
+    if "plan_largest_micro_batch_12gib" in seed:
         rows.append(("largest mb in 12 GiB (plan)",
                      f"{seed['plan_largest_micro_batch_12gib']} (checkpointing: "
-                     f"{seed['plan_largest_micro_batch_12gib_checkpointing']})", ">= 2"))
-    compiled = sec.get("seed_recipe_compiled", {})
-    if "tokens_per_s" in compiled:
-        rows.append(("seed step tokens/s, torch.compile", f"{compiled['tokens_per_s']:,.0f}",
-                     ">= 250,000 (H100)"))
-    capped = sec.get("capped_12gib", {})
-    if "seed_micro_batch_fits" in capped:
-        first = capped["attempts"][0] if capped.get("attempts") else {}
-        rows.append(("seed mb under 12 GiB cap",
-                     ("fits" if capped["seed_micro_batch_fits"] else "OUT OF MEMORY")
-                     + f", peak {_gib(first.get('peak_allocated_bytes'))}", "fits"))
-        rows.append(("largest mb under cap (measured)",
-                     f"{capped['measured_largest_micro_batch']} (stopped: "
-                     f"{capped['search_stopped']})", "-"))
-    hf = sec.get("transformers", {})
+                     f"{seed['plan_largest_micro_batch_12gib_checkpointing']})", ">= 24"))
+    hf = sections.get("transformers", {})
     if "skipped" in hf:
         rows.append(("transformers step", "skipped: " + hf["skipped"], "-"))
     elif "tokens_per_s" in hf and "tokens_per_s" in seed:
-        ratio = seed["tokens_per_s"] / hf["tokens_per_s"]
         mem = ""
         if hf.get("peak_allocated_bytes") and seed.get("peak_allocated_bytes"):
             mem = (f", peak memory {_gib(seed['peak_allocated_bytes'])} vs "
                    f"{_gib(hf['peak_allocated_bytes'])}")
-        rows.append(("ours / transformers step", f"x{ratio:.2f} tokens/s{mem}", ">= 1.5x"))
+        rows.append(("ours eager / transformers step (mb 2)",
+                     f"x{seed['tokens_per_s'] / hf['tokens_per_s']:.2f} tokens/s{mem}", ">= 1.5x"))
+    return rows
+
+
+def _capped_rows(sections: dict) -> list[tuple[str, str, str]]:
+    capped = sections.get("capped_12gib", {})
+    if "seed_micro_batch_fits" not in capped:
+        return []
+    attempts = capped.get("attempts", [])
+    first = attempts[0] if attempts else {}
+    rows = [("seed mb under 12 GiB cap", ("fits" if capped["seed_micro_batch_fits"] else
+                                          "OUT OF MEMORY")
+             + f", peak {_gib(first.get('peak_allocated_bytes'))}", "fits"),
+            ("largest mb under 12 GiB cap (measured)",
+             f"{capped['measured_largest_micro_batch']} (stopped: {capped['search_stopped']})",
+             ">= 24")]
+    best = [a for a in attempts if a.get("ok") and a.get("compiled")]
+    if best:
+        mfu = f", MFU {best[-1]['mfu'] * 100:.1f}%" if best[-1].get("mfu") else ""
+        rows.append((f"best under 12 GiB: compiled, mb {best[-1]['micro_batch']}",
+                     f"{best[-1]['tokens_per_s']:,.0f} tokens/s{mfu}", ">= 500,000, MFU >= 35%"))
+    return rows
+
+
+def _fsdp_rows(sections: dict) -> list[tuple[str, str, str]]:
+    fsdp = sections.get("fsdp", {})
+    rows: list[tuple[str, str, str]] = []
+    seed, capped = fsdp.get("seed", {}), fsdp.get("capped", {})
+    if "fsdp_over_plain_tokens_per_s" in seed:
+        speeds = f"{seed['fsdp']['tokens_per_s']:,.0f} vs {seed['plain']['tokens_per_s']:,.0f}"
+        rows.append(("FSDP x1 / plain seed step tokens/s",
+                     f"x{seed['fsdp_over_plain_tokens_per_s']:.2f} ({speeds})",
+                     f">= {seed['target_ratio']:.2f}"))
+    if "plan_allocated_peak_bytes" in capped:
+        pair = capped["pair"]
+        rows.append((f"largest 12 GiB pair {pair['teacher'][7:]} -> {pair['student'][7:]} "
+                     f"({pair['precision']}, mb {pair['micro_batch']}): measured / plan",
+                     f"{_gib(capped.get('peak_allocated_bytes'))} / "
+                     f"{_gib(capped['plan_allocated_peak_bytes'])}", "within 5%"))
+    return rows
+
+
+def summary_rows(report: dict) -> list[tuple[str, str, str]]:
+    """(check, measured, target) rows for the final table."""
+    sections = report["sections"]
+    rows = _failures(sections) + _kernel_rows(sections) + _head_rows(sections)
+    rows += _step_rows(sections) + _capped_rows(sections) + _fsdp_rows(sections)
+    configs = [(name, sections.get(name, {})) for name in
+               ("seed_recipe", "seed_recipe_logits", "seed_recipe_compiled")]
+    configs += [(f"capped mb {a['micro_batch']}{' compiled' if a.get('compiled') else ''}", a)
+                for a in sections.get("capped_12gib", {}).get("attempts", [])]
+    rows += [row for row in (_plan_row(name, body) for name, body in configs) if row]
     return rows
 
 
@@ -388,14 +644,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="folder for gpu_suite.json")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device, < 2 min")
     parser.add_argument("--worker-capped", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--parent-used", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)  # as engine.train
     sizes = SMOKE if args.smoke else FULL
     if args.smoke and not torch.cuda.is_available():
         # Tiny CPU work: intra-op threads only contend with each other (and with CI).
         torch.set_num_threads(1)
 
     if args.worker_capped:
-        return capped_worker(sizes, args.smoke, Path(args.worker_capped))
+        return capped_worker(sizes, args.smoke, Path(args.worker_capped), args.parent_used)
 
     started = time.perf_counter()
     device = current_device()
@@ -416,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton": triton_version,
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
+        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "sizes": sizes,
         "sections": {},
         "json_path": str(json_path),
@@ -424,18 +683,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.python_version()}, mode {report['mode']}", flush=True)
 
     sections = [
-        ("kernel_correctness", lambda: section_kernel_correctness(sizes, args.smoke)),
-        ("kernel_speed", lambda: section_kernel_speed(sizes, args.smoke)),
-        ("seed_recipe", lambda: section_seed_recipe(sizes, args.smoke)),
-        ("seed_recipe_compiled", lambda: section_seed_recipe_compiled(sizes, args.smoke)),
-        ("transformers", lambda: section_transformers(sizes, args.smoke)),
-        ("capped_12gib", lambda: section_capped(sizes, args.smoke, out_dir)),
+        ("kernel_correctness", section_kernel_correctness),
+        ("kernel_speed", section_kernel_speed),
+        ("divergences", section_divergences),
+        ("head", section_head),
+        ("seed_recipe", section_seed_recipe),
+        ("seed_recipe_logits", section_seed_recipe_logits),
+        ("seed_recipe_compiled", section_seed_recipe_compiled),
+        ("transformers", section_transformers),
+        ("capped_12gib", lambda sizes, smoke: section_capped(sizes, smoke, out_dir)),
+        ("fsdp", lambda sizes, smoke: section_fsdp(sizes, smoke, out_dir)),
     ]
     for name, run in sections:
         t0 = time.perf_counter()
         print(f"== {name} ...", flush=True)
         try:
-            body = run()
+            body = run(sizes, args.smoke)
         except Exception as exc:  # guarded: record and go on to the next section
             body = error_record(exc)
             print(body["traceback"], file=sys.stderr, flush=True)

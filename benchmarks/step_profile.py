@@ -3,9 +3,9 @@
     python3 -m benchmarks.step_profile [--out DIR] [--smoke]
 
 The GPU suite gives one tokens/s figure per engine; this says why: a torch.profiler table of
-the heaviest kernels for a few micro-steps of each engine, the GPU-busy fraction (kernel time
-over wall time: a step far below 1 is launch-bound). The compiled step's tokens/s is in the
-GPU suite.
+the heaviest kernels for a few micro-steps of each engine (ours with the fused head, the
+default, and with full logits), the GPU-busy fraction (kernel time over wall time: a step far
+below 1 is launch-bound). The compiled step's tokens/s is in the GPU suite.
 """
 
 from __future__ import annotations
@@ -21,12 +21,6 @@ from benchmarks import common
 from kernels.constants import IGNORE_INDEX
 
 PROFILED_MICRO_STEPS = 4
-
-
-def ours_micro_step_new_buffer(student, teacher, batch, valid_vocab, normalizer):
-    """Our step with the loss gradient in a new buffer: no host sync in the loss backward."""
-    return common.ours_micro_step(student, teacher, batch, valid_vocab, normalizer,
-                                  inplace_grad=False)
 
 
 def profile_engine(build, micro_step, sizes, device) -> dict:
@@ -82,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"device": common.device_name(device), "smoke": args.smoke}
     jobs = {
         "ours": lambda: profile_engine(common.build_ours, common.ours_micro_step, sizes, device),
-        "ours_new_buffer": lambda: profile_engine(common.build_ours, ours_micro_step_new_buffer,
-                                                  sizes, device),
+        "ours_logits": lambda: profile_engine(common.build_ours, common.logits_micro_step,
+                                              sizes, device),
         "transformers": lambda: profile_engine(common.build_transformers,
                                                common.transformers_micro_step, sizes, device),
     }

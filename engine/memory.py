@@ -1,14 +1,24 @@
 """A byte-level memory plan for one distillation step, so the 12 GiB question has an answer
 before a GPU is rented.
 
-The plan counts what the CUDA caching allocator holds at the peak of a micro-step, which is
-the start of the student's backward pass: everything persistent (student weights, gradients,
-optimizer moments, the frozen teacher), the teacher's logits, the student's logits, and every
-activation autograd saved during the student's forward. Activations are counted tensor by
-tensor for our GPT-NeoX block (see `_layer_saved_tensors`), which is what the tests compare
-with torch's own saved tensors on a small model. CUDA context and allocator slack are added on
-top because the user's card has to hold them too, although `torch.cuda.max_memory_allocated`
-never sees them.
+The plan counts what the CUDA caching allocator holds at the peak of a micro-step: everything
+persistent (student weights, gradients, optimizer moments, the frozen teacher), every
+activation autograd saved during the student's forward, and the loss's own buffers at its
+worst moment. Activations are counted tensor by tensor for our GPT-NeoX block (see
+`_layer_saved_tensors`), which the tests compare with torch's own saved tensors on a small
+model. Where the peak is depends on the loss:
+
+  * fused head (loss.fused_head, the default): both LM heads run inside the loss, chunk by
+    chunk (kernels.kd_head). The peak is during its forward, at the last chunk: two
+    [chunk x vocab] logit blocks, d hidden, the fp32 d weight accumulator and, under
+    autocast, the bf16 casts of the hidden states and the head weight. No [tokens x vocab]
+    tensor. (With very many tokens per micro-batch the last block's backward can exceed
+    that; the plan takes the larger of the two.)
+  * full logits: the start of the student's backward, with both models' [tokens x vocab]
+    logits alive and the head's backward transients on top.
+
+CUDA context and allocator slack are added on top because the user's card has to hold them
+too, although `torch.cuda.max_memory_allocated` never sees them.
 """
 
 from __future__ import annotations
@@ -18,15 +28,32 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from engine.precision import compute_dtype, precision_dtypes
+from kernels.kd_head import default_chunk_tokens
+from kernels.kd_loss_torch import CHUNK_ELEMENTS
 
 ATTENTION_IMPLS = ("flash", "math")
+RECOMPUTED = "one block recomputed in backward"  # activation checkpointing's extra block
 
-# What the CUDA driver holds outside the caching allocator (context, cuBLAS/cuDNN handles and
-# kernels images) on a recent driver, and the fraction the allocator loses to fragmentation
-# and block rounding in a steady training loop. Both are conservative round numbers.
-CUDA_CONTEXT_BYTES = 600 * 2**20
+# Device memory a training process holds outside the caching allocator (CUDA context, cuBLAS
+# / cuDNN handles, loaded kernels): 767 MiB measured on the H200 (torch 2.11 + CUDA 13: total
+# minus free minus reserved in the GPU suite's process), rounded up. The suite once read
+# 1.6 GiB for its capped child process; that figure also held the parent process's own
+# context, which was on the same card at the time (benchmarks/README.md).
+CUDA_CONTEXT_BYTES = 800 * 2**20
+# The fraction the allocator holds beyond the allocated peak (fragmentation, block rounding).
+# The engine turns on expandable segments on CUDA (engine.train.loop.run), which returns most
+# of it; the GPU suite measures reserved / allocated for every configuration it runs.
 ALLOCATOR_SLACK_FRACTION = 0.10
+# Allocated on CUDA beside the tensors the plan itemises: cuBLAS workspaces (32 MiB per handle
+# on Hopper) and small buffers. The measured remainder of the H200 seed step (allocated peak
+# minus every itemised tensor, micro-batch 2 to 12: 32-52 MiB, mean 40 MiB).
+CUDA_WORKSPACE_BYTES = 40 * 2**20
+# fp32 [rows x vocab] temporaries the CPU loss path (kernels.kd_loss_torch) holds at once for
+# one row block, with the forward KL (measured through the allocation tracker of the tests).
+TORCH_LOSS_TEMPORARIES = 5
 
 _UNITS = {
     "": 1,
@@ -180,9 +207,12 @@ def activation_breakdown(
     precision: str = "bf16-autocast",
     activation_checkpointing: bool = False,
     attention: str = "flash",
+    fused_head: bool = False,
 ) -> dict[str, int]:
     """Bytes autograd holds at the start of backward for the student's forward pass
-    (logits excluded: they are counted with the loss buffers)."""
+    (logits excluded: they are counted with the loss buffers). The head's input is saved by
+    F.linear (its matmul-dtype cast) or, with the fused head, by the loss (the final
+    LayerNorm's output itself)."""
     precision_dtypes(precision)  # an unknown mode raises here, naming the known ones
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention {attention!r}: choose one of {ATTENTION_IMPLS}")
@@ -193,14 +223,17 @@ def activation_breakdown(
     head = {
         "input ids (embedding backward)": 8 * tokens,
         "final ln input + mean/rstd": r * tokens * h + 2 * 4 * tokens,
-        "final ln output (embed_out input)": a * tokens * h,
     }
+    if fused_head:
+        head["final ln output (saved by the fused head)"] = r * tokens * h
+    else:
+        head["final ln output (embed_out input)"] = a * tokens * h
     if activation_checkpointing:
         # Each block keeps only its input; backward re-runs one block at a time, so one
         # block's full set of saved tensors exists on top at the peak.
         blocks = {
             "block inputs (checkpointed)": cfg.num_layers * r * tokens * h,
-            "one block recomputed in backward": layer,
+            RECOMPUTED: layer,
         }
     else:
         blocks = {f"{cfg.num_layers} blocks x {format_bytes(layer)}": cfg.num_layers * layer}
@@ -218,6 +251,7 @@ class MemoryPlan:
     seq_len: int
     precision: str
     activation_checkpointing: bool
+    fused_head: bool = True
     components: dict[str, int] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)
     flops_per_token: float = 0.0
@@ -241,6 +275,7 @@ class MemoryPlan:
             "seq_len": self.seq_len,
             "precision": self.precision,
             "activation_checkpointing": self.activation_checkpointing,
+            "fused_head": self.fused_head,
             "components": dict(self.components),
             "groups": dict(self.groups),
             "allocated_peak_bytes": self.allocated_peak,
@@ -252,7 +287,8 @@ class MemoryPlan:
         width = max(len(k) for k in self.components) + 2
         lines = [
             f"memory plan: micro_batch={self.micro_batch} seq_len={self.seq_len} "
-            f"precision={self.precision} activation_checkpointing={self.activation_checkpointing}",
+            f"precision={self.precision} activation_checkpointing={self.activation_checkpointing} "
+            f"fused_head={self.fused_head}",
             f"{'component':<{width}}{'group':<12}{'bytes':>16}{'':>3}{'size':>12}",
             "-" * (width + 43),
         ]
@@ -273,17 +309,20 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _student_state(cfg, precision: str, activation_checkpointing: bool) -> list[tuple[str, int]]:
+def _student_state(cfg, precision: str, activation_checkpointing: bool,
+                   fused_head: bool) -> list[tuple[str, int]]:
     """Weights, gradients and AdamW moments of the trained student, as (name, bytes)."""
     counts = parameter_count(cfg)
     n = counts["total"]
     if precision == "bf16-autocast":
         # Autocast's bf16 copy of each matmul weight is saved for the input gradient, so it
         # lives until backward; the bias copies are dropped when the forward's autocast exits.
-        # With checkpointing only embed_out's copy and the re-run block's copies exist at once.
-        cast = counts["linear_weights"]
+        # With checkpointing only the re-run block's copies (and embed_out's) exist at once.
+        # The fused head casts embed_out itself, for its forward only (a loss buffer).
+        head = 0 if fused_head else cfg.vocab_size * cfg.hidden_size
+        cast = counts["linear_weights"] - cfg.vocab_size * cfg.hidden_size + head
         if activation_checkpointing:
-            cast = cfg.vocab_size * cfg.hidden_size + _block_weights(cfg)
+            cast = head + _block_weights(cfg)
         return [
             ("student weights (fp32 master)", 4 * n),
             ("student bf16 weight casts (autocast)", 2 * cast),
@@ -303,6 +342,77 @@ def _student_state(cfg, precision: str, activation_checkpointing: bool) -> list[
     ]
 
 
+@dataclass(frozen=True)
+class _Widths:
+    """Element sizes of one configuration: matmul (a), weight / residual (r), teacher (t)."""
+
+    a: int
+    r: int
+    t: int
+    autocast: bool
+
+
+def _widths(precision: str, teacher_dtype_bytes: int | None) -> _Widths:
+    a, r = _activation_bytes(precision)
+    autocast = precision_dtypes(precision)[1] is not None
+    return _Widths(a, r, teacher_dtype_bytes or a, autocast)
+
+
+def _logits_buffers(teacher_cfg, student_cfg, tokens: int, w: _Widths,
+                    in_place_loss_gradient: bool) -> list[tuple[str, int]]:
+    """Loss buffers at the start of backward with full logits (loss.fused_head = false)."""
+    v, h = student_cfg.vocab_size, student_cfg.hidden_size
+    out = []
+    if teacher_cfg is not None:
+        out.append(("teacher logits [B,T,V]", w.t * tokens * teacher_cfg.vocab_size))
+    out.append(("student logits [B,T,V]", w.a * tokens * v))
+    if not in_place_loss_gradient:
+        out.append(("logits gradient buffer [B,T,V]", w.a * tokens * v))
+    # embed_out backward: a [V,H] weight gradient in the compute dtype before it is added to
+    # the .grad, and the [B,T,H] input gradient; under autocast that weight gradient is also
+    # cast to fp32 for the fp32 .grad (the H200-measured offset, benchmarks/README.md).
+    out.append(("embed_out backward transients", w.a * v * h + w.a * tokens * h))
+    if w.autocast:
+        out.append(("embed_out weight gradient cast to fp32 [V,H]", 4 * v * h))
+    return out
+
+
+def _fused_head_buffers(teacher_cfg, student_cfg, tokens: int, w: _Widths,
+                        chunk: int) -> list[tuple[str, int]]:
+    """The fused head's buffers at its forward's last chunk (kernels/kd_head.py)."""
+    v, h = student_cfg.vocab_size, student_cfg.hidden_size
+    out = [("fused head: student logit block [chunk,V]", w.a * chunk * v),
+           ("fused head: d hidden [B,T,H]", w.r * tokens * h),
+           ("fused head: d weight accumulator [V,H] fp32", 4 * v * h)]
+    if w.a != 4:
+        out.append(("fused head: one chunk's d weight [V,H]", w.a * v * h))
+    if w.r != w.a:  # autocast: the head runs on bf16 casts, as F.linear would
+        out += [("fused head: hidden states cast [B,T,H]", w.a * tokens * h),
+                ("fused head: head weight cast [V,H]", w.a * v * h),
+                ("fused head: one chunk's d hidden product", w.a * chunk * h)]
+    if teacher_cfg is not None:
+        t_matmul = w.a if w.autocast else w.t
+        out.append(("fused head: teacher logit block [chunk,V]", t_matmul * chunk * v))
+        t_hidden = _teacher_hidden_bytes(w)
+        if t_hidden != t_matmul:
+            ht = teacher_cfg.hidden_size
+            out.append(("fused head: teacher casts [B,T,Ht] + [V,Ht]",
+                        t_matmul * (tokens + v) * ht))
+    return out
+
+
+def _teacher_hidden_bytes(w: _Widths) -> int:
+    """A teacher stored in the autocast dtype runs without autocast (engine.train.step); any
+    other teacher under autocast ends in an fp32 LayerNorm output."""
+    return 4 if w.autocast and w.t != w.a else w.t
+
+
+def _block_backward_bytes(cfg, tokens: int, w: _Widths) -> int:
+    """Working set of the last block's backward beyond the saved activations: the residual
+    stream's gradient twice and the MLP's two [tokens x intermediate] gradients."""
+    return 2 * w.r * tokens * cfg.hidden_size + 2 * w.a * tokens * cfg.intermediate_size
+
+
 def plan_memory(
     teacher_cfg,
     student_cfg,
@@ -314,58 +424,93 @@ def plan_memory(
     teacher_dtype_bytes: int | None = None,
     in_place_loss_gradient: bool = True,
     attention: str = "flash",
+    fused_head: bool = True,
+    chunk_tokens: int | None = None,
+    device_type: str = "cuda",
 ) -> MemoryPlan:
-    """Predict the peak of one micro-step: the start of the student's backward pass.
+    """Predict the peak of one micro-step (see the module docstring for where it is).
 
-    teacher_cfg may be None (plain CE training). The teacher is held in bf16 unless
-    precision is "fp32". `in_place_loss_gradient` says the kd kernel writes dL/dlogits into
-    the student's logits buffer (the Triton path); without it a separate buffer appears.
+    teacher_cfg may be None (plain CE training). The teacher is held in the compute dtype
+    unless `teacher_dtype_bytes` says otherwise (teacher.dtype). `in_place_loss_gradient`
+    (full logits only) says the kd kernel writes dL/dlogits into the student's logits buffer.
+    `chunk_tokens` is the fused head's chunk (default: its rule for `device_type`). On "cuda"
+    the cuBLAS workspaces, the CUDA context and the allocator's slack count; on "cpu" the CPU
+    loss path's scratch does (the tests check the plan there against every tensor a step
+    allocates).
     """
     precision_dtypes(precision)  # an unknown mode raises here, naming the known ones
     if micro_batch < 1 or seq_len < 1:
         raise ValueError(f"micro_batch and seq_len must be >= 1, got {micro_batch}, {seq_len}")
     tokens = micro_batch * seq_len
-    plan = MemoryPlan(micro_batch, seq_len, precision, activation_checkpointing)
+    plan = MemoryPlan(micro_batch, seq_len, precision, activation_checkpointing, fused_head)
+    w = _widths(precision, teacher_dtype_bytes)
 
     def add(name: str, nbytes: int, group: str) -> None:
         plan.components[name] = int(nbytes)
         plan.groups[name] = group
 
-    for name, nbytes in _student_state(student_cfg, precision, activation_checkpointing):
+    for name, nbytes in _student_state(student_cfg, precision, activation_checkpointing,
+                                       fused_head):
         add(name, nbytes, "student")
-
-    logit_bytes = compute_dtype(precision).itemsize
     if teacher_cfg is not None:
-        tb = teacher_dtype_bytes or logit_bytes
-        add(f"teacher weights ({'bf16' if tb == 2 else 'fp32'}, frozen)",
-            tb * parameter_count(teacher_cfg)["total"], "teacher")
-        add("teacher logits [B,T,V]", tb * tokens * teacher_cfg.vocab_size, "loss")
-
-    for name, nbytes in activation_breakdown(
-        student_cfg,
-        micro_batch=micro_batch,
-        seq_len=seq_len,
-        precision=precision,
-        activation_checkpointing=activation_checkpointing,
-        attention=attention,
-    ).items():
+        add(f"teacher weights ({'bf16' if w.t == 2 else 'fp32'}, frozen)",
+            w.t * parameter_count(teacher_cfg)["total"], "teacher")
+    activations = activation_breakdown(
+        student_cfg, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
+        activation_checkpointing=activation_checkpointing, attention=attention,
+        fused_head=fused_head,
+    )
+    # With the fused head the peak is in the forward, before any block is recomputed: the
+    # recomputed block belongs to the backward alternative.
+    recomputed = activations.pop(RECOMPUTED, 0) if fused_head else 0
+    for name, nbytes in activations.items():
         add(f"activations: {name}", nbytes, "activations")
-
-    v = student_cfg.vocab_size
-    add("student logits [B,T,V]", logit_bytes * tokens * v, "loss")
-    if not in_place_loss_gradient:
-        add("logits gradient buffer [B,T,V]", logit_bytes * tokens * v, "loss")
-    # embed_out backward: a [V,H] weight gradient in the compute dtype before it is added to
-    # the fp32 .grad, and the [B,T,H] input gradient.
-    add("embed_out backward transients",
-        logit_bytes * v * student_cfg.hidden_size + logit_bytes * tokens * student_cfg.hidden_size,
-        "loss")
-
-    allocated = plan.allocated_peak
-    add("allocator slack (fragmentation)", int(ALLOCATOR_SLACK_FRACTION * allocated), "overhead")
-    add("CUDA context + library handles", CUDA_CONTEXT_BYTES, "overhead")
+    if fused_head:
+        _add_fused_head(add, teacher_cfg, student_cfg, tokens, w, chunk_tokens, device_type,
+                        recomputed)
+    else:
+        for name, nbytes in _logits_buffers(teacher_cfg, student_cfg, tokens, w,
+                                            in_place_loss_gradient):
+            add(name, nbytes, "loss")
+        if device_type != "cuda":
+            add(*_cpu_loss_scratch(student_cfg.vocab_size, tokens), "loss")
+    if device_type == "cuda":
+        add("cuBLAS workspaces and small buffers", CUDA_WORKSPACE_BYTES, "loss")
+        allocated = plan.allocated_peak
+        add("allocator slack (fragmentation)", int(ALLOCATOR_SLACK_FRACTION * allocated),
+            "overhead")
+        add("CUDA context + library handles", CUDA_CONTEXT_BYTES, "overhead")
     plan.flops_per_token = training_flops_per_token(student_cfg, teacher_cfg, seq_len)
     return plan
+
+
+def _cpu_loss_scratch(vocab: int, rows: int) -> tuple[str, int]:
+    """The CPU loss path's fp32 temporaries for one row block of at most `rows` rows."""
+    rows = min(max(1, CHUNK_ELEMENTS // vocab), rows)
+    return "CPU loss path scratch (fp32 row block)", TORCH_LOSS_TEMPORARIES * 4 * rows * vocab
+
+
+def _add_fused_head(add, teacher_cfg, student_cfg, tokens, w, chunk_tokens, device_type,
+                    recomputed: int) -> None:
+    """The fused head's buffers, or the last block's backward (with `recomputed` bytes of a
+    checkpointed block) where that is larger."""
+    if teacher_cfg is not None:
+        add("teacher hidden states [B,T,Ht]",
+            _teacher_hidden_bytes(w) * tokens * teacher_cfg.hidden_size, "loss")
+    chunk = chunk_tokens or default_chunk_tokens(
+        tokens, student_cfg.vocab_size, student_cfg.hidden_size,
+        teacher_cfg.hidden_size if teacher_cfg is not None else 0, w.a,
+        torch.device(device_type))
+    chunk = min(chunk, tokens)
+    buffers = _fused_head_buffers(teacher_cfg, student_cfg, tokens, w, chunk)
+    if device_type != "cuda":
+        buffers.append(_cpu_loss_scratch(student_cfg.vocab_size, chunk))
+    backward = _block_backward_bytes(student_cfg, tokens, w) + recomputed
+    if backward > sum(b for _, b in buffers):
+        buffers = [("last block's backward (recomputed block + working set; larger than "
+                    "the fused head's)", backward)]
+    for name, nbytes in buffers:
+        add(name, nbytes, "loss")
 
 
 def largest_micro_batch(

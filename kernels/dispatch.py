@@ -97,7 +97,8 @@ def loss_stats(ce_sum, kd_sum, valid_count) -> dict:
 
 
 def loss_and_grad(backend: str, s, t, labels, grad_out, inv_norm, options: LossOptions):
-    """Run the resolved backend on [N, V] logits; write d loss / d s into grad_out (may be s).
+    """Run the resolved backend on [N, V] logits; write d loss / d s into grad_out (may be s;
+    None: forward only, nothing is written). t may be s for a CE-only caller (alpha = 1).
 
     Returns (ce_sum, kd_sum) as 0-dim fp32 tensors (float64 for float64 logits on the torch
     path), with no host synchronisation. Runs with autocast off whatever the caller's context:

@@ -7,8 +7,11 @@ the two [chunk x V] logit blocks, runs the loss kernel on them (Triton on CUDA, 
 PyTorch path elsewhere), which writes d loss / d student logits in place over the student block,
 and immediately turns that into the chunk's rows of d hidden and its contribution to d weight.
 Both gradients therefore exist when the forward returns, and backward only scales them; the
-teacher's head runs without autograd. Peak memory beyond the inputs: the two chunk blocks,
-d hidden, and d weight (accumulated in fp32 across chunks, whatever the weight's dtype).
+teacher's head runs without autograd. Under torch.no_grad (or for inputs that do not require
+grad) it runs forward only: no gradient matmul, and the loss kernel writes no logit gradient.
+`ce_head_loss` is the same loop without a teacher: cross-entropy only (alpha = 1).
+Peak memory beyond the inputs: the two chunk blocks, d hidden, and d weight (accumulated in
+fp32 across chunks, whatever the weight's dtype).
 
 Precision follows the unfused path under each training precision:
   * fp32: fp32 matmuls and loss.
@@ -100,7 +103,11 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor, name: str) -> torc
 
 
 def _check_head_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels):
-    """ValueError naming the tensor when shapes, dtypes or devices do not fit together."""
+    """ValueError naming the tensor when shapes, dtypes or devices do not fit together.
+
+    teacher_hidden and teacher_weight are both None for the CE-only head (ce_head_loss)."""
+    if teacher_hidden is None:
+        teacher_hidden, teacher_weight = student_hidden, student_weight
     tensors = {"student_hidden": student_hidden, "student_weight": student_weight,
                "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight}
     for name, tensor in tensors.items():
@@ -127,13 +134,17 @@ def _check_head_inputs(student_hidden, student_weight, teacher_hidden, teacher_w
 
 
 def _chunk_loop(h_s, w_s, h_t, w_t, labels, inv_norm, options, backend, plan):
-    """The forward proper: (d hidden or None, d weight or None, ce_sum, kd_sum), unscaled."""
+    """The forward proper: (d hidden or None, d weight or None, ce_sum, kd_sum), unscaled.
+
+    Without a teacher (h_t None: CE only, alpha 1) the loss kernel reads the student block as
+    its teacher too (the KD term has weight 0) and kd_sum stays 0."""
     n_tokens, vocab = h_s.shape[0], w_s.shape[0]
     hs, ws = h_s.to(plan.student_dtype), w_s.to(plan.student_dtype)
-    ht, wt = h_t.to(plan.teacher_dtype), w_t.to(plan.teacher_dtype)
     rows = min(plan.chunk_tokens, max(n_tokens, 1))
     s_block = torch.empty(rows, vocab, dtype=plan.student_dtype, device=h_s.device)
-    t_block = torch.empty(rows, vocab, dtype=plan.teacher_dtype, device=h_s.device)
+    if h_t is not None:
+        ht, wt = h_t.to(plan.teacher_dtype), w_t.to(plan.teacher_dtype)
+        t_block = torch.empty(rows, vocab, dtype=plan.teacher_dtype, device=h_s.device)
     grad_h = torch.empty_like(h_s) if plan.grad_hidden else None
     acc_dtype = torch.float64 if w_s.dtype == torch.float64 else torch.float32
     grad_w = torch.zeros(w_s.shape, dtype=acc_dtype, device=w_s.device) if plan.grad_weight \
@@ -142,14 +153,20 @@ def _chunk_loop(h_s, w_s, h_t, w_t, labels, inv_norm, options, backend, plan):
                  if plan.grad_weight and plan.student_dtype != acc_dtype else None)
     sums = torch.zeros(2, dtype=torch.float64 if acc_dtype == torch.float64 else torch.float32,
                        device=h_s.device)
+    grad_out_needed = grad_h is not None or grad_w is not None  # else forward only
     for start in range(0, n_tokens, plan.chunk_tokens):
         stop = min(start + plan.chunk_tokens, n_tokens)
-        s, t = s_block[: stop - start], t_block[: stop - start]
+        s = s_block[: stop - start]
         torch.mm(hs[start:stop], ws.t(), out=s)
-        torch.mm(ht[start:stop], wt.t(), out=t)
-        ce, kd = loss_and_grad(backend, s, t, labels[start:stop], s, inv_norm, options)
+        t = s
+        if h_t is not None:
+            t = t_block[: stop - start]
+            torch.mm(ht[start:stop], wt.t(), out=t)
+        ce, kd = loss_and_grad(backend, s, t, labels[start:stop],
+                               s if grad_out_needed else None, inv_norm, options)
         sums[0] += ce
-        sums[1] += kd
+        if h_t is not None:
+            sums[1] += kd
         if grad_h is not None:  # s now holds d loss / d student logits
             if grad_h.dtype == s.dtype:
                 torch.mm(s, ws, out=grad_h[start:stop])
@@ -201,11 +218,14 @@ def _head_plan(student_hidden, student_weight, teacher_hidden, teacher_weight, c
                                      or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens={chunk_tokens!r} must be a positive integer or None")
     student_dtype = _matmul_dtype(student_hidden, student_weight, "student")
-    teacher_dtype = _matmul_dtype(teacher_hidden, teacher_weight, "teacher")
+    teacher_dtype, teacher_dim = student_dtype, 0  # CE only: no teacher head
+    if teacher_hidden is not None:
+        teacher_dtype = _matmul_dtype(teacher_hidden, teacher_weight, "teacher")
+        teacher_dim = teacher_weight.shape[1]
     n_tokens = student_hidden.shape[:-1].numel()
     if chunk_tokens is None:
         chunk_tokens = default_chunk_tokens(
-            n_tokens, student_weight.shape[0], student_weight.shape[1], teacher_weight.shape[1],
+            n_tokens, student_weight.shape[0], student_weight.shape[1], teacher_dim,
             torch.finfo(student_dtype).bits // 8, student_hidden.device)
     grad_on = torch.is_grad_enabled()
     return HeadPlan(int(chunk_tokens), student_dtype, teacher_dtype,
@@ -241,6 +261,40 @@ def kd_head_loss(
     kd_loss. Gradients flow to student_hidden and student_weight (in their own dtypes), never
     to the teacher. No host synchronisation on CUDA.
     """
+    return _head_loss(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+        backend=backend, normalizer=normalizer, chunk_tokens=chunk_tokens, alpha=alpha,
+        temperature=temperature, ignore_index=ignore_index, valid_vocab=valid_vocab,
+        divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale,
+    )
+
+
+def ce_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    valid_vocab: int | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_tokens: int | None = None,
+):
+    """Summed token cross-entropy of `hidden @ weight.T` over the first `valid_vocab` columns,
+    divided by `normalizer`, without forming the [tokens x vocab] logits: kd_head_loss with no
+    teacher (alpha 1), for CE-only training and a model's own CE in evaluation. Returns
+    (loss, stats) like kd_head_loss, with stats["kd_sum"] = 0.
+    """
+    return _head_loss(
+        hidden, weight, None, None, labels, backend=backend, normalizer=normalizer,
+        chunk_tokens=chunk_tokens, alpha=1.0, temperature=1.0, ignore_index=ignore_index,
+        valid_vocab=valid_vocab, divergence="forward_kl", beta=0.5, skew=0.1, t2_scale=True,
+    )
+
+
+def _head_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
+               backend, normalizer, chunk_tokens, valid_vocab, **loss_kwargs):
+    """kd_head_loss and ce_head_loss (teacher None): check, plan, run the Function."""
     _check_head_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
     vocab = student_weight.shape[0]
     valid_vocab = vocab if valid_vocab is None else int(valid_vocab)
@@ -248,16 +302,17 @@ def kd_head_loss(
         raise ValueError(f"valid_vocab={valid_vocab} must be in [1, {vocab}] (the weights' rows)")
     flat_labels = labels.reshape(-1)
     options, resolved, valid_count, inv_norm = prepare_loss(
-        flat_labels, student_hidden.device, backend=backend, normalizer=normalizer, alpha=alpha,
-        temperature=temperature, ignore_index=ignore_index, valid_vocab=valid_vocab,
-        divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale,
+        flat_labels, student_hidden.device, backend=backend, normalizer=normalizer,
+        valid_vocab=valid_vocab, **loss_kwargs,
     )
     plan = _head_plan(student_hidden, student_weight, teacher_hidden, teacher_weight,
                       chunk_tokens)
+    if teacher_hidden is not None:
+        teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        teacher_weight = teacher_weight.detach()
     loss, ce_sum, kd_sum = KDHeadLossFunction.apply(
-        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
-        teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
-        flat_labels, inv_norm, options, resolved, plan,
+        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, teacher_hidden,
+        teacher_weight, flat_labels, inv_norm, options, resolved, plan,
     )
     return loss, loss_stats(ce_sum, kd_sum, valid_count)
 

@@ -5,7 +5,8 @@ divergences of kernels/divergences.py). The loss and the gradient with respect t
 logits are produced together in the forward (by the Triton kernel on CUDA, by the chunked
 PyTorch path elsewhere), so no [tokens x vocab] fp32 intermediate is kept for autograd; backward
 only scales the stored gradient by the incoming one. `kd_head_loss` (kernels/kd_head.py,
-re-exported here) goes one step further and never forms the logits at all.
+re-exported here, with its CE-only sibling `ce_head_loss`) goes one step further and never
+forms the logits at all.
 
 Where the gradient lives (the in-place decision):
   * default (`inplace_grad=False`): a new buffer of the student's dtype and shape. The first
@@ -29,11 +30,12 @@ from torch.autograd.function import once_differentiable
 
 from kernels.constants import IGNORE_INDEX
 from kernels.dispatch import loss_and_grad, loss_stats, prepare_loss, triton_available
-from kernels.kd_head import kd_head_loss, kd_head_loss_reference
+from kernels.kd_head import ce_head_loss, kd_head_loss, kd_head_loss_reference
 from kernels.kd_loss_torch import flatten_inputs, kd_loss_reference
 
 __all__ = [
     "KDLossFunction",
+    "ce_head_loss",
     "kd_head_loss",
     "kd_head_loss_reference",
     "kd_loss",

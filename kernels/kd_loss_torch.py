@@ -203,6 +203,8 @@ def kd_loss_forward_chunked(
     s, t: [N, V] logits (any float dtype; fp32 math, float64 stays float64). grad_out: [N, V] of
     s's dtype; it may be `s` itself (the caller's in-place opt-in): each row block is read
     completely into fp32 scratch before its gradient is written back, so aliasing is safe.
+    `t` may be `s` too (a CE-only caller with alpha = 1). grad_out=None: forward only, no
+    gradient is formed (evaluation).
     `divergence` must be a kernel divergence (kernels.divergences.kernel_divergence).
     Returns (ce_sum, kd_sum) as 0-dim tensors of the compute dtype (fp32; float64 for float64
     logits, so the float64 loss can be gradchecked).
@@ -238,16 +240,15 @@ def kd_loss_forward_chunked(
         log_p.sub_(log_p.amax(dim=-1, keepdim=True)).mul_(inv_t)
         log_p.sub_(torch.logsumexp(log_p, dim=-1, keepdim=True))
         kd_row, dz, dz_scale = divergence_block(divergence, log_p, log_q, w_p, w_q, log_ratio)
-
-        # Gradient, built in scratch 1 (the shifted logits are not needed any more).
-        grad = s_block.sub_(log_sum_s1).exp_().mul_(alpha)  # alpha * softmax(s)
-        grad.scatter_add_(1, safe_labels, torch.full_like(safe_labels, -alpha, dtype=compute))
-        grad.add_(dz, alpha=(1.0 - alpha) * kd_scale * inv_t * dz_scale)  # dz_scale dz = T dD/dz
-        row_scale = torch.where(valid, inv_norm, zero)
-        grad.mul_(row_scale[:, None])
-        grad_out[start:stop, :valid_vocab] = grad
-        if valid_vocab < vocab:
-            grad_out[start:stop, valid_vocab:] = 0
+        if grad_out is not None:
+            # Gradient, built in scratch 1 (the shifted logits are not needed any more).
+            grad = s_block.sub_(log_sum_s1).exp_().mul_(alpha)  # alpha * softmax(s)
+            grad.scatter_add_(1, safe_labels, torch.full_like(safe_labels, -alpha, dtype=compute))
+            grad.add_(dz, alpha=(1.0 - alpha) * kd_scale * inv_t * dz_scale)  # = T dD/dz
+            grad.mul_(torch.where(valid, inv_norm, zero)[:, None])
+            grad_out[start:stop, :valid_vocab] = grad
+            if valid_vocab < vocab:
+                grad_out[start:stop, valid_vocab:] = 0
 
         ce_sum += torch.where(valid, ce_row, zero).sum()
         kd_sum += torch.where(valid, kd_scale * kd_row, zero).sum()

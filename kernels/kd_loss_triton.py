@@ -189,9 +189,10 @@ def _value_pass(student_row, teacher_row, stream_cols, m_s, m_t, log_sum_st, log
 def _gradient_pass(student_row, teacher_row, grad_row, n_cols, stream_cols, label, m_s, m_t,
                    t_pivot, log_sum_s1, log_sum_st, log_sum_tt, inv_t, c, kd_coef, ce_coef,
                    w_p, w_q, log_w_p, log_w_q, DIVERGENCE: tl.constexpr,
-                   BACKWARDS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Last pass: writes the gradient of every column (zeros where excluded) and returns the
-    row's divergence summed from exact log-probabilities (used by the two-pass divergences)."""
+                   BACKWARDS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Last pass: writes the gradient of every column (zeros where excluded; nothing without
+    WRITE_GRAD, the forward-only variant) and returns the row's divergence summed from exact
+    log-probabilities (used by the two-pass divergences)."""
     offsets = tl.arange(0, BLOCK_SIZE)
     value_acc = tl.zeros((BLOCK_SIZE,), tl.float32)
     n_blocks = tl.cdiv(n_cols, BLOCK_SIZE)
@@ -207,10 +208,11 @@ def _gradient_pass(student_row, teacher_row, grad_row, n_cols, stream_cols, labe
         value, q_g, q = _divergence_terms(log_p, log_q, ratio, w_p, w_q, log_w_p, log_w_q,
                                           DIVERGENCE)
         value_acc += tl.where(live, value, 0.0)
-        onehot = tl.where(cols == label, 1.0, 0.0)
-        grad = kd_coef * (q_g - q * c) + ce_coef * (tl.exp(s_shift - log_sum_s1) - onehot)
-        grad = tl.where(live, grad, 0.0)
-        tl.store(grad_row + cols, grad.to(grad_row.dtype.element_ty), mask=cols < n_cols)
+        if WRITE_GRAD:
+            onehot = tl.where(cols == label, 1.0, 0.0)
+            grad = kd_coef * (q_g - q * c) + ce_coef * (tl.exp(s_shift - log_sum_s1) - onehot)
+            grad = tl.where(live, grad, 0.0)
+            tl.store(grad_row + cols, grad.to(grad_row.dtype.element_ty), mask=cols < n_cols)
     return tl.sum(value_acc, axis=0)
 
 
@@ -237,6 +239,7 @@ def kd_loss_fwd_bwd_kernel(
     log_w_p,
     log_w_q,
     DIVERGENCE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -278,7 +281,7 @@ def kd_loss_fwd_bwd_kernel(
         student_row, teacher_row, grad_ptr + row * grad_row_stride, n_cols, stream_cols, label,
         m_s, m_t, t_pivot, log_sum_s1, log_sum_st, log_sum_tt, inv_t, c, kd_coef,
         alpha * row_scale, w_p, w_q, log_w_p, log_w_q, DIVERGENCE,
-        DIVERGENCE <= REVERSE_KL, BLOCK_SIZE)
+        DIVERGENCE <= REVERSE_KL, WRITE_GRAD, BLOCK_SIZE)
     if DIVERGENCE <= REVERSE_KL:
         value = last_value
     tl.store(ce_row_ptr + row, ce)
@@ -330,10 +333,13 @@ def kd_loss_forward_triton(
 ):
     """Launch the kernel over every row; return (ce_sum, kd_sum) as 0-dim fp32 tensors.
 
-    s, t: [N, V] with unit column stride; grad_out: [N, V] (may alias s). `divergence` must be
-    a kernel divergence (kernels.divergences.kernel_divergence). No host sync.
+    s, t: [N, V] with unit column stride; grad_out: [N, V] (may alias s; t may alias s for a
+    CE-only caller), or None for the forward-only variant, which writes nothing. `divergence`
+    must be a kernel divergence (kernels.divergences.kernel_divergence). No host sync.
     """
     n_rows, vocab = s.shape
+    write_grad = grad_out is not None
+    grad_out = s if grad_out is None else grad_out  # a pointer the forward-only kernel ignores
     for name, tensor in (("student_logits", s), ("teacher_logits", t), ("grad", grad_out)):
         if tensor.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride along the vocabulary")
@@ -366,6 +372,7 @@ def kd_loss_forward_triton(
             _log_weight(w_p),
             _log_weight(w_q),
             DIVERGENCE=DIVERGENCES.index(divergence),
+            WRITE_GRAD=write_grad,
             BLOCK_SIZE=block_size or default_block,
             num_warps=num_warps or default_warps,
             **({"num_stages": num_stages} if num_stages else {}),

@@ -61,6 +61,7 @@ def _kernel_specs():
             "log_w_p": "fp32",
             "log_w_q": "fp32",
             "DIVERGENCE": "constexpr",
+            "WRITE_GRAD": "constexpr",
             "BLOCK_SIZE": "constexpr",
         }
 
@@ -68,7 +69,7 @@ def _kernel_specs():
     for index, name in enumerate(DIVERGENCES):
         block, warps = launch_config(50304, name)
         specs.append((f"kd_loss_fwd_bwd_kernel[{name}]", kd_loss_fwd_bwd_kernel, kd_signature,
-                      {"DIVERGENCE": index, "BLOCK_SIZE": block}, warps))
+                      {"DIVERGENCE": index, "WRITE_GRAD": True, "BLOCK_SIZE": block}, warps))
     return specs
 
 

@@ -5,7 +5,9 @@ Reads the same TOML (and `--section.key=value` overrides) that engine.train read
 model shapes from the checkpoint folders' config.json when they exist on this machine and
 from the built-in Pythia table by name otherwise, and prints the per-component table for the
 configured micro-batch plus the largest micro-batch that fits the budget, with and without
-activation checkpointing. Exits 1 when the configured micro-batch does not fit, 2 on bad input.
+activation checkpointing. The plan follows loss.fused_head (default: both LM heads inside the
+loss, no logits; --loss.fused_head=false plans the full-logits path). Exits 1 when the
+configured micro-batch does not fit, 2 on bad input.
 
 --ladder prints, for every teacher -> student pair of the Pythia suite and every budget
 (default 12, 24 and 80 GiB per GPU), whether it fits one GPU and how, else the fewest GPUs
@@ -20,10 +22,11 @@ import sys
 from pathlib import Path
 
 from data.atomic import write_json_atomic
-from engine.memory import format_bytes, largest_micro_batch, parse_bytes, plan_memory
+from engine.memory import format_bytes, largest_micro_batch, parse_bytes
 from engine.model.config import PYTHIA_SHAPES, GPTNeoXConfig, pythia_config
-from engine.precision import dtype_bytes
 from engine.train.config import load_config
+from engine.train.setup import memory_planner
+from engine.train.strategy import choose_teacher_sharding
 from tools.ladder import ladder, markdown_table
 
 LADDER_BUDGETS = ("12GiB", "24GiB", "80GiB")
@@ -68,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ladder", action="store_true",
                         help="every Pythia teacher -> student pair instead of one config")
     parser.add_argument("--seq-len", type=int, default=2048, help="--ladder: tokens per sequence")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="GPUs of the run: with --dist.strategy=fsdp the plan is one GPU's "
+                        "share (default 1)")
     parser.add_argument("--json", default="", help="also write the plans as JSON to this path")
     args, overrides = parser.parse_known_args(argv)
     if args.ladder:
@@ -80,18 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, overrides, check=False)
         budget = parse_bytes((args.budget or ["12GiB"])[0])
         teacher_cfg, student_cfg = configs_from_training_config(config)
+        if args.gpus < 1:
+            raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
     except (ValueError, OSError) as exc:
         print(f"memplan: error: {exc}", file=sys.stderr)
         return 2
 
-    common = dict(
-        seq_len=config.batch.seq_len,
-        precision=config.precision,
-        teacher_dtype_bytes=dtype_bytes(config.teacher.dtype),
-        in_place_loss_gradient=config.loss.backend != "torch",
-    )
-    checkpointing = config.runtime.activation_checkpointing
-    plan = plan_memory(
+    planner, common = run_planner(config, teacher_cfg, student_cfg, args.gpus, budget)
+    checkpointing = common.pop("activation_checkpointing")
+    plan = planner(
         teacher_cfg,
         student_cfg,
         micro_batch=config.batch.micro_batch,
@@ -103,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     best = {}
     for ckpt in (False, True):
         best[ckpt] = largest_micro_batch(
-            teacher_cfg, student_cfg, budget_bytes=budget, activation_checkpointing=ckpt, **common
+            teacher_cfg, student_cfg, budget_bytes=budget, activation_checkpointing=ckpt,
+            planner=planner, **common
         )
         at_best = (
-            plan_memory(teacher_cfg, student_cfg, micro_batch=best[ckpt],
-                        activation_checkpointing=ckpt, **common).total
+            planner(teacher_cfg, student_cfg, micro_batch=best[ckpt],
+                    activation_checkpointing=ckpt, **common).total
             if best[ckpt]
             else 0
         )
@@ -124,6 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         }
         write_json_atomic(Path(args.json), out)  # creates the folder
     return 0 if plan.fits(budget) else 1
+
+
+def run_planner(config, teacher_cfg, student_cfg, gpus: int, budget: int):
+    """(plan function, its arguments) exactly as engine.train plans: one GPU's plan, or under
+    dist.strategy=fsdp one GPU's share of `gpus`, the teacher placed as dist.teacher says."""
+    sharded = config.dist.teacher == "shard"
+    if config.dist.strategy == "fsdp" and config.dist.teacher == "auto" and teacher_cfg:
+        sharded, why = choose_teacher_sharding(config, teacher_cfg, student_cfg,
+                                               world_size=gpus, budget=budget)
+        print(f"teacher: {why}")
+    return memory_planner(config, world_size=gpus, teacher_sharded=sharded)
 
 
 def print_ladder(args, overrides: list[str]) -> int:

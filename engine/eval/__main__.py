@@ -21,6 +21,7 @@ from data.atomic import write_text_atomic
 from data.loader import DATASET_MODES
 from engine.eval.compare import markdown_table, save_bar_chart
 from engine.eval.requests import EvalInputError, TextEncoder
+from engine.eval.scoring import divergence_label
 from engine.eval.tasks import (
     TASKS,
     ScoringSetup,
@@ -31,6 +32,7 @@ from engine.eval.tasks import (
 )
 from engine.model.hf_io import load_pretrained
 from engine.precision import DTYPE_NAMES, dtype_of
+from kernels.divergences import DIVERGENCES
 
 # The harness tasks share one signature: (setup, encoder, data file, limit, samples).
 HARNESS_TASKS = {"lambada": evaluate_lambada, "mc": evaluate_mc}
@@ -79,9 +81,10 @@ def _build_parser():
     )
     parser.add_argument(
         "--teacher",
-        help="ppl: also report KD (T^2 KL(teacher||model)) and the teacher's CE on the tokens",
+        help="ppl: also report KD (T^2 D(teacher, model), D per --divergence, default the "
+        "forward KL) and the teacher's CE on the tokens",
     )
-    parser.add_argument("--temperature", type=float, default=2.0, help="KD temperature (ppl)")
+    _add_kd_arguments(parser)
     parser.add_argument(
         "--heldout",
         choices=DATASET_MODES,
@@ -108,6 +111,26 @@ def _build_parser():
         "--no-progress", action="store_true", help="no progress bar even on a terminal"
     )
     return parser
+
+
+def _add_kd_arguments(parser) -> None:
+    """The KD term's settings (ppl with --teacher), named as the run's [loss] keys."""
+    parser.add_argument("--temperature", type=float, default=2.0, help="KD temperature (ppl)")
+    parser.add_argument(
+        "--divergence",
+        choices=DIVERGENCES,
+        default="forward_kl",
+        help="the KD term's divergence, as the run's loss.divergence (default forward_kl)",
+    )
+    parser.add_argument("--beta", type=float, default=0.5, help="jsd's beta (loss.beta)")
+    parser.add_argument("--skew", type=float, default=0.1,
+                        help="the skew divergences' mixing weight (loss.skew)")
+    parser.add_argument(
+        "--t2-scale",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="multiply the KD term by T^2 (loss.t2_scale; default on)",
+    )
 
 
 def _data_name(path: str) -> str:
@@ -142,6 +165,11 @@ def _device_of(args) -> str:
     if args.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return args.device
+
+
+def _kd_options(args) -> dict:
+    return dict(divergence=args.divergence, beta=args.beta, skew=args.skew,
+                t2_scale=args.t2_scale)
 
 
 def _checked_max_length(args, config, model_dir: str) -> int:
@@ -201,6 +229,7 @@ def evaluate_folder(model_dir: str, args, label: str, teacher=None) -> list[dict
                 limit=args.limit,
                 teacher=teacher,
                 temperature=args.temperature,
+                kd_options=_kd_options(args),
             )
         else:
             metrics = evaluate_ppl(
@@ -213,6 +242,7 @@ def evaluate_folder(model_dir: str, args, label: str, teacher=None) -> list[dict
                 limit=args.limit,
                 teacher=teacher,
                 temperature=args.temperature,
+                kd_options=_kd_options(args),
             )
         rows.append(
             {
@@ -244,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--temperature must be positive, got {args.temperature}")
         if (args.teacher or args.heldout) and set(args.task) != {"ppl"}:
             raise ValueError("--teacher and --heldout apply to the ppl task only")
+        divergence = divergence_label(**_kd_options(args))  # ValueError names a bad argument
         teacher = None
         if args.teacher:
             teacher = load_pretrained(
@@ -262,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             "limit": args.limit,
             "teacher": args.teacher,
             "temperature": args.temperature if args.teacher else None,
+            "divergence": divergence if args.teacher else None,
             "heldout": args.heldout,
             "val_fraction": args.val_fraction if args.heldout else None,
         }

@@ -5,12 +5,14 @@ so a number printed by either comes from the same arithmetic:
 
 - `score_batch`: per-row log-likelihood and greedy match of labelled positions (harness tasks);
 - `heldout_metrics`: token CE / ppl over labelled batches and, with a teacher, the KD term of
-  the training loss (computed by the loss's own reference, kernels.kd_loss_reference).
+  the training loss with the run's divergence (the training loss's own fused heads,
+  kernels.kd_head_loss / ce_head_loss, forward only; or its reference for other models).
 
 All probability math is fp32 on chunks of rows, whatever the model's dtype: bf16 logits give
 visibly wrong log-probabilities, and a [tokens, 50304] fp32 matrix for a whole batch would not
 fit beside a training run. When the model exposes `hidden_states` and `embed_out` (our GPTNeoX),
-the vocabulary projection runs only on the positions that are scored (see benchmarks/README.md).
+the vocabulary projection runs only on the positions that are scored (see benchmarks/README.md),
+and for heldout_metrics inside the fused head + loss, which never forms the logits at all.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from engine.model.network import model_device
+from engine.model.network import model_device, unwrap_model
 from engine.precision import autocast_context
 from kernels.constants import IGNORE_INDEX
-from kernels.kd_loss import kd_loss_reference
+from kernels.divergences import resolve_divergence
+from kernels.kd_loss import ce_head_loss, kd_head_loss, kd_loss_reference
 
 # Rows of logits turned into log-probabilities at once: 1024 x 50304 x 4 B = 206 MB per tensor.
 DEFAULT_CHUNK_ROWS = 1024
@@ -176,6 +179,19 @@ def score_batch(
     return loglik.cpu(), (mismatches == 0).cpu(), counts.cpu()
 
 
+def divergence_label(divergence: str = "forward_kl", beta: float = 0.5, skew: float = 0.1,
+                     t2_scale: bool = True) -> str:
+    """The KD term's name as metrics report it: "forward_kl", "jsd(beta=0.3)",
+    "skew_reverse_kl(skew=0.1)", with ", no T^2" when t2_scale is off. Raises ValueError for
+    a bad combination, naming the argument."""
+    resolve_divergence(divergence, beta, skew)
+    args = {"jsd": f"beta={beta:g}", "skew_forward_kl": f"skew={skew:g}",
+            "skew_reverse_kl": f"skew={skew:g}"}.get(divergence, "")
+    if not t2_scale:
+        args = f"{args}, no T^2" if args else "no T^2"
+    return f"{divergence}({args})" if args else divergence
+
+
 def heldout_metrics(
     student: torch.nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -186,7 +202,11 @@ def heldout_metrics(
     autocast_dtype: torch.dtype | None = None,
     reduce_across_ranks: bool = False,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
-) -> dict[str, float]:
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    t2_scale: bool = True,
+) -> dict[str, float | str]:
     """Token-level held-out metrics of `student` (and its distance to `teacher`) over `batches`.
 
     `batches` yields dicts with "input_ids" and "labels" ([B, T] int64; labels already shifted,
@@ -199,9 +219,15 @@ def heldout_metrics(
       "ppl"         exp(ce),
       "tokens"      number of scored tokens,
     and with a teacher also
-      "kd"          mean per token of T^2 * KL(softmax(t/T) || softmax(s/T)) (the KD term of
-                    the training loss, docs/loss.md),
+      "kd"          mean per token of the training loss's KD term with these settings:
+                    (T^2 unless t2_scale=False) * D(softmax(t/T), softmax(s/T)), D the
+                    `divergence` (default forward KL, i.e. T^2 KL(teacher || student));
+                    docs/loss.md,
+      "divergence"  which D that was (divergence_label: e.g. "jsd(beta=0.5)"), a string,
       "teacher_ce"  the teacher's mean token cross-entropy on the same tokens.
+    Our GPTNeoX (hidden_states + embed_out) is scored through the fused heads of the training
+    loss, forward only (no gradient formed, no [tokens x vocab] logits); any other model
+    through chunks of its logits and the loss's float64-capable reference, in fp32.
 
     Runs under torch.no_grad() (not inference_mode: a module that caches a tensor during this
     call, such as a rotary table, must still be usable by the next training step), puts the
@@ -211,6 +237,9 @@ def heldout_metrics(
     """
     if temperature <= 0:
         raise ValueError(f"heldout_metrics: temperature must be positive, got {temperature}")
+    kd_args = dict(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+                   t2_scale=t2_scale)
+    label = divergence_label(divergence, beta, skew, t2_scale)
     device = model_device(student)
     # ce, kd, teacher_ce, tokens
     sums = torch.zeros(4, dtype=torch.float64, device=device)
@@ -218,9 +247,8 @@ def heldout_metrics(
         for number, batch in enumerate(batches):
             input_ids, labels = _checked_batch(batch, number, device)
             sums += _batch_sums(
-                student, teacher, input_ids, labels, number,
-                temperature=temperature, valid_vocab=valid_vocab,
-                autocast_dtype=autocast_dtype, chunk_rows=chunk_rows,
+                student, teacher, input_ids, labels, number, kd_args=kd_args,
+                valid_vocab=valid_vocab, autocast_dtype=autocast_dtype, chunk_rows=chunk_rows,
             )
     if reduce_across_ranks and dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
@@ -233,6 +261,7 @@ def heldout_metrics(
     metrics = {"ce": ce_sum / count, "ppl": perplexity(ce_sum / count), "tokens": count}
     if teacher is not None:
         metrics["kd"] = kd_sum / count
+        metrics["divergence"] = label
         metrics["teacher_ce"] = teacher_ce_sum / count
     return metrics
 
@@ -255,16 +284,25 @@ def _checked_batch(batch, number: int, device) -> tuple[torch.Tensor, torch.Tens
 
 
 def _batch_sums(
-    student, teacher, input_ids, labels, number: int, *, temperature, valid_vocab,
+    student, teacher, input_ids, labels, number: int, *, kd_args, valid_vocab,
     autocast_dtype, chunk_rows,
 ) -> torch.Tensor:
-    """float64 [ce_sum, kd_sum, teacher_ce_sum, tokens] of one batch, chunk by chunk."""
+    """float64 [ce_sum, kd_sum, teacher_ce_sum, tokens] of one batch."""
     sums = torch.zeros(4, dtype=torch.float64, device=input_ids.device)
     flat_labels = labels.reshape(-1)
     positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
     if positions.numel() == 0:
         return sums
     targets = flat_labels.index_select(0, positions)
+    student = unwrap_model(student)
+    teacher = unwrap_model(teacher) if teacher is not None else None
+    if all(_head_split(m) is not None for m in (student, teacher) if m is not None):
+        columns = valid_vocab or student.embed_out.weight.shape[0]
+        _check_targets(targets, columns, f"heldout_metrics batch {number}")
+        sums[:3] = _fused_sums(student, teacher, input_ids, positions, targets, kd_args=kd_args,
+                               valid_vocab=valid_vocab, autocast_dtype=autocast_dtype)
+        sums[3] = positions.numel()
+        return sums
     chunk_args = dict(autocast_dtype=autocast_dtype, chunk_rows=chunk_rows)
     student_chunks = selected_logits(student, input_ids, positions, **chunk_args)
     teacher_chunks = None
@@ -281,20 +319,53 @@ def _batch_sums(
             sums[0] += ce.double()
         else:
             t_logits = _restrict_vocab(next(teacher_chunks), valid_vocab)
-            sums[:3] += _distill_sums(s_logits, t_logits, chunk_targets, temperature)
+            sums[:3] += _distill_sums(s_logits, t_logits, chunk_targets, kd_args)
         offset += s_logits.shape[0]
     sums[3] += positions.numel()
     return sums
 
 
-def _distill_sums(s_logits, t_logits, targets, temperature: float) -> torch.Tensor:
-    """float64 [student ce_sum, kd_sum, teacher ce_sum] of one chunk of scored rows."""
-    if t_logits.shape[-1] != s_logits.shape[-1]:
+def _check_shared_vocab(teacher_columns: int, student_columns: int) -> None:
+    if teacher_columns != student_columns:
         raise ValueError(
-            f"heldout_metrics: teacher scores {t_logits.shape[-1]} vocabulary columns but the "
-            f"student {s_logits.shape[-1]}; pass valid_vocab to compare the shared tokenizer rows"
+            f"heldout_metrics: teacher scores {teacher_columns} vocabulary columns but the "
+            f"student {student_columns}; pass valid_vocab to compare the shared tokenizer rows"
         )
+
+
+def _distill_sums(s_logits, t_logits, targets, kd_args: dict) -> torch.Tensor:
+    """float64 [student ce_sum, kd_sum, teacher ce_sum] of one chunk of scored rows."""
+    _check_shared_vocab(t_logits.shape[-1], s_logits.shape[-1])
     # The loss's own reference computes the training loss's KD (and CE) terms: one definition.
-    _, stats = kd_loss_reference(s_logits, t_logits, targets, temperature=temperature)
+    _, stats = kd_loss_reference(s_logits, t_logits, targets, **kd_args)
     teacher_ce = F.cross_entropy(t_logits, targets, reduction="sum")
     return torch.stack([stats["ce_sum"], stats["kd_sum"], teacher_ce]).double()
+
+
+def _scored_hidden(model, input_ids, positions, autocast_dtype) -> torch.Tensor:
+    """The final hidden states of the scored positions only, [rows, H]."""
+    with autocast_context(input_ids.device.type, autocast_dtype):
+        hidden = model.hidden_states(input_ids)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+
+
+def _fused_sums(student, teacher, input_ids, positions, targets, *, kd_args, valid_vocab,
+                autocast_dtype) -> torch.Tensor:
+    """float64 [ce_sum, kd_sum, teacher_ce_sum] through the training loss's fused heads,
+    forward only (the caller holds no_grad). Rows >= valid_vocab of the heads take part in no
+    softmax, so they are left out of the matmuls altogether."""
+    weights = [m.embed_out.weight for m in (student, teacher) if m is not None]
+    columns = valid_vocab or weights[0].shape[0]
+    if teacher is not None:
+        _check_shared_vocab(weights[1].shape[0] if valid_vocab is None else columns, columns)
+    weights = [w[:columns] for w in weights]
+    s_hidden = _scored_hidden(student, input_ids, positions, autocast_dtype)
+    with autocast_context(input_ids.device.type, autocast_dtype):
+        if teacher is None:
+            _, stats = ce_head_loss(s_hidden, weights[0], targets, normalizer=1.0)
+            return torch.stack([stats["ce_sum"], stats["kd_sum"], stats["kd_sum"]]).double()
+        t_hidden = _scored_hidden(teacher, input_ids, positions, autocast_dtype)
+        _, stats = kd_head_loss(s_hidden, weights[0], t_hidden, weights[1], targets,
+                                normalizer=1.0, **kd_args)
+        _, teacher_stats = ce_head_loss(t_hidden, weights[1], targets, normalizer=1.0)
+    return torch.stack([stats["ce_sum"], stats["kd_sum"], teacher_stats["ce_sum"]]).double()

@@ -326,12 +326,12 @@ def evaluate_ppl(
     stride: int | None = None,
     limit: int | None = None,
     teacher: torch.nn.Module | None = None,
-    temperature: float = 2.0,
+    temperature: float = 2.0, kd_options: dict | None = None,
 ) -> dict:
     """Token perplexity of a corpus, overall and per meta.pile_set_name when present.
 
-    Scored through heldout_metrics, one call per pile_set_name group and buffer of windows,
-    so with a teacher the KD and teacher CE come out per group as well.
+    Scored through heldout_metrics (kd_options: its divergence, beta, skew, t2_scale), one
+    call per pile_set_name group and buffer of windows, so the KD comes out per group too.
     """
     path = Path(path)
     if not path.exists():
@@ -355,7 +355,7 @@ def evaluate_ppl(
                 teacher=teacher,
                 temperature=temperature,
                 valid_vocab=setup.valid_vocab,
-                autocast_dtype=setup.autocast_dtype,
+                autocast_dtype=setup.autocast_dtype, **(kd_options or {}),
             )
             overall.add(metrics)
             if name is not None:
@@ -408,13 +408,15 @@ def evaluate_heldout(
     limit: int | None = None,
     teacher: torch.nn.Module | None = None,
     temperature: float = 2.0,
+    kd_options: dict | None = None,
 ) -> dict:
     """The training run's validation, reproduced: the loader's val split of a shard folder.
 
     Same dataset (packed windows or padded documents of max_length tokens), same held-out
     items (data.loader.validation_indices), same heldout_metrics: with the run's seq_len,
-    val_fraction and valid_vocab this gives the numbers of its metrics.jsonl (val_*). `limit`
-    counts sequences.
+    val_fraction, valid_vocab and loss settings (temperature, `kd_options`: divergence, beta,
+    skew, t2_scale) this gives the numbers of its metrics.jsonl (val_*). `limit` counts
+    sequences.
     """
     path = Path(path)
     if not path.exists():
@@ -446,6 +448,7 @@ def evaluate_heldout(
             temperature=temperature,
             valid_vocab=setup.valid_vocab,
             autocast_dtype=setup.autocast_dtype,
+            **(kd_options or {}),
         )
     finally:
         progress.close()

@@ -232,9 +232,26 @@ class GPTNeoX(nn.Module):
         return self.gpt_neox.final_layer_norm(x)
 
     def forward(
-        self, input_ids: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0
+        self,
+        input_ids: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        return_hidden: bool = False,
+        head_loss=None,
     ) -> torch.Tensor:
-        return self.embed_out(self.hidden_states(input_ids, kv_cache, start_pos))
+        """Logits [B, T, V]; with return_hidden the final hidden states [B, T, H] instead;
+        with head_loss, what head_loss(hidden states, embed_out.weight) returns.
+
+        return_hidden is how the training step reaches the fused head + loss through a DDP or
+        torch.compile wrapper: the forward must run through the wrapper for DDP's gradient
+        hooks to be armed, and the head (embed_out) then runs inside the loss. head_loss runs
+        that loss inside this forward instead, for FSDP: its head weight is whole (gathered)
+        only in here, and its gradient then takes FSDP's reduce-scatter like every other.
+        """
+        hidden = self.hidden_states(input_ids, kv_cache, start_pos)
+        if head_loss is not None:
+            return head_loss(hidden, self.embed_out.weight)
+        return hidden if return_hidden else self.embed_out(hidden)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         weight = self.embed_out.weight
@@ -258,4 +275,16 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device
 
 
-__all__ = ["GPTNeoX", "KVCache", "RotaryCache", "apply_rotary", "model_device"]
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, which is
+    where attributes such as embed_out live; the model itself when it is not wrapped."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+__all__ = ["GPTNeoX", "KVCache", "RotaryCache", "apply_rotary", "model_device", "unwrap_model"]

@@ -22,8 +22,10 @@ from typing import Any
 from data.atomic import write_json_atomic, write_text_atomic
 from data.loader import DATASET_MODES
 from engine.eval.tasks import TASKS
+from engine.memory import parse_bytes
 from engine.model.config import GPTNeoXConfig
 from engine.precision import DTYPE_NAMES, PRECISION_MODES
+from kernels.divergences import DIVERGENCES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,12 +37,16 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names it and the fix."""
 
 
+AUTO = "auto"  # a setting the engine decides from the device (runtime.compile, memory_budget)
+
+
 # Allowed values of the string fields that are really enumerations.
 CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.dtype": DTYPE_NAMES,
     "student.init": ("pretrained", "scratch"),
     "data.mode": DATASET_MODES,
     "loss.backend": ("auto", "triton", "torch"),
+    "loss.divergence": DIVERGENCES,
     "optim.schedule": ("constant", "cosine"),
     "precision": PRECISION_MODES,
     "device": ("auto", "cpu", "cuda"),
@@ -115,7 +121,10 @@ class BatchConfig:
     micro_batch: int = 2
     accum_steps: int = 1
     seq_len: int = 2048
-    memory_budget: str = ""  # e.g. "12GiB": pick micro_batch to fit, keep tokens per step
+    # Pick the largest micro_batch the memory plan fits (keeping the tokens per step): "auto" =
+    # the device's memory on CUDA and no budget on the CPU; a cap such as "12GiB" wins; "" or
+    # "none": use micro_batch as given.
+    memory_budget: str = "auto"
 
 
 @dataclass
@@ -123,6 +132,15 @@ class LossConfig:
     alpha: float = 0.5  # weight of the hard-label CE; 1 - alpha weighs the KD term
     temperature: float = 2.0
     backend: str = "auto"
+    # The KD term's divergence (docs/loss.md): forward_kl, reverse_kl, jsd (reads beta),
+    # skew_forward_kl / skew_reverse_kl (read skew) or tvd; t2_scale multiplies it by T^2.
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    skew: float = 0.1
+    t2_scale: bool = True
+    # Both LM heads run inside the loss, chunk by chunk: no [tokens x vocab] logits (false: the
+    # full logits and kd_loss, kept for comparison).
+    fused_head: bool = True
 
 
 @dataclass
@@ -141,7 +159,8 @@ class OptimConfig:
 @dataclass
 class RuntimeConfig:
     activation_checkpointing: bool = False
-    compile: bool = False
+    # torch.compile of the student's forward: "auto" = on with CUDA, off on the CPU.
+    compile: bool | str = "auto"
 
 
 @dataclass
@@ -238,16 +257,12 @@ def _unknown_key(key: str, known: list[str] | None = None) -> ConfigError:
 def _coerce(key: str, typ: Any, value: Any, *, from_text: bool) -> Any:
     """Turn a TOML value (or command-line text) into the field's type, or raise ConfigError."""
     bad = ConfigError(f"{key}: cannot use {value!r} as {_type_name(typ)}")
+    if typ == bool | str:  # a switch that may also be left to the engine: true, false, "auto"
+        if isinstance(value, str) and value.strip().lower() == AUTO:
+            return AUTO
+        return _coerce_bool(value, from_text, bad)
     if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if from_text and isinstance(value, str):
-            text = value.strip().lower()
-            if text in ("true", "1", "yes", "on"):
-                return True
-            if text in ("false", "0", "no", "off"):
-                return False
-        raise bad
+        return _coerce_bool(value, from_text, bad)
     if typ is int:
         if isinstance(value, bool):
             raise bad
@@ -298,6 +313,18 @@ def _coerce(key: str, typ: Any, value: Any, *, from_text: bool) -> Any:
     raise ConfigError(f"{key}: unsupported field type {typ!r}")  # pragma: no cover
 
 
+def _coerce_bool(value: Any, from_text: bool, bad: ConfigError) -> bool:
+    if isinstance(value, bool):
+        return value
+    if from_text and isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+    raise bad
+
+
 def _text_list(text: str, bad: ConfigError) -> list:
     """A command-line list: a JSON/TOML-style ["a", "b"] or plain comma-separated a,b."""
     text = text.strip()
@@ -313,6 +340,8 @@ def _text_list(text: str, bad: ConfigError) -> list:
 
 
 def _type_name(typ: Any) -> str:
+    if typ == bool | str:
+        return 'true, false or "auto"'
     if typing.get_origin(typ) is list:
         return "a list of " + typing.get_args(typ)[0].__name__
     if typing.get_origin(typ) is tuple:
@@ -417,6 +446,12 @@ def validate(config: Config) -> Config:
             problems.append(f"{key}: must be >= 0, got {value}")
     if not 0.0 <= config.loss.alpha <= 1.0:
         problems.append(f"loss.alpha: must be in [0, 1], got {config.loss.alpha}")
+    for key in ("beta", "skew"):
+        value = getattr(config.loss, key)
+        if not 0.0 <= value <= 1.0:
+            problems.append(f"loss.{key}: must be in [0, 1], got {value} "
+                            f"(read by {'jsd' if key == 'beta' else 'the skew divergences'})")
+    problems += _budget_problems(config.batch.memory_budget)
     if config.optim.lr <= 0:
         problems.append(f"optim.lr: must be > 0, got {config.optim.lr}")
     if not 0.0 <= config.data.val_fraction < 1.0:
@@ -430,6 +465,34 @@ def validate(config: Config) -> Config:
     if problems:
         raise ConfigError("; ".join(problems))
     return config
+
+
+def kd_settings(config: Config) -> dict[str, Any]:
+    """The KD term's settings as keyword arguments of the step and of heldout_metrics."""
+    loss = config.loss
+    return dict(temperature=loss.temperature, divergence=loss.divergence, beta=loss.beta,
+                skew=loss.skew, t2_scale=loss.t2_scale)
+
+
+def _budget_problems(budget: str) -> list[str]:
+    if budget.strip().lower() in ("", "none", AUTO):
+        return []
+    try:
+        parse_bytes(budget)
+    except ValueError as exc:
+        return [f"batch.memory_budget: {exc} (or \"auto\", or \"\" for none)"]
+    return []
+
+
+def memory_budget_bytes(config: Config, device_memory: int | None) -> int | None:
+    """The budget batch.memory_budget names, in bytes: "auto" is `device_memory` (None on a
+    CPU: no budget), "" or "none" is None, anything else is parsed ("12GiB")."""
+    budget = config.batch.memory_budget.strip().lower()
+    if budget in ("", "none"):
+        return None
+    if budget == AUTO:
+        return device_memory
+    return parse_bytes(config.batch.memory_budget)
 
 
 def parse_task_spec(spec: str) -> tuple[str, str, str]:

@@ -47,7 +47,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 
 from engine import dist
-from engine.model.network import GPTNeoX, model_device
+from engine.model.network import GPTNeoX, model_device, unwrap_model
 from engine.precision import precision_dtypes
 
 # ----------------------------------------------------------------------------- wrapping
@@ -97,6 +97,17 @@ def sum_gradients_over_ranks(model: torch.nn.Module) -> None:
 
 def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
+
+
+def compile_blocks(model: GPTNeoX) -> GPTNeoX:
+    """runtime.compile under FSDP: torch.compile each block's forward, as torchtitan does.
+
+    FSDP's gather and reduce hooks stay outside the compiled code, and the root's forward,
+    which may run the fused loss through a new function every call, stays eager.
+    """
+    for block in model.gpt_neox.layers:
+        block.forward = torch.compile(block.forward)
+    return model
 
 
 # ----------------------------------------------------------------------------- loading
@@ -183,7 +194,8 @@ def gathered_root(*models: torch.nn.Module | None) -> Iterator[None]:
     through hidden_states + embed_out, and the frozen teacher's head in the fused loss. (The
     student's trained head is used inside its forward instead, so its gradient is reduced.)
     """
-    sharded = [m for m in models if m is not None and is_sharded(m)]
+    present = [unwrap_model(m) for m in models if m is not None]
+    sharded = [m for m in present if is_sharded(m)]
     for model in sharded:
         model.unshard()
     try:

@@ -31,7 +31,7 @@ from engine.metrics import MetricsWriter, mfu, peak_flops, peak_memory_bytes, re
 from engine.token_ids import check_batch, checked_batches
 from engine.train import checkpoint as ckpt
 from engine.train import fsdp
-from engine.train.config import Config, ConfigError, validate, write_resolved
+from engine.train.config import Config, ConfigError, kd_settings, validate, write_resolved
 from engine.train.export import export_student
 from engine.train.gathered_export import export_sharded_student
 from engine.train.lock import hold_run_lock
@@ -43,11 +43,14 @@ from engine.train.setup import (
     build_optimizer,
     build_train_loader,
     check_compatible,
+    configure_cuda_allocator,
+    describe_runtime,
     lr_at,
     plan_micro_batch,
     prepare_run_folder,
     resume,
     wrap_model,
+    wrap_teacher,
 )
 from engine.train.sharded_checkpoint import save_sharded_checkpoint
 from engine.train.signals import StopRequest, finish_pause
@@ -72,6 +75,7 @@ def run(config: Config) -> dict[str, Any]:
     """
     validate(config)
     check_paths(config)
+    configure_cuda_allocator(config)
     info = dist.init_distributed(config.device, group_of_one=config.dist.strategy == "fsdp")
     try:
         with hold_run_lock(config.run.out_dir, info):
@@ -98,8 +102,8 @@ class Trainer:
         check_compatible(config, self.student, self.teacher)
         self.vocab_rows = self.student.config.vocab_size
         teacher_cfg = self.teacher.config if self.teacher is not None else None
-        self.micro_batch, self.accum_steps, self.predicted_peak = plan_micro_batch(
-            config, teacher_cfg, self.student.config, self.writer.log_text,
+        self.micro_batch, self.accum_steps, self.predicted_peak, memory_note = plan_micro_batch(
+            config, teacher_cfg, self.student.config, self.device,
             world_size=info.world_size, teacher_sharded=fsdp.is_sharded(self.teacher)
         )
         self.dataset = build_dataset(config.data.path, config.data.mode, config.batch.seq_len,
@@ -121,12 +125,15 @@ class Trainer:
                                autocast_dtype=autocast_dtype,
                                resumed_at=self.step if self.resume_from is not None else None)
         self.model = wrap_model(self.student, config, info)
+        self.teacher_model = wrap_teacher(self.teacher, config, self.device)
+        self.writer.log_text(describe_runtime(config, self.device, self.optimizer, memory_note))
         self.loss_settings = dict(
             alpha=config.loss.alpha,
-            temperature=config.loss.temperature,
             valid_vocab=config.data.valid_vocab or None,
             autocast_dtype=autocast_dtype,
             backend=config.loss.backend,
+            fused_head=config.loss.fused_head,
+            **kd_settings(config),
         )
         self.tokens_per_step = (self.micro_batch * self.accum_steps * config.batch.seq_len
                                 * info.world_size)
@@ -184,7 +191,7 @@ class Trainer:
                         f"of step {self.step + 1}", self.loss_settings["valid_vocab"])
         lr = lr_at(self.config, self.step)
         result = train_step(
-            self.model, self.student, self.teacher, self.optimizer, window,
+            self.model, self.student, self.teacher_model, self.optimizer, window,
             loss_settings=self.loss_settings,
             max_grad_norm=self.config.optim.grad_clip or float("inf"),
             lr=lr,
@@ -243,10 +250,10 @@ class Trainer:
                 checked_batches(batches, self.vocab_rows, f"data.path={config.data.path}: "
                                 "validation", self.loss_settings["valid_vocab"]),
                 teacher=self.teacher,
-                temperature=config.loss.temperature,
                 valid_vocab=self.loss_settings["valid_vocab"],
                 autocast_dtype=self.loss_settings["autocast_dtype"],
                 reduce_across_ranks=self.info.distributed and not self.sharded,
+                **kd_settings(config),
             )  # restores the student's train mode
         result = {f"val_{key}": value for key, value in metrics.items()}
         self.writer.write({"kind": "val", "step": self.step, **result})

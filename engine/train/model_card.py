@@ -227,7 +227,8 @@ def _metrics_section(facts: dict[str, Any]) -> list[str]:
         return ["## Held-out metrics", "", "Not measured: the run held out no data "
                 "(`data.val_fraction = 0`).", ""]
     names = {"val_ce": "cross-entropy (nats per token)", "val_ppl": "perplexity",
-             "val_kd": "KD to the teacher (T^2 KL(teacher || student) per token)",
+             "val_kd": f"KD to the teacher ({val.get('val_divergence', 'forward_kl')}, "
+                       "per token; docs/loss.md)",
              "val_teacher_ce": "teacher's cross-entropy on the same tokens",
              "val_tokens": "tokens scored"}
     rows = [f"| {label} | {val[key]:.6g} |" for key, label in names.items() if key in val]
@@ -251,6 +252,13 @@ def heldout_command(facts: dict[str, Any], folder: str) -> str:
         args.append(f"--limit {config.run.val_batches * facts['micro_batch']}")
     if facts["teacher_config"] is not None:
         args.append(f"--teacher {config.teacher.path} --temperature {config.loss.temperature:g}")
+        loss = config.loss
+        kd = {"--divergence": loss.divergence, "--beta": f"{loss.beta:g}",
+              "--skew": f"{loss.skew:g}"}
+        if (loss.divergence, loss.beta, loss.skew, loss.t2_scale) != ("forward_kl", 0.5, 0.1,
+                                                                      True):
+            args.append(" ".join(f"{flag} {value}" for flag, value in kd.items())
+                        + ("" if loss.t2_scale else " --no-t2-scale"))
     return " \\\n    ".join(args)
 
 

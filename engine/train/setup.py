@@ -7,6 +7,7 @@ __init__ (engine/train/loop.py) reads as the list of what a run is made of.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,14 @@ from torch.nn.parallel import DistributedDataParallel
 from data.atomic import write_text_atomic
 from data.loader import BatchLoader
 from engine import dist
-from engine.memory import largest_micro_batch, parse_bytes, plan_memory
+from engine.memory import format_bytes, largest_micro_batch, plan_memory
 from engine.model.hf_io import load_pretrained
 from engine.model.network import GPTNeoX
-from engine.precision import dtype_of
+from engine.precision import dtype_bytes, dtype_of
 from engine.sharded_memory import plan_sharded_memory
 from engine.train import checkpoint as ckpt
 from engine.train import fsdp
-from engine.train.config import Config, ConfigError
+from engine.train.config import AUTO, Config, ConfigError, memory_budget_bytes
 from engine.train.sharded_checkpoint import load_sharded_checkpoint
 
 # --------------------------------------------------------------------------------------
@@ -118,6 +119,38 @@ def check_compatible(config: Config, student: GPTNeoX, teacher: GPTNeoX | None) 
             )
 
 
+# The CUDA caching allocator setting the engine starts with unless the user set their own:
+# growing segments instead of fixed blocks, so the large, differently sized buffers of a step
+# do not strand memory between them (the H200 seed step held up to 1.23x its allocated peak
+# with fixed blocks; benchmarks/README.md).
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def configure_cuda_allocator(config: Config) -> None:
+    """Set PYTORCH_CUDA_ALLOC_CONF before CUDA starts, unless set already or on a CPU run."""
+    if config.device != "cpu":
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
+
+
+def compile_choice(config: Config, device: torch.device) -> tuple[bool, str]:
+    """(compile the models?, why): runtime.compile, where "auto" means on with CUDA."""
+    if config.runtime.compile != AUTO:
+        return bool(config.runtime.compile), f"runtime.compile={config.runtime.compile}"
+    if device.type == "cuda":
+        # The seed step on an H200: 255k tokens/s compiled vs 148k eager (benchmarks/README.md).
+        return True, "auto: CUDA, measured fastest"
+    return False, "auto: off on the CPU"
+
+
+def wrap_teacher(teacher: GPTNeoX | None, config: Config, device) -> torch.nn.Module | None:
+    """What runs the teacher's forward: the teacher, compiled when the student is."""
+    if teacher is None or not compile_choice(config, device)[0]:
+        return teacher
+    if fsdp.is_sharded(teacher):
+        return fsdp.compile_blocks(teacher)
+    return torch.compile(teacher)
+
+
 def wrap_model(student: GPTNeoX, config: Config, info: dist.DistInfo) -> torch.nn.Module:
     """What runs the forward: the student, under DDP across ranks, compiled when asked."""
     model: torch.nn.Module = student
@@ -131,9 +164,23 @@ def wrap_model(student: GPTNeoX, config: Config, info: dist.DistInfo) -> torch.n
         # Each rank's loss is already divided by the global token count, so gradients must
         # be summed over ranks, not averaged (DDP's default divides by the world size).
         model.register_comm_hook(state=None, hook=dist.allreduce_sum_hook)
-    if config.runtime.compile:
-        model = torch.compile(model)
+    if compile_choice(config, info.device)[0]:
+        model = fsdp.compile_blocks(model) if fsdp.is_sharded(model) else torch.compile(model)
     return model
+
+
+def describe_runtime(config: Config, device: torch.device, optimizer, memory_note: str) -> str:
+    """One log line: what the engine chose for this device, and why."""
+    compiled, why = compile_choice(config, device)
+    if compiled and config.dist.strategy == "fsdp":
+        why += "; each block under FSDP"
+    fused = "fused" if optimizer.defaults.get("fused") else "unfused"
+    head = "fused head + loss" if config.loss.fused_head else "full logits + kd_loss"
+    allocator = ""
+    if device.type == "cuda":
+        allocator = f"; allocator {os.environ.get('PYTORCH_CUDA_ALLOC_CONF', 'default')}"
+    return (f"runtime on {device.type}: torch.compile {'on' if compiled else 'off'} ({why}); "
+            f"{fused} AdamW; {head} (loss.fused_head); {memory_note}{allocator}")
 
 
 # --------------------------------------------------------------------------------------
@@ -141,53 +188,71 @@ def wrap_model(student: GPTNeoX, config: Config, info: dist.DistInfo) -> torch.n
 # --------------------------------------------------------------------------------------
 
 
+def device_memory_bytes(device: torch.device) -> int | None:
+    """The card's memory on CUDA (what batch.memory_budget="auto" fills); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory)
+
+
+def memory_plan_args(config: Config) -> dict[str, Any]:
+    """plan_memory's keyword arguments (beside the model shapes and micro_batch) for a run."""
+    return dict(
+        seq_len=config.batch.seq_len,
+        precision=config.precision,
+        activation_checkpointing=config.runtime.activation_checkpointing,
+        teacher_dtype_bytes=dtype_bytes(config.teacher.dtype),
+        in_place_loss_gradient=config.loss.backend != "torch",
+        fused_head=config.loss.fused_head,
+    )
+
+
 def memory_planner(config: Config, *, world_size: int = 1, teacher_sharded: bool = False):
-    """(plan function, its extra arguments): one GPU's plan (engine.memory), or under
-    dist.strategy=fsdp the plan of one GPU among `world_size` (engine.sharded_memory)."""
+    """(plan function, its arguments beside the shapes and micro_batch): one GPU's plan
+    (engine.memory), or under dist.strategy=fsdp the plan of one GPU among `world_size`
+    (engine.sharded_memory)."""
     if config.dist.strategy != "fsdp":
-        return plan_memory, {}
-    return plan_sharded_memory, dict(world_size=world_size, teacher_sharded=teacher_sharded,
+        return plan_memory, memory_plan_args(config)
+    return plan_sharded_memory, dict(memory_plan_args(config), world_size=world_size,
+                                     teacher_sharded=teacher_sharded,
                                      reshard_after_forward=config.dist.reshard_after_forward,
                                      cpu_offload=config.dist.cpu_offload)
 
 
-def plan_micro_batch(config: Config, teacher_cfg, student_cfg, log, *, world_size: int = 1,
-                     teacher_sharded: bool = False) -> tuple[int, int, int | None]:
-    """(micro_batch, accum_steps, predicted peak bytes) honouring batch.memory_budget.
+def plan_micro_batch(config: Config, teacher_cfg, student_cfg, device: torch.device, *,
+                     world_size: int = 1,
+                     teacher_sharded: bool = False) -> tuple[int, int, int | None, str]:
+    """(micro_batch, accum_steps, predicted peak bytes, a note saying what was chosen and why)
+    honouring batch.memory_budget ("auto": the device's memory on CUDA, none on the CPU).
 
     The budget picks the largest micro-batch the memory plan fits, among the divisors of the
     sequences per step, so the accumulation steps change but the tokens per step do not.
     Under FSDP the plan is per GPU, for `world_size` GPUs and the teacher as placed.
     """
     mb, accum = config.batch.micro_batch, config.batch.accum_steps
-    if not config.batch.memory_budget:
-        return mb, accum, None
-    planner, extra = memory_planner(config, world_size=world_size,
-                                    teacher_sharded=teacher_sharded)
-    plan_args = dict(
-        seq_len=config.batch.seq_len,
-        precision=config.precision,
-        activation_checkpointing=config.runtime.activation_checkpointing,
-        **extra,
-    )
-    budget = parse_bytes(config.batch.memory_budget)
+    setting = config.batch.memory_budget
+    budget = memory_budget_bytes(config, device_memory_bytes(device))
+    if budget is None:
+        return mb, accum, None, f"no memory budget ({setting or 'none'}): micro_batch {mb} as set"
+    planner, plan_args = memory_planner(config, world_size=world_size,
+                                        teacher_sharded=teacher_sharded)
     largest = largest_micro_batch(teacher_cfg, student_cfg, budget_bytes=budget,
                                   planner=planner, **plan_args)
     if largest < 1:
         raise ConfigError(
-            f"batch.memory_budget={config.batch.memory_budget}: not even one sequence of "
-            f"{config.batch.seq_len} tokens fits (try runtime.activation_checkpointing=true)"
+            f"batch.memory_budget={setting}: not even one sequence of "
+            f"{config.batch.seq_len} tokens fits in {format_bytes(budget)} (try "
+            "runtime.activation_checkpointing=true)"
         )
     sequences = mb * accum
     new_mb = max(d for d in range(1, min(largest, sequences) + 1) if sequences % d == 0)
     new_accum = sequences // new_mb
     predicted = planner(teacher_cfg, student_cfg, micro_batch=new_mb, **plan_args)
-    log(
-        f"memory budget {config.batch.memory_budget}: largest micro-batch {largest}; using "
-        f"micro_batch={new_mb} x accum_steps={new_accum} (was {mb} x {accum}), "
-        f"predicted peak {predicted.allocated_peak / 2**30:.2f} GiB"
-    )
-    return new_mb, new_accum, predicted.allocated_peak
+    source = "the device's memory" if setting.strip().lower() == AUTO else setting
+    note = (f"memory budget {format_bytes(budget)} ({source}): largest micro-batch {largest}, "
+            f"using micro_batch={new_mb} x accum_steps={new_accum} (was {mb} x {accum}), "
+            f"predicted peak {format_bytes(predicted.allocated_peak)}")
+    return new_mb, new_accum, predicted.allocated_peak, note
 
 
 def build_train_loader(config: Config, dataset, micro_batch: int, info) -> BatchLoader:

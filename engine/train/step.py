@@ -1,7 +1,10 @@
 """One distillation micro-step, and the training step made of them.
 
 `distill_micro_step`: teacher forward, student forward, KD + CE loss, backward. A plain
-function, so the loop, the benchmarks and the GPU suite run exactly the same code.
+function, so the loop, the benchmarks and the GPU suite run exactly the same code. With
+`fused_head` (loss.fused_head, the default) both models stop at their final hidden states and
+kernels.kd_head_loss runs both LM heads inside the loss, chunk by chunk, so neither model's
+[tokens x vocab] logits ever exist; without it the models return full logits for kd_loss.
 
 `train_step`: one optimizer step = one accumulation window of micro-batches per rank. The
 loss of every micro-batch is a *sum* over valid tokens divided by one normaliser, the valid
@@ -21,19 +24,24 @@ import torch
 import torch.nn.functional as F
 
 from engine import dist
-from engine.model.network import model_device
+from engine.model.network import model_device, unwrap_model
 from engine.precision import autocast_context
-from engine.train.fsdp import clip_grad_norm
+from engine.train.fsdp import clip_grad_norm, gathered_root, is_sharded
 from kernels.constants import IGNORE_INDEX
-from kernels.kd_loss import kd_loss
+from kernels.kd_loss import ce_head_loss, kd_head_loss, kd_loss
 
 
 def teacher_logits(
-    teacher: torch.nn.Module, input_ids: torch.Tensor, autocast_dtype: torch.dtype | None = None
+    teacher: torch.nn.Module,
+    input_ids: torch.Tensor,
+    autocast_dtype: torch.dtype | None = None,
+    *,
+    return_hidden: bool = False,
 ) -> torch.Tensor:
-    """Teacher logits with no autograd graph: nothing of the teacher is kept for backward.
+    """Teacher logits (or final hidden states) with no autograd graph: nothing of the teacher
+    is kept for backward.
 
-    no_grad rather than inference_mode: the loss may save these logits for its own backward,
+    no_grad rather than inference_mode: the loss may save these tensors for its own backward,
     and inference tensors cannot be saved by autograd. A teacher already stored in the
     autocast dtype runs without autocast: the same bf16 matmuls with a third fewer kernels
     (see benchmarks/README.md, step profile).
@@ -41,7 +49,7 @@ def teacher_logits(
     if autocast_dtype is not None and next(teacher.parameters()).dtype == autocast_dtype:
         autocast_dtype = None
     with torch.no_grad(), autocast_context(input_ids.device.type, autocast_dtype):
-        return teacher(input_ids)
+        return teacher(input_ids, return_hidden=True) if return_hidden else teacher(input_ids)
 
 
 def cross_entropy_sum(
@@ -75,23 +83,40 @@ def distill_micro_step(
     autocast_dtype: torch.dtype | None = None,
     backend: str = "auto",
     inplace_grad: bool = True,
+    fused_head: bool = True,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    t2_scale: bool = True,
+    chunk_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Forward both models on `batch`, backpropagate the student's loss, return detached stats.
 
     `batch` holds "input_ids" and "labels" ([B, T] int64, labels already shifted,
     IGNORE_INDEX = ignored). With `teacher=None` this is plain cross-entropy training with the
-    same normaliser semantics (alpha and temperature are then unused). Gradients accumulate
-    into the student's .grad; under DDP wrap the call in `student.no_sync()` on all but the
-    last micro-step of a window (the forward must be inside no_sync too).
+    same normaliser semantics. Gradients accumulate into the student's .grad; under DDP wrap
+    the call in `student.no_sync()` on all but the last micro-step of a window (the forward
+    too). `student` may be a DDP / torch.compile wrapper of a GPTNeoX: the forward runs through
+    it (`return_hidden=True` with the fused head); the head weight is the inner module's.
 
-    `inplace_grad` lets the loss write d loss / d logits into the student's logits buffer
-    (nothing else here uses them: the head's backward needs its input and weight, not its
-    output), saving one [tokens x vocab] buffer at the peak.
+    `fused_head`: the loss runs both heads (kernels.kd_head_loss, or ce_head_loss without a
+    teacher; `chunk_tokens` overrides its chunk rule). Otherwise `inplace_grad` lets kd_loss
+    write d loss / d logits into the student's logits buffer (nothing else here uses them:
+    the head's backward needs its input and weight, not its output), saving one
+    [tokens x vocab] buffer at the peak.
 
     Returns 0-dim fp32 tensors on the model's device, without a host sync: "loss" (this
     micro-batch's contribution to the window loss), "ce_sum", "kd_sum", "valid_tokens".
     """
     input_ids, labels = _batch_on_device(batch, model_device(student))
+    divergence_args = dict(divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale)
+    if fused_head:
+        loss, stats = _fused_head_loss(
+            student, teacher, input_ids, labels, alpha=alpha, temperature=temperature,
+            valid_vocab=valid_vocab, normalizer=normalizer, autocast_dtype=autocast_dtype,
+            backend=backend, chunk_tokens=chunk_tokens, **divergence_args)
+        loss.backward()
+        return {**stats, "loss": loss.detach().float()}
     device = input_ids.device
     t_logits = None
     if teacher is not None:
@@ -110,6 +135,7 @@ def distill_micro_step(
             normalizer=normalizer,
             backend=backend,
             inplace_grad=inplace_grad,
+            **divergence_args,
         )
         stats = dict(stats)
     else:
@@ -125,6 +151,37 @@ def distill_micro_step(
     loss.backward()
     stats["loss"] = loss.detach().float()
     return stats
+
+
+def _fused_head_loss(student, teacher, input_ids, labels, *, autocast_dtype, valid_vocab,
+                     normalizer, backend, chunk_tokens, alpha, temperature, **divergence_args):
+    """(loss, stats) of the micro-batch with both heads inside the loss: no logits tensor.
+
+    The loss runs under the student's autocast, so its head matmuls take the autocast dtype
+    as F.linear would; the loss math itself is fp32 whatever the context."""
+    t_hidden = None
+    if teacher is not None:
+        t_hidden = teacher_logits(teacher, input_ids, autocast_dtype, return_hidden=True)
+
+    def head_loss(s_hidden, head):
+        if t_hidden is None:
+            return ce_head_loss(s_hidden, head, labels, valid_vocab=valid_vocab,
+                                normalizer=normalizer, backend=backend, chunk_tokens=chunk_tokens)
+        with gathered_root(teacher):  # a sharded teacher's head, whole for the loss
+            return kd_head_loss(
+                s_hidden, head, t_hidden, unwrap_model(teacher).embed_out.weight, labels,
+                alpha=alpha, temperature=temperature, valid_vocab=valid_vocab,
+                normalizer=normalizer, backend=backend, chunk_tokens=chunk_tokens,
+                **divergence_args)
+
+    with autocast_context(input_ids.device.type, autocast_dtype):
+        if is_sharded(unwrap_model(student)):
+            # FSDP: the student's head is whole only inside its forward; the loss runs there.
+            return student(input_ids, head_loss=head_loss)
+        # Elsewhere the forward stops at the hidden states and the loss follows: one graph for
+        # torch.compile, and no new function per call for it to guard on.
+        return head_loss(student(input_ids, return_hidden=True),
+                         unwrap_model(student).embed_out.weight)
 
 
 def _batch_on_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +238,8 @@ def train_step(
 
     `model` is what runs the forward (the student, or its DDP / compiled wrapper); `student`
     owns the parameters. `loss_settings` are distill_micro_step's keyword arguments (alpha,
-    temperature, valid_vocab, autocast_dtype, backend). The update is skipped, and the
+    temperature, valid_vocab, autocast_dtype, backend, fused_head, divergence, beta, skew,
+    t2_scale). The update is skipped, and the
     gradient dropped, when the loss or the gradient norm is not finite.
     """
     device = model_device(student)

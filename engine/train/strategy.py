@@ -16,13 +16,18 @@ from pathlib import Path
 import torch
 
 from engine import dist
-from engine.memory import format_bytes, parse_bytes
+from engine.memory import format_bytes
 from engine.model.config import GPTNeoXConfig
 from engine.model.network import GPTNeoX
-from engine.precision import dtype_bytes, dtype_of, precision_dtypes
+from engine.precision import dtype_of, precision_dtypes
 from engine.train import fsdp
-from engine.train.config import Config
-from engine.train.setup import build_student, build_teacher, memory_planner
+from engine.train.config import Config, memory_budget_bytes
+from engine.train.setup import (
+    build_student,
+    build_teacher,
+    device_memory_bytes,
+    memory_planner,
+)
 
 
 def uses_fsdp(config: Config) -> bool:
@@ -48,32 +53,27 @@ def teacher_config(config: Config) -> GPTNeoXConfig | None:
     return GPTNeoXConfig.from_json_file(Path(config.teacher.path) / "config.json")
 
 
-def memory_budget(config: Config, device: torch.device) -> tuple[int | None, str]:
-    """(bytes per GPU or None, where the number comes from): batch.memory_budget, else the
-    device's memory on CUDA, else none (the CPU)."""
-    if config.batch.memory_budget:
-        return parse_bytes(config.batch.memory_budget), "batch.memory_budget"
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory), "the device's memory"
-    return None, "no memory budget on the CPU"
-
-
 def teacher_placement(config: Config, info: dist.DistInfo) -> tuple[bool, str]:
     """(shard the teacher?, why), per dist.teacher; "auto" asks the per-GPU memory plan."""
     choice = config.dist.teacher
     if choice != "auto":
         return choice == "shard", f"dist.teacher={choice}"
-    budget, source = memory_budget(config, info.device)
+    budget = memory_budget_bytes(config, device_memory_bytes(info.device))
+    return choose_teacher_sharding(config, teacher_config(config), student_config(config),
+                                   world_size=info.world_size, budget=budget)
+
+
+def choose_teacher_sharding(config: Config, teacher_cfg, student_cfg, *, world_size: int,
+                            budget: int | None) -> tuple[bool, str]:
+    """dist.teacher=auto: replicate the teacher when the per-GPU plan with it whole fits the
+    budget (at micro-batch 1 when the budget also picks the micro-batch), else shard it."""
     if budget is None:
-        return False, f"dist.teacher=auto: replicated ({source})"
-    planner, extra = memory_planner(config, world_size=info.world_size, teacher_sharded=False)
+        return False, "dist.teacher=auto: replicated (no memory budget on the CPU)"
+    planner, plan_args = memory_planner(config, world_size=world_size, teacher_sharded=False)
     micro_batch = 1 if config.batch.memory_budget else config.batch.micro_batch
-    plan = planner(teacher_config(config), student_config(config), micro_batch=micro_batch,
-                   seq_len=config.batch.seq_len, precision=config.precision,
-                   activation_checkpointing=config.runtime.activation_checkpointing,
-                   teacher_dtype_bytes=dtype_bytes(config.teacher.dtype), **extra)
-    verdict = (f"{format_bytes(plan.total)} per GPU with it replicated, micro_batch "
-               f"{micro_batch}, budget {format_bytes(budget)} ({source})")
+    plan = planner(teacher_cfg, student_cfg, micro_batch=micro_batch, **plan_args)
+    verdict = (f"{format_bytes(plan.total)} per GPU with it replicated at micro_batch "
+               f"{micro_batch}, budget {format_bytes(budget)}")
     if plan.fits(budget):
         return False, f"dist.teacher=auto: replicated ({verdict})"
     return True, f"dist.teacher=auto: sharded ({verdict})"

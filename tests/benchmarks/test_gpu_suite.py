@@ -27,8 +27,9 @@ def test_smoke_suite_runs_every_section(tmp_path):
     assert proc.stdout.splitlines()[0].startswith("device: ")
     report = json.loads((tmp_path / "gpu_suite_smoke.json").read_text())
     sections = report["sections"]
-    assert set(sections) == {"kernel_correctness", "kernel_speed", "seed_recipe",
-                             "seed_recipe_compiled", "transformers", "capped_12gib"}
+    assert set(sections) == {"kernel_correctness", "kernel_speed", "divergences", "head",
+                             "seed_recipe", "seed_recipe_logits", "seed_recipe_compiled",
+                             "transformers", "capped_12gib", "fsdp"}
     for name, body in sections.items():
         assert "error" not in body, (name, body.get("traceback"))
     assert sections["kernel_correctness"]["passed"]
@@ -37,13 +38,24 @@ def test_smoke_suite_runs_every_section(tmp_path):
     assert seed["plan_largest_micro_batch_12gib"] >= 2
     compiled = sections["seed_recipe_compiled"]
     assert compiled["tokens_per_s"] > 0 and compiled["finite"]
+    assert not sections["seed_recipe_logits"]["fused_head"] and seed["fused_head"]
+    assert set(sections["divergences"]["rows"]) == {
+        "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"}
+    head = sections["head"]["variants"]
+    assert {"matmuls", "fused", "unfused", "fused_chunk_16", "fused_chunk_32"} <= set(head)
+    assert all("median_ms" in row for row in head.values())
     capped = sections["capped_12gib"]
     assert capped["seed_micro_batch_fits"] and capped["measured_largest_micro_batch"] >= 2
+    assert capped["best_compiled_micro_batch"] == capped["measured_largest_micro_batch"]
     hf = sections["transformers"]
     assert "skipped" in hf or hf["tokens_per_s"] > 0
+    fsdp = sections["fsdp"]
+    assert fsdp["seed"]["fsdp"]["finite"] and fsdp["seed"]["fsdp_over_plain_tokens_per_s"] > 0
+    assert fsdp["capped"]["finite"] and fsdp["capped"]["plan_allocated_peak_bytes"] > 0
+    assert "FSDP x1 / plain seed step tokens/s" in proc.stdout
     # The summary table comes last.
     tail = proc.stdout.strip().splitlines()
-    assert any(line.startswith("GPU suite summary") for line in tail[-15:])
+    assert any(line.startswith("GPU suite summary") for line in tail[-40:])
     assert "JSON:" in tail[-1]
 
 
@@ -62,11 +74,27 @@ def test_summary_reports_a_failed_section_and_keeps_the_rest():
             "transformers": {"skipped": "transformers is not installed"},
         },
     }
+    report["sections"]["capped_12gib"] = {
+        "seed_micro_batch_fits": True, "measured_largest_micro_batch": 30,
+        "search_stopped": "out of memory",
+        "attempts": [{"micro_batch": 30, "ok": True, "compiled": True, "tokens_per_s": 5.2e5,
+                      "mfu": 0.36, "peak_allocated_bytes": 10 * 2**30,
+                      "plan_over_measured": 1.01, "plan_allocated_peak_bytes": 10.1 * 2**30,
+                      "plan_total_over_measured": 0.98, "reserved_over_allocated": 1.02}],
+    }
+    report["sections"]["head"] = {"liger": "absent", "fused_vs_matmuls": 1.2,
+                                  "best_chunk": "fused_chunk_4096", "variants": {
+                                      "fused": {"median_ms": 1.2, "peak_mib": 700.0},
+                                      "matmuls": {"median_ms": 1.0, "peak_mib": 900.0}}}
     text = format_summary(report)
     assert "FAILED: RuntimeError: boom" in text
     assert "1,234" in text and "MFU 41.0%" in text
     assert "14 (checkpointing: 19)" in text
     assert "skipped: transformers is not installed" in text
+    assert "best under 12 GiB: compiled, mb 30" in text and "520,000 tokens/s, MFU 36.0%" in text
+    assert "memory plan / measured: capped mb 30 compiled" in text and "x1.010" in text
+    assert "x1.20 (1.20 vs 1.00 ms; fastest chunk fused_chunk_4096)" in text
+    assert "skipped: liger_kernel is not installed" in text
 
 
 def test_batches_are_shifted_next_tokens():
@@ -78,3 +106,22 @@ def test_batches_are_shifted_next_tokens():
     assert batch["input_ids"].shape == batch["labels"].shape == (3, 17)
     assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
     assert int(batch["input_ids"].max()) < 50
+
+
+def test_liger_is_set_to_our_objective():
+    """LigerFusedLinearJSDLoss as the suite configures it computes our loss and gradients
+    (so the side-by-side times the same work); skipped where liger_kernel is absent."""
+    pytest.importorskip("liger_kernel")
+    import torch
+
+    from benchmarks.common import head_inputs, head_step, liger_jsd_loss
+
+    inputs = head_inputs(200, 32, 48, 1000, torch.float32, torch.device("cpu"))
+    results = {}
+    for variant, options in (("liger", {"liger": liger_jsd_loss(compiled=False)}),
+                             ("fused", {"full_vocab": True, "backend": "torch"})):
+        run, (hs, ws) = head_step(variant, inputs, **options)
+        run()
+        results[variant] = (hs.grad, ws.grad)
+    for ours, theirs in zip(results["fused"], results["liger"], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-7)

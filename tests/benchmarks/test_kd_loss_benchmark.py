@@ -51,3 +51,22 @@ def test_cpu_worker_measures_time_and_memory():
     assert row["median_s"] > 0
     assert row["peak_rss_delta_mib"] >= 0
     json.dumps(row)
+
+
+def test_head_and_divergence_sections_run_tiny(tmp_path, capsys):
+    """--section head / divergences at smoke size: every variant measured and compared, and a
+    section run alone keeps the results file's other sections."""
+    path = tmp_path / "kd.json"
+    path.write_text(json.dumps({"cpu": ["kept"]}))
+    assert bench.main(["--smoke", "--section", "head", "--json", str(path)]) == 0
+    assert bench.main(["--smoke", "--section", "divergences", "--json", str(path)]) == 0
+    saved = json.loads(path.read_text())
+    assert saved["cpu"] == ["kept"]
+    rows = saved["head"]["rows"]
+    assert set(rows) == {"fused", "unfused_default", "unfused_inplace"}
+    assert rows["fused"]["time_vs_unfused_inplace"] > 0
+    assert set(saved["divergences_cpu"]["vs_forward_kl"]) == {
+        "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"}
+    assert saved["divergences_cpu"]["vs_forward_kl"]["forward_kl"] == 1.0
+    out = capsys.readouterr().out
+    assert "fused / unfused_default: extra peak memory" in out and "per divergence" in out

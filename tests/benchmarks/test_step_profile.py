@@ -21,7 +21,7 @@ def test_step_profile_smoke_profiles_both_engines(tmp_path):
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     report = json.loads((tmp_path / "step_profile_smoke.json").read_text())
-    for engine in ("ours", "ours_new_buffer", "transformers"):
+    for engine in ("ours", "ours_logits", "transformers"):
         body = report[engine]
         assert "error" not in body, body.get("traceback")
         assert body["wall_ms_per_micro_step"] > 0

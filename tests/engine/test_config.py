@@ -84,7 +84,16 @@ def test_parse_overrides_splits_pairs():
         ("--optim.lr=fast", "optim.lr: cannot use 'fast' as a number"),
         ("--optim.lr=nan", "optim.lr: cannot use 'nan' as a number"),
         ("--optim.betas=0.9", "optim.betas"),
-        ("--runtime.compile=maybe", "runtime.compile: cannot use 'maybe' as a boolean"),
+        ("--runtime.compile=maybe",
+         "runtime.compile: cannot use 'maybe' as true, false or \"auto\""),
+        ("--runtime.activation_checkpointing=auto",
+         "runtime.activation_checkpointing: cannot use 'auto' as a boolean"),
+        ("--loss.divergence=kl", "loss.divergence: 'kl' is not one of forward_kl, reverse_kl"),
+        ("--loss.beta=1.5", "loss.beta: must be in [0, 1], got 1.5 (read by jsd)"),
+        ("--loss.skew=-0.1", "loss.skew: must be in [0, 1], got -0.1"),
+        ("--loss.t2_scale=sometimes", "loss.t2_scale: cannot use 'sometimes' as a boolean"),
+        ("--loss.fused_head=2", "loss.fused_head: cannot use '2' as a boolean"),
+        ("--batch.memory_budget=lots", "batch.memory_budget: cannot parse memory size 'lots'"),
         ("--data.mode=zigzag", "data.mode: 'zigzag' is not one of packed, padded"),
         ("--precision=fp8", "precision: 'fp8' is not one of"),
         ("--loss.alpha=1.5", "loss.alpha: must be in [0, 1]"),
@@ -164,3 +173,42 @@ def test_cli_reports_config_errors(capsys):
     err = capsys.readouterr().err
     assert err == ("error: batch.micro_btch: unknown key (did you mean batch.micro_batch?)"
                    "\n")
+
+
+def test_new_loss_and_runtime_keys_and_their_defaults(tmp_path):
+    config = load_config(None, ["--data.path=x", "--student.init=scratch"])
+    loss = config.loss
+    assert (loss.divergence, loss.beta, loss.skew, loss.t2_scale, loss.fused_head) == (
+        "forward_kl", 0.5, 0.1, True, True)
+    assert config.runtime.compile == "auto" and config.batch.memory_budget == "auto"
+    changed = load_config(None, [
+        "--data.path=x", "--student.init=scratch", "--loss.divergence=skew_reverse_kl",
+        "--loss.skew=0.3", "--loss.t2_scale=false", "--loss.fused_head=off",
+        "--runtime.compile=yes", "--batch.memory_budget=12GiB"])
+    assert changed.loss.divergence == "skew_reverse_kl" and changed.loss.skew == 0.3
+    assert changed.loss.t2_scale is False and changed.loss.fused_head is False
+    assert changed.runtime.compile is True and changed.batch.memory_budget == "12GiB"
+    assert load_config(None, ["--data.path=x", "--student.init=scratch",
+                              "--runtime.compile=AUTO"]).runtime.compile == "auto"
+    # Both forms survive the resolved config.toml / config.json round trip.
+    for config_ in (config, changed):
+        write_resolved(config_, tmp_path)
+        assert load_config(tmp_path / "config.toml") == config_
+        assert config_from_dict(json.loads((tmp_path / "config.json").read_text())) == config_
+    (tmp_path / "bad.toml").write_text('[runtime]\ncompile = "sometimes"\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml: runtime\.compile: cannot use "
+                                          r"'sometimes' as true, false or \"auto\""):
+        load_config(tmp_path / "bad.toml", check=False)
+
+
+def test_memory_budget_bytes():
+    from engine.train.config import memory_budget_bytes
+
+    config = load_config(None, ["--data.path=x", "--student.init=scratch"])
+    assert memory_budget_bytes(config, 80 * 2**30) == 80 * 2**30  # auto: the device's memory
+    assert memory_budget_bytes(config, None) is None  # auto on a CPU: no budget
+    for text in ("", "none", "None"):
+        config.batch.memory_budget = text
+        assert memory_budget_bytes(config, 80 * 2**30) is None
+    config.batch.memory_budget = "12GiB"
+    assert memory_budget_bytes(config, 80 * 2**30) == 12 * 2**30  # the user's cap wins

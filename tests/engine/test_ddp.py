@@ -37,8 +37,10 @@ REPO = Path(__file__).resolve().parents[2]
 def test_two_ranks_match_one_process(assets, tmp_path):
     # One process: 4 micro-batches of 2 per step. Two ranks: 2 micro-batches of 2 each. The
     # loader deals the epoch's permutation out round-robin, so the global windows coincide.
+    # The ranks run the fused head + loss (the default), the one process the full logits: the
+    # comparison covers DDP's reduction of embed_out's gradient, which the fused loss forms.
     single = run(make_config(assets, tmp_path / "single", data__mode="padded",
-                             batch__accum_steps=4, run__steps=3))
+                             batch__accum_steps=4, run__steps=3, loss__fused_head=False))
     out = tmp_path / "ddp"
     overrides = base_overrides(assets, out, data__mode="padded", batch__accum_steps=2,
                                run__steps=3, run__save_every=2)

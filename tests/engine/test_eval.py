@@ -392,6 +392,35 @@ def test_heldout_metrics_with_our_model(task_files):
     got = heldout_metrics(ours, batches, teacher=our_teacher, valid_vocab=300, chunk_rows=6)
     for key in ("ce", "kd", "teacher_ce"):
         assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert got["divergence"] == "forward_kl"
+
+
+@pytest.mark.parametrize(("settings", "label"), [
+    (dict(divergence="reverse_kl"), "reverse_kl"),
+    (dict(divergence="jsd", beta=0.3, t2_scale=False), "jsd(beta=0.3, no T^2)"),
+    (dict(divergence="skew_forward_kl", skew=0.2), "skew_forward_kl(skew=0.2)"),
+    (dict(divergence="tvd", t2_scale=False), "tvd(no T^2)"),
+])
+def test_heldout_divergences_fused_heads_equal_the_reference(task_files, settings, label):
+    """Our models go through the training loss's fused heads (forward only), transformers'
+    through full logits and the float64-capable reference: the same KD term either way, with
+    the chosen divergence named beside it."""
+    root, hf_models = task_files
+    from engine.model import load_pretrained
+
+    ours, our_teacher = load_pretrained(root / "student"), load_pretrained(root / "teacher")
+    batches = _random_batches(6, [(2, 13), (3, 7)], 300)
+    common = dict(valid_vocab=300, temperature=1.5, **settings)
+    got = heldout_metrics(ours, batches, teacher=our_teacher, **common)
+    expected = heldout_metrics(hf_models["student"], batches, teacher=hf_models["teacher"],
+                               chunk_rows=5, **common)
+    assert got.pop("divergence") == expected.pop("divergence") == label
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)  # the jsd's kd is ~2e-3
+    assert got["kd"] > 0
+    with torch.enable_grad():
+        assert all(p.grad is None for p in ours.parameters())
+    with pytest.raises(ValueError, match=r"beta=2"):
+        heldout_metrics(ours, batches, teacher=our_teacher, divergence="jsd", beta=2)
 
 
 # --------------------------------------------------------------------------------------
@@ -576,6 +605,29 @@ def test_ppl_over_shards_equals_jsonl_and_heldout_matches_training_validation(ta
     assert row["tokens"] == expected["tokens"] > 0
     for key in ("ce", "ppl", "kd", "teacher_ce"):
         assert row[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert row["divergence"] == "forward_kl"
+
+    # The run's divergence settings reach --heldout's KD term through the flags.
+    flags = ["--divergence", "skew_reverse_kl", "--skew", "0.3", "--no-t2-scale"]
+    code = eval_main([*sys_args_of(out, root, shards), *flags])
+    assert code == 0
+    document = json.loads(out.read_text())
+    assert document["settings"]["divergence"] == "skew_reverse_kl(skew=0.3, no T^2)"
+    row = document["results"][0]
+    expected = heldout_metrics(student, training_view, teacher=teacher, valid_vocab=300,
+                               divergence="skew_reverse_kl", skew=0.3, t2_scale=False)
+    assert row["kd"] == pytest.approx(expected["kd"], rel=1e-6)
+    assert row["divergence"] == expected["divergence"]
+    assert eval_main([*sys_args_of(out, root, shards), "--divergence", "jsd",
+                      "--beta", "-1"]) == 2
+
+
+def sys_args_of(out, root, shards) -> list[str]:
+    """The --heldout command line of the test above (JSON to `out`)."""
+    return ["--model", str(root / "student"), "--teacher", str(root / "teacher"), "--task",
+            "ppl", "--data", str(shards), "--heldout", "packed", "--val-fraction", "0.2",
+            "--max-length", "16", "--valid-vocab", "300", "--batch-size", "3", "--json",
+            str(out), "--no-progress"]
 
 
 def test_shard_token_beyond_model_vocab_is_refused(task_files, tmp_path):
@@ -622,6 +674,8 @@ def test_heldout_metrics_reduce_across_ranks_single_process_group(tiny_pair, tmp
         through_ddp = heldout_metrics(wrapped, batches, teacher=teacher)
     finally:
         dist.destroy_process_group()
+    assert reduced.pop("divergence") == through_ddp.pop("divergence") == local.pop(
+        "divergence") == "forward_kl"
     assert reduced == pytest.approx(local, rel=1e-12)
     assert through_ddp == pytest.approx(local, rel=1e-6)
 

@@ -34,7 +34,7 @@ from engine.sharded_memory import plan_sharded_memory
 from engine.train import checkpoint as ckpt
 from engine.train import run, strategy
 from engine.train.config import ConfigError
-from engine.train.setup import plan_micro_batch, rescaled_loader_state
+from engine.train.setup import memory_plan_args, plan_micro_batch, rescaled_loader_state
 from engine.train.sharded_checkpoint import OPTIMIZER_SHARDS, STUDENT_SHARDS
 from tests.dist_helpers import LOOPBACK_ENV
 from tests.engine.test_train import (
@@ -252,7 +252,7 @@ def test_watched_tasks_and_lost_updates_on_two_fsdp_ranks(assets, tmp_path):
     train_bpe_tokenizer(sentences, tokenizer, vocab_size=300)
     lambada.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences[:8]))
     watch = dict(precision="bf16-pure", run__steps=2, run__tokenizer=tokenizer,
-                 eval__tasks=f"lambada={lambada}", optim__lr=1e-2)
+                 eval__tasks=f"lambada={lambada}", eval__alarm=0, optim__lr=1e-2)
     plain = run(make_config(assets, tmp_path / "plain", batch__accum_steps=4, **watch))
     out = tmp_path / "fsdp"
     torchrun(base_overrides(assets, out, dist__strategy="fsdp", **watch))
@@ -287,6 +287,24 @@ def test_one_rank_fsdp_is_the_plain_run_exactly(assets, tmp_path, straight_run):
         straight_final / "model.safetensors").read_bytes()
     done = json.loads((ckpt.latest_checkpoint(out) / ckpt.DONE_MARKER).read_text())
     assert done["layout"] == "sharded" and done["world_size"] == 1
+
+
+def test_one_rank_fsdp_full_logits_is_the_plain_run_exactly(assets, tmp_path):
+    """loss.fused_head=false: the root's forward returns the logits, as without FSDP."""
+    plain = run(make_config(assets, tmp_path / "plain", loss__fused_head="false"))
+    sharded = run(make_config(assets, tmp_path / "fsdp", loss__fused_head="false",
+                              dist__strategy="fsdp"))
+    assert_same_run(sharded, {"records": train_records(plain["out_dir"]),
+                              "weights": final_weights(plain)})
+
+
+@pytest.mark.slow
+def test_runtime_compile_under_fsdp_compiles_each_block(assets, tmp_path, straight_run):
+    result = run(make_config(assets, tmp_path / "compiled", run__save_every=2,
+                             dist__strategy="fsdp", runtime__compile="true"))
+    for mine, ref in zip(train_records(result["out_dir"]), straight_run["records"],
+                         strict=True):
+        assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5)
 
 
 def test_activation_checkpointing_under_fsdp_changes_nothing(assets, tmp_path, straight_run):
@@ -353,11 +371,12 @@ def test_auto_teacher_placement_and_micro_batch_follow_the_per_gpu_plan(assets, 
                 patch.object(strategy, "student_config", lambda c: student):
             placed, why = strategy.teacher_placement(config, info)
         assert placed == sharded and ("sharded" if sharded else "replicated") in why, why
-        mb, accum, peak = plan_micro_batch(config, teacher, student, print, world_size=8,
-                                           teacher_sharded=placed)
+        mb, accum, peak, note = plan_micro_batch(config, teacher, student, info.device,
+                                                 world_size=8, teacher_sharded=placed)
         assert mb * accum == 2 * 8 and peak == plan_sharded_memory(
             teacher, student, world_size=8, teacher_sharded=placed, micro_batch=mb,
-            seq_len=2048, precision="fp32").allocated_peak
+            **memory_plan_args(config)).allocated_peak
+        assert f"using micro_batch={mb}" in note
 
 
 def test_dist_keys_need_fsdp(assets, tmp_path):

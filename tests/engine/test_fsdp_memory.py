@@ -134,3 +134,19 @@ def test_ladder_refuses_bad_input(capsys):
     for args in (["--budget", "12XB"], ["--config", "x.toml"], ["--seq-len", "0"]):
         assert memplan_main(["--ladder", *args]) == 2, args
         assert "memplan: error:" in capsys.readouterr().err
+
+
+def test_memplan_of_an_fsdp_config_is_one_gpus_share(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('[teacher]\npath = "/models/pythia-6.9b"\n[student]\n'
+                      'path = "/models/pythia-1b"\n[dist]\nstrategy = "fsdp"\n')
+    args = ["--config", str(config), "--budget", "24GiB", "--json", str(tmp_path / "p.json")]
+    memplan_main([*args, "--gpus", "8"])
+    out = capsys.readouterr().out
+    assert "teacher: dist.teacher=auto: replicated" in out
+    plan = json.loads((tmp_path / "p.json").read_text())["plan"]
+    assert "student weights (fp32, 1/8 shard)" in plan["components"]
+    memplan_main([*args, "--gpus", "8", "--dist.teacher=shard"])
+    plan = json.loads((tmp_path / "p.json").read_text())["plan"]
+    assert "teacher weights (bf16, 1/8 shard)" in plan["components"]
+    assert memplan_main([*args, "--gpus", "0"]) == 2

@@ -101,7 +101,8 @@ def test_activation_estimate_matches_saved_tensors(precision, checkpointing):
 
     if precision == "bf16-autocast":
         plan = plan_memory(None, config, micro_batch=micro_batch, seq_len=seq_len,
-                           precision=precision, activation_checkpointing=checkpointing)
+                           precision=precision, activation_checkpointing=checkpointing,
+                           fused_head=False)  # the forward above returns full logits
         planned_casts = plan.components["student bf16 weight casts (autocast)"]
         if checkpointing:  # the re-run block's copies appear only in backward
             h, i = config.hidden_size, config.intermediate_size
@@ -233,3 +234,86 @@ def test_memplan_errors_name_the_problem(tmp_path, capsys):
     assert main(["--config", str(toml), "--budget", "lots"]) == 2
     assert main(["--config", str(tmp_path / "missing.toml")]) == 2
     assert "missing.toml" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the fused head's plan
+
+PLAN_VOCAB = 1003  # odd; 64-token chunks of it stay well below the tokens of a micro-batch
+
+
+def _tiny_pair(precision: str, with_teacher: bool, checkpointing: bool):
+    torch.manual_seed(0)
+    student_cfg = GPTNeoXConfig(vocab_size=PLAN_VOCAB, hidden_size=64, num_layers=2,
+                                num_heads=4, intermediate_size=200, max_positions=128)
+    teacher_cfg = GPTNeoXConfig(vocab_size=PLAN_VOCAB, hidden_size=96, num_layers=2,
+                                num_heads=4, intermediate_size=300, max_positions=128)
+    student = GPTNeoX(student_cfg)
+    if precision == "bf16-pure":
+        student = student.to(torch.bfloat16)
+    student.set_activation_checkpointing(checkpointing)
+    teacher = None
+    if with_teacher:
+        teacher = GPTNeoX(teacher_cfg).eval().requires_grad_(False)
+        if precision != "fp32":
+            teacher = teacher.to(torch.bfloat16)
+    return student, teacher
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
+@pytest.mark.parametrize("with_teacher", [True, False], ids=["kd", "ce-only"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-pure"])
+def test_fused_head_plan_matches_every_tensor_a_step_allocates(precision, with_teacher,
+                                                               checkpointing):
+    """The plan's activations, loss buffers and autocast casts against the peak of every
+    tensor a whole micro-step (forward, fused head + loss, backward) keeps alive at once,
+    measured through the dispatcher on the CPU (where the loss runs on its torch path)."""
+    from engine.train.step import distill_micro_step
+    from tests.engine.live_memory import LiveBytes
+
+    student, teacher = _tiny_pair(precision, with_teacher, checkpointing)
+    micro_batch, seq_len, chunk = 3, 100, 64
+    gen = torch.Generator().manual_seed(1)
+    batch = {name: torch.randint(0, PLAN_VOCAB, (micro_batch, seq_len), generator=gen)
+             for name in ("input_ids", "labels")}
+    settings = dict(alpha=0.5, temperature=2.0, valid_vocab=None, normalizer=None,
+                    autocast_dtype=torch.bfloat16 if precision == "bf16-autocast" else None,
+                    fused_head=True, chunk_tokens=chunk, backend="torch")
+    distill_micro_step(student, teacher, batch, **settings)  # gradients exist from here on
+    with LiveBytes() as live:
+        distill_micro_step(student, teacher, batch, **settings)
+    plan = plan_memory(teacher.config if teacher else None, student.config,
+                       micro_batch=micro_batch, seq_len=seq_len, precision=precision,
+                       activation_checkpointing=checkpointing, fused_head=True,
+                       chunk_tokens=chunk, device_type="cpu",
+                       teacher_dtype_bytes=4 if precision == "fp32" else 2)
+    predicted = sum(nbytes for name, nbytes in plan.components.items()
+                    if plan.groups[name] in ("activations", "loss") or "casts" in name)
+    assert not any("[B,T,V]" in name for name in plan.components)
+    assert predicted == pytest.approx(live.peak, rel=0.05)
+
+
+def test_full_logits_plan_matches_the_h200_measurements():
+    """The full-logits plan against the allocated peaks the H200 measured (GPU suite, seed
+    step, micro-batch 2 to 12 under a 12 GiB cap: benchmarks/results/gpu_suite_h200.json)."""
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks/results/gpu_suite_h200.json"
+    attempts = json.loads(results.read_text())["sections"]["capped_12gib"]["attempts"]
+    teacher, student = pythia_config("pythia-160m"), pythia_config("pythia-70m")
+    for row in (a for a in attempts if a["ok"]):
+        plan = plan_memory(teacher, student, micro_batch=row["micro_batch"], seq_len=2048,
+                           fused_head=False)
+        assert plan.allocated_peak == pytest.approx(row["peak_allocated_bytes"], rel=0.01)
+
+
+def test_fused_head_plan_at_the_seed_shapes():
+    teacher, student = pythia_config("pythia-160m"), pythia_config("pythia-70m")
+    fused = plan_memory(teacher, student, micro_batch=12, seq_len=2048, teacher_dtype_bytes=2)
+    full = plan_memory(teacher, student, micro_batch=12, seq_len=2048, teacher_dtype_bytes=2,
+                       fused_head=False)
+    assert fused.fused_head and not any("[B,T,V]" in name for name in fused.components)
+    # The logits of both models (2 x 24576 x 50304 bf16 = 4.6 GiB) are what the fused head
+    # saves; it costs two 3072-token logit blocks and the head's gradient buffers instead.
+    assert full.allocated_peak - fused.allocated_peak > 3.5 * 2**30
+    assert largest_micro_batch(teacher, student, seq_len=2048, budget_bytes=12 * 2**30,
+                               teacher_dtype_bytes=2) >= 24

@@ -1,4 +1,5 @@
-"""engine.train.step.distill_micro_step: gradients, normaliser semantics, frozen teacher."""
+"""engine.train.step: gradients, normaliser semantics, frozen teacher; the fused head + loss
+(the default) against the full-logits path, wrapped models and whole-step allocations."""
 
 from __future__ import annotations
 
@@ -152,9 +153,157 @@ def test_in_place_logit_gradient_changes_nothing():
     for inplace in (True, False):
         student = tiny_model(0)
         stats = distill_micro_step(student, teacher, batch, alpha=0.5, temperature=2.0,
-                                   valid_vocab=VALID_VOCAB, normalizer=None, inplace_grad=inplace)
+                                   valid_vocab=VALID_VOCAB, normalizer=None, inplace_grad=inplace,
+                                   fused_head=False)
         results.append((stats, grads(student)))
     (stats_a, grads_a), (stats_b, grads_b) = results
     assert torch.equal(stats_a["loss"], stats_b["loss"])
     for name, grad in grads_a.items():
         assert torch.equal(grad, grads_b[name]), name
+
+
+# ------------------------------------------------------------------ fused head vs full logits
+
+
+def _step_both_ways(make_student, teacher, batches, **settings):
+    """(stats per micro-batch, gradients) with loss.fused_head on and off, same everything."""
+    runs = []
+    for fused in (True, False):
+        student = make_student()
+        stats = [distill_micro_step(student, teacher, batch, fused_head=fused, **settings)
+                 for batch in batches]
+        runs.append((stats, grads(student)))
+    return runs
+
+
+def _assert_runs_close(runs, rtol, atol):
+    (fused_stats, fused_grads), (full_stats, full_grads) = runs
+    for fused, full in zip(fused_stats, full_stats, strict=True):
+        for key in ("loss", "ce_sum", "kd_sum", "valid_tokens"):
+            torch.testing.assert_close(fused[key], full[key], rtol=rtol, atol=atol, msg=key)
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize(("divergence", "extra"), [
+    ("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}),
+    ("skew_forward_kl", {"skew": 0.2}), ("skew_reverse_kl", {"skew": 0.1}),
+    ("tvd", {"t2_scale": False}), ("ce-only", {}),
+])
+def test_fused_head_equals_full_logits_fp32(divergence, extra):
+    """Accumulated over uneven micro-batches with one window normaliser, checkpointed;
+    "ce-only" is the run without a teacher (the fused CE head)."""
+    teacher = None
+    if divergence != "ce-only":
+        teacher = tiny_model(1, hidden=48, heads=3).eval().requires_grad_(False)
+        extra = {"divergence": divergence, **extra}
+    big = random_batch(21)
+    batches = [{k: v[rows] for k, v in big.items()} for rows in ([0], [1, 2], [3])]
+
+    def make_student():
+        student = tiny_model(0)
+        student.set_activation_checkpointing(True)
+        return student
+
+    runs = _step_both_ways(make_student, teacher, batches, alpha=0.3, temperature=1.7,
+                           valid_vocab=VALID_VOCAB,
+                           normalizer=float((big["labels"] != -100).sum()), **extra)
+    _assert_runs_close(runs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16-autocast", "bf16-pure"])
+def test_fused_head_equals_full_logits_in_bf16(precision):
+    """bf16 rounds the logits either way (per chunk or all at once): close, not equal."""
+    teacher = tiny_model(1, hidden=48, heads=3).eval().requires_grad_(False)
+    autocast = torch.bfloat16 if precision == "bf16-autocast" else None
+    if precision == "bf16-pure":
+        teacher = teacher.to(torch.bfloat16)
+
+    def make_student():
+        student = tiny_model(0)
+        return student.to(torch.bfloat16) if precision == "bf16-pure" else student
+
+    runs = _step_both_ways(make_student, teacher, [random_batch(22)], alpha=0.5,
+                           temperature=2.0, valid_vocab=VALID_VOCAB, normalizer=None,
+                           autocast_dtype=autocast)
+    (fused_stats, fused_grads), (full_stats, full_grads) = runs
+    torch.testing.assert_close(fused_stats[0]["loss"], full_stats[0]["loss"], rtol=1e-2,
+                               atol=1e-2)
+    for name, grad in fused_grads.items():
+        assert grad.dtype == full_grads[name].dtype, name
+        error = (grad.float() - full_grads[name].float()).norm() / full_grads[name].float().norm()
+        assert error < 3e-2, name
+
+
+def test_fused_head_through_compile_and_ddp_wrappers(tmp_path):
+    """The forward runs through the wrapper (return_hidden=True), the head weight comes from
+    the module inside it, and DDP's hooks see embed_out's gradient (one-rank gloo group)."""
+    import torch.distributed as dist
+
+    teacher = tiny_model(1, hidden=48, heads=3).eval().requires_grad_(False)
+    batch = random_batch(23)
+    settings = dict(alpha=0.5, temperature=2.0, valid_vocab=VALID_VOCAB, normalizer=None)
+    plain = tiny_model(0)
+    expected = distill_micro_step(plain, teacher, batch, **settings)
+    compiled = tiny_model(0)
+    got = distill_micro_step(torch.compile(compiled, backend="eager"),
+                             torch.compile(teacher, backend="eager"), batch, **settings)
+    torch.testing.assert_close(got["loss"], expected["loss"], rtol=1e-6, atol=1e-6)
+    for name, grad in grads(compiled).items():
+        torch.testing.assert_close(grad, grads(plain)[name], rtol=1e-5, atol=1e-7, msg=name)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        inner = tiny_model(0)
+        wrapped = torch.nn.parallel.DistributedDataParallel(inner)
+        seen = []
+
+        def record_bucket(_state, bucket):
+            seen.extend(bucket.parameters())
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())  # one rank: the sum is the local gradient
+            return future
+
+        wrapped.register_comm_hook(None, record_bucket)
+        distill_micro_step(wrapped, teacher, batch, **settings)
+    finally:
+        dist.destroy_process_group()
+    assert any(p is inner.embed_out.weight for p in seen), "DDP never reduced embed_out"
+    for name, grad in grads(inner).items():
+        torch.testing.assert_close(grad, grads(plain)[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_whole_training_step_never_allocates_tokens_by_vocab():
+    """Every storage a fused training step creates (forward, fused head + loss, backward,
+    clipping, AdamW), recorded through the dispatcher: none is [tokens x vocab]; the full
+    logits path, which the recorder must catch or the test proves nothing, makes several."""
+    from engine.train.step import train_step
+    from tests.kernels.alloc_tracking import AllocationRecorder
+
+    vocab, rows, seq = 50304, 2, 512  # Pythia's vocabulary, 1024 tokens: 3 CPU chunks of 320
+    logits_bytes = rows * seq * vocab * 4
+
+    def make(seed, hidden, heads):
+        torch.manual_seed(seed)
+        return GPTNeoX(GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_layers=1,
+                                     num_heads=heads, intermediate_size=2 * hidden,
+                                     max_positions=seq))
+
+    teacher = make(1, 32, 2).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    window = [{name: torch.randint(0, 50277, (rows, seq), generator=gen)
+               for name in ("input_ids", "labels")}]
+    recorded = {}
+    for fused in (True, False):
+        student = make(0, 16, 2)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        settings = dict(alpha=0.5, temperature=2.0, valid_vocab=50277, fused_head=fused)
+        with AllocationRecorder() as recorder:
+            result = train_step(student, student, teacher, optimizer, window,
+                                loss_settings=settings, max_grad_norm=1.0, lr=1e-3,
+                                stop_requested=False)
+        assert result.applied
+        recorded[fused] = recorder
+    assert max(recorded[True].sizes) < logits_bytes / 3
+    assert recorded[True].count_at_least(rows * seq * vocab * 2) == 0  # not even in bf16
+    assert recorded[False].count_at_least(logits_bytes) >= 2  # both models' logits

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data.loader import build_dataset
 from data.shards import ShardWriter
 from engine.model import GPTNeoX, GPTNeoXConfig, load_pretrained, save_pretrained
 from engine.train import TrainingDiverged, run
@@ -139,6 +140,7 @@ def test_run_writes_everything(straight_run):
     assert all(np.isfinite(r["loss"]) and not r["skipped"] for r in records)
     val = result["val"]
     assert val["val_tokens"] > 0 and np.isfinite(val["val_ce"]) and "val_kd" in val
+    assert val["val_divergence"] == "forward_kl"
     assert load_pretrained(result["export_dir"]).config.vocab_size == VOCAB
 
 
@@ -298,3 +300,27 @@ def test_metrics_helpers():
     assert line.startswith("step 3/10 | loss 1.5000")
     assert "kd -" in line and "eta 1m15s" in line and "SKIPPED" in line
     assert metrics.format_duration(3725) == "1h02m05s"
+
+
+def test_divergence_and_runtime_choices_reach_the_run(assets, tmp_path, capsys):
+    """loss.divergence trains and validates with that divergence, named in the val record;
+    the log says in one line what the engine chose on this device and why."""
+    from engine.eval.heldout import heldout_batches, heldout_loader
+    from engine.eval.scoring import heldout_metrics
+
+    out = tmp_path / "jsd"
+    result = run(make_config(assets, out, run__steps=1, loss__divergence="jsd",
+                             loss__beta=0.3, loss__t2_scale=False))
+    val = result["val"]
+    assert val["val_divergence"] == "jsd(beta=0.3, no T^2)"
+    config = make_config(assets, out)
+    loader = heldout_loader(build_dataset(config.data.path, "packed", SEQ_LEN),
+                            result["micro_batch"], val_fraction=0.05)
+    expected = heldout_metrics(load_pretrained(result["export_dir"]),
+                               heldout_batches(loader, max_batches=2),
+                               teacher=load_pretrained(assets["teacher"]), valid_vocab=VALID_VOCAB,
+                               divergence="jsd", beta=0.3, t2_scale=False)
+    assert val["val_kd"] == pytest.approx(expected["kd"], rel=1e-5)
+    log = capsys.readouterr().out
+    assert ("runtime on cpu: torch.compile off (auto: off on the CPU); fused AdamW; fused head "
+            "+ loss (loss.fused_head); no memory budget (auto): micro_batch 2 as set") in log

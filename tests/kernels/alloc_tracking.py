@@ -13,15 +13,18 @@ from torch.utils._pytree import tree_leaves
 
 
 class AllocationRecorder(TorchDispatchMode):
-    """`with AllocationRecorder() as rec: ...` then rec.sizes: bytes of each new storage."""
+    """`with AllocationRecorder() as rec: ...` then rec.sizes: bytes of each new storage;
+    rec.ops: the name of every op that ran (e.g. "aten.mm.default")."""
 
     def __init__(self):
         super().__init__()
         self.sizes: list[int] = []
+        self.ops: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self.ops.append(str(func))
         seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
                 if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
