@@ -105,10 +105,7 @@ def check_compatible(config: Config, student: GPTNeoX, teacher: GPTNeoX | None) 
     """Vocabularies and context lengths that the models and the data must share."""
     vocab = student.config.vocab_size
     if teacher is not None and teacher.config.vocab_size != vocab:
-        raise ConfigError(
-            f"teacher.path={config.teacher.path} has vocab_size {teacher.config.vocab_size}, "
-            f"the student has {vocab}: the logits must share a vocabulary"
-        )
+        _check_padded_teacher_head(config, teacher.config.vocab_size, vocab)
     if config.data.valid_vocab > vocab:
         raise ConfigError(f"data.valid_vocab={config.data.valid_vocab} exceeds vocab_size {vocab}")
     for name, model in (("student", student), ("teacher", teacher)):
@@ -117,6 +114,22 @@ def check_compatible(config: Config, student: GPTNeoX, teacher: GPTNeoX | None) 
                 f"batch.seq_len={config.batch.seq_len} exceeds the {name}'s max_positions "
                 f"{model.config.max_positions}"
             )
+
+
+def _check_padded_teacher_head(config: Config, teacher_rows: int, student_rows: int) -> None:
+    """A teacher whose head has more rows than the student's (pythia-6.9b and -12b pad theirs
+    to 50432 and 50688, the others to 50304, over the same 50277 tokens) teaches through its
+    first rows, when data.valid_vocab says the rows beyond are padding."""
+    valid = config.data.valid_vocab
+    if teacher_rows > student_rows and 0 < valid <= student_rows:
+        return
+    fix = ("set data.valid_vocab to the real tokens (50277 for Pythia) so the padding rows "
+           "beyond can be left out" if teacher_rows > student_rows else
+           "use a teacher with at least as many rows as the student")
+    raise ConfigError(
+        f"teacher.path={config.teacher.path} has vocab_size {teacher_rows}, the student has "
+        f"{student_rows}: the logits must share a vocabulary ({fix})"
+    )
 
 
 # The CUDA caching allocator setting the engine starts with unless the user set their own:

@@ -125,6 +125,7 @@ def distill_micro_step(
         s_logits = student(input_ids)
 
     if t_logits is not None:
+        t_logits = t_logits[..., : s_logits.shape[-1]]  # a padded teacher head's shared rows
         loss, stats = kd_loss(
             s_logits,
             t_logits,
@@ -168,8 +169,11 @@ def _fused_head_loss(student, teacher, input_ids, labels, *, autocast_dtype, val
             return ce_head_loss(s_hidden, head, labels, valid_vocab=valid_vocab,
                                 normalizer=normalizer, backend=backend, chunk_tokens=chunk_tokens)
         with gathered_root(teacher):  # a sharded teacher's head, whole for the loss
+            # A teacher head padded to more rows than the student's teaches through the
+            # shared rows (engine.train.setup.check_compatible).
+            t_head = unwrap_model(teacher).embed_out.weight[: head.shape[0]]
             return kd_head_loss(
-                s_hidden, head, t_hidden, unwrap_model(teacher).embed_out.weight, labels,
+                s_hidden, head, t_hidden, t_head, labels,
                 alpha=alpha, temperature=temperature, valid_vocab=valid_vocab,
                 normalizer=normalizer, backend=backend, chunk_tokens=chunk_tokens,
                 **divergence_args)

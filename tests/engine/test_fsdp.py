@@ -13,6 +13,7 @@ depend on the summation order (tests/engine/test_train.py, assert_weights_close)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -28,7 +29,7 @@ import pytest
 import torch
 
 from engine.dist import DistInfo
-from engine.model import load_pretrained, pythia_config
+from engine.model import GPTNeoX, load_pretrained, pythia_config, save_pretrained
 from engine.quickstart.corpus import train_bpe_tokenizer
 from engine.sharded_memory import plan_sharded_memory
 from engine.train import checkpoint as ckpt
@@ -49,6 +50,7 @@ from tests.engine.test_watch import WORDS
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = dict(data__mode="padded", run__steps=3, run__save_every=2)
+TIMINGS = ("tokens_per_s", "step_time_s", "eta_s", "peak_memory_bytes")
 FSDP = dict(dist__strategy="fsdp", dist__teacher="shard")
 
 
@@ -219,8 +221,7 @@ def test_kill_mid_save_then_resume_is_bit_exact(two_ranks, assets, tmp_path):
     assert not list(ckpt.checkpoint_root(out).glob(".step-*"))
     resumed = run_summary(out)
     assert resumed["records"] == [  # timings aside, every number the same
-        {**r, **{k: resumed["records"][i][k] for k in ("tokens_per_s", "step_time_s",
-                                                       "eta_s", "peak_memory_bytes")}}
+        {**r, **{k: resumed["records"][i][k] for k in TIMINGS}}
         for i, r in enumerate(two_ranks["records"])]
     assert (out / "final" / "model.safetensors").read_bytes() == (
         two_ranks["out"] / "final" / "model.safetensors").read_bytes()
@@ -405,3 +406,30 @@ def test_loader_position_converts_between_world_sizes():
     apart = [saved[0], {**saved[0], "position": 5}]
     with pytest.raises(ckpt.CheckpointLoadError, match="different positions"):
         rescaled_loader_state(apart, _Loader(2, 1), Path("ck"))
+
+
+@pytest.mark.parametrize("fused_head", ["true", "false"])
+def test_a_teacher_head_padded_to_more_rows_teaches_through_the_shared_rows(
+        assets, tmp_path, fused_head):
+    """pythia-6.9b and -12b pad their heads to more rows than the smaller sizes: the rows
+    past data.valid_vocab are never scored, so a wider teacher trains exactly like one cut
+    to the student's rows; without data.valid_vocab the pair is refused."""
+    wide = load_pretrained(assets["teacher"])
+    config = dataclasses.replace(wide.config, vocab_size=wide.config.vocab_size + 13)
+    padded = GPTNeoX(config)
+    with torch.no_grad():
+        for name, param in padded.named_parameters():
+            source = dict(wide.named_parameters())[name]
+            param[: source.shape[0]] = source  # the extra rows keep their random init
+    save_pretrained(padded, tmp_path / "padded-teacher")
+    args = dict(run__steps=2, dist__strategy="fsdp", dist__teacher="shard",
+                loss__fused_head=fused_head)
+    narrow = run(make_config(assets, tmp_path / "narrow", **args))
+    result = run(make_config(assets, tmp_path / "wide", teacher__path=tmp_path / "padded-teacher",
+                             **args))
+    assert train_records(result["out_dir"]) == [
+        {**r, **{k: train_records(result["out_dir"])[i][k] for k in TIMINGS}}
+        for i, r in enumerate(train_records(narrow["out_dir"]))]
+    with pytest.raises(ConfigError, match=r"set data\.valid_vocab"):
+        run(make_config(assets, tmp_path / "refused", teacher__path=tmp_path / "padded-teacher",
+                        data__valid_vocab=0))
