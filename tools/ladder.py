@@ -90,7 +90,7 @@ def markdown_table(rows: list[dict[str, Any]], budget: int) -> str:
     """The rows of one budget as a markdown table (GiB per GPU by group)."""
     lines = [f"Per GPU of {format_bytes(budget)} (sequences of {rows[0]['seq_len']} tokens; "
              "GiB per GPU: student = weights, gradients, AdamW, gathered groups):", "",
-             "| teacher -> student | GPUs | precision | micro-batch | act. ckpt | teacher | "
+             "| teacher -> student | GPUs | precision | micro-batch | act. ckpt | teacher held | "
              + " | ".join(GROUPS) + " | total |",
              "|---|---:|---|---:|---|---|" + "---:|" * (len(GROUPS) + 1)]
     for row in rows:

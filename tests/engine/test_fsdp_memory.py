@@ -15,7 +15,7 @@ from engine.memory import largest_micro_batch, parameter_count, plan_memory
 from engine.model import GPTNeoX, GPTNeoXConfig, pythia_config
 from engine.sharded_memory import plan_sharded_memory
 from tests.dist_helpers import LOOPBACK_ENV, free_port, leave_process_group, run_ranks
-from tools.ladder import GPU_COUNTS, one_gpu, pairs
+from tools.ladder import GPU_COUNTS, ladder, markdown_table, one_gpu, pairs
 from tools.memplan import main as memplan_main
 
 # Odd sizes: no first dimension divides by 2 except where it must, so FSDP pads.
@@ -150,3 +150,10 @@ def test_memplan_of_an_fsdp_config_is_one_gpus_share(tmp_path, capsys):
     plan = json.loads((tmp_path / "p.json").read_text())["plan"]
     assert "teacher weights (bf16, 1/8 shard)" in plan["components"]
     assert memplan_main([*args, "--gpus", "0"]) == 2
+
+
+def test_readme_shows_the_ladder_the_tool_prints():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = markdown_table(ladder([12 * 2**30]), 12 * 2**30).split("\n", 2)[2]
+    assert table in readme, "README's 12 GiB ladder is stale: paste python -m tools.memplan " \
+                            "--ladder --budget 12GiB"
