@@ -125,10 +125,9 @@ def distill_micro_step(
         s_logits = student(input_ids)
 
     if t_logits is not None:
-        t_logits = t_logits[..., : s_logits.shape[-1]]  # a padded teacher head's shared rows
         loss, stats = kd_loss(
             s_logits,
-            t_logits,
+            t_logits[..., : s_logits.shape[-1]],  # a padded teacher head: the shared rows
             labels,
             alpha=alpha,
             temperature=temperature,

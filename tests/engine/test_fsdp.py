@@ -47,6 +47,7 @@ from tests.engine.test_train import (
     train_records,
 )
 from tests.engine.test_watch import WORDS
+from tools.consolidate_checkpoint import main as consolidate_main
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = dict(data__mode="padded", run__steps=3, run__save_every=2)
@@ -141,6 +142,18 @@ def test_two_fsdp_ranks_match_one_process(two_ranks, single):
     assert state["world_size"] == 2 and len(state["loader_states"]) == 2
     assert set(done["files"]) == {str(p.relative_to(folder)) for p in folder.rglob("*")
                                   if p.is_file() and p.name != ckpt.DONE_MARKER}
+
+
+@pytest.mark.distributed
+def test_a_sharded_checkpoint_consolidates_into_the_exported_folder(two_ranks, tmp_path, capsys):
+    """tools.consolidate_checkpoint turns the last checkpoint's shards into the model folder
+    the export wrote from the same weights, byte for byte; it refuses what it cannot read."""
+    folder = ckpt.latest_checkpoint(two_ranks["out"])
+    assert consolidate_main([str(folder), str(tmp_path / "student")]) == 0
+    assert (tmp_path / "student" / "model.safetensors").read_bytes() == (
+        two_ranks["out"] / "final" / "model.safetensors").read_bytes()
+    assert consolidate_main([str(tmp_path / "student"), str(tmp_path / "again")]) == 2
+    assert "consolidate_checkpoint: error:" in capsys.readouterr().err
 
 
 @pytest.mark.distributed
