@@ -50,12 +50,10 @@ from kernels.constants import IGNORE_INDEX
 from kernels.dispatch import loss_and_grad, loss_stats, prepare_loss
 from kernels.kd_loss_torch import kd_loss_reference
 
-# Both fp32 logit blocks of a chunk on the CPU: 128 MiB, i.e. 320 tokens at V = 50304. Measured
-# (Hs 512, Ht 768, V 50304, fp32, 1 thread, against the head matmuls + kd_loss): CPU time per
-# fwd+bwd 1.11x / 1.05x / 1.04x / 0.99x at 128 / 256 / 320 / 512 tokens, extra peak memory
-# 170 / 221 / 244 / 344 MiB against 2500 MiB at N = 4096; 320 is the largest chunk within 1/8
-# of the unfused memory. Numbers and commands: the kernels helper's report.
-CPU_LOGIT_BLOCK_BYTES = 128 << 20
+# Both fp32 logit blocks of a chunk on the CPU: 100 MiB, i.e. 256 tokens at V = 50304: the
+# largest chunk whose extra peak memory stays within 1/8 of the unfused head + loss in both of
+# kd_loss's modes, at a few percent of time over larger chunks (benchmarks/README.md).
+CPU_LOGIT_BLOCK_BYTES = 100 << 20
 # CUDA: flops per byte of per-chunk fixed traffic the chunk must reach (module docstring).
 GPU_FLOPS_PER_FIXED_BYTE = 4 * 300
 

@@ -130,7 +130,7 @@ def test_never_allocates_a_tokens_by_vocab_tensor():
 
 def test_default_chunk_rule():
     cpu = torch.device("cpu")
-    assert default_chunk_tokens(4096, 50304, 512, 768, 4, cpu) == 320
+    assert default_chunk_tokens(4096, 50304, 512, 768, 4, cpu) == 256
     assert default_chunk_tokens(100, 50304, 512, 768, 4, cpu) == 100
     cuda = torch.device("cuda")
     assert default_chunk_tokens(24 * 2048, 50304, 512, 768, 2, cuda) == 3072
