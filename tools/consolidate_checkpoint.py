@@ -75,11 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="the model folder to write")
     args = parser.parse_args(argv)
     try:
-        path = consolidate(args.checkpoint, args.out_dir)
+        print(f"wrote {consolidate(args.checkpoint, args.out_dir)}")
     except (ValueError, CheckpointError, OSError) as exc:
         print(f"consolidate_checkpoint: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {path}")
     return 0
 
 

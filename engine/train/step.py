@@ -178,13 +178,18 @@ def _fused_head_loss(student, teacher, input_ids, labels, *, autocast_dtype, val
                 **divergence_args)
 
     with autocast_context(input_ids.device.type, autocast_dtype):
-        if is_sharded(unwrap_model(student)):
-            # FSDP: the student's head is whole only inside its forward; the loss runs there.
-            return student(input_ids, head_loss=head_loss)
-        # Elsewhere the forward stops at the hidden states and the loss follows: one graph for
-        # torch.compile, and no new function per call for it to guard on.
-        return head_loss(student(input_ids, return_hidden=True),
-                         unwrap_model(student).embed_out.weight)
+        return through_head(student, input_ids, head_loss)
+
+
+def through_head(student, input_ids, loss_fn):
+    """loss_fn(final hidden states, head weight) of the student's forward on input_ids.
+
+    Under FSDP inside the forward (the head weight is whole only there, and its gradient then
+    takes FSDP's reduce-scatter); elsewhere after a forward that stops at the hidden states:
+    one graph for torch.compile, and no new function per call for it to guard on."""
+    if is_sharded(unwrap_model(student)):
+        return student(input_ids, head_loss=loss_fn)
+    return loss_fn(student(input_ids, return_hidden=True), unwrap_model(student).embed_out.weight)
 
 
 def _batch_on_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
