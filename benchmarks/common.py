@@ -14,6 +14,7 @@ Benchmarks run from the checkout (`python -m benchmarks.x` in the repository roo
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import platform
 import statistics
@@ -21,9 +22,20 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data.atomic import write_json_atomic
+from data.teacher_cache import TARGET_KEYS
+from data.teacher_cache_encode import (
+    record_dtype,
+    sampled_entries,
+    sampled_targets,
+    targets_from_records,
+    teacher_log_probs,
+    top_k_entries,
+    top_k_targets,
+)
 from engine.model.config import PYTHIA_COMMON, PYTHIA_SHAPES, GPTNeoXConfig
 from engine.model.network import GPTNeoX
 from engine.precision import DTYPES
@@ -31,6 +43,7 @@ from engine.train.step import distill_micro_step
 from kernels.constants import IGNORE_INDEX
 from kernels.divergences import DIVERGENCES
 from kernels.kd_loss import kd_head_loss, kd_loss, kd_loss_reference
+from kernels.sparse_kd import sparse_kd_loss, sparse_kd_reference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -162,6 +175,60 @@ def transformers_micro_step(student, teacher, batch, valid_vocab, normalizer,
                          batch["labels"].reshape(-1), valid_vocab=valid_vocab)
     loss.backward()
     return {"loss": loss.detach()}
+
+
+def random_top_k_batch(batch: dict, width: int, valid_vocab: int, seed: int = 0) -> dict:
+    """`batch` plus top-k targets of a random teacher, as a teacher cache hands them to the
+    loader (data.teacher_cache.CachedTargets), on the batch's device."""
+    gen = torch.Generator().manual_seed(seed)
+    shape, n = batch["labels"].shape, batch["labels"].numel()
+    records = np.zeros(n, dtype=record_dtype(width, "uint16", "float16"))
+    ids = torch.rand(n, valid_vocab, generator=gen).topk(width, dim=-1).indices.sort(-1).values
+    log_p = torch.log_softmax(torch.randn(n, width + 1, generator=gen) * 2, dim=-1)
+    records["ids"], records["values"] = ids.numpy(), log_p[:, :width].numpy()
+    records["aux"], records["count"] = log_p[:, width].numpy(), width
+    targets = targets_from_records(records.reshape(tuple(shape)), "top_k")
+    device = batch["labels"].device
+    return {**batch, **{key: getattr(targets, field).to(device) for key, field in
+                        zip(TARGET_KEYS, ("ids", "log_mass", "count", "log_tail", "entropy"),
+                            strict=True)}}
+
+
+def sparse_correctness(smoke: bool = False) -> list[dict]:
+    """The teacher cache's loss (kernels.sparse_kd) on this device against its float64
+    reference: top-64 and sampled-32 targets of random teachers, ignored tokens, padded vocab.
+    One dict per case: case, backend, loss_rel_err, grad_rel_err, passed (fp32 1e-5 / 1e-4,
+    bf16 1e-2)."""
+    dev = current_device()
+    backend = kernel_backend(dev)
+    shapes = [(5, 257, 250)] if smoke else [(7, 50304, 50277), (300, 50304, 50277)]
+    rows = []
+    for (n, vocab, valid_vocab), dtype_name, kind in itertools.product(
+            shapes, KERNEL_DTYPES, ("top_k", "sampled")):
+        student, teacher, labels = make_inputs(n, vocab, KERNEL_DTYPES[dtype_name], dev, seed=n)
+        labels[0] = IGNORE_INDEX
+        log_p = teacher_log_probs(teacher.double().cpu(), 2.0, valid_vocab)
+        if kind == "top_k":
+            ids, values, tail = top_k_entries(log_p, 64)
+            targets = top_k_targets(ids.int(), values, torch.full((n,), 64), tail)
+        else:
+            ids, counts, count, entropy = sampled_entries(log_p, 32, torch.Generator())
+            targets = sampled_targets(ids.int(), counts.double(), count.int(), entropy)
+        targets = targets.to(dev)
+        kwargs = dict(alpha=0.5, temperature=2.0, valid_vocab=valid_vocab)
+        s64 = student.detach().double().requires_grad_(True)
+        ref, _ = sparse_kd_reference(s64, targets, labels, **kwargs)
+        ref.backward()
+        s = student.detach().clone().requires_grad_(True)
+        loss, _ = sparse_kd_loss(s, targets, labels, backend=backend, **kwargs)
+        loss.backward()
+        loss_err = abs(loss.double().item() - ref.item()) / max(abs(ref.item()), 1e-30)
+        grad_err = (s.grad.double() - s64.grad).norm().item() / s64.grad.norm().item()
+        tol = (1e-5, 1e-4) if dtype_name == "fp32" else (1e-2, 1e-2)
+        rows.append({"case": f"N={n} V={vocab} vv={valid_vocab} {dtype_name} {kind}",
+                     "backend": backend, "loss_rel_err": loss_err, "grad_rel_err": grad_err,
+                     "passed": bool(loss_err <= tol[0] and grad_err <= tol[1])})
+    return rows
 
 
 # ----------------------------------------------------------------------------- devices, timing

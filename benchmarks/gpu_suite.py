@@ -70,6 +70,8 @@ from benchmarks.common import (
     make_batch,
     model_config,
     ours_micro_step,
+    random_top_k_batch,
+    sparse_correctness,
     sync,
     timed,
     transformers_micro_step,
@@ -78,6 +80,7 @@ from benchmarks.common import (
 from engine.memory import CUDA_CONTEXT_BYTES, largest_micro_batch, plan_memory
 from engine.metrics import peak_flops
 from engine.train.setup import CUDA_ALLOC_CONF
+from engine.train.teacher_source import CachedTeacher
 from kernels.constants import IGNORE_INDEX
 
 DEFAULT_SMOKE_OUT = REPO_ROOT / "runs" / "gpu_suite_smoke"
@@ -315,6 +318,33 @@ def section_seed_recipe_compiled(sizes, smoke: bool) -> dict:
     return _seed_step(sizes, ours_micro_step, fused_head=True, compiled=True)
 
 
+def section_teacher_cache(sizes, smoke: bool) -> dict:
+    """Training from a teacher cache (teacher.cache, issue 14): the sparse loss kernel against
+    its float64 reference on the device, then the seed step from top-64 cached targets (no
+    teacher forward) against the online seed step, both eager with the fused head."""
+    device = current_device()
+    out = {"correctness": sparse_correctness(smoke=smoke)}
+    out["passed"] = all(row["passed"] for row in out["correctness"])
+    teacher, student = build_pair(build_ours, sizes, device)
+    out["online"] = time_training(student, teacher, ours_micro_step, sizes, device)
+    del teacher
+    free_memory(device)
+    targets: dict[int, dict] = {}  # each of time_training's batches gets its targets once
+
+    def cached_step(student, _teacher, batch, valid_vocab, normalizer):
+        if id(batch) not in targets:
+            targets[id(batch)] = random_top_k_batch(batch, 64, valid_vocab, seed=len(targets))
+        return ours_micro_step(student, CachedTeacher(None), targets[id(batch)], valid_vocab,
+                               normalizer)
+
+    out["cache"] = time_training(student, None, cached_step, sizes, device)
+    out["speedup"] = out["cache"]["tokens_per_s"] / out["online"]["tokens_per_s"]
+    out["device"] = device_name(device)
+    del student
+    free_memory(device)
+    return out
+
+
 def section_transformers(sizes, smoke: bool) -> dict:
     try:
         import transformers
@@ -547,6 +577,21 @@ def _plan_row(name: str, body: dict) -> tuple[str, str, str] | None:
             f"{body['reserved_over_allocated']:.2f}", "within 5%")
 
 
+def _cache_rows(body: dict) -> list[tuple[str, str, str]]:
+    """The teacher cache's rows: its kernel's correctness, its step against the online one."""
+    if "correctness" not in body:
+        return []
+    worst = max(row["grad_rel_err"] for row in body["correctness"])
+    rows = [("teacher cache loss vs float64 reference",
+             f"{'PASS' if body['passed'] else 'FAIL'} ({len(body['correctness'])} cases, max "
+             f"grad rel err {worst:.1e})", "all pass")]
+    if "speedup" in body:
+        rows.append(("seed step from a top-64 cache / online step",
+                     f"x{body['speedup']:.2f} ({body['cache']['tokens_per_s']:,.0f} vs "
+                     f"{body['online']['tokens_per_s']:,.0f} tokens/s)", ">= 1.5x"))
+    return rows
+
+
 def _step_rows(sections: dict) -> list[tuple[str, str, str]]:
     rows = []
     labels = {"seed_recipe": "seed step, eager, fused head",
@@ -563,6 +608,7 @@ def _step_rows(sections: dict) -> list[tuple[str, str, str]]:
         rows.append(("largest mb in 12 GiB (plan)",
                      f"{seed['plan_largest_micro_batch_12gib']} (checkpointing: "
                      f"{seed['plan_largest_micro_batch_12gib_checkpointing']})", ">= 24"))
+    rows += _cache_rows(sections.get("teacher_cache", {}))
     hf = sections.get("transformers", {})
     if "skipped" in hf:
         rows.append(("transformers step", "skipped: " + hf["skipped"], "-"))
@@ -690,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         ("seed_recipe", section_seed_recipe),
         ("seed_recipe_logits", section_seed_recipe_logits),
         ("seed_recipe_compiled", section_seed_recipe_compiled),
+        ("teacher_cache", section_teacher_cache),
         ("transformers", section_transformers),
         ("capped_12gib", lambda sizes, smoke: section_capped(sizes, smoke, out_dir)),
         ("fsdp", lambda sizes, smoke: section_fsdp(sizes, smoke, out_dir)),

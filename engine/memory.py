@@ -427,6 +427,7 @@ def plan_memory(
     fused_head: bool = True,
     chunk_tokens: int | None = None,
     device_type: str = "cuda",
+    teacher_cache_width: int = 0,
 ) -> MemoryPlan:
     """Predict the peak of one micro-step (see the module docstring for where it is).
 
@@ -436,7 +437,10 @@ def plan_memory(
     `chunk_tokens` is the fused head's chunk (default: its rule for `device_type`). On "cuda"
     the cuBLAS workspaces, the CUDA context and the allocator's slack count; on "cpu" the CPU
     loss path's scratch does (the tests check the plan there against every tensor a step
-    allocates).
+    allocates). `teacher_cache_width` > 0: the teacher signal is a teacher cache of that many
+    entries per position (teacher.cache): no teacher forward, no teacher hidden states or
+    logits, the batch's cached targets instead; a teacher_cfg beside it (teacher.path, kept
+    for the held-out KD) only holds its weights.
     """
     precision_dtypes(precision)  # an unknown mode raises here, naming the known ones
     if micro_batch < 1 or seq_len < 1:
@@ -452,6 +456,10 @@ def plan_memory(
     for name, nbytes in _student_state(student_cfg, precision, activation_checkpointing,
                                        fused_head):
         add(name, nbytes, "student")
+    step_teacher = None if teacher_cache_width else teacher_cfg  # what the step runs
+    if teacher_cache_width:
+        add(f"teacher cache targets [B,T,{teacher_cache_width}] (ids, masses) + [B,T] x 3",
+            tokens * (8 * teacher_cache_width + 12), "loss")
     if teacher_cfg is not None:
         add(f"teacher weights ({'bf16' if w.t == 2 else 'fp32'}, frozen)",
             w.t * parameter_count(teacher_cfg)["total"], "teacher")
@@ -466,10 +474,10 @@ def plan_memory(
     for name, nbytes in activations.items():
         add(f"activations: {name}", nbytes, "activations")
     if fused_head:
-        _add_fused_head(add, teacher_cfg, student_cfg, tokens, w, chunk_tokens, device_type,
+        _add_fused_head(add, step_teacher, student_cfg, tokens, w, chunk_tokens, device_type,
                         recomputed)
     else:
-        for name, nbytes in _logits_buffers(teacher_cfg, student_cfg, tokens, w,
+        for name, nbytes in _logits_buffers(step_teacher, student_cfg, tokens, w,
                                             in_place_loss_gradient):
             add(name, nbytes, "loss")
         if device_type != "cuda":
@@ -480,7 +488,7 @@ def plan_memory(
         add("allocator slack (fragmentation)", int(ALLOCATOR_SLACK_FRACTION * allocated),
             "overhead")
         add("CUDA context + library handles", CUDA_CONTEXT_BYTES, "overhead")
-    plan.flops_per_token = training_flops_per_token(student_cfg, teacher_cfg, seq_len)
+    plan.flops_per_token = training_flops_per_token(student_cfg, step_teacher, seq_len)
     return plan
 
 

@@ -42,6 +42,7 @@ Chunk size (`default_chunk_tokens`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -131,40 +132,32 @@ def _check_head_inputs(student_hidden, student_weight, teacher_hidden, teacher_w
                          f"teacher_weight {teacher_weight.shape[0]}: they must be equal, > 0")
 
 
-def _chunk_loop(h_s, w_s, h_t, w_t, labels, inv_norm, options, backend, plan):
-    """The forward proper: (d hidden or None, d weight or None, ce_sum, kd_sum), unscaled.
+def student_head_chunks(h_s, w_s, plan: HeadPlan, block_loss):
+    """The student head, chunk by chunk: (d hidden or None, d weight or None, ce_sum, kd_sum).
 
-    Without a teacher (h_t None: CE only, alpha 1) the loss kernel reads the student block as
-    its teacher too (the KD term has weight 0) and kd_sum stays 0."""
+    For each chunk of tokens it forms the student's [chunk x V] logits `s` and calls
+    `block_loss(s, start, stop, write_grad)`, which returns (ce_sum, kd_sum) of those tokens
+    and, when write_grad, leaves d loss / d logits in `s`; the loop turns that into the
+    chunk's rows of d hidden and its part of d weight (unscaled; fp32 accumulation).
+    Shared by kd_head_loss / ce_head_loss and the teacher cache's sparse_kd_head_loss.
+    """
     n_tokens, vocab = h_s.shape[0], w_s.shape[0]
     hs, ws = h_s.to(plan.student_dtype), w_s.to(plan.student_dtype)
     rows = min(plan.chunk_tokens, max(n_tokens, 1))
     s_block = torch.empty(rows, vocab, dtype=plan.student_dtype, device=h_s.device)
-    if h_t is not None:
-        ht, wt = h_t.to(plan.teacher_dtype), w_t.to(plan.teacher_dtype)
-        t_block = torch.empty(rows, vocab, dtype=plan.teacher_dtype, device=h_s.device)
     grad_h = torch.empty_like(h_s) if plan.grad_hidden else None
     acc_dtype = torch.float64 if w_s.dtype == torch.float64 else torch.float32
     grad_w = torch.zeros(w_s.shape, dtype=acc_dtype, device=w_s.device) if plan.grad_weight \
         else None
     partial_w = (torch.empty(w_s.shape, dtype=plan.student_dtype, device=w_s.device)
                  if plan.grad_weight and plan.student_dtype != acc_dtype else None)
-    sums = torch.zeros(2, dtype=torch.float64 if acc_dtype == torch.float64 else torch.float32,
-                       device=h_s.device)
-    grad_out_needed = grad_h is not None or grad_w is not None  # else forward only
+    sums = torch.zeros(2, dtype=acc_dtype, device=h_s.device)
+    write_grad = grad_h is not None or grad_w is not None  # else forward only
     for start in range(0, n_tokens, plan.chunk_tokens):
         stop = min(start + plan.chunk_tokens, n_tokens)
         s = s_block[: stop - start]
         torch.mm(hs[start:stop], ws.t(), out=s)
-        t = s
-        if h_t is not None:
-            t = t_block[: stop - start]
-            torch.mm(ht[start:stop], wt.t(), out=t)
-        ce, kd = loss_and_grad(backend, s, t, labels[start:stop],
-                               s if grad_out_needed else None, inv_norm, options)
-        sums[0] += ce
-        if h_t is not None:
-            sums[1] += kd
+        sums += torch.stack(block_loss(s, start, stop, write_grad)).to(acc_dtype)
         if grad_h is not None:  # s now holds d loss / d student logits
             if grad_h.dtype == s.dtype:
                 torch.mm(s, ws, out=grad_h[start:stop])
@@ -179,19 +172,43 @@ def _chunk_loop(h_s, w_s, h_t, w_t, labels, inv_norm, options, backend, plan):
     return grad_h, grad_w, sums[0], sums[1]
 
 
-class KDHeadLossFunction(torch.autograd.Function):
-    """Autograd wrapper: the forward forms d hidden and d weight; backward scales them."""
+def _chunk_loop(h_s, w_s, *, h_t, w_t, labels, inv_norm, options, backend, plan):
+    """The forward proper of kd_head_loss: (d hidden or None, d weight or None, ce_sum, kd_sum),
+    unscaled.
+
+    Without a teacher (h_t None: CE only, alpha 1) the loss kernel reads the student block as
+    its teacher too (the KD term has weight 0) and kd_sum stays 0."""
+    if h_t is not None:
+        ht, wt = h_t.to(plan.teacher_dtype), w_t.to(plan.teacher_dtype)
+        t_block = torch.empty(min(plan.chunk_tokens, max(h_s.shape[0], 1)), w_s.shape[0],
+                              dtype=plan.teacher_dtype, device=h_s.device)
+
+    def block_loss(s, start, stop, write_grad):
+        t = s
+        if h_t is not None:
+            t = torch.mm(ht[start:stop], wt.t(), out=t_block[: stop - start])
+        ce, kd = loss_and_grad(backend, s, t, labels[start:stop], s if write_grad else None,
+                               inv_norm, options)
+        return ce, kd if h_t is not None else torch.zeros_like(kd)
+
+    return student_head_chunks(h_s, w_s, plan, block_loss)
+
+
+class HeadLossFunction(torch.autograd.Function):
+    """Autograd wrapper of a fused head + loss: the forward forms d hidden and d weight with
+    `chunks(h_s, w_s)` (-> d hidden, d weight, ce_sum, kd_sum: _chunk_loop or the sparse
+    loss's with the other inputs bound, which it holds by reference, no copies), backward
+    scales them; a second backward (retain_graph) forms them again."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, labels, inv_norm, options, backend, plan):
+    def forward(ctx, h_s, w_s, inv_norm, alpha, chunks):
         with torch.autocast(h_s.device.type, enabled=False):
-            grad_h, grad_w, ce_sum, kd_sum = _chunk_loop(
-                h_s, w_s, h_t, w_t, labels, inv_norm, options, backend, plan)
-        loss = ((1.0 - options.alpha) * kd_sum + options.alpha * ce_sum) * inv_norm
+            grad_h, grad_w, ce_sum, kd_sum = chunks(h_s, w_s)
+        loss = ((1.0 - alpha) * kd_sum + alpha * ce_sum) * inv_norm
         # Attributes, not saved tensors: the first backward hands them to autograd.
         ctx.grads = (grad_h, grad_w)
-        ctx.save_for_backward(h_s, w_s, h_t, w_t, labels, inv_norm)  # to recompute; no copies
-        ctx.options, ctx.backend, ctx.plan = options, backend, plan
+        ctx.save_for_backward(h_s, w_s)
+        ctx.chunks = chunks
         ctx.mark_non_differentiable(ce_sum, kd_sum)
         return loss, ce_sum, kd_sum
 
@@ -199,19 +216,20 @@ class KDHeadLossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
         grads, ctx.grads = ctx.grads, None
-        h_s = ctx.saved_tensors[0]
+        h_s, w_s = ctx.saved_tensors
         if grads is None:  # a second backward through a retained graph: form them again
             with torch.autocast(h_s.device.type, enabled=False):
-                grads = _chunk_loop(*ctx.saved_tensors, ctx.options, ctx.backend, ctx.plan)[:2]
+                grads = ctx.chunks(h_s, w_s)[:2]
         grad_h, grad_w = grads
         if grad_h is not None:
             grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype)).view(h_s.shape)
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_loss.to(grad_w.dtype))
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None
 
 
-def _head_plan(student_hidden, student_weight, teacher_hidden, teacher_weight, chunk_tokens):
+def head_plan(student_hidden, student_weight, teacher_hidden, teacher_weight, chunk_tokens):
+    """The HeadPlan of a call (teacher_hidden / teacher_weight None: the student head only)."""
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool)
                                      or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens={chunk_tokens!r} must be a positive integer or None")
@@ -303,15 +321,17 @@ def _head_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, l
         flat_labels, student_hidden.device, backend=backend, normalizer=normalizer,
         valid_vocab=valid_vocab, **loss_kwargs,
     )
-    plan = _head_plan(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                      chunk_tokens)
+    plan = head_plan(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                     chunk_tokens)
     if teacher_hidden is not None:
         teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
         teacher_weight = teacher_weight.detach()
-    loss, ce_sum, kd_sum = KDHeadLossFunction.apply(
-        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, teacher_hidden,
-        teacher_weight, flat_labels, inv_norm, options, resolved, plan,
-    )
+    chunks = functools.partial(_chunk_loop, h_t=teacher_hidden, w_t=teacher_weight,
+                               labels=flat_labels, inv_norm=inv_norm, options=options,
+                               backend=resolved, plan=plan)
+    loss, ce_sum, kd_sum = HeadLossFunction.apply(
+        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, inv_norm,
+        options.alpha, chunks)
     return loss, loss_stats(ce_sum, kd_sum, valid_count)
 
 

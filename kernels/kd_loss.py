@@ -81,7 +81,6 @@ class KDLossFunction(torch.autograd.Function):
             ctx.save_for_backward(student, teacher, labels, inv_norm)  # to recompute, no copies
         ctx.options, ctx.backend = options, backend
         ctx.student_shape = student.shape
-        ctx.dtype = grad.dtype
         ctx.inplace_grad = inplace_grad
         ctx.mark_non_differentiable(ce_sum, kd_sum)
         return loss, ce_sum, kd_sum
@@ -89,18 +88,28 @@ class KDLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
-        grad, ctx.grad_buffer = ctx.grad_buffer, None
-        if grad is None:  # a second backward through a retained graph
-            if ctx.inplace_grad:
-                raise RuntimeError("kd_loss(inplace_grad=True) supports a single backward pass")
-            grad, _ = _loss_grad_into(False, *ctx.saved_tensors, ctx.options, ctx.backend)
-        # Scaled in place even when the incoming gradient is 1 (plain loss.backward()):
-        # checking for 1 would cost a host sync, and on a GPU that stall (the CPU then
-        # launches the whole backward while the GPU idles) measured far dearer than this
-        # one extra pass over the buffer (H200, seed step: GPU busy 1% -> 16% under the
-        # profiler, benchmarks/step_profile.py).
-        grad = grad.mul_(grad_loss.to(ctx.dtype))
-        return grad.view(ctx.student_shape), None, None, None, None, None, None
+        grad = stored_gradient(ctx, grad_loss, "kd_loss", lambda: _loss_grad_into(
+            False, *ctx.saved_tensors, ctx.options, ctx.backend)[0])
+        return grad, None, None, None, None, None, None
+
+
+def stored_gradient(ctx, grad_loss, name: str, recompute):
+    """The backward of a loss whose forward left d loss / d logits in ctx.grad_buffer: that
+    buffer, handed over once and scaled in place by the incoming gradient; a second backward
+    (retain_graph) gets `recompute()` instead, except in place (ctx.inplace_grad).
+
+    Scaled even when the incoming gradient is 1 (plain loss.backward()): checking for 1 would
+    cost a host sync, and on a GPU that stall (the CPU then launches the whole backward while
+    the GPU idles) measured far dearer than this one extra pass over the buffer (H200, seed
+    step: GPU busy 1% -> 16% under the profiler, benchmarks/step_profile.py).
+    """
+    grad, ctx.grad_buffer = ctx.grad_buffer, None
+    if grad is None:  # a second backward through a retained graph
+        if ctx.inplace_grad:
+            raise RuntimeError(f"{name}(inplace_grad=True) supports a single backward pass")
+        grad = recompute()
+    grad = grad.mul_(grad_loss.to(grad.dtype))
+    return grad.view(ctx.student_shape)
 
 
 def kd_loss(

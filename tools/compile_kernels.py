@@ -70,7 +70,28 @@ def _kernel_specs():
         block, warps = launch_config(50304, name)
         specs.append((f"kd_loss_fwd_bwd_kernel[{name}]", kd_loss_fwd_bwd_kernel, kd_signature,
                       {"DIVERGENCE": index, "WRITE_GRAD": True, "BLOCK_SIZE": block}, warps))
-    return specs
+    return specs + _sparse_kernel_specs()
+
+
+def _sparse_kernel_specs():
+    """The teacher cache's loss kernel (kernels/sparse_kd_triton.py), int32 ids."""
+    from kernels.sparse_kd_triton import launch_config, sparse_kd_fwd_bwd_kernel
+
+    def signature(ptr_type: str) -> dict:
+        pointers = {"student_ptr": ptr_type, "grad_ptr": ptr_type, "labels_ptr": "*i64",
+                    "ids_ptr": "*i32", "mass_ptr": "*fp32", "count_ptr": "*i32"}
+        pointers.update(dict.fromkeys(("tail_ptr", "entropy_ptr", "ce_row_ptr", "kd_row_ptr",
+                                       "inv_norm_ptr"), "*fp32"))
+        ints = dict.fromkeys(("student_row_stride", "grad_row_stride", "ids_row_stride",
+                              "mass_row_stride", "n_cols", "valid_vocab", "ignore_index"), "i32")
+        floats = dict.fromkeys(("alpha", "temperature", "kd_scale"), "fp32")
+        return {**pointers, **ints, **floats, "WRITE_GRAD": "constexpr",
+                "BLOCK_SIZE": "constexpr"}
+
+    block, warps = launch_config(50304)
+    return [(f"sparse_kd_fwd_bwd_kernel[{'grad' if write else 'forward'}]",
+             sparse_kd_fwd_bwd_kernel, signature, {"WRITE_GRAD": write, "BLOCK_SIZE": block},
+             warps) for write in (True, False)]
 
 
 def _find_ptxas(capability: int) -> str:

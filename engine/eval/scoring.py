@@ -25,11 +25,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data.teacher_cache import targets_of_batch
 from engine.model.network import model_device, unwrap_model
 from engine.precision import autocast_context
 from kernels.constants import IGNORE_INDEX
 from kernels.divergences import resolve_divergence
 from kernels.kd_loss import ce_head_loss, kd_head_loss, kd_loss_reference
+from kernels.sparse_kd import sparse_kd_reference
+from kernels.sparse_kd_head import sparse_kd_head_loss
 
 # Rows of logits turned into log-probabilities at once: 1024 x 50304 x 4 B = 206 MB per tensor.
 DEFAULT_CHUNK_ROWS = 1024
@@ -206,6 +209,7 @@ def heldout_metrics(
     beta: float = 0.5,
     skew: float = 0.1,
     t2_scale: bool = True,
+    cached_kd: bool = False,
 ) -> dict[str, float | str]:
     """Token-level held-out metrics of `student` (and its distance to `teacher`) over `batches`.
 
@@ -225,6 +229,9 @@ def heldout_metrics(
                     docs/loss.md,
       "divergence"  which D that was (divergence_label: e.g. "jsd(beta=0.5)"), a string,
       "teacher_ce"  the teacher's mean token cross-entropy on the same tokens.
+    With `cached_kd` and no teacher, the batches carry teacher-cache targets
+    (data.teacher_cache.CachedTargets) and "kd" is the training loss's KD term against them
+    (kernels.sparse_kd; for a sampled cache an unbiased estimate); no "teacher_ce".
     Our GPTNeoX (hidden_states + embed_out) is scored through the fused heads of the training
     loss, forward only (no gradient formed, no [tokens x vocab] logits); any other model
     through chunks of its logits and the loss's float64-capable reference, in fp32.
@@ -246,9 +253,12 @@ def heldout_metrics(
     with eval_mode(student, teacher), torch.no_grad():
         for number, batch in enumerate(batches):
             input_ids, labels = _checked_batch(batch, number, device)
+            cache = targets_of_batch(batch).to(device).flat() \
+                if cached_kd and teacher is None else None
             sums += _batch_sums(
                 student, teacher, input_ids, labels, number, kd_args=kd_args,
                 valid_vocab=valid_vocab, autocast_dtype=autocast_dtype, chunk_rows=chunk_rows,
+                cache=cache,
             )
     if reduce_across_ranks and dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
@@ -259,9 +269,10 @@ def heldout_metrics(
             "heldout_metrics: the batches hold no labelled token (all are IGNORE_INDEX)"
         )
     metrics = {"ce": ce_sum / count, "ppl": perplexity(ce_sum / count), "tokens": count}
-    if teacher is not None:
+    if teacher is not None or cached_kd:
         metrics["kd"] = kd_sum / count
         metrics["divergence"] = label
+    if teacher is not None:
         metrics["teacher_ce"] = teacher_ce_sum / count
     return metrics
 
@@ -285,9 +296,10 @@ def _checked_batch(batch, number: int, device) -> tuple[torch.Tensor, torch.Tens
 
 def _batch_sums(
     student, teacher, input_ids, labels, number: int, *, kd_args, valid_vocab,
-    autocast_dtype, chunk_rows,
+    autocast_dtype, chunk_rows, cache=None,
 ) -> torch.Tensor:
-    """float64 [ce_sum, kd_sum, teacher_ce_sum, tokens] of one batch."""
+    """float64 [ce_sum, kd_sum, teacher_ce_sum, tokens] of one batch (`cache`: the batch's
+    flat teacher-cache targets, for the KD when there is no teacher)."""
     sums = torch.zeros(4, dtype=torch.float64, device=input_ids.device)
     flat_labels = labels.reshape(-1)
     positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
@@ -299,8 +311,10 @@ def _batch_sums(
     if all(_head_split(m) is not None for m in (student, teacher) if m is not None):
         columns = valid_vocab or student.embed_out.weight.shape[0]
         _check_targets(targets, columns, f"heldout_metrics batch {number}")
+        scored = cache.select(positions) if cache is not None else None
         sums[:3] = _fused_sums(student, teacher, input_ids, positions, targets, kd_args=kd_args,
-                               valid_vocab=valid_vocab, autocast_dtype=autocast_dtype)
+                               valid_vocab=valid_vocab, autocast_dtype=autocast_dtype,
+                               cache=scored)
         sums[3] = positions.numel()
         return sums
     chunk_args = dict(autocast_dtype=autocast_dtype, chunk_rows=chunk_rows)
@@ -314,7 +328,13 @@ def _batch_sums(
         chunk_targets = targets[offset : offset + s_logits.shape[0]]
         if offset == 0:  # every chunk has the same columns: check all targets once
             _check_targets(targets, s_logits.shape[-1], f"heldout_metrics batch {number}")
-        if teacher_chunks is None:
+        if cache is not None:  # the KD against the batch's teacher-cache targets
+            rows = cache.select(positions[offset : offset + s_logits.shape[0]])
+            _, stats = sparse_kd_reference(s_logits, rows, chunk_targets,
+                                           temperature=kd_args["temperature"],
+                                           t2_scale=kd_args["t2_scale"])
+            sums[:2] += torch.stack([stats["ce_sum"], stats["kd_sum"]]).double()
+        elif teacher_chunks is None:
             ce = F.cross_entropy(s_logits, chunk_targets, reduction="sum")
             sums[0] += ce.double()
         else:
@@ -350,7 +370,7 @@ def _scored_hidden(model, input_ids, positions, autocast_dtype) -> torch.Tensor:
 
 
 def _fused_sums(student, teacher, input_ids, positions, targets, *, kd_args, valid_vocab,
-                autocast_dtype) -> torch.Tensor:
+                autocast_dtype, cache=None) -> torch.Tensor:
     """float64 [ce_sum, kd_sum, teacher_ce_sum] through the training loss's fused heads,
     forward only (the caller holds no_grad). Rows >= valid_vocab of the heads take part in no
     softmax, so they are left out of the matmuls altogether."""
@@ -361,6 +381,10 @@ def _fused_sums(student, teacher, input_ids, positions, targets, *, kd_args, val
     weights = [w[:columns] for w in weights]
     s_hidden = _scored_hidden(student, input_ids, positions, autocast_dtype)
     with autocast_context(input_ids.device.type, autocast_dtype):
+        if teacher is None and cache is not None:
+            _, stats = sparse_kd_head_loss(s_hidden, weights[0], cache, targets, normalizer=1.0,
+                                           **kd_args)
+            return torch.stack([stats["ce_sum"], stats["kd_sum"], stats["kd_sum"] * 0]).double()
         if teacher is None:
             _, stats = ce_head_loss(s_hidden, weights[0], targets, normalizer=1.0)
             return torch.stack([stats["ce_sum"], stats["kd_sum"], stats["kd_sum"]]).double()

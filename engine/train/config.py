@@ -81,6 +81,9 @@ class RunConfig:
 class TeacherConfig:
     path: str = ""  # empty = no teacher: plain cross-entropy (pre)training
     dtype: str = "bf16"
+    # A teacher cache (python -m tools.cache_teacher): distill from it, no teacher model run.
+    # With path also set, the live teacher only scores the held-out KD.
+    cache: str = ""
 
 
 @dataclass

@@ -56,6 +56,7 @@ from engine.train.sharded_checkpoint import save_sharded_checkpoint
 from engine.train.signals import StopRequest, finish_pause
 from engine.train.step import StepResult, train_step
 from engine.train.strategy import build_models, step_dtypes
+from engine.train.teacher_source import open_teacher_cache
 from engine.train.vocab_checks import check_data_fits
 from engine.train.watch import TaskRegression, TaskWatch
 
@@ -109,6 +110,12 @@ class Trainer:
         self.dataset = build_dataset(config.data.path, config.data.mode, config.batch.seq_len,
                                      config.data.pad_id)
         check_data_fits(config, self.dataset.shards, self.vocab_rows)
+        self.cached_teacher = None  # teacher.cache: the targets ride in every batch
+        if config.teacher.cache:
+            self.cached_teacher, self.dataset = open_teacher_cache(
+                config, self.dataset, self.teacher,
+                config.data.valid_vocab or self.student.config.vocab_size)
+            teacher_cfg = None  # no teacher forward in a training step
         self.train_loader = build_train_loader(config, self.dataset, self.micro_batch, info)
         self.optimizer = build_optimizer(config, self.student, self.device)
         self.resume_from, self.step, self.bad_steps = resume(
@@ -125,7 +132,10 @@ class Trainer:
                                autocast_dtype=autocast_dtype,
                                resumed_at=self.step if self.resume_from is not None else None)
         self.model = wrap_model(self.student, config, info)
-        self.teacher_model = wrap_teacher(self.teacher, config, self.device)
+        # What gives the training step its teacher signal: the cache when there is one (a
+        # teacher.path beside it only scores the held-out KD), else the (compiled) teacher.
+        self.teacher_model = self.cached_teacher or wrap_teacher(self.teacher, config,
+                                                                 self.device)
         self.writer.log_text(describe_runtime(config, self.device, self.optimizer, memory_note))
         self.loss_settings = dict(
             alpha=config.loss.alpha,
@@ -170,12 +180,13 @@ class Trainer:
 
     def _describe(self) -> str:
         teacher_params = self.teacher.num_parameters() if self.teacher is not None else 0
+        cache = f", {self.cached_teacher.describe()}" if self.cached_teacher else ""
         return (
             f"student {self.student.num_parameters():,} params ({self.config.student.init}), "
             f"teacher {teacher_params:,} params, device {self.device}, world "
             f"{self.info.world_size} ({self.config.dist.strategy}), {self.micro_batch} x "
             f"{self.config.batch.seq_len} tokens x {self.accum_steps} accum = "
-            f"{self.tokens_per_step:,} tokens/step, precision {self.config.precision}"
+            f"{self.tokens_per_step:,} tokens/step, precision {self.config.precision}{cache}"
         )
 
     # ----------------------------------------------------------------------------------
@@ -216,7 +227,7 @@ class Trainer:
             "tokens_seen": self.step * self.tokens_per_step,
             "loss": result.loss,
             "ce": result.ce_sum / valid,
-            "kd": result.kd_sum / valid if self.teacher is not None else None,
+            "kd": result.kd_sum / valid if self.teacher_model is not None else None,
             "lr": lr,
             "grad_norm": result.grad_norm,
             "valid_tokens": int(result.valid_tokens),
@@ -253,13 +264,18 @@ class Trainer:
                 valid_vocab=self.loss_settings["valid_vocab"],
                 autocast_dtype=self.loss_settings["autocast_dtype"],
                 reduce_across_ranks=self.info.distributed and not self.sharded,
+                cached_kd=self.cached_teacher is not None,
                 **kd_settings(config),
             )  # restores the student's train mode
         result = {f"val_{key}": value for key, value in metrics.items()}
+        if self.cached_teacher is not None and "val_kd" in result:
+            # against the live teacher when teacher.path is also set, else against the cache
+            result["val_kd_source"] = "teacher" if self.teacher is not None else "cache"
         self.writer.write({"kind": "val", "step": self.step, **result})
         self.writer.log_text(
             f"val step {self.step}: ce {result['val_ce']:.4f} ppl {result['val_ppl']:.2f}"
             + (f" kd {result['val_kd']:.4f}" if "val_kd" in result else "")
+            + (" (from the teacher cache)" if result.get("val_kd_source") == "cache" else "")
         )
         return result
 

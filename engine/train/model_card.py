@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from data.tokenizer_file import TokenizerFileError, read_tokenizer_file
+from engine.memory import parameter_count
 from engine.model.config import PYTHIA_COMMON, PYTHIA_SHAPES, GPTNeoXConfig
 
 CARD_NAME = "README.md"
@@ -123,12 +124,20 @@ def run_facts(trainer) -> dict[str, Any]:
     config = trainer.config
     inputs, total_tokens = data_inputs(trainer.dataset)
     teacher = trainer.teacher
+    teacher_config = teacher.config if teacher is not None else None
+    teacher_params = teacher.num_parameters() if teacher is not None else 0
+    cached = getattr(trainer, "cached_teacher", None)
+    if cached is not None and teacher is None:  # the teacher as the cache recorded it
+        teacher_config = GPTNeoXConfig.from_hf_dict(cached.manifest["teacher"]["config"],
+                                                    source=f"{cached.cache.folder} manifest")
+        teacher_params = parameter_count(teacher_config)["total"]
     return {
         "config": config,
         "student_config": trainer.student.config,
         "student_params": trainer.student.num_parameters(),
-        "teacher_config": teacher.config if teacher is not None else None,
-        "teacher_params": teacher.num_parameters() if teacher is not None else 0,
+        "teacher_config": teacher_config,
+        "teacher_params": teacher_params,
+        "teacher_cache": cached.describe() if cached is not None else None,
         "fingerprint": trainer.dataset.fingerprint(),
         "inputs": inputs,
         "shard_tokens": total_tokens,
@@ -171,7 +180,9 @@ def _models_section(facts: dict[str, Any]) -> list[str]:
     rows = [f"| student | {student_from} | {describe_shape(facts['student_config'])} | "
             f"{facts['student_params']:,} |"]
     if facts["teacher_config"] is not None:
-        rows.append(f"| teacher (frozen, {config.teacher.dtype}) | `{config.teacher.path}` | "
+        source = (f"`{config.teacher.path}`" if config.teacher.path
+                  else f"read from its cache `{config.teacher.cache}`")
+        rows.append(f"| teacher (frozen, {config.teacher.dtype}) | {source} | "
                     f"{describe_shape(facts['teacher_config'])} | {facts['teacher_params']:,} |")
     return ["## Models", "", "| role | from | config | parameters |", "|---|---|---|---:|",
             *rows, ""]
@@ -213,6 +224,8 @@ def _recipe_section(facts: dict[str, Any]) -> list[str]:
         rows[:0] = [("loss", f"{loss.alpha:g} x CE + {1 - loss.alpha:g} x KD"),
                     ("temperature T", f"{loss.temperature:g}"),
                     ("divergence", getattr(loss, "divergence", "forward_kl"))]
+        if facts.get("teacher_cache"):
+            rows.insert(1, ("teacher signal", facts["teacher_cache"]))
     else:
         rows[:0] = [("loss", "cross-entropy only (no teacher)")]
     return ["## Training recipe", "", "| setting | value |", "|---|---|",
@@ -231,6 +244,8 @@ def _metrics_section(facts: dict[str, Any]) -> list[str]:
                        "per token; docs/loss.md)",
              "val_teacher_ce": "teacher's cross-entropy on the same tokens",
              "val_tokens": "tokens scored"}
+    if val.get("val_kd_source") == "cache":
+        names["val_kd"] = "KD to the teacher cache (the training loss's KD term against it)"
     rows = [f"| {label} | {val[key]:.6g} |" for key, label in names.items() if key in val]
     return ["## Held-out metrics", "",
             f"Measured by the run at step {facts['steps']} on its validation split:", "",
@@ -250,7 +265,7 @@ def heldout_command(facts: dict[str, Any], folder: str) -> str:
         args.append(f"--valid-vocab {data.valid_vocab}")
     if config.run.val_batches:
         args.append(f"--limit {config.run.val_batches * facts['micro_batch']}")
-    if facts["teacher_config"] is not None:
+    if facts["teacher_config"] is not None and config.teacher.path:
         args.append(f"--teacher {config.teacher.path} --temperature {config.loss.temperature:g}")
         loss = config.loss
         kd = {"--divergence": loss.divergence, "--beta": f"{loss.beta:g}",

@@ -60,6 +60,8 @@ def _folders_the_run_uses(config: Config) -> dict[str, Path]:
         used["student.path"] = Path(config.student.path)
     if config.teacher.path:
         used["teacher.path"] = Path(config.teacher.path)
+    if config.teacher.cache:
+        used["teacher.cache"] = Path(config.teacher.cache)
     data = Path(config.data.path)
     used["data.path"] = data if data.is_dir() else data.parent
     if config.run.tokenizer:
@@ -95,6 +97,9 @@ def check_paths(config: Config) -> None:
         check_model_folder("student.path", config.student.path)
     if config.teacher.path:
         check_model_folder("teacher.path", config.teacher.path)
+    if config.teacher.cache and not Path(config.teacher.cache).is_dir():
+        raise ConfigError(f"teacher.cache: {config.teacher.cache} is not a folder (give one "
+                          "written by python -m tools.cache_teacher)")
     if config.run.tokenizer:
         read_run_tokenizer(config.run.tokenizer)
     check_export_dir(config)

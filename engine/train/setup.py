@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data.atomic import write_text_atomic
 from data.loader import BatchLoader
+from data.teacher_cache import CacheError, read_cache_manifest
 from engine import dist
 from engine.memory import format_bytes, largest_micro_batch, plan_memory
 from engine.model.hf_io import load_pretrained
@@ -217,6 +218,7 @@ def memory_plan_args(config: Config) -> dict[str, Any]:
         teacher_dtype_bytes=dtype_bytes(config.teacher.dtype),
         in_place_loss_gradient=config.loss.backend != "torch",
         fused_head=config.loss.fused_head,
+        teacher_cache_width=teacher_cache_width(config),
     )
 
 
@@ -230,6 +232,18 @@ def memory_planner(config: Config, *, world_size: int = 1, teacher_sharded: bool
                                      teacher_sharded=teacher_sharded,
                                      reshard_after_forward=config.dist.reshard_after_forward,
                                      cpu_offload=config.dist.cpu_offload)
+
+
+def teacher_cache_width(config: Config) -> int:
+    """Entries per position of teacher.cache (0 without one): from its manifest, or, for a
+    plan made before the cache exists, the README's example (64; the targets take ~0.5 KB per
+    token either way, small beside what the missing teacher frees)."""
+    if not config.teacher.cache:
+        return 0
+    try:
+        return int(read_cache_manifest(Path(config.teacher.cache))["width"])
+    except (CacheError, KeyError, TypeError, ValueError):
+        return 64
 
 
 def plan_micro_batch(config: Config, teacher_cfg, student_cfg, device: torch.device, *,

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from engine import dist
 from engine.model.network import model_device, unwrap_model
 from engine.precision import autocast_context
-from engine.train.fsdp import clip_grad_norm, gathered_root, is_sharded
+from engine.train.fsdp import clip_grad_norm, gathered_root, through_head
+from engine.train.teacher_source import CachedTeacher, cached_micro_loss
 from kernels.constants import IGNORE_INDEX
 from kernels.kd_loss import ce_head_loss, kd_head_loss, kd_loss
 
@@ -94,8 +95,10 @@ def distill_micro_step(
 
     `batch` holds "input_ids" and "labels" ([B, T] int64, labels already shifted,
     IGNORE_INDEX = ignored). With `teacher=None` this is plain cross-entropy training with the
-    same normaliser semantics. Gradients accumulate into the student's .grad; under DDP wrap
-    the call in `student.no_sync()` on all but the last micro-step of a window (the forward
+    same normaliser semantics; with a CachedTeacher (teacher.cache) no teacher runs and the
+    batch carries the cached targets (engine/train/teacher_source.py), through the fused head
+    or the logits as for a live teacher. Gradients accumulate into the student's .grad; under
+    DDP wrap the call in `student.no_sync()` on all but the last micro-step of a window (the forward
     too). `student` may be a DDP / torch.compile wrapper of a GPTNeoX: the forward runs through
     it (`return_hidden=True` with the fused head); the head weight is the inner module's.
 
@@ -109,48 +112,47 @@ def distill_micro_step(
     micro-batch's contribution to the window loss), "ce_sum", "kd_sum", "valid_tokens".
     """
     input_ids, labels = _batch_on_device(batch, model_device(student))
-    divergence_args = dict(divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale)
-    if fused_head:
-        loss, stats = _fused_head_loss(
-            student, teacher, input_ids, labels, alpha=alpha, temperature=temperature,
-            valid_vocab=valid_vocab, normalizer=normalizer, autocast_dtype=autocast_dtype,
-            backend=backend, chunk_tokens=chunk_tokens, **divergence_args)
-        loss.backward()
-        return {**stats, "loss": loss.detach().float()}
+    loss_args = dict(alpha=alpha, temperature=temperature, valid_vocab=valid_vocab,
+                     normalizer=normalizer, autocast_dtype=autocast_dtype, backend=backend,
+                     divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale)
+    if isinstance(teacher, CachedTeacher):  # no teacher runs: its targets come with the batch
+        loss, stats = cached_micro_loss(student, batch, input_ids, labels, fused_head=fused_head,
+                                        inplace_grad=inplace_grad, chunk_tokens=chunk_tokens,
+                                        **loss_args)
+    elif fused_head:
+        loss, stats = _fused_head_loss(student, teacher, input_ids, labels,
+                                       chunk_tokens=chunk_tokens, **loss_args)
+    else:
+        loss, stats = _logits_loss(student, teacher, input_ids, labels,
+                                   inplace_grad=inplace_grad, **loss_args)
+    loss.backward()
+    return {**stats, "loss": loss.detach().float()}
+
+
+def _logits_loss(student, teacher, input_ids, labels, *, autocast_dtype, valid_vocab,
+                 normalizer, backend, inplace_grad, alpha, temperature, **divergence_args):
+    """(loss, stats) of the micro-batch from both models' full logits (loss.fused_head false):
+    kd_loss, or the cross-entropy alone without a teacher."""
     device = input_ids.device
     t_logits = None
     if teacher is not None:
         t_logits = teacher_logits(teacher, input_ids, autocast_dtype)
     with autocast_context(device.type, autocast_dtype):
         s_logits = student(input_ids)
-
     if t_logits is not None:
-        loss, stats = kd_loss(
-            s_logits,
-            t_logits[..., : s_logits.shape[-1]],  # a padded teacher head: the shared rows
-            labels,
-            alpha=alpha,
-            temperature=temperature,
-            valid_vocab=valid_vocab,
-            normalizer=normalizer,
-            backend=backend,
-            inplace_grad=inplace_grad,
-            **divergence_args,
-        )
-        stats = dict(stats)
-    else:
-        ce_sum = cross_entropy_sum(s_logits, labels, valid_vocab=valid_vocab)
-        valid = (labels != IGNORE_INDEX).sum().to(torch.float32)
-        divisor = normalizer if normalizer is not None else valid.clamp(min=1.0)
-        loss = ce_sum / divisor
-        stats = {
-            "ce_sum": ce_sum.detach().float(),
-            "kd_sum": torch.zeros((), dtype=torch.float32, device=device),
-            "valid_tokens": valid,
-        }
-    loss.backward()
-    stats["loss"] = loss.detach().float()
-    return stats
+        t_logits = t_logits[..., : s_logits.shape[-1]]  # a padded teacher head: the shared rows
+        loss, stats = kd_loss(s_logits, t_logits, labels, alpha=alpha, temperature=temperature,
+                              valid_vocab=valid_vocab, normalizer=normalizer, backend=backend,
+                              inplace_grad=inplace_grad, **divergence_args)
+        return loss, dict(stats)
+    ce_sum = cross_entropy_sum(s_logits, labels, valid_vocab=valid_vocab)
+    valid = (labels != IGNORE_INDEX).sum().to(torch.float32)
+    divisor = normalizer if normalizer is not None else valid.clamp(min=1.0)
+    return ce_sum / divisor, {
+        "ce_sum": ce_sum.detach().float(),
+        "kd_sum": torch.zeros((), dtype=torch.float32, device=device),
+        "valid_tokens": valid,
+    }
 
 
 def _fused_head_loss(student, teacher, input_ids, labels, *, autocast_dtype, valid_vocab,
@@ -179,17 +181,6 @@ def _fused_head_loss(student, teacher, input_ids, labels, *, autocast_dtype, val
 
     with autocast_context(input_ids.device.type, autocast_dtype):
         return through_head(student, input_ids, head_loss)
-
-
-def through_head(student, input_ids, loss_fn):
-    """loss_fn(final hidden states, head weight) of the student's forward on input_ids.
-
-    Under FSDP inside the forward (the head weight is whole only there, and its gradient then
-    takes FSDP's reduce-scatter); elsewhere after a forward that stops at the hidden states:
-    one graph for torch.compile, and no new function per call for it to guard on."""
-    if is_sharded(unwrap_model(student)):
-        return student(input_ids, head_loss=loss_fn)
-    return loss_fn(student(input_ids, return_hidden=True), unwrap_model(student).embed_out.weight)
 
 
 def _batch_on_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ def test_smoke_suite_runs_every_section(tmp_path):
     sections = report["sections"]
     assert set(sections) == {"kernel_correctness", "kernel_speed", "divergences", "head",
                              "seed_recipe", "seed_recipe_logits", "seed_recipe_compiled",
-                             "transformers", "capped_12gib", "fsdp"}
+                             "teacher_cache", "transformers", "capped_12gib", "fsdp"}
     for name, body in sections.items():
         assert "error" not in body, (name, body.get("traceback"))
     assert sections["kernel_correctness"]["passed"]
@@ -44,6 +44,10 @@ def test_smoke_suite_runs_every_section(tmp_path):
     head = sections["head"]["variants"]
     assert {"matmuls", "fused", "unfused", "fused_chunk_16", "fused_chunk_32"} <= set(head)
     assert all("median_ms" in row for row in head.values())
+    cache = sections["teacher_cache"]
+    assert cache["passed"] and len(cache["correctness"]) == 4
+    assert cache["cache"]["finite"] and cache["online"]["finite"] and cache["speedup"] > 0
+    assert "seed step from a top-64 cache / online step" in proc.stdout
     capped = sections["capped_12gib"]
     assert capped["seed_micro_batch_fits"] and capped["measured_largest_micro_batch"] >= 2
     assert capped["best_compiled_micro_batch"] == capped["measured_largest_micro_batch"]

@@ -62,17 +62,20 @@ def make_inputs(n, vocab, *, valid_vocab=None, dtype=torch.float32, kind="random
     return student.to(dtype), teacher.to(dtype), labels
 
 
-def reference_loss_and_grad(student, teacher, labels, **kwargs):
-    """Float64 loss, gradient and stats of the reference on the (already rounded) inputs."""
+def reference_loss_and_grad(student, teacher, labels, *, loss_fn=kd_loss_reference, **kwargs):
+    """Float64 loss, gradient and stats of the reference on the (already rounded) inputs;
+    `teacher` is whatever loss_fn takes second (logits, or the sparse loss's targets)."""
     s64 = student.detach().double().requires_grad_(True)
-    loss, stats = kd_loss_reference(s64, teacher.double(), labels, **kwargs)
+    if isinstance(teacher, torch.Tensor):
+        teacher = teacher.double()
+    loss, stats = loss_fn(s64, teacher, labels, **kwargs)
     loss.backward()
     return loss.detach(), s64.grad, stats
 
 
-def ours_loss_and_grad(student, teacher, labels, **kwargs):
+def ours_loss_and_grad(student, teacher, labels, *, loss_fn=kd_loss, **kwargs):
     s = student.detach().clone().requires_grad_(True)
-    loss, stats = kd_loss(s, teacher, labels, **kwargs)
+    loss, stats = loss_fn(s, teacher, labels, **kwargs)
     loss.backward()
     return loss.detach(), s.grad, stats
 

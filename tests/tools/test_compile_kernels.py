@@ -31,8 +31,9 @@ def test_every_kernel_compiles_for_every_target_without_spills(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads(report.read_text())["kernels"]
     combos = {(row["kernel"], row["dtype"], row["capability"]) for row in rows}
-    assert combos == {(f"kd_loss_fwd_bwd_kernel[{divergence}]", dtype, cc)
-                      for divergence in DIVERGENCES
+    kernels = [f"kd_loss_fwd_bwd_kernel[{divergence}]" for divergence in DIVERGENCES]
+    kernels += ["sparse_kd_fwd_bwd_kernel[grad]", "sparse_kd_fwd_bwd_kernel[forward]"]
+    assert combos == {(kernel, dtype, cc) for kernel in kernels
                       for dtype in ("bf16", "fp32") for cc in (80, 86, 90)}
     for row in rows:
         assert row["status"] == "ok"
