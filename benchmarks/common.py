@@ -252,6 +252,17 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def cap_memory_to(dev: torch.device, card_bytes: int, context_bytes: int) -> int | None:
+    """Cap this process's CUDA allocator to what a card of `card_bytes` leaves beside the
+    driver's context (which lives outside the allocator); the cap, or None off CUDA."""
+    if dev.type != "cuda":
+        return None
+    cap = card_bytes - context_bytes
+    total = torch.cuda.get_device_properties(dev).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap / total, dev)
+    return cap
+
+
 def free_memory(dev: torch.device) -> None:
     gc.collect()
     if dev.type == "cuda":

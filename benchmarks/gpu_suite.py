@@ -54,6 +54,7 @@ from benchmarks.common import (
     build_ours,
     build_pair,
     build_transformers,
+    cap_memory_to,
     current_device,
     device_name,
     divergence_times,
@@ -368,10 +369,18 @@ def section_capped(sizes, smoke: bool, out_dir: Path) -> dict:
         free_memory(device)
         free, total = torch.cuda.mem_get_info(device)
         parent_used = total - free
+    args = ["benchmarks.gpu_suite", "--parent-used", str(parent_used), "--worker-capped"]
+    result = run_worker("capped worker", args, sizes, smoke, out_dir)
+    result["parent_used_bytes"] = parent_used
+    return result
+
+
+def run_worker(what: str, module_args: list[str], sizes, smoke: bool, out_dir: Path) -> dict:
+    """`python -m <module_args> RESULT [--smoke]` in a fresh process; the JSON it writes to
+    RESULT, or an error record when it wrote none."""
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        result_path = Path(tmp) / "capped.json"
-        cmd = [sys.executable, "-m", "benchmarks.gpu_suite", "--worker-capped", str(result_path),
-               "--parent-used", str(parent_used)]
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", *module_args, str(result_path)]
         if smoke:
             cmd.append("--smoke")
         t0 = time.perf_counter()
@@ -379,16 +388,29 @@ def section_capped(sizes, smoke: bool, out_dir: Path) -> dict:
             proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True,
                                   timeout=sizes["worker_timeout"])
         except subprocess.TimeoutExpired as exc:
-            return {"error": f"capped worker timed out after {exc.timeout} s"}
+            return {"error": f"{what} timed out after {exc.timeout} s"}
         if not result_path.is_file():
             tail = (proc.stdout + proc.stderr)[-4000:]
-            return {"error": f"capped worker exited {proc.returncode} without a result", "log":
-                    tail}
+            return {"error": f"{what} exited {proc.returncode} without a result", "log": tail}
         result = json.loads(result_path.read_text())
         result["worker_seconds"] = time.perf_counter() - t0
         result["worker_returncode"] = proc.returncode
-        result["parent_used_bytes"] = parent_used
         return result
+
+
+def section_fsdp(sizes, smoke: bool, out_dir: Path) -> dict:
+    """benchmarks/gpu_fsdp.py's two parts, each in a fresh process (its process group and its
+    memory cap are process-wide): the seed step under FSDP at world size 1 against the plain
+    step, and the largest pair that fits one 12 GiB card against its memory plan."""
+    result: dict[str, Any] = {
+        part: run_worker(f"FSDP {part} part", ["benchmarks.gpu_fsdp", "--part", part, "--out"],
+                         sizes, smoke, out_dir)
+        for part in ("seed", "capped")}
+    failed = [f"{part}: {body['error'].strip().splitlines()[-1]}"
+              for part, body in result.items() if "error" in body]
+    if failed:  # the section fails as a whole, so the suite's exit status says so
+        result["error"] = "; ".join(failed)
+    return result
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -400,11 +422,9 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _cap_to_card(device, result: dict) -> None:
-    if device.type == "cuda":
-        # The driver's context lives outside the allocator but inside the card's 12 GiB.
-        cap = CARD_BYTES - CUDA_CONTEXT_BYTES
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    # The driver's context lives outside the allocator but inside the card's 12 GiB.
+    cap = cap_memory_to(device, CARD_BYTES, CUDA_CONTEXT_BYTES)
+    if cap is not None:
         result.update(cap_bytes=cap, cap_note="12 GiB card minus the plan's CUDA context reserve")
     else:
         result["cap_note"] = "no cap on CPU (smoke): the code path only"
@@ -622,11 +642,29 @@ def _capped_rows(sections: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _fsdp_rows(sections: dict) -> list[tuple[str, str, str]]:
+    fsdp = sections.get("fsdp", {})
+    rows: list[tuple[str, str, str]] = []
+    seed, capped = fsdp.get("seed", {}), fsdp.get("capped", {})
+    if "fsdp_over_plain_tokens_per_s" in seed:
+        speeds = f"{seed['fsdp']['tokens_per_s']:,.0f} vs {seed['plain']['tokens_per_s']:,.0f}"
+        rows.append(("FSDP x1 / plain seed step tokens/s",
+                     f"x{seed['fsdp_over_plain_tokens_per_s']:.2f} ({speeds})",
+                     f">= {seed['target_ratio']:.2f}"))
+    if "plan_allocated_peak_bytes" in capped:
+        pair = capped["pair"]
+        rows.append((f"largest 12 GiB pair {pair['teacher'][7:]} -> {pair['student'][7:]} "
+                     f"({pair['precision']}, mb {pair['micro_batch']}): measured / plan",
+                     f"{_gib(capped.get('peak_allocated_bytes'))} / "
+                     f"{_gib(capped['plan_allocated_peak_bytes'])}", "within 5%"))
+    return rows
+
+
 def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     """(check, measured, target) rows for the final table."""
     sections = report["sections"]
     rows = _failures(sections) + _kernel_rows(sections) + _head_rows(sections)
-    rows += _step_rows(sections) + _capped_rows(sections)
+    rows += _step_rows(sections) + _capped_rows(sections) + _fsdp_rows(sections)
     configs = [(name, sections.get(name, {})) for name in
                ("seed_recipe", "seed_recipe_logits", "seed_recipe_compiled")]
     configs += [(f"capped mb {a['micro_batch']}{' compiled' if a.get('compiled') else ''}", a)
@@ -701,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         ("teacher_cache", section_teacher_cache),
         ("transformers", section_transformers),
         ("capped_12gib", lambda sizes, smoke: section_capped(sizes, smoke, out_dir)),
+        ("fsdp", lambda sizes, smoke: section_fsdp(sizes, smoke, out_dir)),
     ]
     for name, run in sections:
         t0 = time.perf_counter()

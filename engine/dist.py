@@ -59,18 +59,23 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: float | None = None, *,
+                     group_of_one: bool = False) -> DistInfo:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, ...).
 
     Without those variables (or with WORLD_SIZE=1) this is a single process and nothing is
-    initialised. NCCL serves CUDA, gloo the CPU. The timeout (NEOX_DIST_TIMEOUT_S or 600 s)
-    bounds every collective, so a dead rank makes the survivors fail instead of hang.
+    initialised, unless `group_of_one` asks for a process group of this process alone (FSDP
+    needs one even on one rank). NCCL serves CUDA, gloo the CPU. The timeout
+    (NEOX_DIST_TIMEOUT_S or 600 s) bounds every collective, so a dead rank makes the survivors
+    fail instead of hang.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank)
     target = resolve_device(device, local_rank)
     if world_size <= 1:
+        if group_of_one and not dist.is_initialized():
+            _init_group_of_one(target)
         return DistInfo(0, 0, 1, target)
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
@@ -96,6 +101,21 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({exc})"
         ) from exc
     return DistInfo(rank, local_rank, world_size, target)
+
+
+def _init_group_of_one(device: torch.device) -> None:
+    """A process group holding only this process, through an in-memory store (no port)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def device_mesh(info: DistInfo):
+    """The one-dimensional mesh of every rank on this run's device type (for fully_shard)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(info.device.type, (info.world_size,))
 
 
 def is_distributed() -> bool:

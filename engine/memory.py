@@ -527,16 +527,19 @@ def largest_micro_batch(
     *,
     seq_len: int,
     budget_bytes: int,
+    planner=None,
     **plan_kwargs,
 ) -> int:
     """The largest micro-batch whose plan fits the budget (0 when not even one sequence does).
-    `plan_kwargs` are plan_memory's (precision, activation_checkpointing, ...).
+    `plan_kwargs` are the planner's (plan_memory, or engine.sharded_memory's per-GPU plan
+    under FSDP): precision, activation_checkpointing, ...
 
     The plan grows strictly with the micro-batch, so a doubling search then bisection finds it.
     """
+    planner = planner or plan_memory
 
     def fits(mb: int) -> bool:
-        plan = plan_memory(
+        plan = planner(
             teacher_cfg, student_cfg, micro_batch=mb, seq_len=seq_len, **plan_kwargs
         )
         return plan.fits(budget_bytes)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
 import sys
 
@@ -35,3 +36,22 @@ def leave_process_group() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def run_ranks(target, *args, world_size: int = 2, timeout: float = 300.0) -> list[int | None]:
+    """Run target(rank, *args) in `world_size` spawned processes; their exit codes, None for
+    a process still running after `timeout` seconds (killed then: a hang, not a pass)."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(rank, *args)) for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    codes: list[int | None] = []
+    for proc in procs:
+        proc.join(timeout=timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            codes.append(None)
+        else:
+            codes.append(proc.exitcode)
+    return codes

@@ -223,6 +223,14 @@ PYTHIA_SHAPES: dict[str, dict[str, int]] = {
     "pythia-70m": dict(hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048),
     "pythia-160m": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
     "pythia-410m": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+    "pythia-1b": dict(hidden_size=2048, num_layers=16, num_heads=8, intermediate_size=8192),
+    "pythia-1.4b": dict(hidden_size=2048, num_layers=24, num_heads=16, intermediate_size=8192),
+    "pythia-2.8b": dict(hidden_size=2560, num_layers=32, num_heads=32, intermediate_size=10240),
+    # The two largest pad their head to more rows (same 50277 real tokens).
+    "pythia-6.9b": dict(hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=16384,
+                        vocab_size=50432),
+    "pythia-12b": dict(hidden_size=5120, num_layers=36, num_heads=40, intermediate_size=20480,
+                       vocab_size=50688),
 }
 PYTHIA_COMMON = dict(
     vocab_size=50304,
@@ -239,7 +247,7 @@ def pythia_config(name: str) -> GPTNeoXConfig:
     key = name if name.startswith("pythia-") else f"pythia-{name}"
     if key not in PYTHIA_SHAPES:
         raise ValueError(f"unknown Pythia size {name!r}: known {sorted(PYTHIA_SHAPES)}")
-    return GPTNeoXConfig(**PYTHIA_COMMON, **PYTHIA_SHAPES[key])
+    return GPTNeoXConfig(**{**PYTHIA_COMMON, **PYTHIA_SHAPES[key]})
 
 
 __all__ = ["PYTHIA_COMMON", "PYTHIA_SHAPES", "CheckpointError", "GPTNeoXConfig", "pythia_config"]

@@ -237,14 +237,20 @@ class GPTNeoX(nn.Module):
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
         return_hidden: bool = False,
+        head_loss=None,
     ) -> torch.Tensor:
-        """Logits [B, T, V]; with return_hidden the final hidden states [B, T, H] instead.
+        """Logits [B, T, V]; with return_hidden the final hidden states [B, T, H] instead;
+        with head_loss, what head_loss(hidden states, embed_out.weight) returns.
 
         return_hidden is how the training step reaches the fused head + loss through a DDP or
         torch.compile wrapper: the forward must run through the wrapper for DDP's gradient
-        hooks to be armed, and the head (embed_out) then runs inside the loss.
+        hooks to be armed, and the head (embed_out) then runs inside the loss. head_loss runs
+        that loss inside this forward instead, for FSDP: its head weight is whole (gathered)
+        only in here, and its gradient then takes FSDP's reduce-scatter like every other.
         """
         hidden = self.hidden_states(input_ids, kv_cache, start_pos)
+        if head_loss is not None:
+            return head_loss(hidden, self.embed_out.weight)
         return hidden if return_hidden else self.embed_out(hidden)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -259,8 +265,14 @@ class GPTNeoX(nn.Module):
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of a module's parameters (where its inputs must go)."""
-    return next(model.parameters()).device
+    """The device a module computes on (where its inputs must go): its parameters' device, or
+    for FSDP's sharded parameters (DTensors) their mesh's, which differs when the shards are
+    offloaded to the host."""
+    param = next(model.parameters())
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is not None and mesh.device_type == "cuda" and param.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return param.device
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -339,6 +339,11 @@ def load_checkpoint(
     folder = Path(folder)
     if not (folder / DONE_MARKER).is_file():
         raise CheckpointLoadError(f"{folder}: incomplete checkpoint (no {DONE_MARKER} marker)")
+    if read_done(folder).get("layout", "full") != "full":
+        raise CheckpointLoadError(
+            f"{folder}: written by a run with dist.strategy=fsdp (sharded files); this run "
+            "holds the whole student: resume it with --dist.strategy=fsdp, or start a new run"
+        )
     verify_checkpoint(folder)
     _load_weights(folder, student)
     try:

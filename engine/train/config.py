@@ -51,6 +51,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": PRECISION_MODES,
     "device": ("auto", "cpu", "cuda"),
     "eval.alarm_action": ("warn", "stop"),
+    "dist.strategy": ("ddp", "fsdp"),
+    "dist.teacher": ("auto", "shard", "replicate"),
 }
 
 
@@ -187,6 +189,24 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    """How ranks share the work under torchrun (engine/train/fsdp.py; README "Several GPUs")."""
+
+    # ddp: every rank holds the whole student and its optimizer state; fsdp: torch's FSDP2
+    # (fully_shard) shards them over the ranks, block by block.
+    strategy: str = "ddp"
+    # fsdp: free each block's gathered weights after its forward and gather them again for
+    # its backward (less memory, one more all-gather per block and micro-batch).
+    reshard_after_forward: bool = True
+    # fsdp: "shard" the frozen teacher too, "replicate" it on every rank, or "auto": replicate
+    # when the memory plan fits the budget, else shard (the choice is logged).
+    teacher: str = "auto"
+    # fsdp: keep the student's sharded weights, gradients and AdamW state in host memory
+    # (FSDP2's CPUOffloadPolicy; the optimizer step then runs on the CPU).
+    cpu_offload: bool = False
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -198,6 +218,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     # bf16-autocast: fp32 master weights and AdamW state, bf16 compute (the default);
     # bf16-pure: bf16 weights and optimizer state, like the seed recipe; fp32: no autocast.
     precision: str = "bf16-autocast"
@@ -443,6 +464,7 @@ def validate(config: Config) -> Config:
     if not config.data.path:
         problems.append("data.path: required (a folder written by data.preprocess)")
     problems.extend(_eval_task_problems(config))
+    problems.extend(_dist_problems(config))
     if problems:
         raise ConfigError("; ".join(problems))
     return config
@@ -505,6 +527,19 @@ def _eval_task_problems(config: Config) -> list[str]:
     if config.eval.tasks and not config.run.tokenizer:
         problems.append("eval.tasks needs run.tokenizer (the tokenizer.json that encodes the "
                         "task files, the student's own)")
+    return problems
+
+
+def _dist_problems(config: Config) -> list[str]:
+    """[dist] keys that only mean something with dist.strategy = "fsdp"."""
+    if config.dist.strategy == "fsdp":
+        return []
+    problems = []
+    if config.dist.teacher != "auto":
+        problems.append(f"dist.teacher={config.dist.teacher!r} needs dist.strategy=fsdp (under "
+                        "ddp every rank holds the whole teacher)")
+    if config.dist.cpu_offload:
+        problems.append("dist.cpu_offload=true needs dist.strategy=fsdp")
     return problems
 
 

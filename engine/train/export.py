@@ -58,13 +58,16 @@ def export_student(
     model_card: str | None = None,
     pad_id: int | None = None,
     source: dict | None = None,
+    write_weights=None,
 ) -> Path:
     """Write the student as a plain Hugging Face folder, atomically: with `tokenizer_path`
     also tokenizer.json and the AutoTokenizer settings (engine/train/model_card.py, `pad_id`
     the pad token), with `model_card` a README.md.
 
-    `source` (e.g. the run folder and step) goes into the marker. Raises FileExistsError for
-    a folder this engine did not export and WriteFailed when the disk refuses the files.
+    `source` (e.g. the run folder and step) goes into the marker. `write_weights(folder)`
+    replaces the model files' writer (engine/train/gathered_export.py: an FSDP student's
+    weights gathered one by one). Raises FileExistsError for a folder this engine did not
+    export and WriteFailed when the disk refuses the files.
     """
     export_dir = Path(export_dir)
     refusal = replace_refusal(export_dir)
@@ -72,7 +75,10 @@ def export_student(
         raise FileExistsError(refusal)
     try:
         with staged_folder(export_dir) as staged:
-            write_model_files(student, staged, dtype)
+            if write_weights is not None:
+                write_weights(staged)
+            else:
+                write_model_files(student, staged, dtype)
             if tokenizer_path:
                 shutil.copyfile(tokenizer_path, staged / TOKENIZER_NAME)
                 write_tokenizer_files(staged, student.config, pad_id,

@@ -28,11 +28,12 @@ from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.scoring import heldout_metrics
 from engine.memory import training_flops_per_token
 from engine.metrics import MetricsWriter, mfu, peak_flops, peak_memory_bytes, read_records
-from engine.precision import precision_dtypes
 from engine.token_ids import check_batch, checked_batches
 from engine.train import checkpoint as ckpt
+from engine.train import fsdp
 from engine.train.config import Config, ConfigError, kd_settings, validate, write_resolved
 from engine.train.export import export_student
+from engine.train.gathered_export import export_sharded_student
 from engine.train.lock import hold_run_lock
 from engine.train.loggers import build_sinks
 from engine.train.lost_updates import build_meter
@@ -40,8 +41,6 @@ from engine.train.model_card import model_card_for
 from engine.train.preflight import check_paths, export_dir_of
 from engine.train.setup import (
     build_optimizer,
-    build_student,
-    build_teacher,
     build_train_loader,
     check_compatible,
     configure_cuda_allocator,
@@ -53,8 +52,10 @@ from engine.train.setup import (
     wrap_model,
     wrap_teacher,
 )
+from engine.train.sharded_checkpoint import save_sharded_checkpoint
 from engine.train.signals import StopRequest, finish_pause
 from engine.train.step import StepResult, train_step
+from engine.train.strategy import build_models, step_dtypes
 from engine.train.teacher_source import open_teacher_cache
 from engine.train.vocab_checks import check_data_fits
 from engine.train.watch import TaskRegression, TaskWatch
@@ -76,7 +77,7 @@ def run(config: Config) -> dict[str, Any]:
     validate(config)
     check_paths(config)
     configure_cuda_allocator(config)
-    info = dist.init_distributed(config.device)
+    info = dist.init_distributed(config.device, group_of_one=config.dist.strategy == "fsdp")
     try:
         with hold_run_lock(config.run.out_dir, info):
             trainer = Trainer(config, info)
@@ -96,14 +97,15 @@ class Trainer:
                                     total_steps=config.run.steps,
                                     sinks=build_sinks(config, enabled=info.is_main))
         candidates = prepare_run_folder(config, info)
-        weight_dtype, autocast_dtype = precision_dtypes(config.precision)
-        self.student = build_student(config, self.device, weight_dtype)
-        self.teacher = build_teacher(config, self.device)
+        _, autocast_dtype = step_dtypes(config)
+        self.student, self.teacher = build_models(config, info, self.writer.log_text)
+        self.sharded = fsdp.is_sharded(self.student)  # dist.strategy=fsdp
         check_compatible(config, self.student, self.teacher)
         self.vocab_rows = self.student.config.vocab_size
         teacher_cfg = self.teacher.config if self.teacher is not None else None
         self.micro_batch, self.accum_steps, self.predicted_peak, memory_note = plan_micro_batch(
-            config, teacher_cfg, self.student.config, self.device
+            config, teacher_cfg, self.student.config, self.device,
+            world_size=info.world_size, teacher_sharded=fsdp.is_sharded(self.teacher)
         )
         self.dataset = build_dataset(config.data.path, config.data.mode, config.batch.seq_len,
                                      config.data.pad_id)
@@ -182,9 +184,9 @@ class Trainer:
         return (
             f"student {self.student.num_parameters():,} params ({self.config.student.init}), "
             f"teacher {teacher_params:,} params, device {self.device}, world "
-            f"{self.info.world_size}, {self.micro_batch} x {self.config.batch.seq_len} tokens x "
-            f"{self.accum_steps} accum = {self.tokens_per_step:,} tokens/step, precision "
-            f"{self.config.precision}{cache}"
+            f"{self.info.world_size} ({self.config.dist.strategy}), {self.micro_batch} x "
+            f"{self.config.batch.seq_len} tokens x {self.accum_steps} accum = "
+            f"{self.tokens_per_step:,} tokens/step, precision {self.config.precision}{cache}"
         )
 
     # ----------------------------------------------------------------------------------
@@ -244,21 +246,27 @@ class Trainer:
         config = self.config
         if config.data.val_fraction <= 0:
             return None
+        # Under FSDP every rank scores the same batches (the ones DDP's ranks share out), so
+        # their forwards, and the collectives inside them, stay in step.
+        rank, world = (0, 1) if self.sharded else (self.info.rank, self.info.world_size)
         loader = heldout_loader(self.dataset, self.micro_batch,
                                 val_fraction=config.data.val_fraction,
-                                rank=self.info.rank, world_size=self.info.world_size)
-        batches = heldout_batches(loader, max_batches=config.run.val_batches or None)
-        metrics = heldout_metrics(
-            self.student,
-            checked_batches(batches, self.vocab_rows, f"data.path={config.data.path}: "
-                            "validation", self.loss_settings["valid_vocab"]),
-            teacher=self.teacher,
-            valid_vocab=self.loss_settings["valid_vocab"],
-            autocast_dtype=self.loss_settings["autocast_dtype"],
-            reduce_across_ranks=self.info.distributed,
-            cached_kd=self.cached_teacher is not None,
-            **kd_settings(config),
-        )  # restores the student's train mode
+                                rank=rank, world_size=world)
+        per_rank = config.run.val_batches
+        batches = heldout_batches(loader, max_batches=per_rank * self.info.world_size // world
+                                  or None)
+        with fsdp.gathered_root(self.student, self.teacher):
+            metrics = heldout_metrics(
+                self.student,
+                checked_batches(batches, self.vocab_rows, f"data.path={config.data.path}: "
+                                "validation", self.loss_settings["valid_vocab"]),
+                teacher=self.teacher,
+                valid_vocab=self.loss_settings["valid_vocab"],
+                autocast_dtype=self.loss_settings["autocast_dtype"],
+                reduce_across_ranks=self.info.distributed and not self.sharded,
+                cached_kd=self.cached_teacher is not None,
+                **kd_settings(config),
+            )  # restores the student's train mode
         result = {f"val_{key}": value for key, value in metrics.items()}
         if self.cached_teacher is not None and "val_kd" in result:
             # against the live teacher when teacher.path is also set, else against the cache
@@ -286,7 +294,8 @@ class Trainer:
         Never from non-finite weights (TrainingDiverged instead); a checkpoint taken while
         non-finite steps are pending does not prune the older ones, which may be the last good.
         """
-        bad = ckpt.first_non_finite(self.student)  # same weights on every rank: same verdict
+        # Same weights on every rank (DDP), or every rank's shards checked (FSDP): same verdict.
+        bad = (fsdp.first_non_finite if self.sharded else ckpt.first_non_finite)(self.student)
         if bad is not None:
             raise TrainingDiverged(
                 f"step {self.step}: the student's weight {bad} is not finite; nothing saved. "
@@ -295,8 +304,9 @@ class Trainer:
         loader_states = dist.all_gather_object(self.train_loader.state_dict())
         rng_states = dist.all_gather_object(ckpt.capture_rng_state())
         path = None
-        if self.info.is_main:
-            path = ckpt.save_checkpoint(
+        if self.sharded or self.info.is_main:  # FSDP: every rank writes its shards
+            save = save_sharded_checkpoint if self.sharded else ckpt.save_checkpoint
+            path = save(
                 self.out_dir,
                 self.step,
                 student=self.student,
@@ -311,6 +321,7 @@ class Trainer:
                 keep_last=self.config.run.keep_last,
                 prune=self.bad_steps == 0,
             )
+        if self.info.is_main:
             self.writer.log_text(f"saved checkpoint {path}")
         dist.barrier()
         return path
@@ -424,12 +435,14 @@ class Trainer:
 
     def _export(self) -> Path:
         export_dir = export_dir_of(self.config)
+        if self.sharded or self.info.is_main:  # FSDP: every rank gathers, rank 0 writes
+            export = export_sharded_student if self.sharded else export_student
+            export(self.student, export_dir,
+                   tokenizer_path=self.config.run.tokenizer or None,
+                   model_card=model_card_for(self, export_dir) if self.info.is_main else None,
+                   pad_id=self.config.data.pad_id,
+                   source={"run_dir": str(self.out_dir), "step": self.step})
         if self.info.is_main:
-            export_student(self.student, export_dir,
-                           tokenizer_path=self.config.run.tokenizer or None,
-                           model_card=model_card_for(self, export_dir),
-                           pad_id=self.config.data.pad_id,
-                           source={"run_dir": str(self.out_dir), "step": self.step})
             self.writer.log_text(f"exported the student to {export_dir}")
         dist.barrier()
         return export_dir

@@ -30,6 +30,8 @@ import warnings
 
 import torch
 
+from engine.dist import all_reduce_sum
+
 # Elements per chunk: bounds the metric's temporaries to a few x 16 MiB of fp32.
 CHUNK_ELEMENTS = 1 << 22
 # More than this fraction of updates lost is "most": warn once, say what to change.
@@ -49,6 +51,12 @@ def _adamw_hyper(group: dict, state: dict):
             lr * group["weight_decay"])
 
 
+def _local(tensor):
+    """An FSDP shard's own elements (DTensor.to_local), or the tensor itself: every sum here
+    is over this rank's elements, and LostUpdateMeter adds the ranks' sums."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def adamw_update(param: torch.Tensor, state: dict, group: dict,
                  start: int = 0, stop: int | None = None) -> torch.Tensor:
     """fp32 update AdamW is about to apply to param.view(-1)[start:stop] (before rounding).
@@ -57,14 +65,14 @@ def adamw_update(param: torch.Tensor, state: dict, group: dict,
     v = beta2 v + (1 - beta2) g^2, u = -lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) - lr wd w.
     """
     step_size, bc2_sqrt, beta1, beta2, eps, decay = _adamw_hyper(group, state)
-    weight = param.detach().reshape(-1)[start:stop].float()
-    grad = param.grad.reshape(-1)[start:stop].float()
+    weight = _local(param.detach()).reshape(-1)[start:stop].float()
+    grad = _local(param.grad).reshape(-1)[start:stop].float()
     exp_avg, exp_avg_sq = state.get("exp_avg"), state.get("exp_avg_sq")
     m = (1 - beta1) * grad
     v = (1 - beta2) * grad * grad
     if exp_avg is not None:
-        m = m.add_(exp_avg.reshape(-1)[start:stop].float(), alpha=beta1)
-        v = v.add_(exp_avg_sq.reshape(-1)[start:stop].float(), alpha=beta2)
+        m = m.add_(_local(exp_avg).reshape(-1)[start:stop].float(), alpha=beta1)
+        v = v.add_(_local(exp_avg_sq).reshape(-1)[start:stop].float(), alpha=beta2)
     update = -step_size * m / (v.sqrt_() / bc2_sqrt + eps)
     if decay:
         update -= decay * weight
@@ -82,7 +90,7 @@ def lost_update_sums(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
             if sums is None:
                 sums = torch.zeros(4, dtype=torch.float64, device=param.device)
             state = optimizer.state.get(param, {})
-            flat = param.detach().reshape(-1)
+            flat = _local(param.detach()).reshape(-1)
             for start in range(0, flat.numel(), CHUNK_ELEMENTS):
                 stop = start + CHUNK_ELEMENTS
                 update = adamw_update(param, state, group, start, stop)
@@ -104,7 +112,7 @@ def full_step_loss(model: torch.nn.Module, lr: float) -> tuple[float, float]:
         for param in model.parameters():
             if not param.requires_grad:
                 continue
-            flat = param.detach().reshape(-1)
+            flat = _local(param.detach()).reshape(-1)  # FSDP: this rank's shard, a sample
             for start in range(0, flat.numel(), CHUNK_ELEMENTS):
                 size = flat[start : start + CHUNK_ELEMENTS].abs()
                 lost += int(((size.float() + lr).to(size.dtype) == size).sum())
@@ -153,6 +161,8 @@ class LostUpdateMeter:
             raise ValueError(f"LostUpdateMeter mode must be measure, zero or off, got {mode!r}")
         self.mode, self.warn = mode, warn
         self._pending: torch.Tensor | None = None
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.sharded = any(hasattr(p, "to_local") for p in params)
         if mode == "measure":
             if not isinstance(optimizer, torch.optim.AdamW) or any(
                 g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups
@@ -162,7 +172,10 @@ class LostUpdateMeter:
             optimizer.register_step_pre_hook(self._before_step)
 
     def _before_step(self, optimizer, args, kwargs) -> None:
-        self._pending = lost_update_sums(optimizer)
+        sums = lost_update_sums(optimizer)
+        if sums is not None and self.sharded:
+            sums = all_reduce_sum(sums)  # every rank measured its own shards
+        self._pending = sums
 
     def fields(self, step: int) -> dict[str, float | None]:
         """This step's two numbers (None when measured but the update was skipped)."""

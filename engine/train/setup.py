@@ -22,8 +22,11 @@ from engine.memory import format_bytes, largest_micro_batch, plan_memory
 from engine.model.hf_io import load_pretrained
 from engine.model.network import GPTNeoX
 from engine.precision import dtype_bytes, dtype_of
+from engine.sharded_memory import plan_sharded_memory
 from engine.train import checkpoint as ckpt
+from engine.train import fsdp
 from engine.train.config import AUTO, Config, ConfigError, memory_budget_bytes
+from engine.train.sharded_checkpoint import load_sharded_checkpoint
 
 # --------------------------------------------------------------------------------------
 # The run folder
@@ -103,10 +106,7 @@ def check_compatible(config: Config, student: GPTNeoX, teacher: GPTNeoX | None) 
     """Vocabularies and context lengths that the models and the data must share."""
     vocab = student.config.vocab_size
     if teacher is not None and teacher.config.vocab_size != vocab:
-        raise ConfigError(
-            f"teacher.path={config.teacher.path} has vocab_size {teacher.config.vocab_size}, "
-            f"the student has {vocab}: the logits must share a vocabulary"
-        )
+        _check_padded_teacher_head(config, teacher.config.vocab_size, vocab)
     if config.data.valid_vocab > vocab:
         raise ConfigError(f"data.valid_vocab={config.data.valid_vocab} exceeds vocab_size {vocab}")
     for name, model in (("student", student), ("teacher", teacher)):
@@ -115,6 +115,22 @@ def check_compatible(config: Config, student: GPTNeoX, teacher: GPTNeoX | None) 
                 f"batch.seq_len={config.batch.seq_len} exceeds the {name}'s max_positions "
                 f"{model.config.max_positions}"
             )
+
+
+def _check_padded_teacher_head(config: Config, teacher_rows: int, student_rows: int) -> None:
+    """A teacher whose head has more rows than the student's (pythia-6.9b and -12b pad theirs
+    to 50432 and 50688, the others to 50304, over the same 50277 tokens) teaches through its
+    first rows, when data.valid_vocab says the rows beyond are padding."""
+    valid = config.data.valid_vocab
+    if teacher_rows > student_rows and 0 < valid <= student_rows:
+        return
+    fix = ("set data.valid_vocab to the real tokens (50277 for Pythia) so the padding rows "
+           "beyond can be left out" if teacher_rows > student_rows else
+           "use a teacher with at least as many rows as the student")
+    raise ConfigError(
+        f"teacher.path={config.teacher.path} has vocab_size {teacher_rows}, the student has "
+        f"{student_rows}: the logits must share a vocabulary ({fix})"
+    )
 
 
 # The CUDA caching allocator setting the engine starts with unless the user set their own:
@@ -144,13 +160,15 @@ def wrap_teacher(teacher: GPTNeoX | None, config: Config, device) -> torch.nn.Mo
     """What runs the teacher's forward: the teacher, compiled when the student is."""
     if teacher is None or not compile_choice(config, device)[0]:
         return teacher
+    if fsdp.is_sharded(teacher):
+        return fsdp.compile_blocks(teacher)
     return torch.compile(teacher)
 
 
 def wrap_model(student: GPTNeoX, config: Config, info: dist.DistInfo) -> torch.nn.Module:
     """What runs the forward: the student, under DDP across ranks, compiled when asked."""
     model: torch.nn.Module = student
-    if info.distributed:
+    if info.distributed and config.dist.strategy == "ddp":  # fsdp: sharded when built
         model = DistributedDataParallel(
             student,
             device_ids=[info.device.index] if info.device.type == "cuda" else None,
@@ -161,13 +179,15 @@ def wrap_model(student: GPTNeoX, config: Config, info: dist.DistInfo) -> torch.n
         # be summed over ranks, not averaged (DDP's default divides by the world size).
         model.register_comm_hook(state=None, hook=dist.allreduce_sum_hook)
     if compile_choice(config, info.device)[0]:
-        model = torch.compile(model)
+        model = fsdp.compile_blocks(model) if fsdp.is_sharded(model) else torch.compile(model)
     return model
 
 
 def describe_runtime(config: Config, device: torch.device, optimizer, memory_note: str) -> str:
     """One log line: what the engine chose for this device, and why."""
     compiled, why = compile_choice(config, device)
+    if compiled and config.dist.strategy == "fsdp":
+        why += "; each block under FSDP"
     fused = "fused" if optimizer.defaults.get("fused") else "unfused"
     head = "fused head + loss" if config.loss.fused_head else "full logits + kd_loss"
     allocator = ""
@@ -202,6 +222,18 @@ def memory_plan_args(config: Config) -> dict[str, Any]:
     )
 
 
+def memory_planner(config: Config, *, world_size: int = 1, teacher_sharded: bool = False):
+    """(plan function, its arguments beside the shapes and micro_batch): one GPU's plan
+    (engine.memory), or under dist.strategy=fsdp the plan of one GPU among `world_size`
+    (engine.sharded_memory)."""
+    if config.dist.strategy != "fsdp":
+        return plan_memory, memory_plan_args(config)
+    return plan_sharded_memory, dict(memory_plan_args(config), world_size=world_size,
+                                     teacher_sharded=teacher_sharded,
+                                     reshard_after_forward=config.dist.reshard_after_forward,
+                                     cpu_offload=config.dist.cpu_offload)
+
+
 def teacher_cache_width(config: Config) -> int:
     """Entries per position of teacher.cache (0 without one): from its manifest, or, for a
     plan made before the cache exists, the README's example (64; the targets take ~0.5 KB per
@@ -214,21 +246,25 @@ def teacher_cache_width(config: Config) -> int:
         return 64
 
 
-def plan_micro_batch(config: Config, teacher_cfg, student_cfg,
-                     device: torch.device) -> tuple[int, int, int | None, str]:
+def plan_micro_batch(config: Config, teacher_cfg, student_cfg, device: torch.device, *,
+                     world_size: int = 1,
+                     teacher_sharded: bool = False) -> tuple[int, int, int | None, str]:
     """(micro_batch, accum_steps, predicted peak bytes, a note saying what was chosen and why)
     honouring batch.memory_budget ("auto": the device's memory on CUDA, none on the CPU).
 
     The budget picks the largest micro-batch the memory plan fits, among the divisors of the
     sequences per step, so the accumulation steps change but the tokens per step do not.
+    Under FSDP the plan is per GPU, for `world_size` GPUs and the teacher as placed.
     """
     mb, accum = config.batch.micro_batch, config.batch.accum_steps
     setting = config.batch.memory_budget
     budget = memory_budget_bytes(config, device_memory_bytes(device))
     if budget is None:
         return mb, accum, None, f"no memory budget ({setting or 'none'}): micro_batch {mb} as set"
-    plan_args = memory_plan_args(config)
-    largest = largest_micro_batch(teacher_cfg, student_cfg, budget_bytes=budget, **plan_args)
+    planner, plan_args = memory_planner(config, world_size=world_size,
+                                        teacher_sharded=teacher_sharded)
+    largest = largest_micro_batch(teacher_cfg, student_cfg, budget_bytes=budget,
+                                  planner=planner, **plan_args)
     if largest < 1:
         raise ConfigError(
             f"batch.memory_budget={setting}: not even one sequence of "
@@ -238,7 +274,7 @@ def plan_micro_batch(config: Config, teacher_cfg, student_cfg,
     sequences = mb * accum
     new_mb = max(d for d in range(1, min(largest, sequences) + 1) if sequences % d == 0)
     new_accum = sequences // new_mb
-    predicted = plan_memory(teacher_cfg, student_cfg, micro_batch=new_mb, **plan_args)
+    predicted = planner(teacher_cfg, student_cfg, micro_batch=new_mb, **plan_args)
     source = "the device's memory" if setting.strip().lower() == AUTO else setting
     note = (f"memory budget {format_bytes(budget)} ({source}): largest micro-batch {largest}, "
             f"using micro_batch={new_mb} x accum_steps={new_accum} (was {mb} x {accum}), "
@@ -318,18 +354,56 @@ def load_resume_state(
     optimizer: torch.optim.Optimizer,
     loader: BatchLoader,
     info: dist.DistInfo,
+    log=print,
 ) -> tuple[int, int]:
     """Load a checkpoint into the live student, optimizer, loader and RNGs; return
-    (step, non-finite steps in a row) as they were when it was saved."""
-    state = ckpt.load_checkpoint(folder, student=student, optimizer=optimizer)
-    if len(state["loader_states"]) != info.world_size:
-        raise ckpt.CheckpointLoadError(
-            f"{folder}: saved by {len(state['loader_states'])} rank(s), "
-            f"this run has {info.world_size}"
-        )
-    loader.load_state_dict(state["loader_states"][info.rank])
-    ckpt.restore_rng_state(state["rng_states"][info.rank])
+    (step, non-finite steps in a row) as they were when it was saved.
+
+    An FSDP student loads a sharded checkpoint (engine/train/sharded_checkpoint.py), any
+    other a whole-model one. A checkpoint of another number of ranks continues on this one
+    (the loader's position converted, see rescaled_loader_state).
+    """
+    if fsdp.is_sharded(student):
+        state = load_sharded_checkpoint(folder, student=student, optimizer=optimizer)
+    else:
+        state = ckpt.load_checkpoint(folder, student=student, optimizer=optimizer)
+    saved = state["loader_states"]
+    if len(saved) == info.world_size:
+        loader.load_state_dict(saved[info.rank])
+        ckpt.restore_rng_state(state["rng_states"][info.rank])
+    else:
+        loader.load_state_dict(rescaled_loader_state(saved, loader, folder))
+        # No rank of the saved run is this one: every rank takes rank 0's RNG streams.
+        ckpt.restore_rng_state(state["rng_states"][0])
+        log(f"{folder}: saved by {len(saved)} rank(s), continuing on {info.world_size}: the "
+            "data continues where the saved ranks stopped (not bit-exact across world sizes)")
     return int(state["step"]), int(state.get("bad_steps", 0))
+
+
+def rescaled_loader_state(states: list[dict], loader: BatchLoader, folder: Path) -> dict:
+    """This rank's loader state for a checkpoint written by another number of ranks.
+
+    The ranks deal each epoch's permutation out round-robin, micro-batch by micro-batch, so
+    after `position` micro-batches each, N ranks have together consumed exactly the first
+    position x micro_batch x N items of it, whatever N is. M ranks continue from the same
+    item when that count is a whole number of their micro_batch x M items (always so when
+    the sequences per optimizer step stay the same); otherwise the resume is refused.
+    """
+    first = states[0]
+    if any((s["epoch"], s["position"]) != (first["epoch"], first["position"]) for s in states):
+        raise ckpt.CheckpointLoadError(
+            f"{folder}: its ranks' data loaders stopped at different positions; it can only "
+            f"continue on {len(states)} ranks")
+    consumed = first["position"] * first["micro_batch"] * len(states)
+    per_batch = loader.micro_batch * loader.world_size
+    if consumed % per_batch:
+        raise ckpt.CheckpointLoadError(
+            f"{folder}: {len(states)} rank(s) consumed {consumed} sequences of epoch "
+            f"{first['epoch']}, not a multiple of this run's {loader.micro_batch} x "
+            f"{loader.world_size} per micro-batch; resume on {len(states)} rank(s), or keep "
+            "micro_batch x world size a divisor of that count")
+    return {**first, "world_size": loader.world_size, "micro_batch": loader.micro_batch,
+            "position": consumed // per_batch}
 
 
 def resume(candidates: list[Path], *, log, **live) -> tuple[Path | None, int, int]:
@@ -346,7 +420,7 @@ def resume(candidates: list[Path], *, log, **live) -> tuple[Path | None, int, in
     failures = []
     for folder in candidates:
         try:
-            step, bad_steps = load_resume_state(folder, **live)
+            step, bad_steps = load_resume_state(folder, log=log, **live)
         except ckpt.CheckpointLoadError as exc:
             failures.append(str(exc))
             log(f"warning: not resuming from {folder}: {exc}")

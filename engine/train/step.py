@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from engine import dist
 from engine.model.network import model_device, unwrap_model
 from engine.precision import autocast_context
+from engine.train.fsdp import clip_grad_norm, gathered_root, through_head
 from engine.train.teacher_source import CachedTeacher, cached_micro_loss
 from kernels.constants import IGNORE_INDEX
 from kernels.kd_loss import ce_head_loss, kd_head_loss, kd_loss
@@ -139,6 +140,7 @@ def _logits_loss(student, teacher, input_ids, labels, *, autocast_dtype, valid_v
     with autocast_context(device.type, autocast_dtype):
         s_logits = student(input_ids)
     if t_logits is not None:
+        t_logits = t_logits[..., : s_logits.shape[-1]]  # a padded teacher head: the shared rows
         loss, stats = kd_loss(s_logits, t_logits, labels, alpha=alpha, temperature=temperature,
                               valid_vocab=valid_vocab, normalizer=normalizer, backend=backend,
                               inplace_grad=inplace_grad, **divergence_args)
@@ -162,16 +164,23 @@ def _fused_head_loss(student, teacher, input_ids, labels, *, autocast_dtype, val
     t_hidden = None
     if teacher is not None:
         t_hidden = teacher_logits(teacher, input_ids, autocast_dtype, return_hidden=True)
-    head = unwrap_model(student).embed_out.weight
-    with autocast_context(input_ids.device.type, autocast_dtype):
-        s_hidden = student(input_ids, return_hidden=True)
+
+    def head_loss(s_hidden, head):
         if t_hidden is None:
             return ce_head_loss(s_hidden, head, labels, valid_vocab=valid_vocab,
                                 normalizer=normalizer, backend=backend, chunk_tokens=chunk_tokens)
-        return kd_head_loss(
-            s_hidden, head, t_hidden, unwrap_model(teacher).embed_out.weight, labels,
-            alpha=alpha, temperature=temperature, valid_vocab=valid_vocab, normalizer=normalizer,
-            backend=backend, chunk_tokens=chunk_tokens, **divergence_args)
+        with gathered_root(teacher):  # a sharded teacher's head, whole for the loss
+            # A teacher head padded to more rows than the student's teaches through the
+            # shared rows (engine.train.setup.check_compatible).
+            t_head = unwrap_model(teacher).embed_out.weight[: head.shape[0]]
+            return kd_head_loss(
+                s_hidden, head, t_hidden, t_head, labels,
+                alpha=alpha, temperature=temperature, valid_vocab=valid_vocab,
+                normalizer=normalizer, backend=backend, chunk_tokens=chunk_tokens,
+                **divergence_args)
+
+    with autocast_context(input_ids.device.type, autocast_dtype):
+        return through_head(student, input_ids, head_loss)
 
 
 def _batch_on_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +254,7 @@ def train_step(
         sums += torch.stack(
             [stats["loss"], stats["ce_sum"], stats["kd_sum"], stats["valid_tokens"]]
         )
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
+    grad_norm = clip_grad_norm(student.parameters(), max_grad_norm)  # DTensors too (FSDP)
     flag = torch.tensor([1.0 if stop_requested else 0.0], device=device)
     totals = dist.all_reduce_sum(torch.cat([sums, flag]))
     # One host sync per step: the grad norm (already global after DDP's all-reduce) rides

@@ -26,9 +26,9 @@ from data.teacher_cache import (
     targets_of_batch,
 )
 from data.tokenizer_file import read_tokenizer_file
-from engine.model.network import unwrap_model
 from engine.precision import autocast_context
 from engine.train.config import ConfigError
+from engine.train.fsdp import through_head
 from kernels.sparse_kd import SUPPORTED_DIVERGENCES, sparse_kd_loss
 from kernels.sparse_kd_head import sparse_kd_head_loss
 
@@ -95,8 +95,7 @@ def cached_micro_loss(student, batch, input_ids, labels, *, fused_head, inplace_
     targets = CachedTeacher.targets(batch, input_ids.device)
     with autocast_context(input_ids.device.type, autocast_dtype):
         if fused_head:
-            hidden = student(input_ids, return_hidden=True)
-            return sparse_kd_head_loss(hidden, unwrap_model(student).embed_out.weight, targets,
-                                       labels, chunk_tokens=chunk_tokens, **loss_args)
+            return through_head(student, input_ids, lambda hidden, head: sparse_kd_head_loss(
+                hidden, head, targets, labels, chunk_tokens=chunk_tokens, **loss_args))
         s_logits = student(input_ids)
     return sparse_kd_loss(s_logits, targets, labels, inplace_grad=inplace_grad, **loss_args)

@@ -9,8 +9,9 @@ before any update, every eval.every steps and at the end, with engine.eval's own
 value: more than eval.alarm worse is a warning naming the task, both values and the step,
 and with eval.alarm_action = "stop" the run saves a checkpoint and stops (exit status 1).
 
-Rank 0 scores (the student is the same on every rank) while the others wait; the stop
-decision is shared with every rank. The step-0 values are read back from metrics.jsonl on
+Rank 0 scores (the student is the same on every rank) while the others wait; under FSDP,
+whose forward is collective, every rank scores the same documents and rank 0 records. The
+stop decision is shared with every rank. The step-0 values are read back from metrics.jsonl on
 resume, so a resumed run keeps comparing against the untouched student. Records:
 docs/formats.md, "metrics.jsonl records".
 """
@@ -29,6 +30,7 @@ from engine import dist
 from engine.eval.requests import EvalInputError, TextEncoder
 from engine.eval.tasks import ScoringSetup, evaluate_lambada, evaluate_mc, evaluate_ppl
 from engine.metrics import MetricsWriter
+from engine.train import fsdp
 from engine.train.config import Config, parse_task_spec
 
 
@@ -86,10 +88,13 @@ class TaskWatch:
         self.settings = config.eval
         self.tasks = [parse_task_spec(spec) for spec in config.eval.tasks]
         self.writer, self.is_main = writer, info.is_main
+        self.student = student
+        # An FSDP student's forward is collective: every rank scores, rank 0 records.
+        self.scores_here = info.is_main or fsdp.is_sharded(student)
         self.baselines: dict[str, dict] = {}
         self.last_step: int | None = None
         self.encoder = None
-        if not self.tasks or not self.is_main:
+        if not self.tasks or not self.scores_here:
             return
         self.encoder = TextEncoder(config.run.tokenizer, eos_id=student.config.eos_token_id)
         self.encoder.check_fits(student.config.vocab_size, "the student")
@@ -104,7 +109,7 @@ class TaskWatch:
             autocast_dtype=autocast_dtype,
             progress=False,  # the step bar owns the terminal
         )
-        if resumed_at is not None:
+        if resumed_at is not None and self.is_main:
             self.baselines, self.last_step = read_task_history(writer.path, resumed_at)
 
     def due(self, step: int, *, final: bool = False) -> bool:
@@ -115,14 +120,19 @@ class TaskWatch:
         return final or step == 0 or bool(every and step % every == 0)
 
     def score(self, step: int) -> str | None:
-        """Score every task (rank 0), log and check each; returns the reason to stop (on every
-        rank) when a task regressed and eval.alarm_action is "stop", else None."""
+        """Score every task (rank 0; every rank under FSDP), log and check each (rank 0);
+        returns the reason to stop (on every rank) when a task regressed and
+        eval.alarm_action is "stop", else None."""
         self.last_step = step
         alarms = []
-        if self.is_main:
+        if self.scores_here:
             for kind, name, path in self.tasks:
+                with fsdp.gathered_root(self.student):
+                    scores = self._evaluate(kind, path)
+                if not self.is_main:
+                    continue
                 record = {"kind": "task", "step": step, "task": kind, "name": name,
-                          **_scalars(self._evaluate(kind, path))}
+                          **_scalars(scores)}
                 self.writer.write(record)
                 alarms.extend(self._check(record))
         reason = "; ".join(alarms) if alarms and self.settings.alarm_action == "stop" else None

@@ -29,7 +29,7 @@ def test_smoke_suite_runs_every_section(tmp_path):
     sections = report["sections"]
     assert set(sections) == {"kernel_correctness", "kernel_speed", "divergences", "head",
                              "seed_recipe", "seed_recipe_logits", "seed_recipe_compiled",
-                             "teacher_cache", "transformers", "capped_12gib"}
+                             "teacher_cache", "transformers", "capped_12gib", "fsdp"}
     for name, body in sections.items():
         assert "error" not in body, (name, body.get("traceback"))
     assert sections["kernel_correctness"]["passed"]
@@ -53,6 +53,10 @@ def test_smoke_suite_runs_every_section(tmp_path):
     assert capped["best_compiled_micro_batch"] == capped["measured_largest_micro_batch"]
     hf = sections["transformers"]
     assert "skipped" in hf or hf["tokens_per_s"] > 0
+    fsdp = sections["fsdp"]
+    assert fsdp["seed"]["fsdp"]["finite"] and fsdp["seed"]["fsdp_over_plain_tokens_per_s"] > 0
+    assert fsdp["capped"]["finite"] and fsdp["capped"]["plan_allocated_peak_bytes"] > 0
+    assert "FSDP x1 / plain seed step tokens/s" in proc.stdout
     # The summary table comes last.
     tail = proc.stdout.strip().splitlines()
     assert any(line.startswith("GPU suite summary") for line in tail[-40:])

@@ -22,7 +22,10 @@ from engine.model import PYTHIA_SHAPES, GPTNeoX, GPTNeoXConfig, pythia_config
 TINY = dict(vocab_size=301, hidden_size=96, num_layers=3, num_heads=4, intermediate_size=376,
             max_positions=128)
 # Exact parameter counts of the released Pythia checkpoints (transformers' num_parameters).
-PYTHIA_PARAMS = {"pythia-70m": 70_426_624, "pythia-160m": 162_322_944}
+PYTHIA_PARAMS = {"pythia-70m": 70_426_624, "pythia-160m": 162_322_944,
+                 "pythia-410m": 405_334_016, "pythia-1b": 1_011_781_632,
+                 "pythia-1.4b": 1_414_647_808, "pythia-2.8b": 2_775_208_960,
+                 "pythia-6.9b": 6_857_302_016, "pythia-12b": 11_846_072_320}
 
 
 def test_parameter_count_matches_published_pythia_sizes():
@@ -172,7 +175,8 @@ def test_bad_plan_arguments_are_named():
         plan_memory(None, student, micro_batch=0, seq_len=8)
     with pytest.raises(ValueError, match="unknown Pythia size"):
         pythia_config("pythia-1t")
-    assert set(PYTHIA_SHAPES) == {"pythia-70m", "pythia-160m", "pythia-410m"}
+    assert list(PYTHIA_SHAPES) == ["pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b",
+                                   "pythia-1.4b", "pythia-2.8b", "pythia-6.9b", "pythia-12b"]
 
 
 def _write_toml(path, **sections):
