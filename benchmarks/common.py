@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from data.atomic import write_json_atomic
-from data.teacher_cache import TARGET_KEYS
+from data.loader import build_dataset
+from data.shards import ShardWriter
+from data.teacher_cache import TARGET_KEYS, TeacherCache
 from data.teacher_cache_encode import (
     record_dtype,
     sampled_entries,
@@ -37,8 +39,10 @@ from data.teacher_cache_encode import (
     top_k_targets,
 )
 from engine.model.config import PYTHIA_COMMON, PYTHIA_SHAPES, GPTNeoXConfig
+from engine.model.hf_io import load_pretrained, save_pretrained
 from engine.model.network import GPTNeoX
-from engine.precision import DTYPES
+from engine.precision import DTYPES, dtype_of
+from engine.teacher_cache import build_teacher_cache
 from engine.train.step import distill_micro_step
 from kernels.constants import IGNORE_INDEX
 from kernels.divergences import DIVERGENCES
@@ -573,3 +577,107 @@ def liger_jsd_loss(chunk_size=1024, compiled=True):
         weight_hard_loss=ALPHA, weight_soft_loss=(1 - ALPHA) * TEMPERATURE**2, beta=0.0,
         ignore_index=IGNORE_INDEX, temperature=TEMPERATURE, compiled=compiled,
         chunk_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------- teacher cache builds
+
+
+def teacher_forward_rate(teacher_dir, data, seq_len: int, dtype: str, batch: int,
+                         device: str = "cpu") -> float:
+    """Tokens/s of the teacher's own forward (full logits) over every packed window, after one
+    untimed batch (kernels chosen, allocator warm)."""
+    dev = torch.device(device)
+    teacher = load_pretrained(teacher_dir, dtype=dtype_of(dtype), device=dev).eval()
+    dataset = build_dataset(data, "packed", seq_len)
+    starts = range(0, len(dataset), batch)
+    with torch.no_grad():
+        teacher(dataset.get_batch(np.arange(min(batch, len(dataset))))["input_ids"].to(dev))
+        sync(dev)
+        start = time.perf_counter()
+        for first in starts:
+            ids = dataset.get_batch(np.arange(first, min(first + batch, len(dataset))))
+            teacher(ids["input_ids"].to(dev))
+        sync(dev)
+    return len(dataset) * seq_len / (time.perf_counter() - start)
+
+
+def cache_build_rates(teacher_dir, data, out: Path, kinds: dict, *, seq_len, dtype,
+                      temperature, valid_vocab=None, batch: int = 8, device: str = "cpu",
+                      warm_data=None) -> dict:
+    """Each cache's build tokens/s (python -m tools.cache_teacher's whole job) beside the
+    teacher's forward tokens/s on the same windows, the forward timed before and after the
+    builds (their mean is the yardstick).
+
+    `warm_data` (a few windows of the same kind): each cache is first built over them too and
+    that build's tokens and seconds are subtracted, so the rate is the build's steady state
+    (what a long cache build sees) without the teacher's load and the first batch's warm-up,
+    which the forward's rate leaves out too."""
+    def build(folder, source, kind) -> tuple[float, dict]:
+        start = time.perf_counter()
+        manifest = build_teacher_cache(
+            str(teacher_dir), str(source), str(folder), **kind, temperature=temperature,
+            seq_len=seq_len, batch=batch, dtype=dtype, device=device, valid_vocab=valid_vocab,
+            show_progress=False)
+        return time.perf_counter() - start, manifest
+
+    trained = len(build_dataset(data, "packed", seq_len)) * seq_len
+    warm_tokens = len(build_dataset(warm_data, "packed", seq_len)) * seq_len if warm_data else 0
+    before = teacher_forward_rate(teacher_dir, data, seq_len, dtype, batch, device)
+    builds = {}
+    for name, kind in kinds.items():
+        warm_seconds = build(out / f"{name}-warm", warm_data, kind)[0] if warm_data else 0.0
+        seconds, manifest = build(out / name, data, kind)
+        builds[name] = {"seconds": seconds, "warm_seconds": warm_seconds,
+                        "tokens_per_s": (trained - warm_tokens) / (seconds - warm_seconds),
+                        "bytes_per_token": manifest["record"]["bytes"],
+                        "target_bytes_per_token": 4 * manifest["width"] + 8,
+                        "cache_bytes": manifest["totals"]["bytes"],
+                        "mean_tail_mass": mean_tail_mass(out / name)}
+    after = teacher_forward_rate(teacher_dir, data, seq_len, dtype, batch, device)
+    for row in builds.values():
+        row["vs_teacher_forward"] = row["tokens_per_s"] / ((before + after) / 2)
+    return {"teacher_forward_tokens_per_s": [before, after], "device": str(device),
+            "builds": builds}
+
+
+def mean_tail_mass(folder: Path, rows: int = 100_000) -> float | None:
+    """The teacher's mean probability outside the listed columns (top-k caches; None for
+    sampled ones), over the first trained rows."""
+    cache = TeacherCache(folder)
+    if cache.kind != "top_k":
+        return None
+    records = cache.rows(0, min(rows, cache.total_rows))
+    used = records[records["count"] > 0]
+    return float(np.exp(used["aux"].astype(np.float64)).mean())
+
+
+def random_token_shards(folder: Path, windows: int, seq_len: int, valid_vocab: int,
+                        seed: int = 0) -> Path:
+    """A shard folder of `windows` packed windows of random token ids (one document)."""
+    folder.mkdir(parents=True)
+    tokens = np.random.default_rng(seed).integers(2, valid_vocab, windows * seq_len + 1)
+    writer = ShardWriter(folder / "shard_00000", np.uint16)
+    writer.add_documents(tokens, np.array([tokens.size]))
+    writer.finish()
+    return folder
+
+
+def seed_cache_build_rates(root: Path, smoke: bool, device: str = "cpu") -> dict:
+    """Cache build vs teacher forward at the seed shapes: a random pythia-160m teacher (bf16),
+    V = 50304, top-64 and sampled-32, over random tokens (CPU: 32 windows of 512 after 8 warm
+    ones; GPU: 256 windows of 2048 after 32)."""
+    names, vocab, valid_vocab = (("tiny-teacher", 1000, 987) if smoke
+                                 else ("pythia-160m", 50304, 50277))
+    windows, warm, seq_len = ((4, 2, 32) if smoke else (256, 32, 2048) if device != "cpu"
+                              else (32, 8, 512))
+    teacher = build_ours(names, vocab, 2048, "cpu", seed=1)
+    save_pretrained(teacher, root / "teacher", dtype=torch.bfloat16)
+    data = random_token_shards(root / "data", windows, seq_len, valid_vocab)
+    warm_data = random_token_shards(root / "warm", warm, seq_len, valid_vocab, seed=1)
+    kinds = {"top-64": dict(top_k=64), "sampled-32": dict(samples=32)}
+    out = cache_build_rates(root / "teacher", data, root / "caches", kinds, seq_len=seq_len,
+                            dtype="bf16", temperature=2.0, valid_vocab=valid_vocab,
+                            device=device, warm_data=warm_data)
+    out["shapes"] = {"teacher": names, "vocab": vocab, "seq_len": seq_len, "windows": windows,
+                     "warm_windows": warm}
+    return out

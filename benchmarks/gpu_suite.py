@@ -14,11 +14,18 @@ Sections (each guarded: a failure is recorded with its traceback and the others 
                       tokens/s, MFU, peak memory against the memory plan
   seed_recipe_logits  the same with full logits (loss.fused_head = false)
   seed_recipe_compiled  the same fused step with both models under torch.compile
+  teacher_cache       the sparse loss (teacher.cache) against its float64 reference, and the
+                      seed step from top-64 cached targets against the online step (>= 1.5x)
+  teacher_cache_build building top-64 / sampled-32 caches of a pythia-160m teacher against
+                      its own forward, steady state (target >= 0.9x)
   transformers        the step through GPTNeoXForCausalLM + the naive loss (target: ours eager
                       >= 1.5x)
   capped_12gib        a fresh process capped to a 12 GiB card: the seed step, the largest
                       micro-batch that runs (target >= 24), and that micro-batch compiled, the
                       best configuration that fits (target >= 500k tokens/s, MFU >= 35%)
+  fsdp                dist.strategy=fsdp at world size 1 against the plain seed step (target
+                      within 10% of its tokens/s), and the largest one-GPU ladder pair under a
+                      12 GiB cap against its memory plan (target within 5%)
 Every configuration that trains records the memory plan beside its measured peaks (allocated,
 and reserved + memory outside the allocator). The summary table is printed last; everything is
 also written to DIR/gpu_suite.json. Sizes keep the whole run within ~8 minutes on an H200.
@@ -71,6 +78,7 @@ from benchmarks.common import (
     model_config,
     ours_micro_step,
     random_top_k_batch,
+    seed_cache_build_rates,
     sparse_correctness,
     sync,
     timed,
@@ -345,6 +353,15 @@ def section_teacher_cache(sizes, smoke: bool) -> dict:
     return out
 
 
+def section_teacher_cache_build(sizes, smoke: bool) -> dict:
+    """Building a teacher cache (python -m tools.cache_teacher's job) against the teacher's own
+    forward on this device, at the seed shapes (pythia-160m, bf16, 2048-token windows): top-64
+    and sampled-32, steady state (target >= 0.9x the forward's tokens/s)."""
+    device = current_device()
+    with tempfile.TemporaryDirectory(prefix="gpu-suite-cache-") as scratch:
+        return seed_cache_build_rates(Path(scratch), smoke, device=device.type)
+
+
 def section_transformers(sizes, smoke: bool) -> dict:
     try:
         import transformers
@@ -592,6 +609,15 @@ def _cache_rows(body: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _cache_build_rows(body: dict) -> list[tuple[str, str, str]]:
+    """Each cache build's steady tokens/s against the teacher's forward on the device."""
+    forward = sum(body.get("teacher_forward_tokens_per_s", [])) / 2
+    return [(f"teacher cache build, {name} / teacher forward",
+             f"x{build['vs_teacher_forward']:.2f} ({build['tokens_per_s']:,.0f} vs "
+             f"{forward:,.0f} tokens/s, {build['bytes_per_token']} B/token)", ">= 0.9x")
+            for name, build in body.get("builds", {}).items()]
+
+
 def _step_rows(sections: dict) -> list[tuple[str, str, str]]:
     rows = []
     labels = {"seed_recipe": "seed step, eager, fused head",
@@ -609,6 +635,7 @@ def _step_rows(sections: dict) -> list[tuple[str, str, str]]:
                      f"{seed['plan_largest_micro_batch_12gib']} (checkpointing: "
                      f"{seed['plan_largest_micro_batch_12gib_checkpointing']})", ">= 24"))
     rows += _cache_rows(sections.get("teacher_cache", {}))
+    rows += _cache_build_rows(sections.get("teacher_cache_build", {}))
     hf = sections.get("transformers", {})
     if "skipped" in hf:
         rows.append(("transformers step", "skipped: " + hf["skipped"], "-"))
@@ -737,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         ("seed_recipe_logits", section_seed_recipe_logits),
         ("seed_recipe_compiled", section_seed_recipe_compiled),
         ("teacher_cache", section_teacher_cache),
+        ("teacher_cache_build", section_teacher_cache_build),
         ("transformers", section_transformers),
         ("capped_12gib", lambda sizes, smoke: section_capped(sizes, smoke, out_dir)),
         ("fsdp", lambda sizes, smoke: section_fsdp(sizes, smoke, out_dir)),

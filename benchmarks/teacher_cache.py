@@ -45,16 +45,18 @@ from benchmarks.common import (
     REPO_ROOT,
     RESULTS_DIR,
     build_ours,
+    cache_build_rates,
     make_batch,
+    mean_tail_mass,
     random_top_k_batch,
+    seed_cache_build_rates,
     write_json,
 )
 from data.loader import build_dataset
-from data.shards import ShardWriter
 from data.teacher_cache import CachedTargets, TeacherCache
 from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.scoring import heldout_metrics
-from engine.model.hf_io import load_pretrained, save_pretrained
+from engine.model.hf_io import load_pretrained
 from engine.precision import dtype_of
 from engine.quickstart import pipeline as quickstart
 from engine.teacher_cache import build_teacher_cache
@@ -103,81 +105,12 @@ def row_config(settings, base, out_dir: Path, row: str, caches: dict):
 # ----------------------------------------------------------------------------- cache builds
 
 
-def teacher_forward_rate(teacher_dir, data, seq_len: int, dtype: str, batch: int) -> float:
-    """Tokens/s of the teacher's own forward (full logits) over every packed window."""
-    teacher = load_pretrained(teacher_dir, dtype=dtype_of(dtype)).eval()
-    dataset = build_dataset(data, "packed", seq_len)
-    start = time.perf_counter()
-    with torch.no_grad():
-        for first in range(0, len(dataset), batch):
-            ids = dataset.get_batch(np.arange(first, min(first + batch, len(dataset))))
-            teacher(ids["input_ids"])
-    return len(dataset) * seq_len / (time.perf_counter() - start)
-
-
-def build_rates(teacher_dir, data, out: Path, kinds: dict, *, seq_len, dtype, temperature,
-                valid_vocab=None, batch: int = 8) -> dict:
-    """Each cache's build tokens/s beside the teacher's forward tokens/s on the same windows,
-    the forward timed before and after the builds (their mean is the yardstick)."""
-    trained = len(build_dataset(data, "packed", seq_len)) * seq_len
-    before = teacher_forward_rate(teacher_dir, data, seq_len, dtype, batch)
-    builds = {}
-    for name, kind in kinds.items():
-        start = time.perf_counter()
-        manifest = build_teacher_cache(
-            str(teacher_dir), str(data), str(out / name), **kind, temperature=temperature,
-            seq_len=seq_len, batch=batch, dtype=dtype, device="cpu", valid_vocab=valid_vocab,
-            show_progress=False)
-        seconds = time.perf_counter() - start
-        builds[name] = {"seconds": seconds, "tokens_per_s": trained / seconds,
-                        "bytes_per_token": manifest["record"]["bytes"],
-                        "target_bytes_per_token": 4 * manifest["width"] + 8,
-                        "cache_bytes": manifest["totals"]["bytes"],
-                        "mean_tail_mass": mean_tail_mass(out / name)}
-    after = teacher_forward_rate(teacher_dir, data, seq_len, dtype, batch)
-    for row in builds.values():
-        row["vs_teacher_forward"] = row["tokens_per_s"] / ((before + after) / 2)
-    return {"teacher_forward_tokens_per_s": [before, after], "builds": builds}
-
-
-def mean_tail_mass(folder: Path, rows: int = 100_000) -> float | None:
-    """The teacher's mean probability outside the listed columns (top-k caches; None for
-    sampled ones), over the first trained rows."""
-    cache = TeacherCache(folder)
-    if cache.kind != "top_k":
-        return None
-    records = cache.rows(0, min(rows, cache.total_rows))
-    used = records[records["count"] > 0]
-    return float(np.exp(used["aux"].astype(np.float64)).mean())
-
-
 def build_caches(base, config, root: Path) -> tuple[dict, dict]:
     """({row: cache folder}, build measurements incl. the teacher-forward comparison)."""
-    build = build_rates(base["teacher"], base["data"], root, CACHES,
-                        seq_len=config.batch.seq_len, dtype=config.teacher.dtype,
-                        temperature=config.loss.temperature)
+    build = cache_build_rates(base["teacher"], base["data"], root, CACHES,
+                              seq_len=config.batch.seq_len, dtype=config.teacher.dtype,
+                              temperature=config.loss.temperature)
     return {name: root / name for name in CACHES}, build
-
-
-def seed_build_rates(root: Path, smoke: bool) -> dict:
-    """Build vs forward at the seed shapes: a random pythia-160m teacher (bf16), V = 50304,
-    over a shard of random tokens (32 windows of 512)."""
-    names, vocab, valid_vocab = (("tiny-teacher", 1000, 987) if smoke
-                                 else ("pythia-160m", 50304, 50277))
-    windows, seq_len = (4, 32) if smoke else (32, 512)
-    teacher = build_ours(names, vocab, 2048, "cpu", seed=1)
-    save_pretrained(teacher, root / "teacher", dtype=torch.bfloat16)
-    gen = np.random.default_rng(0)
-    (root / "data").mkdir(parents=True)
-    writer = ShardWriter(root / "data" / "shard_00000", np.uint16)
-    writer.add_documents(gen.integers(2, valid_vocab, windows * seq_len + 1),
-                         np.array([windows * seq_len + 1]))
-    writer.finish()
-    kinds = {"top-64": dict(top_k=64), "sampled-32": dict(samples=32)}
-    out = build_rates(root / "teacher", root / "data", root / "caches", kinds, seq_len=seq_len,
-                      dtype="bf16", temperature=2.0, valid_vocab=valid_vocab)
-    out["shapes"] = {"teacher": names, "vocab": vocab, "seq_len": seq_len, "windows": windows}
-    return out
 
 
 # ----------------------------------------------------------------------------- training rows
@@ -393,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             "cache_build": build,
             "rows": train_rows(settings, base, work, folders),
             "contrast_T1": contrast_rows(settings, base, work, config),
-            "seed_build": seed_build_rates(work / "seed", args.smoke),
+            "seed_build": seed_cache_build_rates(work / "seed", args.smoke),
             "step_ratio": {"quickstart": quickstart_step_ratio(base, config, folders["top-64"],
                                                                args.steps),
                            "seed": seed_step_ratio(config, args.smoke, args.steps)},

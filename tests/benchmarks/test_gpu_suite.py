@@ -29,7 +29,8 @@ def test_smoke_suite_runs_every_section(tmp_path):
     sections = report["sections"]
     assert set(sections) == {"kernel_correctness", "kernel_speed", "divergences", "head",
                              "seed_recipe", "seed_recipe_logits", "seed_recipe_compiled",
-                             "teacher_cache", "transformers", "capped_12gib", "fsdp"}
+                             "teacher_cache", "teacher_cache_build", "transformers",
+                             "capped_12gib", "fsdp"}
     for name, body in sections.items():
         assert "error" not in body, (name, body.get("traceback"))
     assert sections["kernel_correctness"]["passed"]
@@ -48,6 +49,12 @@ def test_smoke_suite_runs_every_section(tmp_path):
     assert cache["passed"] and len(cache["correctness"]) == 4
     assert cache["cache"]["finite"] and cache["online"]["finite"] and cache["speedup"] > 0
     assert "seed step from a top-64 cache / online step" in proc.stdout
+    builds = sections["teacher_cache_build"]["builds"]
+    assert set(builds) == {"top-64", "sampled-32"}
+    # (at smoke sizes the steady rate is noise: only the plumbing and the record are checked)
+    assert all(b["seconds"] > 0 and b["bytes_per_token"] == b["target_bytes_per_token"]
+               for b in builds.values())
+    assert "teacher cache build, top-64 / teacher forward" in proc.stdout
     capped = sections["capped_12gib"]
     assert capped["seed_micro_batch_fits"] and capped["measured_largest_micro_batch"] >= 2
     assert capped["best_compiled_micro_batch"] == capped["measured_largest_micro_batch"]
