@@ -382,10 +382,13 @@ def _fused_head_buffers(teacher_cfg, student_cfg, tokens: int, w: _Widths,
     """The fused head's buffers at its forward's last chunk (kernels/kd_head.py)."""
     v, h = student_cfg.vocab_size, student_cfg.hidden_size
     out = [("fused head: student logit block [chunk,V]", w.a * chunk * v),
-           ("fused head: d hidden [B,T,H]", w.r * tokens * h),
-           ("fused head: d weight accumulator [V,H] fp32", 4 * v * h)]
-    if w.a != 4:
-        out.append(("fused head: one chunk's d weight [V,H]", w.a * v * h))
+           ("fused head: d hidden [B,T,H]", w.r * tokens * h)]
+    if chunk >= tokens and w.r == w.a:  # one chunk in the weight's dtype: its product is d weight
+        out.append(("fused head: d weight [V,H] (the one chunk's product)", w.a * v * h))
+    else:
+        out.append(("fused head: d weight accumulator [V,H] fp32", 4 * v * h))
+        if w.a != 4:
+            out.append(("fused head: one chunk's d weight [V,H]", w.a * v * h))
     if w.r != w.a:  # autocast: the head runs on bf16 casts, as F.linear would
         out += [("fused head: hidden states cast [B,T,H]", w.a * tokens * h),
                 ("fused head: head weight cast [V,H]", w.a * v * h),

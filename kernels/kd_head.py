@@ -11,7 +11,7 @@ teacher's head runs without autograd. Under torch.no_grad (or for inputs that do
 grad) it runs forward only: no gradient matmul, and the loss kernel writes no logit gradient.
 `ce_head_loss` is the same loop without a teacher: cross-entropy only (alpha = 1).
 Peak memory beyond the inputs: the two chunk blocks, d hidden, and d weight (accumulated in
-fp32 across chunks, whatever the weight's dtype).
+fp32 across chunks, whatever the weight's dtype; a single chunk's product is d weight as it is).
 
 Precision follows the unfused path under each training precision:
   * fp32: fp32 matmuls and loss.
@@ -25,7 +25,8 @@ accumulations are never re-cast. Backward only multiplies, which autocast does n
 torch.amp.custom_fwd / custom_bwd are not needed.
 
 Chunk size (`default_chunk_tokens`):
-  * CPU: the two fp32 logit blocks take CPU_LOGIT_BLOCK_BYTES (measured, see the constant).
+  * CPU: the two fp32 logit blocks take CPU_LOGIT_BLOCK_BYTES (measured, see the constant);
+    without a teacher head (ce_head_loss, the teacher cache's sparse head) the one block does.
   * CUDA (designed, not yet measured): every chunk re-reads both head weights and the fp32
     d weight accumulator, a fixed cost of ~V * (2 Hs e + Ht e + 8 Hs + 4 Hs e) bytes (e the
     matmul element size) against 2 V (3 Hs + Ht) flops per token. The chunk is sized so its
@@ -83,7 +84,8 @@ def default_chunk_tokens(n_tokens, vocab, student_dim, teacher_dim, element_size
         tokens = GPU_FLOPS_PER_FIXED_BYTE * fixed_bytes // flops_per_token
         chunk = _round_down(int(tokens) + 255, 256)
     else:
-        chunk = _round_down(CPU_LOGIT_BLOCK_BYTES // (2 * 4 * vocab), 32)
+        blocks = 2 if teacher_dim else 1  # CE only and the sparse (cached) loss: no teacher block
+        chunk = _round_down(CPU_LOGIT_BLOCK_BYTES // (blocks * 4 * vocab), 32)
     return max(1, min(chunk, n_tokens))
 
 
@@ -147,12 +149,17 @@ def student_head_chunks(h_s, w_s, plan: HeadPlan, block_loss):
     s_block = torch.empty(rows, vocab, dtype=plan.student_dtype, device=h_s.device)
     grad_h = torch.empty_like(h_s) if plan.grad_hidden else None
     acc_dtype = torch.float64 if w_s.dtype == torch.float64 else torch.float32
-    grad_w = torch.zeros(w_s.shape, dtype=acc_dtype, device=w_s.device) if plan.grad_weight \
-        else None
+    # One chunk in the weight's own dtype (bf16-pure, fp32): its d weight product (one matmul,
+    # rounded once) is the gradient, with no fp32 accumulator to fill, add into and round back:
+    # the same bits, three passes over [V, H] fewer. Under autocast the accumulator stays.
+    single = (plan.grad_weight and n_tokens <= plan.chunk_tokens
+              and plan.student_dtype == w_s.dtype)
+    grad_w = (torch.zeros(w_s.shape, dtype=acc_dtype, device=w_s.device)
+              if plan.grad_weight and not single else None)
     partial_w = (torch.empty(w_s.shape, dtype=plan.student_dtype, device=w_s.device)
-                 if plan.grad_weight and plan.student_dtype != acc_dtype else None)
+                 if grad_w is not None and plan.student_dtype != acc_dtype else None)
     sums = torch.zeros(2, dtype=acc_dtype, device=h_s.device)
-    write_grad = grad_h is not None or grad_w is not None  # else forward only
+    write_grad = grad_h is not None or plan.grad_weight  # else forward only
     for start in range(0, n_tokens, plan.chunk_tokens):
         stop = min(start + plan.chunk_tokens, n_tokens)
         s = s_block[: stop - start]
@@ -163,7 +170,9 @@ def student_head_chunks(h_s, w_s, plan: HeadPlan, block_loss):
                 torch.mm(s, ws, out=grad_h[start:stop])
             else:
                 grad_h[start:stop] = torch.mm(s, ws)
-        if partial_w is not None:
+        if single:
+            grad_w = torch.mm(s.t(), hs[start:stop])
+        elif partial_w is not None:
             grad_w.add_(torch.mm(s.t(), hs[start:stop], out=partial_w))
         elif grad_w is not None:
             grad_w.addmm_(s.t(), hs[start:stop])

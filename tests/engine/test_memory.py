@@ -259,19 +259,21 @@ def _tiny_pair(precision: str, with_teacher: bool, checkpointing: bool):
     return student, teacher
 
 
+@pytest.mark.parametrize("chunk", [64, 512], ids=["chunks", "one-chunk"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
 @pytest.mark.parametrize("with_teacher", [True, False], ids=["kd", "ce-only"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-pure"])
 def test_fused_head_plan_matches_every_tensor_a_step_allocates(precision, with_teacher,
-                                                               checkpointing):
+                                                               checkpointing, chunk):
     """The plan's activations, loss buffers and autocast casts against the peak of every
     tensor a whole micro-step (forward, fused head + loss, backward) keeps alive at once,
-    measured through the dispatcher on the CPU (where the loss runs on its torch path)."""
+    measured through the dispatcher on the CPU (where the loss runs on its torch path); with
+    several chunks (an fp32 d weight accumulator) and with one (its product is d weight)."""
     from engine.train.step import distill_micro_step
     from tests.engine.live_memory import LiveBytes
 
     student, teacher = _tiny_pair(precision, with_teacher, checkpointing)
-    micro_batch, seq_len, chunk = 3, 100, 64
+    micro_batch, seq_len = 3, 100
     gen = torch.Generator().manual_seed(1)
     batch = {name: torch.randint(0, PLAN_VOCAB, (micro_batch, seq_len), generator=gen)
              for name in ("input_ids", "labels")}
