@@ -87,7 +87,7 @@ def format_step_line(record: dict, total_steps: int) -> str:
         f"mem {record.get('peak_memory_bytes', 0) / 2**30:.2f}GiB",
         f"eta {format_duration(record.get('eta_s', float('nan')))}",
     ]
-    if record.get("update_lost_frac") is not None:  # bf16-pure: updates rounded away
+    if record.get("update_lost_frac"):  # updates rounded away (bf16-pure; 0 otherwise)
         parts.append(f"lost {100 * record['update_lost_frac']:.1f}%")
     if record.get("skipped"):
         parts.append("SKIPPED (non-finite)")
