@@ -18,7 +18,9 @@ the run's median wall-clock step time, and for caches the bytes per token and th
 Two side-by-side measurements, each in one run:
   * cache build vs the teacher's own forward: tokens/s of building each cache against tokens/s
     of the teacher's plain forward (full logits, same dtype, same batches) over the same data,
-    the forward timed before and after the builds (target: build >= 0.9x forward);
+    the forward timed before and after the builds (target: build >= 0.9x forward): whole
+    builds at the quickstart shapes, and at the seed shapes (random pythia-160m, V 50304) the
+    steady state, a build over a few other windows subtracted (benchmarks.common);
   * student step from a top-64 cache vs the online step (teacher forward + dense KD), both a
     full training step (micro-step + AdamW) on the same batch, alternated, in CPU seconds of
     this single-threaded process (wall clock printed beside it): at the quickstart shapes (the
