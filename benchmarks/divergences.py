@@ -25,7 +25,6 @@ import contextlib
 import importlib.util
 import json
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -36,12 +35,14 @@ import torch
 from benchmarks.common import REPO_ROOT, RESULTS_DIR
 from data.atomic import write_json_atomic, write_text_atomic
 from data.loader import build_dataset
+from data.owned_folder import ForeignFolderError, clear_owned_folder
 from engine.eval.compare import save_bar_chart
 from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.scoring import heldout_metrics
 from engine.metrics import read_records
 from engine.model.hf_io import load_pretrained
 from engine.quickstart.pipeline import (
+    DATA_NAMES,
     DEFAULT_CONFIG,
     MARKER,
     load_settings,
@@ -54,15 +55,18 @@ from kernels.divergences import DIVERGENCES
 
 OWNER_MARK = "divergences-study.json"  # proves a --out folder is this script's to replace
 CONTROL = "ce_only (control)"
+CE_ONLY_RUN = "ce_only"  # the control's run folder
 
 
 def _owned_out_dir(out_dir: Path) -> Path:
-    """An empty --out folder, replacing only this script's own earlier output."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / OWNER_MARK).is_file():
-            raise SystemExit(f"divergences: error: {out_dir} exists and was not written by this "
-                             "benchmark; pass --out to use another folder")
-        shutil.rmtree(out_dir)
+    """An empty --out folder, deleting only this script's own earlier output (data.owned_folder:
+    its mark is there and every entry is one this script writes)."""
+    names = (*DATA_NAMES, "teacher_pretrain", "student_base", *DIVERGENCES, CE_ONLY_RUN)
+    try:
+        clear_owned_folder(out_dir, markers=(OWNER_MARK,), names=names)
+    except ForeignFolderError as exc:
+        raise SystemExit(f"divergences: error: {exc}: it was not written by this benchmark "
+                         "alone; pass --out to use another folder") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / OWNER_MARK, {"started": time.time()})
     return out_dir
@@ -105,7 +109,7 @@ def build_base(settings: dict, out_dir: Path) -> dict:
 def distill_once(settings: dict, base: dict, out_dir: Path, divergence: str | None) -> dict:
     """One continuation of the base: distilled with `divergence`, or CE only (None)."""
     stage = "distill" if divergence else "control"
-    name = divergence or "ce_only"
+    name = divergence or CE_ONLY_RUN
     fill = _fill(out_dir, name, base["data_dir"], base["vocab"],
                  teacher={"path": base["teacher"] if divergence else ""},
                  student={"init": "pretrained", "path": base["base"]})

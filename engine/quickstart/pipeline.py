@@ -18,7 +18,6 @@ import contextlib
 import copy
 import importlib.util
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from data.atomic import write_json_atomic
 from data.jsonl import iter_records
 from data.loader import build_dataset
+from data.owned_folder import ForeignFolderError, clear_owned_folder
 from data.preprocess import preprocess
 from engine.curves import plot_runs
 from engine.eval.heldout import heldout_batches, heldout_loader
@@ -59,6 +59,10 @@ QUICKSTART_KEYS = {
     "torch_threads": int,
 }
 MARKER = "quickstart.json"  # written at the end; also proves a folder is ours to replace
+STARTED = ".quickstart-started"  # written first: the folder is the quickstart's from then on
+DATA_NAMES = ("corpus", "tokenizer", "data")  # prepare_data's folders
+# Everything the quickstart writes in its folder: all it ever deletes there on a rerun.
+OUTPUT_NAMES = (*DATA_NAMES, "tasks", *STAGES, "curves.png")
 
 
 class QuickstartError(RuntimeError):
@@ -131,16 +135,15 @@ def _say(message: str) -> None:
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
-    """Start from an empty folder, replacing only a previous quickstart's own output."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / MARKER).is_file() and not (out_dir / ".quickstart-started").is_file():
-            raise QuickstartError(
-                f"{out_dir} exists and was not written by the quickstart; "
-                "pass --out-dir to use another folder"
-            )
-        shutil.rmtree(out_dir)
+    """Start from an empty folder, deleting only a previous quickstart's own output
+    (data.owned_folder: its marker is there and every entry is one the quickstart writes)."""
+    try:
+        clear_owned_folder(out_dir, markers=(STARTED, MARKER), names=OUTPUT_NAMES)
+    except ForeignFolderError as exc:
+        raise QuickstartError(f"{exc}: it was not written by the quickstart alone; pass "
+                              "--out-dir to use another folder") from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / ".quickstart-started").write_text("the quickstart owns this folder\n")
+    (out_dir / STARTED).write_text("the quickstart owns this folder\n")
 
 
 def _round_up(n: int, multiple: int) -> int:

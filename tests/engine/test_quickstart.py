@@ -182,9 +182,16 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
     assert (foreign / "precious.txt").read_text() == "keep me"
     ours = tmp_path / "ours"
     quickstart._prepare_out_dir(ours)
-    (ours / "old").write_text("previous run")
+    (ours / "distill").mkdir()
+    (ours / "distill" / "old").write_text("previous run")
     quickstart._prepare_out_dir(ours)
-    assert not (ours / "old").exists()
+    assert not (ours / "distill").exists() and (ours / quickstart.STARTED).is_file()
+    # A user's file beside the quickstart's output: refused, and nothing of it is deleted.
+    (ours / "distill").mkdir()
+    (ours / "my-notes.txt").write_text("keep me")
+    with pytest.raises(quickstart.QuickstartError, match=r"my-notes\.txt"):
+        quickstart._prepare_out_dir(ours)
+    assert (ours / "my-notes.txt").read_text() == "keep me" and (ours / "distill").is_dir()
 
 
 def _rows(base_ppl, distilled_ppl, control_ppl=None):
