@@ -120,8 +120,21 @@ def finished_manifest(folder: Path, settings: dict) -> dict | None:
     if not intact:
         raise PreprocessError(f"{manifest_path}: complete, but its shards no longer match "
                               "their sha256; delete the folder to rebuild it")
-    (folder / PROGRESS_NAME).unlink(missing_ok=True)  # ours: killed after the manifest landed
+    _drop_finished_record(folder / PROGRESS_NAME, settings)
     return old
+
+
+def _drop_finished_record(path: Path, settings: dict) -> None:
+    """Delete the job record a run killed between its manifest and the record's removal left
+    behind, after checking it is the record of this job (these settings); anything else by
+    that name is refused and kept (ShardSet would take it for an unfinished job)."""
+    if not path.is_file():
+        return
+    problem = settings_problem(read_json(path).get("settings"), settings)
+    if problem:
+        raise PreprocessError(f"{path}: the folder is complete, but this file is not its own "
+                              f"job record ({problem}); nothing was deleted: move it away")
+    path.unlink()
 
 
 # -------------------------------------------------------------------------- the record

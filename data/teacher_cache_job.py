@@ -148,8 +148,24 @@ def _finished_manifest(folder: Path, settings: dict) -> dict:
         if not path.is_file() or file_sha256(path) != entry["sha256"]:
             raise CacheError(f"{path}: the cache is complete, but this shard no longer matches "
                              "its sha256; delete the folder to rebuild it")
-    (folder / PROGRESS_NAME).unlink(missing_ok=True)  # ours: killed after the manifest landed
+    _drop_finished_record(folder / PROGRESS_NAME, settings)
     return manifest
+
+
+def _drop_finished_record(path: Path, settings: dict) -> None:
+    """Delete the job record a build killed between its manifest and the record's removal
+    left behind, after checking it is the record of this build (these settings); anything
+    else by that name is refused and kept."""
+    if not path.is_file():
+        return
+    try:
+        ours = json.loads(path.read_text())["settings"] == settings
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = False
+    if not ours:
+        raise CacheError(f"{path}: the cache is complete, but this file is not its own build "
+                         "record; nothing was deleted: move it away")
+    path.unlink()
 
 
 class RowStream:

@@ -15,6 +15,7 @@ import pytest
 
 import data.preprocess as prep
 from data.preprocess import PreprocessError, preprocess
+from data.preprocess_job import settings_of
 from data.shards import ShardError, ShardSet, file_sha256
 from tests.data.common import (
     REPO_ROOT,
@@ -99,6 +100,25 @@ def test_shards_whose_manifest_was_lost_are_refused_and_kept(tmp_path, bpe, text
     # The complete pairs still train, as a folder without a manifest does.
     shards = ShardSet(out)
     assert len(shards) == 80 and shards.tokenizer_info() is None and shards.max_token_id() is None
+
+
+def test_a_record_left_beside_a_complete_folder_is_dropped_only_if_it_is_the_jobs(tmp_path, bpe,
+                                                                                    texts):
+    """A run killed between writing its manifest and removing its record leaves the record:
+    the rerun deletes it after checking it is this job's; a foreign file by that name stays."""
+    source = write_jsonl(tmp_path / "in.jsonl", docs_lines(texts[:40]))
+    out = tmp_path / "out"
+    preprocess([source], bpe, out, shard_tokens=500)
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = out / ".progress.json"
+    record.write_text(json.dumps({"settings": settings_of(manifest), "shards": []}))
+    preprocess([source], bpe, out, shard_tokens=500)
+    assert not record.exists()
+    record.write_text(json.dumps({"settings": {"format": "someone else's"}}))
+    with pytest.raises(PreprocessError, match="not its own job record") as info:
+        preprocess([source], bpe, out, shard_tokens=500)
+    assert "nothing was deleted" in str(info.value)
+    assert json.loads(record.read_text()) == {"settings": {"format": "someone else's"}}
 
 
 def test_a_resume_deletes_exactly_what_its_record_names(tmp_path, bpe, texts, monkeypatch):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from data.atomic import write_json_atomic
 from data.teacher_cache import CacheError, TeacherCache
-from data.teacher_cache_job import DIE_AFTER_BATCHES_ENV
+from data.teacher_cache_job import DIE_AFTER_BATCHES_ENV, CacheJob
 from tests.cache_assets import SEQ_LEN, make_cache_assets
 from tools.cache_teacher import main
 
@@ -114,3 +115,25 @@ def test_reruns_and_refusals_leave_files_alone(assets, tmp_path, capsys):
     assert "no-teacher" in capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["width"] == 4 and manifest["record"]["bytes"] == 24
+
+
+def test_a_record_left_beside_a_complete_cache_is_dropped_only_if_it_is_the_builds(
+        assets, tmp_path, capsys, monkeypatch):
+    """A build killed between writing its manifest and removing its record leaves the record:
+    the rerun deletes it after checking it is this build's; a foreign file by that name stays."""
+    out = tmp_path / "cache"
+    with monkeypatch.context() as patch:  # the manifest lands, the kill comes before the rest
+        patch.setattr(CacheJob, "complete", lambda self, manifest: write_json_atomic(
+            self.folder / "manifest.json", manifest, indent=1, sort_keys=True))
+        assert main(cli_args(assets, out, "--top-k", "4")) == 0
+    record = out / ".progress.json"
+    assert record.is_file()
+    assert main(cli_args(assets, out, "--top-k", "4")) == 0
+    assert not record.exists()
+    record.write_text('{"settings": "not this build\'s"}')
+    capsys.readouterr()
+    assert main(cli_args(assets, out, "--top-k", "4")) == 1
+    err = capsys.readouterr().err
+    assert "not its own build record" in err and "nothing was deleted" in err
+    assert record.read_text() == '{"settings": "not this build\'s"}'
+
