@@ -28,24 +28,40 @@ EXPORT_MARKER = "neox_distill_export.json"
 EXPORT_FORMAT = "neox-distill-export"
 
 
-def is_engine_export(folder: Path) -> bool:
-    """Whether `folder` holds a marker that this engine wrote at the end of an export."""
+def exported_files(folder: Path) -> list[str] | None:
+    """The files an export of this engine wrote in `folder`, as its marker (written last)
+    lists them; None when the folder holds no such marker."""
     try:
         marker = json.loads((folder / EXPORT_MARKER).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(marker, dict) and marker.get("format") == EXPORT_FORMAT
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != EXPORT_FORMAT:
+        return None
+    files = marker.get("files")
+    return files if isinstance(files, list) else None
 
 
 def replace_refusal(folder: Path) -> str | None:
-    """Why an export must not replace `folder`, or None when it may."""
+    """Why an export must not replace `folder`, or None when it may: only an export of ours
+    holding nothing but the files its marker lists is replaced (a user's file added to it
+    since, e.g. evaluation results, would be lost with it)."""
     if not folder.exists():
         return None
     if not folder.is_dir():
         return f"{folder}: exists and is not a folder; not replacing it"
-    if any(folder.iterdir()) and not is_engine_export(folder):
-        return (f"{folder}: exists and was not exported by neox-distill (no {EXPORT_MARKER}); "
-                "not replacing it (choose another run.export_dir, or move the folder away)")
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries:
+        return None
+    files = exported_files(folder)
+    if files is None:
+        return (f"{folder}: exists and was not exported by neox-distill (no {EXPORT_MARKER} "
+                "listing its files); not replacing it (choose another run.export_dir, or move "
+                "the folder away)")
+    added = [name for name in entries if name not in (*files, EXPORT_MARKER)]
+    if added:
+        return (f"{folder}: an export of neox-distill, but {', '.join(added[:6])} "
+                f"{'was' if len(added) == 1 else 'were'} added to it since; not replacing it "
+                "(move them away, or choose another run.export_dir)")
     return None
 
 
@@ -88,7 +104,8 @@ def export_student(
             follow_umask(staged)
             # Last: a folder holding the marker is a complete export of ours.
             marker = {"format": EXPORT_FORMAT, "format_version": 1,
-                      "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(source or {})}
+                      "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(source or {}),
+                      "files": sorted(p.name for p in staged.iterdir())}
             (staged / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n",
                                                 encoding="utf-8")
     except WRITE_ERRORS as exc:

@@ -93,6 +93,12 @@ def test_export_refuses_a_folder_it_did_not_export(assets, tmp_path, capsys):
         marker = json.loads((ours / "neox_distill_export.json").read_text())
         assert marker["step"] == steps and marker["run_dir"] == str(out)
     assert load_pretrained(ours).config.vocab_size > 0
+    # A file added to our export since is not ours: the export is refused, nothing is lost.
+    (ours / "my-eval.json").write_text("{}")
+    before = snapshot(ours)
+    err = fails_at_start_up(base_overrides(assets, tmp_path / "run-3", run__export_dir=ours),
+                            capsys)
+    assert "my-eval.json was added to it since" in err and snapshot(ours) == before
 
 
 # --------------------------------------------------------------------------------------
