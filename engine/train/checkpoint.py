@@ -280,9 +280,18 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, *, newest_step
     """
     done = [(s, f) for s, f in complete_checkpoints(out_dir) if s <= newest_step]
     for _, folder in done[: max(0, len(done) - keep_last)]:
+        if not holds_only_its_files(folder):
+            continue  # something was added to it since: never deleted with it, kept whole
         (folder / DONE_MARKER).unlink(missing_ok=True)  # first make it not-a-checkpoint
         shutil.rmtree(folder, ignore_errors=True)
     clean_incomplete(out_dir)
+
+
+def holds_only_its_files(folder: Path) -> bool:
+    """Whether every file below a checkpoint folder is one its DONE marker lists (the files
+    the save wrote, hashed), or DONE itself: the proof that pruning deletes only the run's."""
+    done = done_info(folder)
+    return done is not None and set(_files_below(folder)) <= {*done["files"], DONE_MARKER}
 
 
 def clean_incomplete(out_dir: str | os.PathLike) -> None:

@@ -43,6 +43,21 @@ def save(out_dir, step, model, optimizer, keep_last=2):
     )
 
 
+def test_a_checkpoint_holding_a_file_its_save_did_not_write_is_never_pruned(tmp_path):
+    model = tiny_student()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in (1, 2):
+        save(tmp_path, step, model, optimizer)
+    note = ckpt.checkpoint_root(tmp_path) / ckpt.step_dir_name(1) / "my-note.txt"
+    note.write_text("keep me")
+    save(tmp_path, 3, model, optimizer)
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [1, 2, 3]
+    assert note.read_text() == "keep me"
+    note.unlink()  # once it holds only what the save wrote, it is pruned as usual
+    save(tmp_path, 4, model, optimizer)
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [3, 4]
+
+
 def test_keep_last_and_incomplete_folders(tmp_path):
     model = tiny_student()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
