@@ -180,12 +180,14 @@ def save_pretrained(
 
     The folder is staged beside the target and swapped in complete (data.atomic
     .staged_folder), so a crash leaves either the old checkpoint or the new one. A folder
-    that is neither empty nor a model folder is refused: it is not ours to replace.
+    holding anything but those two files (a downloaded model's tokenizer, a user's notes) is
+    refused: only what this function writes is ever replaced.
     """
     path = Path(path)
     if path.exists() and not _is_replaceable_model_folder(path):
         raise CheckpointError(
-            f"{path}: exists and is not a model folder (no config.json); refusing to replace it"
+            f"{path}: exists and holds more than the {CONFIG_NAME} + {WEIGHTS_NAME} this "
+            "function writes (e.g. a model's tokenizer or card); refusing to replace it"
         )
     _check_save_dtype(dtype)
     with staged_folder(path) as staged:
@@ -215,7 +217,8 @@ def _check_save_dtype(dtype: torch.dtype | None) -> None:
 
 
 def _is_replaceable_model_folder(path: Path) -> bool:
-    return path.is_dir() and (not any(path.iterdir()) or (path / CONFIG_NAME).is_file())
+    """Empty, or holding nothing but the files save_pretrained writes."""
+    return path.is_dir() and {p.name for p in path.iterdir()} <= {CONFIG_NAME, WEIGHTS_NAME}
 
 
 __all__ = [

@@ -183,6 +183,13 @@ def test_save_refuses_to_replace_a_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="notes"):
         save_pretrained(perturbed_model(), precious)
     assert (precious / "thesis.txt").read_text() == "irreplaceable"
+    # A model folder with more than config.json + model.safetensors (its tokenizer) is not
+    # replaced either: nothing there but what save_pretrained writes is ever deleted.
+    model_dir = save_pretrained(perturbed_model(), tmp_path / "model")
+    (model_dir / "tokenizer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        save_pretrained(perturbed_model(seed=1), model_dir)
+    assert (model_dir / "tokenizer.json").read_text() == "{}"
 
 
 # ------------------------------------------------------------------------------ bad input
