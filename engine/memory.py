@@ -266,6 +266,16 @@ class MemoryPlan:
         """What the card must hold: allocated peak + allocator slack + CUDA context."""
         return sum(self.components.values())
 
+    def add(self, name: str, nbytes: int, group: str) -> None:
+        self.components[name] = int(nbytes)
+        self.groups[name] = group
+
+    def add_card_overhead(self) -> None:
+        """The CUDA allocator's slack on the allocated peak so far, and the CUDA context."""
+        self.add("allocator slack (fragmentation)",
+                 int(ALLOCATOR_SLACK_FRACTION * self.allocated_peak), "overhead")
+        self.add("CUDA context + library handles", CUDA_CONTEXT_BYTES, "overhead")
+
     def fits(self, budget_bytes: int) -> bool:
         return self.total <= budget_bytes
 
@@ -320,9 +330,8 @@ def _student_state(cfg, precision: str, activation_checkpointing: bool,
         # With checkpointing only the re-run block's copies (and embed_out's) exist at once.
         # The fused head casts embed_out itself, for its forward only (a loss buffer).
         head = 0 if fused_head else cfg.vocab_size * cfg.hidden_size
-        cast = counts["linear_weights"] - cfg.vocab_size * cfg.hidden_size + head
-        if activation_checkpointing:
-            cast = head + _block_weights(cfg)
+        blocks = 1 if activation_checkpointing else cfg.num_layers
+        cast = head + blocks * _block_weights(cfg)
         return [
             ("student weights (fp32 master)", 4 * n),
             ("student bf16 weight casts (autocast)", 2 * cast),
@@ -451,11 +460,7 @@ def plan_memory(
     tokens = micro_batch * seq_len
     plan = MemoryPlan(micro_batch, seq_len, precision, activation_checkpointing, fused_head)
     w = _widths(precision, teacher_dtype_bytes)
-
-    def add(name: str, nbytes: int, group: str) -> None:
-        plan.components[name] = int(nbytes)
-        plan.groups[name] = group
-
+    add = plan.add
     for name, nbytes in _student_state(student_cfg, precision, activation_checkpointing,
                                        fused_head):
         add(name, nbytes, "student")
@@ -487,10 +492,7 @@ def plan_memory(
             add(*_cpu_loss_scratch(student_cfg.vocab_size, tokens), "loss")
     if device_type == "cuda":
         add("cuBLAS workspaces and small buffers", CUDA_WORKSPACE_BYTES, "loss")
-        allocated = plan.allocated_peak
-        add("allocator slack (fragmentation)", int(ALLOCATOR_SLACK_FRACTION * allocated),
-            "overhead")
-        add("CUDA context + library handles", CUDA_CONTEXT_BYTES, "overhead")
+        plan.add_card_overhead()
     plan.flops_per_token = training_flops_per_token(student_cfg, step_teacher, seq_len)
     return plan
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 import math
 
 from engine.memory import (
-    ALLOCATOR_SLACK_FRACTION,
-    CUDA_CONTEXT_BYTES,
     MemoryPlan,
     parameter_count,
     plan_memory,
@@ -119,15 +117,9 @@ def plan_sharded_memory(
     single = plan_memory(teacher_cfg, student_cfg, micro_batch=micro_batch, seq_len=seq_len,
                          precision=step_precision, teacher_dtype_bytes=teacher_dtype_bytes,
                          activation_checkpointing=activation_checkpointing, **plan_kwargs)
-    plan = MemoryPlan(micro_batch, seq_len, precision, activation_checkpointing)
-    for attribute in ("fused_head",):  # fields the single-GPU plan may carry
-        if hasattr(single, attribute):
-            setattr(plan, attribute, getattr(single, attribute))
-
-    def add(name: str, nbytes: int, group: str) -> None:
-        plan.components[name] = int(nbytes)
-        plan.groups[name] = group
-
+    plan = MemoryPlan(micro_batch, seq_len, precision, activation_checkpointing,
+                      single.fused_head)
+    add = plan.add
     for name, nbytes in _student_components(
             student_cfg, world_size=world_size, precision=precision,
             reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload):
@@ -136,15 +128,13 @@ def plan_sharded_memory(
         teacher_bytes = teacher_dtype_bytes or compute_dtype(precision).itemsize
         for name, nbytes in _teacher_components(
                 teacher_cfg, world_size=world_size, sharded=teacher_sharded,
-                teacher_bytes=teacher_bytes, fused_head=bool(getattr(single, "fused_head", False))):
+                teacher_bytes=teacher_bytes, fused_head=single.fused_head):
             add(name, nbytes, "teacher")
     for name, nbytes in single.components.items():
         if single.groups[name] in ("activations", "loss"):
             add(name, nbytes, single.groups[name])
     if plan_kwargs.get("device_type", "cuda") == "cuda":
-        add("allocator slack (fragmentation)",
-            int(ALLOCATOR_SLACK_FRACTION * plan.allocated_peak), "overhead")
-        add("CUDA context + library handles", CUDA_CONTEXT_BYTES, "overhead")
+        plan.add_card_overhead()
         if world_size > 1:
             add("NCCL communicator buffers", NCCL_BUFFER_BYTES, "overhead")
     plan.flops_per_token = single.flops_per_token

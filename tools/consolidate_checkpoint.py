@@ -29,6 +29,7 @@ from engine.model.config import CheckpointError, GPTNeoXConfig
 from engine.model.hf_io import save_pretrained
 from engine.model.network import GPTNeoX
 from engine.train import checkpoint as ckpt
+from engine.train.gathered_export import SAFETENSORS_DTYPES
 from engine.train.sharded_checkpoint import LAYOUT, STUDENT_SHARDS
 
 
@@ -64,8 +65,7 @@ def _stored_dtype(shards: Path) -> torch.dtype:
     first = sorted(shards.glob("*.safetensors"))[0]
     with safe_open(str(first), framework="pt") as handle:
         stored = handle.get_slice(next(iter(handle.keys()))).get_dtype()
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-            "F64": torch.float64}[stored]
+    return {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}[stored]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -376,8 +376,8 @@ def _fused_sums(student, teacher, input_ids, positions, targets, *, kd_args, val
     softmax, so they are left out of the matmuls altogether."""
     weights = [m.embed_out.weight for m in (student, teacher) if m is not None]
     columns = valid_vocab or weights[0].shape[0]
-    if teacher is not None:
-        _check_shared_vocab(weights[1].shape[0] if valid_vocab is None else columns, columns)
+    if teacher is not None and valid_vocab is None:  # else both are cut to valid_vocab rows
+        _check_shared_vocab(weights[1].shape[0], columns)
     weights = [w[:columns] for w in weights]
     s_hidden = _scored_hidden(student, input_ids, positions, autocast_dtype)
     with autocast_context(input_ids.device.type, autocast_dtype):

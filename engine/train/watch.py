@@ -18,7 +18,6 @@ docs/formats.md, "metrics.jsonl records".
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from engine import dist
 from engine.eval.requests import EvalInputError, TextEncoder
 from engine.eval.tasks import ScoringSetup, evaluate_lambada, evaluate_mc, evaluate_ppl
-from engine.metrics import MetricsWriter
+from engine.metrics import MetricsWriter, read_records
 from engine.train import fsdp
 from engine.train.config import Config, parse_task_spec
 
@@ -62,12 +61,8 @@ def read_task_history(path: Path, up_to: int) -> tuple[dict[str, dict], int | No
     last_step = None
     if not path.is_file():
         return first, last_step
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict) or record.get("kind") != "task":
+    for record in read_records(path):
+        if record.get("kind") != "task":
             continue
         step = int(record.get("step", 0))
         if step > up_to:
