@@ -38,6 +38,9 @@ from data.teacher_cache_encode import (
     top_k_entries,
     top_k_targets,
 )
+from engine.eval.heldout import heldout_batches, heldout_loader
+from engine.eval.scoring import heldout_metrics
+from engine.metrics import read_records
 from engine.model.config import PYTHIA_COMMON, PYTHIA_SHAPES, GPTNeoXConfig
 from engine.model.hf_io import load_pretrained, save_pretrained
 from engine.model.network import GPTNeoX
@@ -146,14 +149,13 @@ def make_batch(micro_batch: int, seq_len: int, valid_vocab: int, device="cpu", s
     return {"input_ids": tokens[:, :-1].to(device), "labels": labels.to(device)}
 
 
-def ours_micro_step(student, teacher, batch, valid_vocab, normalizer, *, inplace_grad=True,
+def ours_micro_step(student, teacher, batch, valid_vocab, normalizer, *,
                     autocast_dtype=torch.bfloat16, fused_head=True):
     """Our micro-step (engine.train.step.distill_micro_step), under bf16 autocast by default;
     fused_head=False is the full-logits path (loss.fused_head = false)."""
     return distill_micro_step(
         student, teacher, batch, alpha=ALPHA, temperature=TEMPERATURE, valid_vocab=valid_vocab,
-        normalizer=normalizer, autocast_dtype=autocast_dtype, inplace_grad=inplace_grad,
-        fused_head=fused_head,
+        normalizer=normalizer, autocast_dtype=autocast_dtype, fused_head=fused_head,
     )
 
 
@@ -666,18 +668,42 @@ def seed_cache_build_rates(root: Path, smoke: bool, device: str = "cpu") -> dict
     """Cache build vs teacher forward at the seed shapes: a random pythia-160m teacher (bf16),
     V = 50304, top-64 and sampled-32, over random tokens (CPU: 32 windows of 512 after 8 warm
     ones; GPU: 256 windows of 2048 after 32)."""
-    names, vocab, valid_vocab = (("tiny-teacher", 1000, 987) if smoke
-                                 else ("pythia-160m", 50304, 50277))
+    sizes = SMOKE if smoke else FULL
+    name, vocab, valid_vocab = sizes["teacher"], sizes["vocab"], sizes["valid_vocab"]
     windows, warm, seq_len = ((4, 2, 32) if smoke else (256, 32, 2048) if device != "cpu"
                               else (32, 8, 512))
-    teacher = build_ours(names, vocab, 2048, "cpu", seed=1)
-    save_pretrained(teacher, root / "teacher", dtype=torch.bfloat16)
+    # The shard folders first: their exclusive mkdir refuses a used `root` before any write.
     data = random_token_shards(root / "data", windows, seq_len, valid_vocab)
     warm_data = random_token_shards(root / "warm", warm, seq_len, valid_vocab, seed=1)
+    teacher = build_ours(name, vocab, 2048, "cpu", seed=1)
+    save_pretrained(teacher, root / "teacher", dtype=torch.bfloat16)
     kinds = {"top-64": dict(top_k=64), "sampled-32": dict(samples=32)}
     out = cache_build_rates(root / "teacher", data, root / "caches", kinds, seq_len=seq_len,
                             dtype="bf16", temperature=2.0, valid_vocab=valid_vocab,
                             device=device, warm_data=warm_data)
-    out["shapes"] = {"teacher": names, "vocab": vocab, "seq_len": seq_len, "windows": windows,
+    out["shapes"] = {"teacher": name, "vocab": vocab, "seq_len": seq_len, "windows": windows,
                      "warm_windows": warm}
     return out
+
+
+# ----------------------------------------------------------------------------- study runs
+
+
+def median_step_seconds(out_dir: Path) -> float:
+    """The median wall-clock step of a run folder's train records (the first step, which
+    warms up, left out when there are others)."""
+    times = [r["step_time_s"] for r in read_records(Path(out_dir) / "metrics.jsonl")
+             if r.get("kind") == "train"]
+    return statistics.median(times[1:] or times)
+
+
+def heldout_vs_teacher(model_dir, teacher_dir, data_dir, config, batches: int) -> dict:
+    """Held-out CE / ppl of a model and its forward-KL KD to the real teacher (fp32 both) on
+    the quickstart's validation split, with the run's T and valid vocabulary."""
+    split = heldout_loader(build_dataset(data_dir, "packed", config.batch.seq_len),
+                           config.batch.micro_batch, val_fraction=config.data.val_fraction)
+    return heldout_metrics(load_pretrained(model_dir, dtype=torch.float32),
+                           heldout_batches(split, max_batches=batches or None),
+                           teacher=load_pretrained(teacher_dir, dtype=torch.float32),
+                           temperature=config.loss.temperature,
+                           valid_vocab=config.data.valid_vocab or None)

@@ -25,22 +25,16 @@ import contextlib
 import importlib.util
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO_ROOT, RESULTS_DIR
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, heldout_vs_teacher, median_step_seconds
 from data.atomic import write_json_atomic, write_text_atomic
-from data.loader import build_dataset
 from data.owned_folder import ForeignFolderError, clear_owned_folder
 from engine.eval.compare import save_bar_chart
-from engine.eval.heldout import heldout_batches, heldout_loader
-from engine.eval.scoring import heldout_metrics
-from engine.metrics import read_records
-from engine.model.hf_io import load_pretrained
 from engine.quickstart.pipeline import (
     DATA_NAMES,
     DEFAULT_CONFIG,
@@ -118,26 +112,13 @@ def distill_once(settings: dict, base: dict, out_dir: Path, divergence: str | No
     config = stage_config(settings, stage, fill)
     print(f"[divergences] {name}: {config.run.steps} steps", flush=True)
     result = train_run(config)
-    records = [r for r in read_records(Path(result["out_dir"]) / "metrics.jsonl")
-               if r.get("kind") == "train"]
-    step_times = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
-    metrics = score(result["export_dir"], base, config, settings["quickstart"]["eval_batches"])
+    # KD to the teacher in the forward KL, whatever the run trained with: one yardstick.
+    metrics = heldout_vs_teacher(result["export_dir"], base["teacher"], base["data_dir"], config,
+                                 settings["quickstart"]["eval_batches"])
     return {"divergence": divergence or CONTROL, "steps": config.run.steps,
-            "step_time_s": statistics.median(step_times), "ce": metrics["ce"],
+            "step_time_s": median_step_seconds(result["out_dir"]), "ce": metrics["ce"],
             "ppl": metrics["ppl"], "kd_forward_kl": metrics["kd"],
             "tokens": metrics["tokens"], "export_dir": result["export_dir"]}
-
-
-def score(model_dir: str, base: dict, config, eval_batches: int) -> dict:
-    """Held-out CE, ppl and KD to the teacher, with the forward KL whatever the run trained
-    with: the quickstart's val split, the run's T and valid vocabulary."""
-    loader = heldout_loader(build_dataset(base["data_dir"], "packed", config.batch.seq_len),
-                            config.batch.micro_batch, val_fraction=config.data.val_fraction)
-    return heldout_metrics(load_pretrained(model_dir, dtype=torch.float32),
-                           heldout_batches(loader, max_batches=eval_batches or None),
-                           teacher=load_pretrained(base["teacher"], dtype=torch.float32),
-                           temperature=config.loss.temperature,
-                           valid_vocab=config.data.valid_vocab or None, divergence="forward_kl")
 
 
 def markdown(rows: list[dict], machine: str) -> str:

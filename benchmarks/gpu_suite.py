@@ -86,7 +86,7 @@ from benchmarks.common import (
     write_json,
 )
 from engine.memory import CUDA_CONTEXT_BYTES, largest_micro_batch, plan_memory
-from engine.metrics import peak_flops
+from engine.metrics import mfu, peak_flops
 from engine.train.setup import CUDA_ALLOC_CONF
 from engine.train.teacher_source import CachedTeacher
 from kernels.constants import IGNORE_INDEX
@@ -285,8 +285,7 @@ def plan_rows(result: dict, teacher_cfg, student_cfg, *, fused_head: bool) -> di
 
 
 def _with_mfu(result: dict, device) -> dict:
-    peak = _peak_flops(device)
-    result["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / peak if peak else None
+    result["mfu"] = mfu(result["tokens_per_s"], result["flops_per_token"], _peak_flops(device))
     return result
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS_DIR, write_json
+from engine.metrics import read_records
 from engine.quickstart import pipeline as quickstart
 from engine.train.loop import run as train_run
 
@@ -68,8 +69,7 @@ def study_config(settings, summary: dict[str, Any], precision: str, out_dir: Pat
 
 def lost_update_means(metrics_path: Path) -> dict[str, float | None]:
     """Mean of each lost-update field over the run's train records (None when not logged)."""
-    lines = metrics_path.read_text(encoding="utf-8").splitlines()
-    records = [r for r in map(json.loads, lines) if r["kind"] == "train"]
+    records = [r for r in read_records(metrics_path) if r.get("kind") == "train"]
     means = {}
     for key in ("update_lost_frac", "update_lost_weighted"):
         values = [r[key] for r in records if r.get(key) is not None]

@@ -44,20 +44,22 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
+    ALPHA,
     REPO_ROOT,
     RESULTS_DIR,
+    TEMPERATURE,
     build_ours,
     cache_build_rates,
+    heldout_vs_teacher,
     make_batch,
     mean_tail_mass,
+    median_step_seconds,
     random_top_k_batch,
     seed_cache_build_rates,
     write_json,
 )
 from data.loader import build_dataset
 from data.teacher_cache import CachedTargets, TeacherCache
-from engine.eval.heldout import heldout_batches, heldout_loader
-from engine.eval.scoring import heldout_metrics
 from engine.model.hf_io import load_pretrained
 from engine.precision import dtype_of
 from engine.quickstart import pipeline as quickstart
@@ -118,24 +120,6 @@ def build_caches(base, config, root: Path) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------- training rows
 
 
-def median_step_seconds(out_dir: Path) -> float:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    times = [r["step_time_s"] for r in records if r.get("kind") == "train"]
-    return statistics.median(times[1:] or times)
-
-
-def heldout_against_teacher(model_dir, base, config, batches: int) -> dict:
-    """Held-out CE / ppl of a student and its KD to the real teacher (fp32 both), on the
-    quickstart's validation split: the numbers the quickstart's own table reports."""
-    student = load_pretrained(model_dir, dtype=torch.float32)
-    teacher = load_pretrained(base["teacher"], dtype=torch.float32)
-    split = heldout_loader(build_dataset(base["data"], "packed", config.batch.seq_len),
-                           config.batch.micro_batch, val_fraction=config.data.val_fraction)
-    return heldout_metrics(student, heldout_batches(split, max_batches=batches or None),
-                           teacher=teacher, temperature=config.loss.temperature,
-                           valid_vocab=config.data.valid_vocab or None)
-
-
 def train_row(settings, base, out_dir: Path, row: str, caches: dict,
               temperature: float | None = None) -> dict:
     """Distill with one teacher signal; its held-out numbers against the real teacher."""
@@ -143,14 +127,14 @@ def train_row(settings, base, out_dir: Path, row: str, caches: dict,
     if temperature is not None:
         config.loss.temperature = temperature
     result = train_run(config)
-    held = heldout_against_teacher(result["export_dir"], base, config,
-                                   settings["quickstart"]["eval_batches"])
+    held = heldout_vs_teacher(result["export_dir"], base["teacher"], base["data"], config,
+                              settings["quickstart"]["eval_batches"])
     print(f"[teacher_cache] {row} (T {config.loss.temperature}): held-out ppl "
           f"{held['ppl']:.3f}", flush=True)
     return {"val_ce": held["ce"], "val_ppl": held["ppl"], "val_kd": held["kd"],
             "tokens": held["tokens"], "steps": config.run.steps,
             "temperature": config.loss.temperature,
-            "step_time_s": median_step_seconds(Path(result["out_dir"])),
+            "step_time_s": median_step_seconds(result["out_dir"]),
             "train_kd_last": result["final_metrics"].get("kd")}
 
 
@@ -177,18 +161,14 @@ def contrast_rows(settings, base, root: Path, config) -> dict:
 # ----------------------------------------------------------------------------- step ratio
 
 
-def _timed_steps(student, source, batch, optimizer, valid_vocab, steps: int):
-    """(CPU seconds, wall seconds) per training step: micro-step + AdamW, median of `steps`."""
-    cpu, wall = [], []
-    for _ in range(steps):
-        c0, w0 = time.process_time(), time.perf_counter()
-        distill_micro_step(student, source, batch, alpha=0.5, temperature=2.0,
-                           valid_vocab=valid_vocab, normalizer=None)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return statistics.median(cpu), statistics.median(wall)
+def _timed_step(student, source, batch, optimizer, valid_vocab):
+    """(CPU seconds, wall seconds) of one training step: micro-step + AdamW."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    distill_micro_step(student, source, batch, alpha=ALPHA, temperature=TEMPERATURE,
+                       valid_vocab=valid_vocab, normalizer=None)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.process_time() - c0, time.perf_counter() - w0
 
 
 def step_ratio(make_student, teacher, batch, valid_vocab, config, steps: int) -> dict:
@@ -200,11 +180,11 @@ def step_ratio(make_student, teacher, batch, valid_vocab, config, steps: int) ->
                   for name in sources}
     samples = {name: ([], []) for name in sources}
     for name in sources:  # warm-up
-        _timed_steps(students[name], sources[name], batch, optimizers[name], valid_vocab, 1)
+        _timed_step(students[name], sources[name], batch, optimizers[name], valid_vocab)
     for _ in range(steps):
         for name in sources:
-            cpu, wall = _timed_steps(students[name], sources[name], batch, optimizers[name],
-                                     valid_vocab, 1)
+            cpu, wall = _timed_step(students[name], sources[name], batch, optimizers[name],
+                                    valid_vocab)
             samples[name][0].append(cpu)
             samples[name][1].append(wall)
     out = {name: {"cpu_s": statistics.median(c), "wall_s": statistics.median(w)}
