@@ -34,7 +34,7 @@ from kernels.kd_head import ce_head_loss, kd_head_loss, kd_head_loss_reference
 from kernels.kd_loss_torch import flatten_inputs, kd_loss_reference
 
 __all__ = [
-    "KDLossFunction",
+    "LogitsLossFunction",
     "ce_head_loss",
     "kd_head_loss",
     "kd_head_loss_reference",
@@ -44,52 +44,53 @@ __all__ = [
 ]
 
 
-def _loss_grad_into(in_place, student, teacher, labels, inv_norm, options, backend):
-    """(gradient [N, V], (ce_sum, kd_sum)); in place the gradient is the student's storage."""
-    s = student.reshape(-1, student.shape[-1])
-    t = teacher.reshape(-1, teacher.shape[-1])
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    if in_place:
-        grad = s  # overwritten row block by row block after each block is read
-    else:
-        s = s.contiguous()
-        grad = torch.empty_like(s)
-    return grad, loss_and_grad(backend, s, t, labels, grad, inv_norm, options)
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    return logits.reshape(-1, logits.shape[-1])
 
 
-class KDLossFunction(torch.autograd.Function):
-    """Autograd wrapper: forward computes loss, stats and d loss / d student; backward scales."""
+class LogitsLossFunction(torch.autograd.Function):
+    """Autograd wrapper of a loss on student logits that forms d loss / d logits in its
+    forward (kd_loss, and the teacher cache's sparse_kd_loss): `run(s, grad)`, the loss bound
+    to its other inputs (a teacher's logits or cached targets, held by reference, no copies),
+    writes the gradient of the [N, V] rows `s` into `grad` and returns (ce_sum, kd_sum);
+    backward scales the stored gradient (stored_gradient)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, inv_norm, options, backend, inplace_grad):
-        s = student.reshape(-1, student.shape[-1])
+    def forward(ctx, student, inv_norm, alpha, triton, inplace_grad, run, name):
+        s = _rows(student)
         in_place = inplace_grad and s.is_contiguous()
-        grad, (ce_sum, kd_sum) = _loss_grad_into(
-            in_place, student, teacher, labels, inv_norm, options, backend
-        )
-        if in_place and backend == "triton":
+        if in_place:
+            grad = s  # overwritten row block by row block after each block is read
+        else:
+            s = s.contiguous()
+            grad = torch.empty_like(s)
+        ce_sum, kd_sum = run(s, grad)
+        if in_place and triton:
             # The kernel wrote through a raw pointer, which autograd cannot see: bump the
             # version counter so any node that saved the logits refuses to use them.
             torch.autograd.graph.increment_version(student)
-        loss = ((1.0 - options.alpha) * kd_sum + options.alpha * ce_sum) * inv_norm
+        loss = ((1.0 - alpha) * kd_sum + alpha * ce_sum) * inv_norm
         # Kept as an attribute, not a saved tensor: the first backward gives it away (a saved
         # tensor would stay referenced), and in place it is a no-grad view of the logits,
         # which saved-tensor checks forbid.
         ctx.grad_buffer = grad
         if not inplace_grad:
-            ctx.save_for_backward(student, teacher, labels, inv_norm)  # to recompute, no copies
-        ctx.options, ctx.backend = options, backend
-        ctx.student_shape = student.shape
-        ctx.inplace_grad = inplace_grad
+            ctx.save_for_backward(student)  # to recompute, no copies
+        ctx.run, ctx.name = run, name
+        ctx.student_shape, ctx.inplace_grad = student.shape, inplace_grad
         ctx.mark_non_differentiable(ce_sum, kd_sum)
         return loss, ce_sum, kd_sum
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
-        grad = stored_gradient(ctx, grad_loss, "kd_loss", lambda: _loss_grad_into(
-            False, *ctx.saved_tensors, ctx.options, ctx.backend)[0])
+        def recompute():
+            s = _rows(ctx.saved_tensors[0]).contiguous()
+            grad = torch.empty_like(s)
+            ctx.run(s, grad)
+            return grad
+
+        grad = stored_gradient(ctx, grad_loss, ctx.name, recompute)
         return grad, None, None, None, None, None, None
 
 
@@ -154,8 +155,14 @@ def kd_loss(
         temperature=temperature, ignore_index=ignore_index, valid_vocab=valid_vocab,
         divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale,
     )
-    loss, ce_sum, kd_sum = KDLossFunction.apply(
-        student_logits, teacher_logits.detach(), flat_labels, inv_norm, options, resolved,
-        bool(inplace_grad),
-    )
+    t = _rows(teacher_logits.detach())
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+
+    def run(s, grad):
+        return loss_and_grad(resolved, s, t, flat_labels, grad, inv_norm, options)
+
+    loss, ce_sum, kd_sum = LogitsLossFunction.apply(
+        student_logits, inv_norm, options.alpha, resolved == "triton", bool(inplace_grad), run,
+        "kd_loss")
     return loss, loss_stats(ce_sum, kd_sum, valid_count)

@@ -17,11 +17,10 @@ which neither a top-k nor a sampled cache has. Any other divergence is refused, 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from kernels.constants import IGNORE_INDEX
 from kernels.dispatch import LossOptions, loss_stats, prepare_loss
-from kernels.kd_loss import stored_gradient
+from kernels.kd_loss import LogitsLossFunction
 from kernels.sparse_kd_torch import sparse_kd_forward_chunked, sparse_kd_reference
 from kernels.sparse_targets import SparseTargets, check_target_values, check_targets
 
@@ -61,51 +60,6 @@ def sparse_loss_and_grad(backend: str, s, targets: SparseTargets, labels, grad_o
 
             return sparse_kd_forward_triton(s, targets, labels, grad_out, **kwargs)
         return sparse_kd_forward_chunked(s, targets, labels, grad_out, **kwargs)
-
-
-def _loss_grad_into(in_place, student, targets, labels, inv_norm, options, backend):
-    """(gradient [N, V], (ce_sum, kd_sum)); in place the gradient is the student's storage."""
-    s = student.reshape(-1, student.shape[-1])
-    if in_place:
-        grad = s  # overwritten block by block after each block is read
-    else:
-        s = s.contiguous()
-        grad = torch.empty_like(s)
-    return grad, sparse_loss_and_grad(backend, s, targets, labels, grad, inv_norm, options)
-
-
-class SparseKDLossFunction(torch.autograd.Function):
-    """Autograd wrapper: forward computes loss, stats and d loss / d student; backward scales.
-
-    The memory modes, the version-counter bump and the backward are kd_loss's
-    (kernels/kd_loss.py)."""
-
-    @staticmethod
-    def forward(ctx, student, labels, inv_norm, targets, options, backend, inplace_grad):
-        in_place = inplace_grad and student.is_contiguous()
-        grad, (ce_sum, kd_sum) = _loss_grad_into(in_place, student, targets, labels, inv_norm,
-                                                 options, backend)
-        if in_place and backend == "triton":
-            torch.autograd.graph.increment_version(student)  # written through a raw pointer
-        loss = ((1.0 - options.alpha) * kd_sum + options.alpha * ce_sum) * inv_norm
-        ctx.grad_buffer = grad
-        if not inplace_grad:
-            ctx.save_for_backward(student, labels, inv_norm)  # to recompute, no copies
-        ctx.targets, ctx.options, ctx.backend = targets, options, backend
-        ctx.student_shape, ctx.inplace_grad = student.shape, inplace_grad
-        ctx.mark_non_differentiable(ce_sum, kd_sum)
-        return loss, ce_sum, kd_sum
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
-        def recompute():
-            student, labels, inv_norm = ctx.saved_tensors
-            return _loss_grad_into(False, student, ctx.targets, labels, inv_norm, ctx.options,
-                                   ctx.backend)[0]
-
-        grad = stored_gradient(ctx, grad_loss, "sparse_kd_loss", recompute)
-        return grad, None, None, None, None, None, None
 
 
 def _flat_student(student_logits, labels, valid_vocab) -> tuple[int, torch.Tensor]:
@@ -160,7 +114,11 @@ def sparse_kd_loss(
         normalizer=normalizer, divergence=divergence, alpha=alpha, temperature=temperature,
         ignore_index=ignore_index, valid_vocab=valid_vocab, beta=beta, skew=skew,
         t2_scale=t2_scale)
-    loss, ce_sum, kd_sum = SparseKDLossFunction.apply(
-        student_logits, flat_labels, inv_norm, flat_targets, options, resolved,
-        bool(inplace_grad))
+    def run(s, grad):
+        return sparse_loss_and_grad(resolved, s, flat_targets, flat_labels, grad, inv_norm,
+                                    options)
+
+    loss, ce_sum, kd_sum = LogitsLossFunction.apply(
+        student_logits, inv_norm, options.alpha, resolved == "triton", bool(inplace_grad), run,
+        "sparse_kd_loss")
     return loss, loss_stats(ce_sum, kd_sum, valid_count)
