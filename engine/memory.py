@@ -32,7 +32,7 @@ import torch
 
 from engine.precision import compute_dtype, precision_dtypes
 from kernels.kd_head import default_chunk_tokens
-from kernels.kd_loss_torch import CHUNK_ELEMENTS
+from kernels.kd_loss_torch import rows_per_chunk
 
 ATTENTION_IMPLS = ("flash", "math")
 RECOMPUTED = "one block recomputed in backward"  # activation checkpointing's extra block
@@ -499,7 +499,7 @@ def plan_memory(
 
 def _cpu_loss_scratch(vocab: int, rows: int) -> tuple[str, int]:
     """The CPU loss path's fp32 temporaries for one row block of at most `rows` rows."""
-    rows = min(max(1, CHUNK_ELEMENTS // vocab), rows)
+    rows = min(rows_per_chunk(vocab), rows)
     return "CPU loss path scratch (fp32 row block)", TORCH_LOSS_TEMPORARIES * 4 * rows * vocab
 
 

@@ -177,7 +177,7 @@ def kd_loss_reference(
     return loss, stats
 
 
-def _rows_per_chunk(vocab: int) -> int:
+def rows_per_chunk(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, vocab))
 
 
@@ -218,7 +218,7 @@ def kd_loss_forward_chunked(
     kd_sum = torch.zeros((), dtype=compute, device=s.device)
     inv_norm = inv_norm.to(compute)
     zero = torch.zeros((), dtype=compute, device=s.device)
-    step = _rows_per_chunk(vocab)
+    step = rows_per_chunk(vocab)
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
         rows_labels = labels[start:stop]

@@ -29,10 +29,10 @@ import torch
 
 from kernels.constants import IGNORE_INDEX
 from kernels.kd_loss_torch import (
-    CHUNK_ELEMENTS,
     check_hyperparameters,
     check_labels_in_range,
     inverse_normalizer,
+    rows_per_chunk,
 )
 from kernels.sparse_targets import SparseTargets, check_target_values, check_targets
 
@@ -180,7 +180,8 @@ def sparse_kd_forward_chunked(
     """
     compute = torch.float64 if s.dtype == torch.float64 else torch.float32
     sums = torch.zeros(2, dtype=compute, device=s.device)
-    step = max(1, CHUNK_ELEMENTS // max(1, s.shape[1]))
+    step = rows_per_chunk(s.shape[1])
+    inv_norm = inv_norm.to(compute)
     for start in range(0, s.shape[0], step):
         stop = min(start + step, s.shape[0])
         valid = labels[start:stop] != ignore_index
@@ -190,7 +191,7 @@ def sparse_kd_forward_chunked(
         direct = rows is not None and rows.dtype == compute and rows.is_contiguous()
         ce, kd, grad = _block(s_shift, targets.rows(start, stop), labels[start:stop], valid,
                               alpha=alpha, temperature=temperature, t2_scale=t2_scale,
-                              inv_norm=inv_norm.to(compute), want_grad=grad_out is not None,
+                              inv_norm=inv_norm, want_grad=grad_out is not None,
                               out=rows if direct else None)
         sums += torch.stack([ce, kd])
         if grad is not None:

@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-NEG_LARGE = tl.constexpr(-1.0e30)
+from kernels.kd_loss_triton import NEG_LARGE
+from kernels.kd_loss_triton import launch_config as kd_launch_config
 
 
 @triton.jit
@@ -199,15 +200,13 @@ def sparse_kd_fwd_bwd_kernel(
 
 
 def launch_config(vocab: int) -> tuple[int, int]:
-    """(BLOCK_SIZE, num_warps): kd_loss's forward_kl launch (1024 columns, 4 warps,
-    kernels/kd_loss_triton.launch_config), which streams the same rows; not yet swept on a GPU
-    for this kernel."""
-    return min(1024, triton.next_power_of_2(max(vocab, 16))), 4
+    """(BLOCK_SIZE, num_warps): kd_loss's forward_kl launch, which streams the same rows; not
+    yet swept on a GPU for this kernel."""
+    return kd_launch_config(vocab, "forward_kl")
 
 
 def sparse_kd_forward_triton(s, targets, labels, grad_out, *, alpha, temperature, ignore_index,
-                             valid_vocab, inv_norm, t2_scale=True, block_size=None,
-                             num_warps=None):
+                             valid_vocab, inv_norm, t2_scale=True):
     """Launch the kernel over every row; return (ce_sum, kd_sum) as 0-dim fp32 tensors.
 
     s: [N, V] with unit column stride; targets: flat SparseTargets of N positions; grad_out:
@@ -223,7 +222,7 @@ def sparse_kd_forward_triton(s, targets, labels, grad_out, *, alpha, temperature
     ce_rows = torch.empty(n_rows, dtype=torch.float32, device=s.device)
     kd_rows = torch.empty(n_rows, dtype=torch.float32, device=s.device)
     inv_norm = inv_norm.reshape(1).to(device=s.device, dtype=torch.float32).contiguous()
-    default_block, default_warps = launch_config(vocab)
+    block_size, num_warps = launch_config(vocab)
     if n_rows > 0:
         sparse_kd_fwd_bwd_kernel[(n_rows,)](
             s, grad_out, labels.contiguous(), targets.ids, targets.log_mass,
@@ -232,7 +231,6 @@ def sparse_kd_forward_triton(s, targets, labels, grad_out, *, alpha, temperature
             s.stride(0), grad_out.stride(0), targets.ids.stride(0), targets.log_mass.stride(0),
             vocab, valid_vocab, int(ignore_index), float(alpha), float(temperature),
             float(temperature) ** 2 if t2_scale else 1.0,
-            WRITE_GRAD=write_grad, BLOCK_SIZE=block_size or default_block,
-            num_warps=num_warps or default_warps,
+            WRITE_GRAD=write_grad, BLOCK_SIZE=block_size, num_warps=num_warps,
         )
     return ce_rows.sum(), kd_rows.sum()

@@ -49,10 +49,6 @@ class SparseTargets:
     log_tail: torch.Tensor
     entropy: torch.Tensor
 
-    @property
-    def positions(self) -> int:
-        return self.count.shape[0]
-
     def flat(self) -> SparseTargets:
         """The same targets with the position dimensions ([B, T] or [N]) flattened to [N]."""
         k = self.ids.shape[-1]
