@@ -160,6 +160,11 @@ def allreduce_sum_hook(process_group, bucket):
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
+def agree(error: str | None) -> str | None:
+    """The first rank's error message, on every rank (None when every rank succeeded)."""
+    return next((e for e in all_gather_object(error) if e is not None), None)
+
+
 def all_gather_object(obj):
     """List of `obj` from every rank, in rank order ([obj] on one process)."""
     if not is_distributed():

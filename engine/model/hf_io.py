@@ -204,11 +204,16 @@ def write_model_files(model: GPTNeoX, folder: Path, dtype: torch.dtype | None = 
         name: p.detach().to(device="cpu", dtype=save_dtype).contiguous()
         for name, p in model.named_parameters()
     }
-    config_text = json.dumps(model.config.to_hf_dict(save_dtype), indent=2) + "\n"
-    (folder / CONFIG_NAME).write_text(config_text, encoding="utf-8")
+    write_model_config(model.config, folder, save_dtype)
     safetensors.torch.save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     # safetensors creates the file 0600; give it the mode a plain open() would (the umask's).
     os.chmod(folder / WEIGHTS_NAME, 0o666 & ~current_umask())
+
+
+def write_model_config(config, folder: Path, dtype: torch.dtype) -> None:
+    """config.json (Hugging Face's GPT-NeoX fields) for weights stored in `dtype`."""
+    text = json.dumps(config.to_hf_dict(dtype), indent=2) + "\n"
+    (folder / CONFIG_NAME).write_text(text, encoding="utf-8")
 
 
 def _check_save_dtype(dtype: torch.dtype | None) -> None:

@@ -17,7 +17,6 @@ is unpickled: a checkpoint from someone else cannot run code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from data.atomic import staged_folder, write_json_atomic
+from data.shards import file_sha256
 from engine.model.config import CheckpointError
 from engine.model.hf_io import load_pretrained, write_model_files
 from engine.train import state_files
@@ -46,6 +46,8 @@ DONE_MARKER = "DONE"
 FORMAT_NAME = "neox-distill-checkpoint"
 FORMAT_VERSION = 2
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_STAGED_STEP_DIR = re.compile(r"^\.step-\d+\.tmp-[A-Za-z0-9_]+$")  # data.atomic.staged_folder
+_OLD_STEP_DIR = re.compile(r"^\.(step-\d+)\.old-[A-Za-z0-9_]+$")  # data.atomic.replace_folder
 _PICKLED_FILES = ("optimizer.pt", "trainer_state.pt")  # format 1, before version 2
 
 # Test hook: "STEP:SECONDS" makes the save of checkpoint STEP pause SECONDS between its
@@ -101,14 +103,6 @@ def resume_candidates(resume: str, out_dir: str | os.PathLike) -> list[Path]:
 # --------------------------------------------------------------------------------------
 # The DONE marker and verification
 # --------------------------------------------------------------------------------------
-
-
-def file_sha256(path: Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _files_below(folder: Path) -> list[str]:
@@ -295,14 +289,23 @@ def holds_only_its_files(folder: Path) -> bool:
 
 
 def clean_incomplete(out_dir: str | os.PathLike) -> None:
-    """Remove temporary and marker-less folders: debris of a killed save (rank 0 only)."""
+    """Remove the debris of a killed save (rank 0 only), by the names a save gives it: a
+    staged folder (data.atomic.staged_folder's `.step-N.tmp-*`), a step folder renamed into
+    place before its DONE, and a replaced step's `.step-N.old-*`. A kill between
+    replace_folder's two renames leaves the only complete step N in the `.old-` folder: it is
+    moved back, not deleted."""
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return
     for child in root.iterdir():
         if not child.is_dir():
             continue
-        if child.name.startswith(".step-") or (
+        old = _OLD_STEP_DIR.match(child.name)
+        if old:
+            kept, final = child / old.group(1), root / old.group(1)
+            if (kept / DONE_MARKER).is_file() and not final.exists():
+                os.replace(kept, final)
+        if old or _STAGED_STEP_DIR.match(child.name) or (
             _STEP_DIR.match(child.name) and not (child / DONE_MARKER).is_file()
         ):
             shutil.rmtree(child, ignore_errors=True)

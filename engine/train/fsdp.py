@@ -33,6 +33,7 @@ into every rank's shard: no GPU ever holds the whole model.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -177,7 +178,8 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     total = torch.nn.utils.get_total_norm(grads)
     if isinstance(total, DTensor):
         total = total.full_tensor()  # the shards' partial norms, reduced over ranks
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    if math.isfinite(max_norm):  # no clipping (optim.grad_clip 0): no pass over the gradients
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
     return total
 
 

@@ -22,7 +22,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from engine import dist
-from engine.model.hf_io import CONFIG_NAME, WEIGHTS_NAME
+from engine.model.hf_io import WEIGHTS_NAME, write_model_config
 from engine.train.export import export_student
 from engine.train.file_writes import WRITE_ERRORS, WriteFailed, describe_write_error
 
@@ -77,7 +77,7 @@ def stream_weights(model: torch.nn.Module, path: Path | None, dtype: torch.dtype
         if handle is not None and error is None:
             try:
                 data = tensor.to(device="cpu", dtype=dtype).contiguous().view(torch.uint8)
-                handle.write(data.numpy().tobytes())
+                handle.write(data.numpy())
             except WRITE_ERRORS as exc:
                 error = describe_write_error(exc)
         del tensor
@@ -89,10 +89,6 @@ def stream_weights(model: torch.nn.Module, path: Path | None, dtype: torch.dtype
     return error
 
 
-def _agree(error: str | None) -> str | None:
-    return next((e for e in dist.all_gather_object(error) if e is not None), None)
-
-
 def export_sharded_student(student: torch.nn.Module, export_dir: str | os.PathLike,
                            **export_kwargs) -> Path:
     """engine.train.export.export_student for an FSDP student: call on every rank (rank 0
@@ -102,9 +98,9 @@ def export_sharded_student(student: torch.nn.Module, export_dir: str | os.PathLi
     device = next(student.buffers()).device  # the rotary tables live on the compute device
     failed = f"{export_dir}: cannot export the student"
     if dist.get_rank() != 0:
-        error = _agree(None)  # rank 0 is ready to write, or says why not
+        error = dist.agree(None)  # rank 0 is ready to write, or says why not
         if error is None:
-            error = _agree(stream_weights(student, None, dtype, device))
+            error = dist.agree(stream_weights(student, None, dtype, device))
         if error is not None:
             raise WriteFailed(f"{failed}: {error}")
         return export_dir
@@ -113,16 +109,15 @@ def export_sharded_student(student: torch.nn.Module, export_dir: str | os.PathLi
     def write_weights(staged: Path) -> None:
         nonlocal joined
         joined = True
-        _agree(None)
-        error = _agree(stream_weights(student, staged / WEIGHTS_NAME, dtype, device))
+        dist.agree(None)
+        error = dist.agree(stream_weights(student, staged / WEIGHTS_NAME, dtype, device))
         if error is not None:
             raise WriteFailed(f"{failed}: {error}")
-        config = json.dumps(student.config.to_hf_dict(dtype), indent=2) + "\n"
-        (staged / CONFIG_NAME).write_text(config, encoding="utf-8")
+        write_model_config(student.config, staged, dtype)
 
     try:
         return export_student(student, export_dir, write_weights=write_weights, **export_kwargs)
     except BaseException as exc:
         if not joined:
-            _agree(str(exc))
+            dist.agree(str(exc))
         raise

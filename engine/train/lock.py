@@ -40,6 +40,20 @@ def _holder(fd: int) -> str:
         return "a process that has not yet written its name"
 
 
+def _is_lock_record(fd: int) -> bool:
+    """Empty (just created) or a record a run wrote (a JSON object with its pid): the file
+    may be rewritten. Anything else by that name is the user's."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    raw = os.read(fd, 1 << 16)
+    if not raw:
+        return True
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and "pid" in record
+
+
 class RunLock:
     """flock on <out_dir>/.lock (created with out_dir when missing); release() or exit frees it."""
 
@@ -59,6 +73,12 @@ class RunLock:
                 f"run.out_dir={self.path.parent}: in use by another run ({holder}); wait for "
                 "it to finish, or choose another run.out_dir"
             ) from None
+        if not _is_lock_record(fd):
+            os.close(fd)
+            raise RunLocked(
+                f"{self.path}: exists and is not a neox-distill lock record; not overwriting "
+                "it (move it away, or choose another run.out_dir)"
+            )
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "command": " ".join([sys.executable, *sys.argv])}

@@ -58,14 +58,15 @@ def _local(tensor):
 
 
 def adamw_update(param: torch.Tensor, state: dict, group: dict,
-                 start: int = 0, stop: int | None = None) -> torch.Tensor:
+                 start: int = 0, stop: int | None = None, *,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 update AdamW is about to apply to param.view(-1)[start:stop] (before rounding).
 
     Mirrors torch.optim.AdamW (not amsgrad, not maximize): m = beta1 m + (1 - beta1) g,
     v = beta2 v + (1 - beta2) g^2, u = -lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) - lr wd w.
+    `weight`: that slice of the parameter in fp32 when the caller has it already.
     """
     step_size, bc2_sqrt, beta1, beta2, eps, decay = _adamw_hyper(group, state)
-    weight = _local(param.detach()).reshape(-1)[start:stop].float()
     grad = _local(param.grad).reshape(-1)[start:stop].float()
     exp_avg, exp_avg_sq = state.get("exp_avg"), state.get("exp_avg_sq")
     m = (1 - beta1) * grad
@@ -75,6 +76,8 @@ def adamw_update(param: torch.Tensor, state: dict, group: dict,
         v = v.add_(_local(exp_avg_sq).reshape(-1)[start:stop].float(), alpha=beta2)
     update = -step_size * m / (v.sqrt_() / bc2_sqrt + eps)
     if decay:
+        if weight is None:
+            weight = _local(param.detach()).reshape(-1)[start:stop].float()
         update -= decay * weight
     return update
 
@@ -93,10 +96,11 @@ def lost_update_sums(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
             flat = _local(param.detach()).reshape(-1)
             for start in range(0, flat.numel(), CHUNK_ELEMENTS):
                 stop = start + CHUNK_ELEMENTS
-                update = adamw_update(param, state, group, start, stop)
                 weight = flat[start:stop]
+                weight32 = weight.float()
+                update = adamw_update(param, state, group, start, stop, weight=weight32)
                 moved = update != 0
-                lost = moved & ((weight.float() + update).to(weight.dtype) == weight)
+                lost = moved & ((weight32 + update).to(weight.dtype) == weight)
                 size = update.abs_()
                 sums += torch.stack([lost.sum(), moved.sum(), (size * lost).sum(),
                                      size.sum()]).double()

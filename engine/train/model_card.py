@@ -126,7 +126,7 @@ def run_facts(trainer) -> dict[str, Any]:
     teacher = trainer.teacher
     teacher_config = teacher.config if teacher is not None else None
     teacher_params = teacher.num_parameters() if teacher is not None else 0
-    cached = getattr(trainer, "cached_teacher", None)
+    cached = trainer.cached_teacher
     if cached is not None and teacher is None:  # the teacher as the cache recorded it
         teacher_config = GPTNeoXConfig.from_hf_dict(cached.manifest["teacher"]["config"],
                                                     source=f"{cached.cache.folder} manifest")
@@ -223,7 +223,7 @@ def _recipe_section(facts: dict[str, Any]) -> list[str]:
     if facts["teacher_config"] is not None:
         rows[:0] = [("loss", f"{loss.alpha:g} x CE + {1 - loss.alpha:g} x KD"),
                     ("temperature T", f"{loss.temperature:g}"),
-                    ("divergence", getattr(loss, "divergence", "forward_kl"))]
+                    ("divergence", loss.divergence)]
         if facts.get("teacher_cache"):
             rows.insert(1, ("teacher signal", facts["teacher_cache"]))
     else:

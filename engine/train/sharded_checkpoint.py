@@ -53,11 +53,6 @@ OPTIMIZER_JSON = "optimizer.json"
 LAYOUT = "sharded"
 
 
-def agree(error: str | None) -> str | None:
-    """The first rank's error message, on every rank (None when every rank succeeded)."""
-    return next((e for e in dist.all_gather_object(error) if e is not None), None)
-
-
 # --------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------
@@ -110,14 +105,14 @@ def _hash_share(staged: Path) -> tuple[dict[str, str], str | None]:
 def _write_and_hash(staged: Path, step: int, **parts) -> dict[str, str]:
     """The collective middle of a save: shards, JSON, hashes. Raises WriteFailed on every
     rank when any rank failed; returns every file's sha256."""
-    error = agree(_write_shards(staged, **parts))
+    error = dist.agree(_write_shards(staged, **parts))
     if error is None and dist.get_rank() == 0:
         ckpt._maybe_pause(step, staged)
         (staged / "PAUSED").unlink(missing_ok=True)
         follow_umask(staged)
     dist.barrier()
     hashes, hash_error = _hash_share(staged) if error is None else ({}, None)
-    error = error or agree(hash_error)
+    error = error or dist.agree(hash_error)
     if error is not None:
         raise WriteFailed(f"{staged}: cannot save the checkpoint: {error}")
     merged: dict[str, str] = {}
@@ -142,7 +137,7 @@ def save_sharded_checkpoint(out_dir, step: int, *, student, optimizer, trainer_s
         if error is None:
             _write_and_hash(Path(staged), step, student=student, optimizer=optimizer,
                             main_files={})
-            error = agree(None)
+            error = dist.agree(None)
         if error is not None:
             raise WriteFailed(f"{final}: cannot save the checkpoint: {error}")
         return None
@@ -163,7 +158,7 @@ def save_sharded_checkpoint(out_dir, step: int, *, student, optimizer, trainer_s
         reason = describe_write_error(exc)
         dist.all_gather_object(reason if announced else (None, reason))
         raise WriteFailed(f"{final}: cannot save the checkpoint: {reason}") from None
-    agree(None)
+    dist.agree(None)
     if prune:
         ckpt.prune_checkpoints(out_dir, keep_last, newest_step=step)
     return final
@@ -196,7 +191,7 @@ def verify_sharded(folder: Path) -> dict[str, Any]:
             "shards the student (dist.strategy=fsdp): resume it with --dist.strategy=ddp, or "
             "start a new run"
         )
-    error = agree(_check_share(folder, done["files"]))
+    error = dist.agree(_check_share(folder, done["files"]))
     if error is not None:
         raise ckpt.CheckpointLoadError(error)
     return done

@@ -65,7 +65,7 @@ def open_teacher_cache(config, dataset, teacher_model, valid_vocab: int):
     checked against the run (module docstring; valid_vocab: the columns training scores);
     a mismatch is a ConfigError naming it."""
     loss = config.loss
-    divergence = getattr(loss, "divergence", "forward_kl")
+    divergence = loss.divergence
     if divergence not in SUPPORTED_DIVERGENCES:
         raise ConfigError(f"loss.divergence={divergence!r} cannot be trained from a teacher "
                          f"cache (teacher.cache): it supports {SUPPORTED_DIVERGENCES} only, see "

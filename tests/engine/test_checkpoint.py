@@ -58,6 +58,24 @@ def test_a_checkpoint_holding_a_file_its_save_did_not_write_is_never_pruned(tmp_
     assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [3, 4]
 
 
+def test_a_step_left_in_its_old_folder_by_a_kill_mid_replace_is_moved_back(tmp_path):
+    """replace_folder moves step N aside, then the new one in: a kill between the two leaves
+    the only complete step N in `.step-N.old-*`; clean_incomplete restores it, and deletes
+    only the folders a save names (not, e.g., a user's `.step-notes`)."""
+    model = tiny_student()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    folder = save(tmp_path, 1, model, optimizer)
+    root = ckpt.checkpoint_root(tmp_path)
+    aside = root / ".step-00000001.old-abc123"
+    aside.mkdir()
+    os.replace(folder, aside / folder.name)
+    (root / ".step-00000002.tmp-xyz789").mkdir()
+    (root / ".step-notes").mkdir()
+    ckpt.clean_incomplete(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == [".step-notes", "step-00000001"]
+    ckpt.verify_checkpoint(root / "step-00000001")
+
+
 def test_keep_last_and_incomplete_folders(tmp_path):
     model = tiny_student()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -166,6 +166,20 @@ def test_the_lock_dies_with_its_holder(tmp_path):
         holder.stdout.close()
 
 
+def test_a_lock_file_that_is_not_ours_is_never_overwritten(tmp_path):
+    from engine.train.lock import RunLock, RunLocked
+
+    (tmp_path / ".lock").write_text("my notes, unluckily named")
+    with pytest.raises(RunLocked, match="not a neox-distill lock record"):
+        RunLock(tmp_path).acquire()
+    assert (tmp_path / ".lock").read_text() == "my notes, unluckily named"
+    (tmp_path / ".lock").write_text("")  # empty, or a record a run wrote: ours to reuse
+    with RunLock(tmp_path):
+        pass
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+
+
 # --------------------------------------------------------------------------------------
 # Item 10: a failed launch leaves the run's record alone
 # --------------------------------------------------------------------------------------
