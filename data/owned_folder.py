@@ -17,6 +17,12 @@ from pathlib import Path
 from data.atomic import temporary_leftovers
 
 
+def shown_names(names) -> str:
+    """The first six of `names`, sorted, and how many more: for messages about a folder."""
+    names = sorted(names)
+    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+
 class ForeignFolderError(ValueError):
     """The folder is not (only) the tool's own output; nothing was deleted."""
 
@@ -40,11 +46,10 @@ def clear_owned_folder(folder: str | Path, *, markers: Collection[str],
                                  f"{' or '.join(markers)}); nothing was deleted")
     own = {*markers, *names}
     temporaries = {p for name in own for p in temporary_leftovers(folder, name)}
-    strangers = sorted(p.name for p in entries if p.name not in own and p not in temporaries)
+    strangers = [p.name for p in entries if p.name not in own and p not in temporaries]
     if strangers:
-        shown = ", ".join(strangers[:6]) + (f" and {len(strangers) - 6} more"
-                                            if len(strangers) > 6 else "")
-        raise ForeignFolderError(f"{folder}: holds {shown}, which this tool does not write; "
+        raise ForeignFolderError(f"{folder}: holds {shown_names(strangers)}, which this tool "
+                                 "does not write; "
                                  "nothing was deleted (move them away, or choose another folder)")
     for path in sorted(entries, key=lambda p: p.name in markers):
         if path.is_dir() and not path.is_symlink():

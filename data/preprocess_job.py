@@ -18,6 +18,7 @@ import secrets
 from pathlib import Path
 
 from data.atomic import temporary_leftovers, write_json_atomic
+from data.owned_folder import shown_names
 from data.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -141,8 +142,8 @@ def _drop_finished_record(path: Path, settings: dict) -> None:
 
 
 def _foreign_folder_message(folder: Path, entries: list[Path], inputs: list[str]) -> str:
-    names = sorted(p.name for p in entries)
-    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    names = [p.name for p in entries]
+    shown = shown_names(names)
     message = (f"{folder}: not empty and not a data.preprocess output folder (no "
                f"{MANIFEST_NAME}, no {PROGRESS_NAME}); it holds {shown}. Nothing was deleted")
     held = [i for i in inputs if Path(i).resolve().is_relative_to(folder.resolve())]

@@ -43,7 +43,6 @@ SHARD_SUFFIX = ".cache"
 # The batch keys of the targets, in SparseTargets' field order.
 TARGET_KEYS = ("teacher_ids", "teacher_log_mass", "teacher_count", "teacher_log_tail",
                "teacher_entropy")
-MODEL_FILES = ("config.json", "model.safetensors.index.json")
 
 
 class CacheError(ValueError):
@@ -60,7 +59,7 @@ def model_fingerprint(folder: str | Path) -> str:
     if not config.is_file():
         raise CacheError(f"{config}: not found (a teacher folder needs config.json)")
     parts["config.json"] = canonical_fingerprint(json.loads(config.read_text()))
-    for path in [*sorted(folder.glob("*.safetensors")), folder / MODEL_FILES[1]]:
+    for path in [*sorted(folder.glob("*.safetensors")), folder / "model.safetensors.index.json"]:
         if path.is_file():
             parts[path.name] = file_sha256(path)
     return canonical_fingerprint(parts)
@@ -78,9 +77,12 @@ def read_cache_manifest(folder: Path) -> dict:
         raise CacheError(f"{folder}: no such cache folder")
     if not path.is_file():
         if (folder / PROGRESS_NAME).is_file():
-            record = json.loads((folder / PROGRESS_NAME).read_text())
+            try:  # a damaged record still marks the folder unfinished
+                command = json.loads((folder / PROGRESS_NAME).read_text()).get("command")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                command = None
             raise CacheError(f"{folder}: an unfinished tools.cache_teacher job is in this "
-                             f"folder; finish it with: {record.get('command', 'the same command')}")
+                             f"folder; finish it with: {command or 'the same command'}")
         raise CacheError(f"{folder}: no {MANIFEST_NAME}: not a teacher cache")
     try:
         manifest = json.loads(path.read_text())
@@ -126,10 +128,6 @@ class TeacherCache:
         if entry["rows"] == 0:
             return np.zeros(0, dtype=self.dtype)
         return np.memmap(path, dtype=self.dtype, mode="r", shape=(entry["rows"],))
-
-    @property
-    def temperature(self) -> float:
-        return float(self.manifest["temperature"])
 
     def rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Records [start, stop) of the whole stream (copied into `out` when given)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
 import time
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from data.atomic import fsync_dir, temporary_leftovers, write_json_atomic
+from data.owned_folder import shown_names
 from data.progress import Progress
 from data.shards import MANIFEST_NAME, PROGRESS_NAME, file_sha256
 from data.teacher_cache import SHARD_SUFFIX, CacheError, item_rows, read_cache_manifest
@@ -85,12 +87,11 @@ class CacheJob:
 
     def _start(self) -> None:
         ours = temporary_leftovers(self.folder, PROGRESS_NAME)  # a first record never landed
-        others = sorted(p.name for p in self.folder.iterdir() if p not in ours)
+        others = [p.name for p in self.folder.iterdir() if p not in ours]
         if others:
-            shown = ", ".join(others[:6]) + (f" and {len(others) - 6} more" if len(others) > 6
-                                             else "")
             raise CacheError(f"{self.folder}: not empty and not a teacher cache folder (no "
-                             f"{MANIFEST_NAME}, no {PROGRESS_NAME}); it holds {shown}. Nothing "
+                             f"{MANIFEST_NAME}, no {PROGRESS_NAME}); it holds "
+                             f"{shown_names(others)}. Nothing "
                              "was deleted. Choose a new or empty --out folder")
         for path in ours:
             path.unlink()
@@ -102,6 +103,9 @@ class CacheJob:
             settings, state = record["settings"], record["state"]
             names = [entry["name"] for entry in state["shards"]]
             pending = state["pending"]
+            if pending is not None and not _is_pending_temporary(pending):
+                raise ValueError(f"pending file {pending['temporary']!r} is not one this tool "
+                                 "writes")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CacheError(f"{self.path}: not a teacher cache job record ({exc}); delete the "
                              "folder to start over") from None
@@ -168,6 +172,19 @@ def _drop_finished_record(path: Path, settings: dict) -> None:
     path.unlink()
 
 
+def _pending_temporary(name: str, tag: str) -> str:
+    """The temporary name a shard of the build tagged `tag` is written under."""
+    return f"{name}{SHARD_SUFFIX}.{tag}.tmp"
+
+
+def _is_pending_temporary(pending: dict) -> bool:
+    """Whether a record's pending file is named as this tool names it (so a damaged or
+    foreign record can never make a resume rename, truncate or append to another file)."""
+    pattern = re.escape(_pending_temporary(pending["name"], "TAG")).replace("TAG", "[0-9a-f]{8}")
+    return isinstance(pending["temporary"], str) and re.fullmatch(pattern,
+                                                                  pending["temporary"]) is not None
+
+
 class RowStream:
     """The records of the token stream in order, one file per token shard (module docstring).
 
@@ -205,7 +222,7 @@ class RowStream:
 
     def _open_next(self) -> None:
         name = self.job.settings["data"]["shards"][self.index]["name"]
-        temporary = f"{name}{SHARD_SUFFIX}.{self.job.tag}.tmp"
+        temporary = _pending_temporary(name, self.job.tag)
         self.job.state["pending"] = {"name": name, "temporary": temporary, "rows": 0,
                                      "sha256": hashlib.sha256().hexdigest()}
         self.job.save()  # recorded before the file exists

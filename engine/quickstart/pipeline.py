@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import math
 import sys
 import time
@@ -30,7 +31,6 @@ from data.loader import build_dataset
 from data.owned_folder import ForeignFolderError, clear_owned_folder
 from data.preprocess import preprocess
 from engine.curves import plot_runs
-from engine.eval.compare import matplotlib_available
 from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.requests import TextEncoder
 from engine.eval.scoring import heldout_metrics
@@ -298,7 +298,7 @@ def evaluate_stages(runs: dict[str, dict[str, Any]], reference, data: dict[str, 
 def draw_curves(runs: dict[str, dict[str, Any]], out_dir: Path) -> str | None:
     """curves.png: the distilled student's training against the CE-only control's (when
     matplotlib is installed; the plot extra)."""
-    if not matplotlib_available():
+    if importlib.util.find_spec("matplotlib") is None:
         _say("curves: skipped (pip install matplotlib, or '.[plot]', to get curves.png)")
         return None
     stages = [stage for stage in ("distill", "control") if stage in runs]

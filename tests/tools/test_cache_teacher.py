@@ -137,3 +137,27 @@ def test_a_record_left_beside_a_complete_cache_is_dropped_only_if_it_is_the_buil
     assert "not its own build record" in err and "nothing was deleted" in err
     assert record.read_text() == '{"settings": "not this build\'s"}'
 
+
+def test_a_record_naming_a_foreign_pending_file_is_refused_and_the_file_kept(assets, tmp_path,
+                                                                             capsys):
+    """A damaged or foreign job record cannot make a resume rename, truncate or append to a
+    file the build did not create: the pending file's name must be the build's own."""
+    out = tmp_path / "cache"
+    killed_build(assets, out, ["--top-k", "8"], 7)
+    record = json.loads((out / ".progress.json").read_text())
+    assert record["state"]["pending"] is not None
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    record["state"]["pending"]["temporary"] = str(victim)
+    (out / ".progress.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(cli_args(assets, out, "--top-k", "8")) == 1
+    assert "is not one this tool writes" in capsys.readouterr().err
+    assert victim.read_text() == "precious"
+
+
+def test_an_unreadable_record_still_names_the_folder_unfinished(tmp_path):
+    (tmp_path / ".progress.json").write_text("{torn")
+    with pytest.raises(CacheError, match=r"unfinished tools\.cache_teacher job"):
+        TeacherCache(tmp_path)
+
