@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.atomic import write_json_atomic
-from data.loader import build_dataset
-from data.shards import ShardWriter
-from data.teacher_cache import TARGET_KEYS, TeacherCache
-from data.teacher_cache_encode import (
+from engine.data.atomic import write_json_atomic
+from engine.data.loader import build_dataset
+from engine.data.shards import ShardWriter
+from engine.data.teacher_cache import TARGET_KEYS, TeacherCache
+from engine.data.teacher_cache_encode import (
     record_dtype,
     sampled_entries,
     sampled_targets,
@@ -40,6 +40,10 @@ from data.teacher_cache_encode import (
 )
 from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.scoring import heldout_metrics
+from engine.kernels.constants import IGNORE_INDEX
+from engine.kernels.divergences import DIVERGENCES
+from engine.kernels.kd_loss import kd_head_loss, kd_loss, kd_loss_reference
+from engine.kernels.sparse_kd import sparse_kd_loss, sparse_kd_reference
 from engine.metrics import read_records
 from engine.model.config import PYTHIA_COMMON, PYTHIA_SHAPES, GPTNeoXConfig
 from engine.model.hf_io import load_pretrained, save_pretrained
@@ -47,10 +51,6 @@ from engine.model.network import GPTNeoX
 from engine.precision import DTYPES, dtype_of
 from engine.teacher_cache import build_teacher_cache
 from engine.train.step import distill_micro_step
-from kernels.constants import IGNORE_INDEX
-from kernels.divergences import DIVERGENCES
-from kernels.kd_loss import kd_head_loss, kd_loss, kd_loss_reference
-from kernels.sparse_kd import sparse_kd_loss, sparse_kd_reference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -185,7 +185,7 @@ def transformers_micro_step(student, teacher, batch, valid_vocab, normalizer,
 
 def random_top_k_batch(batch: dict, width: int, valid_vocab: int, seed: int = 0) -> dict:
     """`batch` plus top-k targets of a random teacher, as a teacher cache hands them to the
-    loader (data.teacher_cache.CachedTargets), on the batch's device."""
+    loader (engine.data.teacher_cache.CachedTargets), on the batch's device."""
     gen = torch.Generator().manual_seed(seed)
     shape, n = batch["labels"].shape, batch["labels"].numel()
     records = np.zeros(n, dtype=record_dtype(width, "uint16", "float16"))
@@ -201,7 +201,7 @@ def random_top_k_batch(batch: dict, width: int, valid_vocab: int, seed: int = 0)
 
 
 def sparse_correctness(smoke: bool = False) -> list[dict]:
-    """The teacher cache's loss (kernels.sparse_kd) on this device against its float64
+    """The teacher cache's loss (engine.kernels.sparse_kd) on this device against its float64
     reference: top-64 and sampled-32 targets of random teachers, ignored tokens, padded vocab.
     One dict per case: case, backend, loss_rel_err, grad_rel_err, passed (fp32 1e-5 / 1e-4,
     bf16 1e-2)."""
@@ -606,7 +606,7 @@ def teacher_forward_rate(teacher_dir, data, seq_len: int, dtype: str, batch: int
 def cache_build_rates(teacher_dir, data, out: Path, kinds: dict, *, seq_len, dtype,
                       temperature, valid_vocab=None, batch: int = 8, device: str = "cpu",
                       warm_data=None) -> dict:
-    """Each cache's build tokens/s (python -m tools.cache_teacher's whole job) beside the
+    """Each cache's build tokens/s (neox-distill cache-teacher's whole job) beside the
     teacher's forward tokens/s on the same windows, the forward timed before and after the
     builds (their mean is the yardstick).
 

@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, heldout_vs_teacher, median_step_seconds
-from data.atomic import write_json_atomic, write_text_atomic
-from data.owned_folder import ForeignFolderError, clear_owned_folder
+from engine.data.atomic import write_json_atomic, write_text_atomic
+from engine.data.owned_folder import ForeignFolderError, clear_owned_folder
 from engine.eval.compare import save_bar_chart
+from engine.kernels.divergences import DIVERGENCES
 from engine.quickstart.pipeline import (
     DATA_NAMES,
     DEFAULT_CONFIG,
@@ -45,7 +46,6 @@ from engine.quickstart.pipeline import (
     stage_config,
 )
 from engine.train.loop import run as train_run
-from kernels.divergences import DIVERGENCES
 
 OWNER_MARK = "divergences-study.json"  # proves a --out folder is this script's to replace
 CONTROL = "ce_only (control)"
@@ -53,7 +53,8 @@ CE_ONLY_RUN = "ce_only"  # the control's run folder
 
 
 def _owned_out_dir(out_dir: Path) -> Path:
-    """An empty --out folder, deleting only this script's own earlier output (data.owned_folder:
+    """An empty --out folder, deleting only this script's own earlier output
+    (engine.data.owned_folder:
     its mark is there and every entry is one this script writes)."""
     names = (*DATA_NAMES, "teacher_pretrain", "student_base", *DIVERGENCES, CE_ONLY_RUN)
     try:

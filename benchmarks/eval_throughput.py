@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS_DIR, model_config
-from data.atomic import write_json_atomic
-from data.shards import ShardWriter
+from engine.data.atomic import write_json_atomic
+from engine.data.shards import ShardWriter
 from engine.eval.requests import Request, request_items
 from engine.eval.tasks import ScoringSetup, evaluate_ppl, score_items
 from engine.model import GPTNeoX
@@ -54,7 +54,7 @@ def write_random_shards(folder: Path, documents: int, mean_length: int, seed: in
     rng = np.random.default_rng(seed)
     sizes = rng.integers(mean_length // 2, mean_length * 3 // 2, size=documents)
     tokens = rng.integers(2, 50277, size=int(sizes.sum()), dtype=np.int64)
-    tokens[np.cumsum(sizes) - 1] = 0  # EOS closes every document, as data.preprocess writes
+    tokens[np.cumsum(sizes) - 1] = 0  # EOS closes every document, as engine.data.preprocess writes
     writer = ShardWriter(folder / "shard_00000", np.uint16)
     writer.add_documents(tokens, sizes)
     writer.finish()

@@ -10,7 +10,7 @@ the plain student (what DDP runs on one GPU) and with the student under FSDP2 at
 this process alone); tokens/s of both, their ratio (target >= 0.9) and the peaks.
 
 `capped`: in a process capped to a 12 GiB card (minus the plan's CUDA context), the largest
-pair that `python -m tools.memplan --ladder` says fits one 12 GiB GPU (by parameters of both
+pair that `neox-distill memplan --ladder` says fits one 12 GiB GPU (by parameters of both
 models), with random weights of the exact Pythia shapes and the ladder's precision,
 micro-batch and activation checkpointing: a few optimizer steps, the measured allocated peak
 against the plan's (target: within 5%).
@@ -47,13 +47,13 @@ from benchmarks.common import (
     write_json,
 )
 from engine import dist
+from engine.commands.ladder import ladder
 from engine.memory import CUDA_CONTEXT_BYTES, parameter_count, plan_memory
 from engine.model.config import pythia_config
 from engine.model.network import GPTNeoX
 from engine.precision import precision_dtypes
 from engine.train import fsdp
 from engine.train.step import train_step
-from tools.ladder import ladder
 
 CARD_BYTES = 12 * 2**30
 TARGET_RATIO = 0.9  # FSDP tokens/s against the plain step's, at world size 1

@@ -85,11 +85,11 @@ from benchmarks.common import (
     transformers_micro_step,
     write_json,
 )
+from engine.kernels.constants import IGNORE_INDEX
 from engine.memory import CUDA_CONTEXT_BYTES, largest_micro_batch, plan_memory
 from engine.metrics import mfu, peak_flops
 from engine.train.setup import CUDA_ALLOC_CONF
 from engine.train.teacher_source import CachedTeacher
-from kernels.constants import IGNORE_INDEX
 
 DEFAULT_SMOKE_OUT = REPO_ROOT / "runs" / "gpu_suite_smoke"
 CARD_BYTES = 12 * 2**30  # the user's RTX 3060
@@ -353,7 +353,7 @@ def section_teacher_cache(sizes, smoke: bool) -> dict:
 
 
 def section_teacher_cache_build(sizes, smoke: bool) -> dict:
-    """Building a teacher cache (python -m tools.cache_teacher's job) against the teacher's own
+    """Building a teacher cache (neox-distill cache-teacher's job) against the teacher's own
     forward on this device, at the seed shapes (pythia-160m, bf16, 2048-token windows): top-64
     and sampled-32, steady state (target >= 0.9x the forward's tokens/s)."""
     device = current_device()

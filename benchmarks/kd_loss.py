@@ -7,7 +7,8 @@ CPU (always), each section printing its comparison side by side:
   loss         the naive composite (log_softmax at T, kl_div, cross_entropy, autograd) against our
                chunked PyTorch path, default and in-place gradient, at N=4096 x V=50304 in fp32 and
                bf16 (issue 11 item 4: default mode <= 1/4 of the naive peak).
-  head         kernels.kd_head_loss (both LM heads inside the loss, chunk by chunk) against the head
+  head         engine.kernels.kd_head_loss (both LM heads inside the loss, chunk by chunk) against
+  the head
                matmuls + kd_loss (default mode, and the in-place gradient the training step used),
                N=4096, student hidden 512, teacher hidden 768, V=50304, fp32 (issue 11: extra peak
                <= 1/8, time <= 1.1x).
@@ -63,8 +64,8 @@ from benchmarks.common import (
     reset_peak_rss,
     timed,
 )
-from data.atomic import write_json_atomic
-from kernels.constants import IGNORE_INDEX
+from engine.data.atomic import write_json_atomic
+from engine.kernels.constants import IGNORE_INDEX
 
 DEFAULT_JSON = RESULTS_DIR / "kd_loss.json"
 
@@ -243,8 +244,8 @@ def print_divergence_table(div):
 def kernel_sweep(n_tokens, vocab, dtype, repeats):
     """Median kernel time over block sizes and warp counts (CUDA only): where launch_config
     comes from."""
-    from kernels.kd_loss_torch import inverse_normalizer
-    from kernels.kd_loss_triton import kd_loss_forward_triton
+    from engine.kernels.kd_loss_torch import inverse_normalizer
+    from engine.kernels.kd_loss_triton import kd_loss_forward_triton
 
     dev = current_device()
     student, teacher, labels = make_inputs(n_tokens, vocab, dtype, dev)

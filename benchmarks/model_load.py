@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS_DIR, model_config, proc_status_mib, reset_peak_rss
-from data.atomic import write_json_atomic
+from engine.data.atomic import write_json_atomic
 from engine.model import GPTNeoX, GPTNeoXConfig, load_pretrained, save_pretrained
 from engine.precision import dtype_of
 

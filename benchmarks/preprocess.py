@@ -2,7 +2,7 @@
 
     python -m benchmarks.preprocess [--input FILE] [--tokenizer FILE] [--json PATH]
 
-Preprocessing: our end-to-end ``data.preprocess`` (decompress, parse, tokenise, write
+Preprocessing: our end-to-end ``engine.data.preprocess`` (decompress, parse, tokenise, write
 shards) against the raw ``tokenizers`` throughput on the same texts already in memory:
 ``Tokenizer.encode_batch`` on all texts in one call and in ~1 MiB batches (what a streaming
 tool can do), and ``encode_batch_fast`` in the same batches. The ratio is taken against the
@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-import data.preprocess as prep
-from data.atomic import write_json_atomic
-from data.jsonl import iter_records
-from data.loader import BatchLoader, PackedDataset, PaddedDataset
-from kernels.constants import IGNORE_INDEX
+import engine.data.preprocess as prep
+from engine.data.atomic import write_json_atomic
+from engine.data.jsonl import iter_records
+from engine.data.loader import BatchLoader, PackedDataset, PaddedDataset
+from engine.kernels.constants import IGNORE_INDEX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
@@ -120,7 +120,7 @@ def preprocess_modes(texts, tokenizer_path: Path, source: Path, workers: list[in
     if hasattr(tokenizer, "encode_batch_fast"):
         modes["raw encode_batch_fast (1 MiB batches)"] = raw("encode_batch_fast", True)
     for count in workers:
-        modes[f"data.preprocess end-to-end, workers={count}"] = ours(count)
+        modes[f"engine.data.preprocess end-to-end, workers={count}"] = ours(count)
     return modes
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
-from kernels.constants import IGNORE_INDEX
+from engine.kernels.constants import IGNORE_INDEX
 
 PROFILED_MICRO_STEPS = 4
 

@@ -2,7 +2,8 @@
 
     python -m benchmarks.teacher_cache [--base runs/quickstart] [--json PATH] [--smoke]
 
-At quickstart scale (configs/quickstart.toml): the quickstart's pretrained teacher, student base
+At quickstart scale (engine/quickstart/quickstart.toml): the quickstart's pretrained teacher,
+student base
 and shards (reused from --base when present, else built there by `python -m engine.quickstart`)
 are distilled with the quickstart's [distill] recipe (same data, steps, seed, optimizer) once
 per teacher signal:
@@ -58,8 +59,8 @@ from benchmarks.common import (
     seed_cache_build_rates,
     write_json,
 )
-from data.loader import build_dataset
-from data.teacher_cache import CachedTargets, TeacherCache
+from engine.data.loader import build_dataset
+from engine.data.teacher_cache import CachedTargets, TeacherCache
 from engine.model.hf_io import load_pretrained
 from engine.precision import dtype_of
 from engine.quickstart import pipeline as quickstart

@@ -10,7 +10,7 @@ AdamW step.
 
 - ours: engine.model.GPTNeoX (SDPA attention) through engine.train.step.distill_micro_step with
   the fused heads + loss (loss.fused_head = true, the default): both models stop at their final
-  hidden states and kernels.kd_head_loss runs both LM heads chunk by chunk, so neither
+  hidden states and engine.kernels.kd_head_loss runs both LM heads chunk by chunk, so neither
   [tokens x vocab] logits tensor ever exists.
 - ours_logits: the same step with full logits and kd_loss (loss.fused_head = false), whose
   gradient is written into the logits buffer.
@@ -56,7 +56,7 @@ from benchmarks.common import (
     proc_status_mib,
     transformers_micro_step,
 )
-from data.atomic import write_json_atomic
+from engine.data.atomic import write_json_atomic
 from engine.metrics import peak_memory_bytes
 
 DEFAULT_JSON = RESULTS_DIR / "train_step.json"

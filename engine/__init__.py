@@ -1,4 +1,6 @@
-"""The engine: the model, training, evaluation and generation (docs/architecture.md).
+"""neox-distill: the one import root of the distribution (docs/architecture.md).
 
-Sits on data/ and kernels/ and never imports tools/, benchmarks/ or tests/.
+engine.kernels (pure compute) <- engine.data (files, shards, loader) <- the rest of engine (model,
+training, evaluation, the `neox-distill` command). This file imports nothing, so that importing
+engine.kernels loads no more than the kernels.
 """

@@ -4,7 +4,7 @@
 
 Read from each folder's metrics.jsonl (the source of truth; engine/metrics.py): training
 loss, CE, KD and learning rate per step, and the held-out perplexity of each validation,
-against the tokens seen. `python -m tools.plot_run` is the command line; the quickstart draws
+against the tokens seen. `neox-distill plot` is the command line; the quickstart draws
 its distilled student against the CE-only control with it.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.atomic import open_atomic
+from engine.data.atomic import open_atomic
 from engine.metrics import read_records
 
 CURVES_TITLE = "neox-distill training curves"  # PNG metadata: marks a file as ours to replace

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from data.tokenizer_file import read_tokenizer_file
+from engine.data.tokenizer_file import read_tokenizer_file
 from engine.model.hf_io import load_pretrained
 from engine.model.network import GPTNeoX, model_device
 from engine.precision import DTYPE_NAMES, dtype_of
@@ -109,7 +109,7 @@ def generate(
 
 def _parse_args(argv):
     parser = argparse.ArgumentParser(
-        prog="python -m engine.generate", description=__doc__.split("\n")[0]
+        prog="neox-distill generate", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--model", required=True, help="folder with config.json + safetensors")
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json (GPT-NeoX-20B BPE)")

@@ -9,7 +9,7 @@ worst moment. Activations are counted tensor by tensor for our GPT-NeoX block (s
 model. Where the peak is depends on the loss:
 
   * fused head (loss.fused_head, the default): both LM heads run inside the loss, chunk by
-    chunk (kernels.kd_head). The peak is during its forward, at the last chunk: two
+    chunk (engine.kernels.kd_head). The peak is during its forward, at the last chunk: two
     [chunk x vocab] logit blocks, d hidden, the fp32 d weight accumulator and, under
     autocast, the bf16 casts of the hidden states and the head weight. No [tokens x vocab]
     tensor. (With very many tokens per micro-batch the last block's backward can exceed
@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
+from engine.kernels.kd_head import default_chunk_tokens
+from engine.kernels.kd_loss_torch import rows_per_chunk
 from engine.precision import compute_dtype, precision_dtypes
-from kernels.kd_head import default_chunk_tokens
-from kernels.kd_loss_torch import rows_per_chunk
 
 ATTENTION_IMPLS = ("flash", "math")
 RECOMPUTED = "one block recomputed in backward"  # activation checkpointing's extra block
@@ -51,7 +51,7 @@ ALLOCATOR_SLACK_FRACTION = 0.10
 # on Hopper) and small buffers. The measured remainder of the H200 seed step (allocated peak
 # minus every itemised tensor, micro-batch 2 to 12: 32-52 MiB, mean 40 MiB).
 CUDA_WORKSPACE_BYTES = 40 * 2**20
-# fp32 [rows x vocab] temporaries the CPU loss path (kernels.kd_loss_torch) holds at once for
+# fp32 [rows x vocab] temporaries the CPU loss path (engine.kernels.kd_loss_torch) holds at once for
 # one row block, with the forward KL (measured through the allocation tracker of the tests).
 TORCH_LOSS_TEMPORARIES = 5
 
@@ -388,7 +388,7 @@ def _logits_buffers(teacher_cfg, student_cfg, tokens: int, w: _Widths,
 
 def _fused_head_buffers(teacher_cfg, student_cfg, tokens: int, w: _Widths,
                         chunk: int) -> list[tuple[str, int]]:
-    """The fused head's buffers at its forward's last chunk (kernels/kd_head.py)."""
+    """The fused head's buffers at its forward's last chunk (engine/kernels/kd_head.py)."""
     v, h = student_cfg.vocab_size, student_cfg.hidden_size
     out = [("fused head: student logit block [chunk,V]", w.a * chunk * v),
            ("fused head: d hidden [B,T,H]", w.r * tokens * h)]

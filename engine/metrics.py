@@ -4,7 +4,8 @@ Only rank 0 writes. metrics.jsonl is one JSON object per line, appended and flus
 record, so a crashed run keeps everything it logged; when a run starts (fresh or resumed) the
 records after its starting step are dropped first, so the file reads as one continuous run.
 metrics.jsonl is the source of truth: every record written to it also goes, unchanged, to
-every sink (TensorBoard, W&B: engine/train/loggers.py), and tools/plot_run.py reads it back.
+every sink (TensorBoard, W&B: engine/train/loggers.py), and engine/commands/plot_run.py reads it
+back.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Protocol
 
 import torch
 
-from data.atomic import write_text_atomic
-from data.progress import Progress
+from engine.data.atomic import write_text_atomic
+from engine.data.progress import Progress
 
 # Dense bf16 tensor-core peak, FLOP/s (datasheet). Matched as a substring of the CUDA device
 # name, longest first. No CPU entry: a CPU's peak depends on cores and ISA, so MFU on CPU is
@@ -152,7 +153,7 @@ class MetricsWriter:
 
     The one place a run's numbers leave the process: each record also goes to every sink
     (opened by start(), flushed per record, closed by close()). On a terminal a step bar
-    (data.progress) stays below the printed lines.
+    (engine.data.progress) stays below the printed lines.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, enabled: bool, total_steps: int,

@@ -1,11 +1,11 @@
 """Run a teacher over token shards once and store what distillation needs (the teacher cache).
 
 `build_teacher_cache` loads the teacher, builds the training dataset exactly as engine.train
-will read it (same mode, seq_len, pad_id), and hands data.teacher_cache_job the function that
+will read it (same mode, seq_len, pad_id), and hands engine.data.teacher_cache_job the function that
 turns a batch of token ids into the teacher's logits at the trained positions. Those logits
 come from one forward to the final hidden states, then the head on the trained positions
 only, a chunk of rows at a time, so no [tokens x vocab] tensor of a whole batch exists.
-`python -m tools.cache_teacher` is the command line.
+`neox-distill cache-teacher` is the command line.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from data.loader import build_dataset
-from data.teacher_cache import FORMAT_NAME, FORMAT_VERSION, CacheError, model_fingerprint
-from data.teacher_cache_encode import KINDS, record_dtype
-from data.teacher_cache_job import build_cache
+from engine.data.loader import build_dataset
+from engine.data.teacher_cache import FORMAT_NAME, FORMAT_VERSION, CacheError, model_fingerprint
+from engine.data.teacher_cache_encode import KINDS, record_dtype
+from engine.data.teacher_cache_job import build_cache
 from engine.dist import resolve_device
 from engine.model.hf_io import load_pretrained
 from engine.precision import canonical_name, dtype_of
@@ -78,7 +78,7 @@ def cache_settings(*, kind, width, temperature, valid_vocab, seed, batch, datase
 
 def resume_command(args: dict) -> str:
     """The command line that continues this build (from the same working directory)."""
-    words = ["python", "-m", "tools.cache_teacher"]
+    words = ["neox-distill", "cache-teacher"]
     for key, value in args.items():
         if value is not None:
             words += [f"--{key.replace('_', '-')}", str(value)]
@@ -108,7 +108,7 @@ def build_teacher_cache(teacher: str, data: str, out: str, *, top_k: int | None 
                         checkpoint_seconds: float = 10.0) -> dict:
     """Build (or resume, or find finished) the cache of `teacher` over `data`; its manifest.
 
-    Exactly one of top_k and samples. The rest as in `python -m tools.cache_teacher --help`.
+    Exactly one of top_k and samples. The rest as in `neox-distill cache-teacher --help`.
     """
     if (top_k is None) == (samples is None):
         raise CacheError("give exactly one of --top-k K and --samples S")

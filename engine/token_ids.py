@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from kernels.constants import IGNORE_INDEX
+from engine.kernels.constants import IGNORE_INDEX
 
 
 class TokenIdError(ValueError):

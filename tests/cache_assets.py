@@ -1,5 +1,5 @@
 """Tiny assets for the teacher cache tests: a BPE tokenizer, three token shards written by
-data.preprocess (so windows cross shard boundaries), a teacher and a student."""
+engine.data.preprocess (so windows cross shard boundaries), a teacher and a student."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from data.preprocess import preprocess
+from engine.data.preprocess import preprocess
 from engine.model import GPTNeoX, GPTNeoXConfig, load_pretrained, save_pretrained
 from tests.data.common import docs_lines, random_texts, train_tokenizer, write_jsonl
 

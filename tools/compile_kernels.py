@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from data.atomic import write_json_atomic
+from engine.data.atomic import write_json_atomic
 
 CAPABILITIES = (80, 86, 90)
 DTYPES = {"bf16": "*bf16", "fp32": "*fp32"}
@@ -35,8 +35,8 @@ def _kernel_specs():
     The loss kernel is one source but a different program per divergence (a constexpr), so
     each divergence is built and checked for spills on its own.
     """
-    from kernels.divergences import DIVERGENCES
-    from kernels.kd_loss_triton import kd_loss_fwd_bwd_kernel, launch_config
+    from engine.kernels.divergences import DIVERGENCES
+    from engine.kernels.kd_loss_triton import kd_loss_fwd_bwd_kernel, launch_config
 
     def kd_signature(ptr_type: str) -> dict:
         return {
@@ -75,7 +75,7 @@ def _kernel_specs():
 
 def _sparse_kernel_specs():
     """The teacher cache's loss kernel (kernels/sparse_kd_triton.py), int32 ids."""
-    from kernels.sparse_kd_triton import launch_config, sparse_kd_fwd_bwd_kernel
+    from engine.kernels.sparse_kd_triton import launch_config, sparse_kd_fwd_bwd_kernel
 
     def signature(ptr_type: str) -> dict:
         pointers = {"student_ptr": ptr_type, "grad_ptr": ptr_type, "labels_ptr": "*i64",

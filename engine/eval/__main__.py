@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from data.atomic import write_text_atomic
-from data.loader import DATASET_MODES
+from engine.data.atomic import write_text_atomic
+from engine.data.loader import DATASET_MODES
 from engine.eval.compare import markdown_table, save_bar_chart
 from engine.eval.requests import EvalInputError, TextEncoder
 from engine.eval.scoring import divergence_label
@@ -30,9 +30,9 @@ from engine.eval.tasks import (
     evaluate_mc,
     evaluate_ppl,
 )
+from engine.kernels.divergences import DIVERGENCES
 from engine.model.hf_io import load_pretrained
 from engine.precision import DTYPE_NAMES, dtype_of
-from kernels.divergences import DIVERGENCES
 
 # The harness tasks share one signature: (setup, encoder, data file, limit, samples).
 HARNESS_TASKS = {"lambada": evaluate_lambada, "mc": evaluate_mc}
@@ -40,7 +40,7 @@ HARNESS_TASKS = {"lambada": evaluate_lambada, "mc": evaluate_mc}
 
 def _build_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m engine.eval",
+        prog="neox-distill eval",
         description="Held-out perplexity and lm-evaluation-harness-compatible scoring "
         "(lambada, multiple choice) of GPT-NeoX model folders.",
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from data.atomic import open_atomic
+from engine.data.atomic import open_atomic
 
 # Metrics shown per task, and whether lower is better.
 TASK_METRICS = {

@@ -1,7 +1,7 @@
 """The held-out split of a token dataset: the one place that says which batches are "val".
 
 The training loop's validation, the quickstart's comparison table and `engine.eval --heldout`
-all score these batches, so their numbers agree: the same items (data.loader
+all score these batches, so their numbers agree: the same items (engine.data.loader
 .validation_indices, fixed and seed-independent), in the same order, none dropped.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from data.loader import BatchLoader
+from engine.data.loader import BatchLoader
 
 
 def heldout_loader(

@@ -10,7 +10,7 @@ students with published Pythia numbers:
 - the model sees (context+continuation)[-(max_length+1):][:-1], i.e. truncation from the
   left, and the last len(continuation) positions are scored.
 
-ppl reads documents (jsonl text tokenised as data.preprocess stores it: its tokens, then
+ppl reads documents (jsonl text tokenised as engine.data.preprocess stores it: its tokens, then
 EOS; or token shards) and cuts them into rolling windows that score every token once.
 """
 
@@ -24,8 +24,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from data.jsonl import InputError, iter_lines
-from data.shards import ShardSet
+from engine.data.jsonl import InputError, iter_lines
+from engine.data.shards import ShardSet
 
 T = TypeVar("T")
 
@@ -42,7 +42,8 @@ class EvalInputError(ValueError):
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a bad line raises with file:line.
 
-    The bytes come from data.jsonl.iter_lines (streamed, .zst or plain, a truncated or corrupt
+    The bytes come from engine.data.jsonl.iter_lines (streamed, .zst or plain, a truncated or
+    corrupt
     .zst raises naming the file): an evaluation file is small, but a ppl corpus is the Pile.
     """
     path = Path(path)
@@ -251,7 +252,7 @@ def corpus_documents(
     for line_no, obj in read_jsonl(data):
         text = field_of(obj, "text", str, data, line_no)
         if not text:
-            continue  # data.preprocess skips empty documents too
+            continue  # engine.data.preprocess skips empty documents too
         meta = obj.get("meta")
         name = meta.get("pile_set_name") if isinstance(meta, dict) else None
         batch.append((name if isinstance(name, str) else None, text))

@@ -6,7 +6,7 @@ so a number printed by either comes from the same arithmetic:
 - `score_batch`: per-row log-likelihood and greedy match of labelled positions (harness tasks);
 - `heldout_metrics`: token CE / ppl over labelled batches and, with a teacher, the KD term of
   the training loss with the run's divergence (the training loss's own fused heads,
-  kernels.kd_head_loss / ce_head_loss, forward only; or its reference for other models).
+  engine.kernels.kd_head_loss / ce_head_loss, forward only; or its reference for other models).
 
 All probability math is fp32 on chunks of rows, whatever the model's dtype: bf16 logits give
 visibly wrong log-probabilities, and a [tokens, 50304] fp32 matrix for a whole batch would not
@@ -25,14 +25,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.teacher_cache import targets_of_batch
+from engine.data.teacher_cache import targets_of_batch
+from engine.kernels.constants import IGNORE_INDEX
+from engine.kernels.divergences import resolve_divergence
+from engine.kernels.kd_loss import ce_head_loss, kd_head_loss, kd_loss_reference
+from engine.kernels.sparse_kd import sparse_kd_reference
+from engine.kernels.sparse_kd_head import sparse_kd_head_loss
 from engine.model.network import model_device, unwrap_model
 from engine.precision import autocast_context
-from kernels.constants import IGNORE_INDEX
-from kernels.divergences import resolve_divergence
-from kernels.kd_loss import ce_head_loss, kd_head_loss, kd_loss_reference
-from kernels.sparse_kd import sparse_kd_reference
-from kernels.sparse_kd_head import sparse_kd_head_loss
 
 # Rows of logits turned into log-probabilities at once: 1024 x 50304 x 4 B = 206 MB per tensor.
 DEFAULT_CHUNK_ROWS = 1024
@@ -230,8 +230,8 @@ def heldout_metrics(
       "divergence"  which D that was (divergence_label: e.g. "jsd(beta=0.5)"), a string,
       "teacher_ce"  the teacher's mean token cross-entropy on the same tokens.
     With `cached_kd` and no teacher, the batches carry teacher-cache targets
-    (data.teacher_cache.CachedTargets) and "kd" is the training loss's KD term against them
-    (kernels.sparse_kd; for a sampled cache an unbiased estimate); no "teacher_ce".
+    (engine.data.teacher_cache.CachedTargets) and "kd" is the training loss's KD term against them
+    (engine.kernels.sparse_kd; for a sampled cache an unbiased estimate); no "teacher_ce".
     Our GPTNeoX (hidden_states + embed_out) is scored through the fused heads of the training
     loss, forward only (no gradient formed, no [tokens x vocab] logits); any other model
     through chunks of its logits and the loss's float64-capable reference, in fp32.

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.loader import build_dataset
-from data.progress import Progress
+from engine.data.loader import build_dataset
+from engine.data.progress import Progress
 from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.requests import (
     EvalInputError,
@@ -42,9 +42,9 @@ from engine.eval.requests import (
     rolling_windows,
 )
 from engine.eval.scoring import eval_mode, heldout_metrics, perplexity, score_batch
+from engine.kernels.constants import IGNORE_INDEX
 from engine.model.network import model_device
 from engine.token_ids import checked_batches
-from kernels.constants import IGNORE_INDEX
 
 TASKS = ("ppl", "lambada", "mc")
 # Documents buffered by the ppl task before sorting their windows by length and scoring them.
@@ -413,7 +413,7 @@ def evaluate_heldout(
     """The training run's validation, reproduced: the loader's val split of a shard folder.
 
     Same dataset (packed windows or padded documents of max_length tokens), same held-out
-    items (data.loader.validation_indices), same heldout_metrics: with the run's seq_len,
+    items (engine.data.loader.validation_indices), same heldout_metrics: with the run's seq_len,
     val_fraction, valid_vocab and loss settings (temperature, `kd_options`: divergence, beta,
     skew, t2_scale) this gives the numbers of its metrics.jsonl (val_*). `limit` counts
     sequences.

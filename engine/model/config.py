@@ -1,7 +1,7 @@
 """The GPT-NeoX model configuration, its Hugging Face config.json form, and Pythia's shapes.
 
 The configuration sits apart from the network so that everything that only needs shapes (the
-memory plan, tools.memplan, the benchmarks) reads them here, and apart from the safetensors
+memory plan, neox-distill memplan, the benchmarks) reads them here, and apart from the safetensors
 I/O so that a config.json can be read without touching weights.
 """
 

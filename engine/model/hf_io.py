@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from data.atomic import current_umask, staged_folder
+from engine.data.atomic import current_umask, staged_folder
 from engine.model.config import CheckpointError, GPTNeoXConfig
 from engine.model.network import GPTNeoX
 
@@ -178,7 +178,7 @@ def save_pretrained(
 ) -> Path:
     """Write config.json + model.safetensors (HF names) atomically; replaces an old folder.
 
-    The folder is staged beside the target and swapped in complete (data.atomic
+    The folder is staged beside the target and swapped in complete (engine.data.atomic
     .staged_folder), so a crash leaves either the old checkpoint or the new one. A folder
     holding anything but those two files (a downloaded model's tokenizer, a user's notes) is
     refused: only what this function writes is ever replaced.

@@ -15,7 +15,7 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from data.atomic import open_atomic, write_text_atomic
+from engine.data.atomic import open_atomic, write_text_atomic
 
 # Folders whose files are tests, vendored third-party code or IDE resources: large, repetitive
 # or not part of "the library", and their presence differs between installations.

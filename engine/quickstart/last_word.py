@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from data.atomic import write_text_atomic
+from engine.data.atomic import write_text_atomic
 from engine.quickstart.corpus import read_documents, stdlib_dir, stdlib_sources
 
 # An identifier of 4+ characters right after a space: the word a passage ends with.

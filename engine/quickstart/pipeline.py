@@ -4,11 +4,12 @@
 committed: the corpus is this machine's own Python standard library, the tokenizer is
 trained on it, and the teacher and the student's base are pretrained here, small and briefly.
 Then the base is distilled from the teacher through exactly the code a real run uses
-(data.preprocess, engine.train.loop.run, engine.eval.scoring.heldout_metrics), and the
+(engine.data.preprocess, engine.train.loop.run, engine.eval.scoring.heldout_metrics), and the
 held-out perplexities are printed side by side. A distilled student that is not ahead of its base
 means something in the pipeline is wrong, so that is an error (exit 1), not a footnote.
 
-    python -m engine.quickstart [--config configs/quickstart.toml] [--out-dir DIR] [--tiny]
+    python -m engine.quickstart [--config engine/quickstart/quickstart.toml] [--out-dir DIR]
+    [--tiny]
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from typing import Any
 
 import torch
 
-from data.atomic import write_json_atomic
-from data.jsonl import iter_records
-from data.loader import build_dataset
-from data.owned_folder import ForeignFolderError, clear_owned_folder
-from data.preprocess import preprocess
 from engine.curves import plot_runs
+from engine.data.atomic import write_json_atomic
+from engine.data.jsonl import iter_records
+from engine.data.loader import build_dataset
+from engine.data.owned_folder import ForeignFolderError, clear_owned_folder
+from engine.data.preprocess import preprocess
 from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.requests import TextEncoder
 from engine.eval.scoring import heldout_metrics
@@ -46,8 +47,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 only
     import tomli as tomllib
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "quickstart.toml"
+DEFAULT_CONFIG = Path(__file__).with_name("quickstart.toml")  # shipped in the package
 STAGES = ("teacher_pretrain", "student_base", "distill", "control")
 QUICKSTART_KEYS = {
     "out_dir": str,
@@ -136,7 +136,7 @@ def _say(message: str) -> None:
 
 def _prepare_out_dir(out_dir: Path) -> None:
     """Start from an empty folder, deleting only a previous quickstart's own output
-    (data.owned_folder: its marker is there and every entry is one the quickstart writes)."""
+    (engine.data.owned_folder: its marker is there and every entry is one the quickstart writes)."""
     try:
         clear_owned_folder(out_dir, markers=(STARTED, MARKER), names=OUTPUT_NAMES)
     except ForeignFolderError as exc:
@@ -393,7 +393,7 @@ def verdict(rows: list[dict[str, Any]]) -> tuple[bool, list[str]]:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.quickstart",
+        prog="neox-distill quickstart",
         description="Offline CPU quickstart: stdlib corpus -> BPE tokenizer -> shards -> "
         "pretrain teacher and student base -> distill -> held-out comparison.",
     )

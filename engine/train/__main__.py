@@ -24,8 +24,9 @@ from engine.train.loop import TrainingDiverged, run
 from engine.train.signals import EXIT_STATUS, exit_status
 from engine.train.watch import TaskRegression
 
-USAGE = """usage: python -m engine.train [--config FILE.toml] [--section.key=value ...]
-       python -m engine.train            (no arguments: the offline quickstart)
+USAGE = """usage: neox-distill train [--config FILE.toml] [--section.key=value ...]
+       neox-distill train            (no arguments: the offline quickstart)
+       (the same as python -m engine.train)
 """
 
 

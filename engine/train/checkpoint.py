@@ -8,7 +8,7 @@ Layout of <out_dir>/checkpoints/step-00000010/ (docs/formats.md):
     DONE                        JSON, written last: the step, the non-finite-step counter and
                                 the sha256 of every file above
 
-A checkpoint is assembled in a staged folder (data.atomic.staged_folder: every file fsynced,
+A checkpoint is assembled in a staged folder (engine.data.atomic.staged_folder: every file fsynced,
 the folder renamed to its final name), and only then is DONE written. Readers trust only
 folders with DONE, and check every file against its recorded sha256 and the weights for
 finiteness before using them; resume=auto falls back to the newest intact checkpoint. No file
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.atomic import staged_folder, write_json_atomic
-from data.shards import file_sha256
+from engine.data.atomic import staged_folder, write_json_atomic
+from engine.data.shards import file_sha256
 from engine.model.config import CheckpointError
 from engine.model.hf_io import load_pretrained, write_model_files
 from engine.train import state_files
@@ -46,8 +46,8 @@ DONE_MARKER = "DONE"
 FORMAT_NAME = "neox-distill-checkpoint"
 FORMAT_VERSION = 2
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_STAGED_STEP_DIR = re.compile(r"^\.step-\d+\.tmp-[A-Za-z0-9_]+$")  # data.atomic.staged_folder
-_OLD_STEP_DIR = re.compile(r"^\.(step-\d+)\.old-[A-Za-z0-9_]+$")  # data.atomic.replace_folder
+_STAGED_STEP_DIR = re.compile(r"^\.step-\d+\.tmp-[A-Za-z0-9_]+$")  # atomic.staged_folder
+_OLD_STEP_DIR = re.compile(r"^\.(step-\d+)\.old-[A-Za-z0-9_]+$")  # atomic.replace_folder
 _PICKLED_FILES = ("optimizer.pt", "trainer_state.pt")  # format 1, before version 2
 
 # Test hook: "STEP:SECONDS" makes the save of checkpoint STEP pause SECONDS between its
@@ -290,7 +290,7 @@ def holds_only_its_files(folder: Path) -> bool:
 
 def clean_incomplete(out_dir: str | os.PathLike) -> None:
     """Remove the debris of a killed save (rank 0 only), by the names a save gives it: a
-    staged folder (data.atomic.staged_folder's `.step-N.tmp-*`), a step folder renamed into
+    staged folder (engine.data.atomic.staged_folder's `.step-N.tmp-*`), a step folder renamed into
     place before its DONE, and a replaced step's `.step-N.old-*`. A kill between
     replace_folder's two renames leaves the only complete step N in the `.old-` folder: it is
     moved back, not deleted."""

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data.atomic import write_json_atomic, write_text_atomic
-from data.loader import DATASET_MODES
+from engine.data.atomic import write_json_atomic, write_text_atomic
+from engine.data.loader import DATASET_MODES
 from engine.eval.tasks import TASKS
+from engine.kernels.divergences import DIVERGENCES
 from engine.memory import parse_bytes
 from engine.model.config import GPTNeoXConfig
 from engine.precision import DTYPE_NAMES, PRECISION_MODES
-from kernels.divergences import DIVERGENCES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -81,7 +81,7 @@ class RunConfig:
 class TeacherConfig:
     path: str = ""  # empty = no teacher: plain cross-entropy (pre)training
     dtype: str = "bf16"
-    # A teacher cache (python -m tools.cache_teacher): distill from it, no teacher model run.
+    # A teacher cache (neox-distill cache-teacher): distill from it, no teacher model run.
     # With path also set, the live teacher only scores the held-out KD.
     cache: str = ""
 
@@ -112,7 +112,7 @@ class StudentConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a folder written by data.preprocess
+    path: str = ""  # a folder written by engine.data.preprocess
     mode: str = "packed"
     val_fraction: float = 0.01
     pad_id: int = 1
@@ -462,7 +462,7 @@ def validate(config: Config) -> Config:
     if config.student.init == "pretrained" and not config.student.path:
         problems.append("student.path: required when student.init = 'pretrained'")
     if not config.data.path:
-        problems.append("data.path: required (a folder written by data.preprocess)")
+        problems.append("data.path: required (a folder written by neox-distill preprocess)")
     problems.extend(_eval_task_problems(config))
     problems.extend(_dist_problems(config))
     if problems:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from data.atomic import staged_folder
+from engine.data.atomic import staged_folder
 from engine.model.hf_io import write_model_files
 from engine.train.file_writes import WRITE_ERRORS, WriteFailed, describe_write_error, follow_umask
 from engine.train.model_card import CARD_NAME, write_tokenizer_files

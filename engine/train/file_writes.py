@@ -2,7 +2,7 @@
 
 safetensors creates its files 0600, so without a fix a checkpoint or export would be
 unreadable by the other users of a shared run folder; every other file the engine writes
-follows the umask (data/atomic.py). And a full disk surfaces as a library message
+follows the umask (engine/data/atomic.py). And a full disk surfaces as a library message
 ("Error while serializing: I/O error ...", or an OSError without a file name): the user
 needs "no space left on device" and the path.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from data.atomic import current_umask
+from engine.data.atomic import current_umask
 
 _DISK_FULL = {errno.ENOSPC: "no space left on device",
               errno.EDQUOT: "no space left on device (disk quota exceeded)"}

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data.atomic import write_text_atomic
+from engine.data.atomic import write_text_atomic
 from engine.metrics import MetricsSink, record_scalars
 from engine.train.config import Config, ConfigError
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from data.loader import build_dataset
 from engine import dist
+from engine.data.loader import build_dataset
 from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.scoring import heldout_metrics
 from engine.memory import training_flops_per_token

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from data.tokenizer_file import TokenizerFileError, read_tokenizer_file
+from engine.data.tokenizer_file import TokenizerFileError, read_tokenizer_file
 from engine.memory import parameter_count
 from engine.model.config import PYTHIA_COMMON, PYTHIA_SHAPES, GPTNeoXConfig
 
@@ -112,7 +112,7 @@ def hub_base_model(path: str, config: GPTNeoXConfig) -> str | None:
 
 
 def data_inputs(dataset) -> tuple[list[str], int]:
-    """(the input files data.preprocess read, tokens in the shards) from the manifest."""
+    """(the input files engine.data.preprocess read, tokens in the shards) from the manifest."""
     shards = dataset.shards
     manifest = shards.manifest or {}
     inputs = [str(entry.get("path", "?")) for entry in manifest.get("inputs", [])]
@@ -193,7 +193,7 @@ def _data_section(facts: dict[str, Any]) -> list[str]:
     inputs = ", ".join(f"`{p}`" for p in facts["inputs"][:5])
     if len(facts["inputs"]) > 5:
         inputs += f" and {len(facts['inputs']) - 5} more"
-    origin = (f"made by `data.preprocess` from {inputs}" if inputs
+    origin = (f"made by `neox-distill preprocess` from {inputs}" if inputs
               else "no manifest.json, so their source files are not recorded")
     tokens_seen = facts["steps"] * facts["tokens_per_step"]
     return [

@@ -99,7 +99,7 @@ def check_paths(config: Config) -> None:
         check_model_folder("teacher.path", config.teacher.path)
     if config.teacher.cache and not Path(config.teacher.cache).is_dir():
         raise ConfigError(f"teacher.cache: {config.teacher.cache} is not a folder (give one "
-                          "written by python -m tools.cache_teacher)")
+                          "written by neox-distill cache-teacher)")
     if config.run.tokenizer:
         read_run_tokenizer(config.run.tokenizer)
     check_export_dir(config)

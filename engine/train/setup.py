@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from data.atomic import write_text_atomic
-from data.loader import BatchLoader
-from data.teacher_cache import CacheError, read_cache_manifest
 from engine import dist
+from engine.data.atomic import write_text_atomic
+from engine.data.loader import BatchLoader
+from engine.data.teacher_cache import CacheError, read_cache_manifest
 from engine.memory import format_bytes, largest_micro_batch, plan_memory
 from engine.model.hf_io import load_pretrained
 from engine.model.network import GPTNeoX

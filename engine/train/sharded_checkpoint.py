@@ -41,8 +41,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from data.atomic import staged_folder, write_json_atomic
 from engine import dist
+from engine.data.atomic import staged_folder, write_json_atomic
 from engine.train import checkpoint as ckpt
 from engine.train import fsdp, state_files
 from engine.train.file_writes import WRITE_ERRORS, WriteFailed, describe_write_error, follow_umask

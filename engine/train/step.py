@@ -3,7 +3,7 @@
 `distill_micro_step`: teacher forward, student forward, KD + CE loss, backward. A plain
 function, so the loop, the benchmarks and the GPU suite run exactly the same code. With
 `fused_head` (loss.fused_head, the default) both models stop at their final hidden states and
-kernels.kd_head_loss runs both LM heads inside the loss, chunk by chunk, so neither model's
+engine.kernels.kd_head_loss runs both LM heads inside the loss, chunk by chunk, so neither model's
 [tokens x vocab] logits ever exist; without it the models return full logits for kd_loss.
 
 `train_step`: one optimizer step = one accumulation window of micro-batches per rank. The
@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from engine import dist
+from engine.kernels.constants import IGNORE_INDEX
+from engine.kernels.kd_loss import ce_head_loss, kd_head_loss, kd_loss
 from engine.model.network import model_device, unwrap_model
 from engine.precision import autocast_context
 from engine.train.fsdp import clip_grad_norm, gathered_root, through_head
 from engine.train.teacher_source import CachedTeacher, cached_micro_loss
-from kernels.constants import IGNORE_INDEX
-from kernels.kd_loss import ce_head_loss, kd_head_loss, kd_loss
 
 
 def teacher_logits(
@@ -102,7 +102,7 @@ def distill_micro_step(
     too). `student` may be a DDP / torch.compile wrapper of a GPTNeoX: the forward runs through
     it (`return_hidden=True` with the fused head); the head weight is the inner module's.
 
-    `fused_head`: the loss runs both heads (kernels.kd_head_loss, or ce_head_loss without a
+    `fused_head`: the loss runs both heads (engine.kernels.kd_head_loss, or ce_head_loss without a
     teacher; `chunk_tokens` overrides its chunk rule). Otherwise `inplace_grad` lets kd_loss
     write d loss / d logits into the student's logits buffer (nothing else here uses them:
     the head's backward needs its input and weight, not its output), saving one

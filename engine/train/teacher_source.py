@@ -1,10 +1,11 @@
 """Where a distillation run's teacher signal comes from: a live model, or a teacher cache.
 
 `teacher.path` loads the teacher (engine/train/setup.build_teacher) and every micro-step runs
-it. `teacher.cache` (a folder written by `python -m tools.cache_teacher`) loads no model: the
+it. `teacher.cache` (a folder written by `neox-distill cache-teacher`) loads no model: the
 dataset is wrapped so every batch carries the cached sparse targets
-(data.teacher_cache.CachedTargets) and the micro-step computes the sparse loss
-(kernels.sparse_kd, kernels.sparse_kd_head) from the student alone. With both set, the cache
+(engine.data.teacher_cache.CachedTargets) and the micro-step computes the sparse loss
+(engine.kernels.sparse_kd, engine.kernels.sparse_kd_head) from the student alone. With both set,
+the cache
 trains and the live teacher only scores the held-out KD (after its fingerprint is checked
 against the cache's).
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from data.teacher_cache import (
+from engine.data.teacher_cache import (
     CachedTargets,
     CacheError,
     TeacherCache,
@@ -25,12 +26,12 @@ from data.teacher_cache import (
     model_fingerprint,
     targets_of_batch,
 )
-from data.tokenizer_file import read_tokenizer_file
+from engine.data.tokenizer_file import read_tokenizer_file
+from engine.kernels.sparse_kd import SUPPORTED_DIVERGENCES, sparse_kd_loss
+from engine.kernels.sparse_kd_head import sparse_kd_head_loss
 from engine.precision import autocast_context
 from engine.train.config import ConfigError
 from engine.train.fsdp import through_head
-from kernels.sparse_kd import SUPPORTED_DIVERGENCES, sparse_kd_loss
-from kernels.sparse_kd_head import sparse_kd_head_loss
 
 
 class CachedTeacher:
@@ -56,7 +57,8 @@ class CachedTeacher:
             return targets_of_batch(batch).to(device)
         except KeyError:
             raise ValueError("training from a teacher cache needs batches from "
-                             "data.teacher_cache.CachedTargets (they carry teacher_ids, ...); "
+                             "engine.data.teacher_cache.CachedTargets (they carry "
+                             "teacher_ids, ...); "
                              f"this batch has keys {sorted(batch)}") from None
 
 
@@ -88,7 +90,7 @@ def cached_micro_loss(student, batch, input_ids, labels, *, fused_head, inplace_
     """(loss, stats) of one micro-batch against the batch's cached targets.
 
     fused_head: the student stops at its final hidden states and the sparse loss runs its head
-    chunk by chunk (kernels.sparse_kd_head, as kd_head_loss does online); otherwise the
+    chunk by chunk (engine.kernels.sparse_kd_head, as kd_head_loss does online); otherwise the
     student's logits get the loss's gradient written over them (inplace_grad). `loss_args`:
     alpha, temperature, valid_vocab, normalizer, backend, divergence, beta, skew, t2_scale.
     The head and the loss run under the student's autocast, as on the online path."""

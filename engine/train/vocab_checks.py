@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from data.tokenizer_file import TokenizerFileError, tokenizer_identity
+from engine.data.tokenizer_file import TokenizerFileError, tokenizer_identity
 from engine.train.config import Config, ConfigError
 
 
@@ -82,6 +82,6 @@ def check_ids_fit(config: Config, max_token_id: int | None, rows: int) -> None:
 
 
 def check_data_fits(config: Config, shards, rows: int) -> None:
-    """Every start-up vocabulary check for `shards` (a data.shards.ShardSet)."""
+    """Every start-up vocabulary check for `shards` (an engine.data.shards.ShardSet)."""
     check_tokenizers(config, shards.tokenizer_info(), rows)
     check_ids_fit(config, shards.max_token_id(), rows)

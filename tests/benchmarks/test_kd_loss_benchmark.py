@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import common
 from benchmarks import kd_loss as bench
-from kernels.kd_loss import kd_loss_reference
+from engine.kernels.kd_loss import kd_loss_reference
 
 
 def test_gpu_correctness_smoke_runs_the_kernel_and_passes():

@@ -65,7 +65,8 @@ def train_tokenizer(path: Path, texts: list[str], vocab_size: int = 300) -> Path
 
 
 def read_idx_from_spec(idx_path: Path) -> dict:
-    """Minimal Megatron .idx reader written from docs/formats.md, independent of data.shards."""
+    """Minimal Megatron .idx reader written from docs/formats.md, independent of
+    engine.data.shards."""
     raw = Path(idx_path).read_bytes()
     assert raw[:9] == b"MMIDIDX\x00\x00"
     version, code, count, doc_count = struct.unpack_from("<QBQQ", raw, 9)

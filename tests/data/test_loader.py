@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import (
+from engine.data.loader import (
     BatchLoader,
     PackedDataset,
     PaddedDataset,
     build_dataset,
     validation_indices,
 )
-from data.shards import ShardWriter
+from engine.data.shards import ShardWriter
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
-"""data.owned_folder: a tool empties its own output folder and nothing else."""
+"""engine.data.owned_folder: a tool empties its own output folder and nothing else."""
 
 from __future__ import annotations
 
 import pytest
 
-from data.owned_folder import ForeignFolderError, clear_owned_folder
+from engine.data.owned_folder import ForeignFolderError, clear_owned_folder
 
 OWN = dict(markers=("tool.json",), names=("runs", "table.md"))
 

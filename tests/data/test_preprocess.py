@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-import data.preprocess as prep
-from data.jsonl import InputError
-from data.preprocess import PreprocessError, preprocess
-from data.shards import IndexedShard, ShardSet, file_sha256
-from data.tokenizer_file import TokenizerFileError
+import engine.data.preprocess as prep
+from engine.data.jsonl import InputError
+from engine.data.preprocess import PreprocessError, preprocess
+from engine.data.shards import IndexedShard, ShardSet, file_sha256
+from engine.data.tokenizer_file import TokenizerFileError
 from tests.data.common import (
     REPO_ROOT,
     docs_lines,
@@ -78,7 +78,7 @@ def test_real_pile_sample_with_the_real_tokenizer(tmp_path, neox_tokenizer_path,
                                                   pile_sample_path):
     from tokenizers import Tokenizer
 
-    from data.jsonl import iter_lines
+    from engine.data.jsonl import iter_lines
 
     tokenizer = Tokenizer.from_file(str(neox_tokenizer_path))
     assert tokenizer.encode("Hello world, this is the Pile.").ids == [
@@ -103,7 +103,7 @@ def test_whole_pile_sample_streams_from_the_real_file(tmp_path, neox_tokenizer_p
                                                       pile_sample_path):
     from tokenizers import Tokenizer
 
-    from data.jsonl import iter_lines
+    from engine.data.jsonl import iter_lines
 
     manifest = preprocess([pile_sample_path], neox_tokenizer_path, tmp_path / "out")
     texts = [json.loads(raw)["text"] for raw in iter_lines(pile_sample_path)]
@@ -182,7 +182,7 @@ def test_truncated_or_corrupt_zst_stops_naming_file_and_position(tmp_path, bpe, 
 
 def test_cli_exit_status_and_messages(tmp_path, bpe, texts):
     source, raw = _zst_with_data(tmp_path, texts)
-    command = [sys.executable, "-m", "data.preprocess", "--input", str(tmp_path / "*.zst"),
+    command = [sys.executable, "-m", "engine.data.preprocess", "--input", str(tmp_path / "*.zst"),
                "--tokenizer", str(bpe), "--output", str(tmp_path / "out")]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -302,7 +302,7 @@ def test_cli_killed_hard_then_rerun_gives_the_same_folder(tmp_path, bpe):
     reference = tmp_path / "ref"
     preprocess([source], bpe, reference, shard_tokens=3000)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "data.preprocess", "--input", str(source),
+    command = [sys.executable, "-m", "engine.data.preprocess", "--input", str(source),
                "--tokenizer", str(bpe), "--output", str(out), "--shard-tokens", "3000"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-import data.preprocess as prep
+import engine.data.preprocess as prep
 from tests.data.common import docs_lines, write_jsonl
 
 
@@ -104,13 +104,13 @@ def test_shards_record_and_manifest_follow_the_umask(tmp_path, bpe, texts, umask
 
 def test_a_full_disk_in_the_first_shard_is_named_and_leaves_nothing(tmp_path, bpe, texts, capsys,
                                                                     monkeypatch):
-    import data.shards
+    import engine.data.shards
 
     def disk_full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     # The .bin is already renamed into place when its .idx fails to be written.
-    monkeypatch.setattr(data.shards, "open_atomic", disk_full)
+    monkeypatch.setattr(engine.data.shards, "open_atomic", disk_full)
     source = write_jsonl(tmp_path / "in.jsonl", docs_lines(texts[:5]))
     out = tmp_path / "out"
     code, err = run_main(capsys, "--input", source, "--tokenizer", bpe, "--output", out)

@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-import data.preprocess as prep
-from data.preprocess import PreprocessError, preprocess
-from data.preprocess_job import settings_of
-from data.shards import ShardError, ShardSet, file_sha256
+import engine.data.preprocess as prep
+from engine.data.preprocess import PreprocessError, preprocess
+from engine.data.preprocess_job import settings_of
+from engine.data.shards import ShardError, ShardSet, file_sha256
 from tests.data.common import (
     REPO_ROOT,
     docs_lines,
@@ -163,7 +163,8 @@ def test_an_unfinished_folder_is_refused_with_the_command_that_finishes_it(tmp_p
                                                                            monkeypatch):
     _, reference, out = interrupted_job(tmp_path, bpe, texts, monkeypatch)
     assert list(out.glob("shard_*.idx"))  # finished shards a loader could have globbed
-    with pytest.raises(ShardError, match=rf"{out}: an unfinished data.preprocess job") as info:
+    unfinished = rf"{out}: an unfinished neox-distill preprocess job"
+    with pytest.raises(ShardError, match=unfinished) as info:
         ShardSet(out)
     command = str(info.value).split("finish it with: ", 1)[1]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT),
@@ -177,10 +178,10 @@ def test_an_unfinished_folder_is_refused_with_the_command_that_finishes_it(tmp_p
 
 KILLED_IN_FIRST_SHARD = """
 import os, signal, sys
-import data.shards
-import data.preprocess
-data.shards.ShardWriter.finish = lambda self: os.kill(os.getpid(), signal.SIGKILL)
-data.preprocess.preprocess([sys.argv[1]], sys.argv[2], sys.argv[3])
+import engine.data.shards
+import engine.data.preprocess
+engine.data.shards.ShardWriter.finish = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+engine.data.preprocess.preprocess([sys.argv[1]], sys.argv[2], sys.argv[3])
 """
 
 
@@ -191,7 +192,7 @@ def test_a_job_killed_before_its_first_shard_is_finished_is_detected(tmp_path, b
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     leftovers = sorted(p.name for p in out.iterdir())
     assert ".progress.json" in leftovers and any(n.endswith(".tmp") for n in leftovers)
-    with pytest.raises(ShardError, match=r"unfinished data\.preprocess job"):
+    with pytest.raises(ShardError, match=r"unfinished neox-distill preprocess job"):
         ShardSet(out)
     manifest = preprocess([source], bpe, out)  # the rerun deletes the recorded temporary
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard_00000.bin",
@@ -229,7 +230,7 @@ def test_an_input_edited_to_the_same_size_is_noticed(tmp_path, bpe, texts, monke
 
 
 def test_manifest_records_the_largest_token_id_and_a_tokenizer_fingerprint(tmp_path, bpe, texts):
-    from data.tokenizer_file import tokenizer_identity
+    from engine.data.tokenizer_file import tokenizer_identity
 
     source = write_jsonl(tmp_path / "in.jsonl", docs_lines(texts[:100]))
     out = tmp_path / "out"
@@ -268,7 +269,7 @@ def test_a_version_1_folder_still_trains_but_is_not_taken_as_up_to_date(tmp_path
     assert len(shards) == 30 and shards.max_token_id() is None
     assert shards.tokenizer_info()["fingerprint"] is None
     assert shards.tokenizer_info()["sha256"] == file_sha256(bpe)
-    with pytest.raises(PreprocessError, match=r"older data\.preprocess \(format_version 1"):
+    with pytest.raises(PreprocessError, match=r"older neox-distill preprocess \(format_version 1"):
         preprocess([source], bpe, out)
 
 
@@ -284,8 +285,9 @@ def test_a_dead_worker_stops_the_run_within_seconds_and_a_rerun_completes(tmp_pa
     reference = tmp_path / "ref"
     preprocess([source], bpe, reference, shard_tokens=3000)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "data.preprocess", "--input", str(source), "--tokenizer",
-               str(bpe), "--output", str(out), "--shard-tokens", "3000", "--workers", "2"]
+    command = [sys.executable, "-m", "engine.data.preprocess", "--input", str(source),
+               "--tokenizer", str(bpe), "--output", str(out), "--shard-tokens", "3000",
+               "--workers", "2"]
     started = time.monotonic()
     died = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "DATA_PREPROCESS_TEST_WORKER_DIES_ON": marker})
@@ -318,8 +320,9 @@ def test_a_killed_run_leaves_no_worker_process_behind(tmp_path, bpe):
     source = write_jsonl(tmp_path / "in.jsonl.zst",
                          docs_lines(random_texts(2000, seed=5, max_len=80) * 50))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "data.preprocess", "--input", str(source), "--tokenizer",
-               str(bpe), "--output", str(out), "--shard-tokens", "3000", "--workers", "2"]
+    command = [sys.executable, "-m", "engine.data.preprocess", "--input", str(source),
+               "--tokenizer", str(bpe), "--output", str(out), "--shard-tokens", "3000",
+               "--workers", "2"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (out / "shard_00000.idx").exists():  # the workers are up and tokenising

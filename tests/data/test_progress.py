@@ -1,10 +1,11 @@
-"""The one progress display (data.progress, on tqdm): draws on a terminal, silent otherwise."""
+"""The one progress display (engine.data.progress, on tqdm): draws on a terminal, silent
+otherwise."""
 
 from __future__ import annotations
 
 import io
 
-from data.progress import Progress
+from engine.data.progress import Progress
 
 
 class FakeTerminal(io.StringIO):

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from data.shards import IndexedShard, ShardError, ShardSet, ShardWriter, encode_index
+from engine.data.shards import IndexedShard, ShardError, ShardSet, ShardWriter, encode_index
 from tests.data.common import read_docs_from_spec, read_idx_from_spec
 
 
@@ -197,7 +197,7 @@ def test_manifest_format_and_version_are_checked(tmp_path):
     with pytest.raises(ShardError, match=r"manifest\.json: format_version 3 is not one this"):
         ShardSet(tmp_path)
     _manifest_folder(tmp_path, format="something-else")
-    with pytest.raises(ShardError, match=r"manifest\.json: not a manifest written by data\.pre"):
+    with pytest.raises(ShardError, match=r"manifest\.json: not a manifest written by neox-dis"):
         ShardSet(tmp_path)
     _manifest_folder(tmp_path, shards={"name": "shard_00000"})
     with pytest.raises(ShardError, match=r"manifest\.json: \"shards\" must be a list"):
@@ -207,5 +207,5 @@ def test_manifest_format_and_version_are_checked(tmp_path):
 def test_an_unreadable_progress_record_still_marks_the_folder_unfinished(tmp_path):
     write_shard(tmp_path / "shard_00000", random_docs(6, 3))
     (tmp_path / ".progress.json").write_text("{torn")
-    with pytest.raises(ShardError, match=r"run the same python -m data\.preprocess command again"):
+    with pytest.raises(ShardError, match=r"run the same neox-distill preprocess command again"):
         ShardSet(tmp_path)

@@ -1,4 +1,5 @@
-"""data.atomic.staged_folder: a folder appears complete or not at all, and never half-replaced."""
+"""engine.data.atomic.staged_folder: a folder appears complete or not at all, and never
+half-replaced."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 
 import pytest
 
-from data.atomic import current_umask, staged_folder
+from engine.data.atomic import current_umask, staged_folder
 
 
 def test_a_new_folder_appears_complete_with_ordinary_permissions(tmp_path):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import build_dataset
-from data.teacher_cache import (
+from engine.data.loader import build_dataset
+from engine.data.teacher_cache import (
     CachedTargets,
     CacheError,
     TeacherCache,
@@ -22,18 +22,18 @@ from data.teacher_cache import (
     model_fingerprint,
     targets_of_batch,
 )
-from data.teacher_cache_encode import (
+from engine.data.teacher_cache_encode import (
     sampled_entries,
     sampled_targets,
     teacher_log_probs,
     top_k_entries,
     top_k_targets,
 )
-from data.tokenizer_file import read_tokenizer_file
+from engine.data.tokenizer_file import read_tokenizer_file
+from engine.kernels.constants import IGNORE_INDEX
+from engine.kernels.kd_loss import kd_loss_reference
+from engine.kernels.sparse_kd import sparse_kd_loss
 from engine.teacher_cache import build_teacher_cache
-from kernels.constants import IGNORE_INDEX
-from kernels.kd_loss import kd_loss_reference
-from kernels.sparse_kd import sparse_kd_loss
 from tests.cache_assets import SEQ_LEN, VALID_VOCAB, make_cache_assets, teacher_logits
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from data.tokenizer_file import TokenizerFileError, read_tokenizer_file, tokenizer_identity
+from engine.data.tokenizer_file import TokenizerFileError, read_tokenizer_file, tokenizer_identity
 
 
 @pytest.mark.parametrize(

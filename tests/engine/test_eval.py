@@ -547,10 +547,10 @@ def test_cli_json_and_compare_table(tmp_path, task_files, capsys):
 
 
 def test_ppl_over_shards_equals_jsonl_and_heldout_matches_training_validation(task_files, tmp_path):
-    """Shards written by data.preprocess give the jsonl's numbers; --heldout reproduces the
+    """Shards written by engine.data.preprocess give the jsonl's numbers; --heldout reproduces the
     training loop's validation (same loader split, same heldout_metrics), batch size aside."""
-    from data.loader import BatchLoader, PackedDataset
-    from data.preprocess import preprocess
+    from engine.data.loader import BatchLoader, PackedDataset
+    from engine.data.preprocess import preprocess
     from engine.model import load_pretrained
 
     root, _ = task_files
@@ -631,7 +631,7 @@ def sys_args_of(out, root, shards) -> list[str]:
 
 
 def test_shard_token_beyond_model_vocab_is_refused(task_files, tmp_path):
-    from data.preprocess import preprocess
+    from engine.data.preprocess import preprocess
 
     root, _ = task_files
     corpus = _write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in _sentences(13, 4)])
@@ -681,7 +681,7 @@ def test_heldout_metrics_reduce_across_ranks_single_process_group(tiny_pair, tmp
 
 
 def test_progress_bar_draws_only_when_enabled(capsys):
-    from data.progress import Progress
+    from engine.data.progress import Progress
 
     quiet = Progress("lambada", 10, "requests", enabled=False)
     quiet.update(10, tokens=100)

@@ -28,6 +28,7 @@ from unittest.mock import patch
 import pytest
 import torch
 
+from engine.commands.consolidate_checkpoint import main as consolidate_main
 from engine.dist import DistInfo
 from engine.model import GPTNeoX, load_pretrained, pythia_config, save_pretrained
 from engine.quickstart.corpus import train_bpe_tokenizer
@@ -47,7 +48,6 @@ from tests.engine.test_train import (
     train_records,
 )
 from tests.engine.test_watch import WORDS
-from tools.consolidate_checkpoint import main as consolidate_main
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = dict(data__mode="padded", run__steps=3, run__save_every=2)
@@ -146,7 +146,8 @@ def test_two_fsdp_ranks_match_one_process(two_ranks, single):
 
 @pytest.mark.distributed
 def test_a_sharded_checkpoint_consolidates_into_the_exported_folder(two_ranks, tmp_path, capsys):
-    """tools.consolidate_checkpoint turns the last checkpoint's shards into the model folder
+    """engine.commands.consolidate_checkpoint turns the last checkpoint's shards into the model
+    folder
     the export wrote from the same weights, byte for byte; it refuses what it cannot read."""
     folder = ckpt.latest_checkpoint(two_ranks["out"])
     assert consolidate_main([str(folder), str(tmp_path / "student")]) == 0

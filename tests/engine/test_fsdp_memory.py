@@ -1,5 +1,5 @@
 """The per-GPU plan under FSDP (engine.sharded_memory) against the shards two gloo ranks hold,
-and `python -m tools.memplan --ladder`."""
+and `neox-distill memplan --ladder`."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from engine import sharded_memory as sharded
+from engine.commands.ladder import GPU_COUNTS, ladder, markdown_table, one_gpu, pairs
+from engine.commands.memplan import main as memplan_main
 from engine.memory import largest_micro_batch, parameter_count, plan_memory
 from engine.model import GPTNeoX, GPTNeoXConfig, pythia_config
 from engine.sharded_memory import plan_sharded_memory
 from tests.dist_helpers import LOOPBACK_ENV, free_port, leave_process_group, run_ranks
-from tools.ladder import GPU_COUNTS, ladder, markdown_table, one_gpu, pairs
-from tools.memplan import main as memplan_main
 
 # Odd sizes: no first dimension divides by 2 except where it must, so FSDP pads.
 TINY = dict(vocab_size=301, hidden_size=36, num_layers=3, num_heads=4, intermediate_size=74,
@@ -155,5 +155,5 @@ def test_memplan_of_an_fsdp_config_is_one_gpus_share(tmp_path, capsys):
 def test_readme_shows_the_ladder_the_tool_prints():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = markdown_table(ladder([12 * 2**30]), 12 * 2**30).split("\n", 2)[2]
-    assert table in readme, "README's 12 GiB ladder is stale: paste python -m tools.memplan " \
+    assert table in readme, "README's 12 GiB ladder is stale: paste neox-distill memplan " \
                             "--ladder --budget 12GiB"

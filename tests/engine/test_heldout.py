@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data.loader import PackedDataset, validation_indices
-from data.shards import ShardWriter
+from engine.data.loader import PackedDataset, validation_indices
+from engine.data.shards import ShardWriter
 from engine.eval.heldout import heldout_batches, heldout_loader
 
 

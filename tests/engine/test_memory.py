@@ -189,7 +189,7 @@ def _write_toml(path, **sections):
 
 
 def test_memplan_cli_seed_recipe(tmp_path, capsys):
-    from tools.memplan import main
+    from engine.commands.memplan import main
 
     config = _write_toml(
         tmp_path / "seed.toml",
@@ -211,7 +211,7 @@ def test_memplan_cli_seed_recipe(tmp_path, capsys):
 
 
 def test_memplan_reads_config_json_of_a_checkpoint_folder(tmp_path, capsys):
-    from tools.memplan import main
+    from engine.commands.memplan import main
 
     folder = tmp_path / "my-student"
     folder.mkdir()
@@ -226,7 +226,7 @@ def test_memplan_reads_config_json_of_a_checkpoint_folder(tmp_path, capsys):
 
 
 def test_memplan_errors_name_the_problem(tmp_path, capsys):
-    from tools.memplan import main
+    from engine.commands.memplan import main
 
     toml = _write_toml(tmp_path / "c.toml", student={"path": str(tmp_path / "nowhere")})
     assert main(["--config", str(toml)]) == 2

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from data.jsonl import iter_records
+from engine.data.jsonl import iter_records
 from engine.model import GPTNeoXConfig, load_pretrained
 from engine.model.config import pythia_config
 from engine.quickstart.corpus import train_bpe_tokenizer
@@ -54,7 +54,7 @@ def test_card_states_the_runs_real_numbers(exported):
     for key in ("val_ce", "val_ppl", "val_kd", "val_teacher_ce"):
         assert f"| {val[key]:.6g} |" in body, key
     assert f"| tokens scored | {val['val_tokens']} |" in body
-    from data.loader import build_dataset
+    from engine.data.loader import build_dataset
 
     dataset = build_dataset(exported["assets"]["data"], "packed", 16)
     assert f"shard fingerprint: `{dataset.fingerprint()}`" in body
@@ -168,7 +168,7 @@ def test_card_variants_ce_only_no_validation_pile_data(exported):
     assert "| loss | cross-entropy only (no teacher) |" in body and "divergence" not in body
     assert "Not measured" in body and "No tokenizer was exported" in body
     assert "--teacher" not in body and "--limit" not in body
-    assert "made by `data.preprocess` from `/pile/train/00.jsonl.zst`" in body
+    assert "made by `neox-distill preprocess` from `/pile/train/00.jsonl.zst`" in body
 
 
 def _facts_of(exported) -> dict:

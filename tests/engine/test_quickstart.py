@@ -110,8 +110,8 @@ def test_tokenizer_is_gpt_neox_shaped_and_lossless(tmp_path):
 
 
 def test_corpus_and_tokenizer_go_through_preprocess(tmp_path):
-    from data.preprocess import preprocess
-    from data.shards import ShardSet
+    from engine.data.preprocess import preprocess
+    from engine.data.shards import ShardSet
 
     root = _fake_stdlib(tmp_path / "lib")
     corpus = tmp_path / "c.jsonl.zst"

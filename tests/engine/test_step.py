@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.kernels.kd_loss import kd_loss_reference
 from engine.model import GPTNeoX, GPTNeoXConfig
 from engine.train.step import distill_micro_step
-from kernels.kd_loss import kd_loss_reference
 
 VOCAB = 97  # odd on purpose
 VALID_VOCAB = 90

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
+from engine.commands.memplan import main as memplan_main
 from engine.memory import plan_memory, training_flops_per_token
 from engine.model.config import pythia_config
 from engine.train.config import load_config
 from engine.train.setup import memory_plan_args
-from tools.memplan import main as memplan_main
 
 TEACHER, STUDENT = pythia_config("pythia-160m"), pythia_config("pythia-70m")
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import build_dataset
-from data.teacher_cache import CachedTargets, TeacherCache
+from engine.data.loader import build_dataset
+from engine.data.teacher_cache import CachedTargets, TeacherCache
 from engine.model import load_pretrained
 from engine.teacher_cache import build_teacher_cache
 from engine.train import run

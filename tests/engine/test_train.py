@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.loader import build_dataset
-from data.shards import ShardWriter
+from engine.data.loader import build_dataset
+from engine.data.shards import ShardWriter
 from engine.model import GPTNeoX, GPTNeoXConfig, load_pretrained, save_pretrained
 from engine.train import TrainingDiverged, run
 from engine.train import checkpoint as ckpt

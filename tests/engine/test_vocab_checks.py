@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from data.preprocess import preprocess
+from engine.data.preprocess import preprocess
 from engine.train.__main__ import main as train_main
 from tests.data.common import docs_lines, random_texts, train_tokenizer, write_jsonl
 from tests.engine.test_train import base_overrides, make_assets

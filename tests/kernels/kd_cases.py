@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.constants import IGNORE_INDEX
-from kernels.kd_loss import kd_loss, kd_loss_reference
+from engine.kernels.constants import IGNORE_INDEX
+from engine.kernels.kd_loss import kd_loss, kd_loss_reference
 
 IGNORE = IGNORE_INDEX
 

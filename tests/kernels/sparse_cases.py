@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from data.teacher_cache_encode import (
+from engine.data.teacher_cache_encode import (
     sampled_entries,
     sampled_targets,
     teacher_log_probs,
     top_k_entries,
     top_k_targets,
 )
-from kernels.sparse_kd import sparse_kd_loss, sparse_kd_reference
+from engine.kernels.sparse_kd import sparse_kd_loss, sparse_kd_reference
 from tests.kernels import kd_cases
 
 

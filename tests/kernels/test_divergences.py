@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from kernels.divergences import DIVERGENCES, divergence_reference
-from kernels.kd_loss import kd_loss, kd_loss_reference
+from engine.kernels.divergences import DIVERGENCES, divergence_reference
+from engine.kernels.kd_loss import kd_loss, kd_loss_reference
 from tests.kernels.kd_cases import (
     DIVERGENCE_CASES,
     case_id,

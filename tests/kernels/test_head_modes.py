@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import LossOptions, loss_and_grad
-from kernels.kd_loss import ce_head_loss, kd_head_loss
+from engine.kernels.dispatch import LossOptions, loss_and_grad
+from engine.kernels.kd_loss import ce_head_loss, kd_head_loss
 from tests.kernels.alloc_tracking import AllocationRecorder
 from tests.kernels.kd_cases import make_inputs, rel_err, tolerances
 from tests.kernels.test_kd_head import head_inputs

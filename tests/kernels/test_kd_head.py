@@ -1,4 +1,5 @@
-"""The fused heads + loss (kernels.kd_head) against the float64 reference and the unfused path.
+"""The fused heads + loss (engine.kernels.kd_head) against the float64 reference and the unfused
+path.
 
 Issue 11 "Must show", kernel part: loss, d hidden and d weight for odd shapes, valid_vocab < V,
 ignored tokens, every T, alpha and divergence, fp32 and bf16, torch path (full grid) and Triton
@@ -10,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.divergences import DIVERGENCES
-from kernels.kd_head import default_chunk_tokens
-from kernels.kd_loss import kd_head_loss, kd_head_loss_reference, kd_loss, kd_loss_reference
+from engine.kernels.divergences import DIVERGENCES
+from engine.kernels.kd_head import default_chunk_tokens
+from engine.kernels.kd_loss import kd_head_loss, kd_head_loss_reference, kd_loss, kd_loss_reference
 from tests.kernels.alloc_tracking import AllocationRecorder
 from tests.kernels.kd_cases import ALPHAS, TEMPERATURES, rel_err, tolerances
 

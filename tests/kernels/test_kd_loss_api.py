@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.kd_loss import kd_loss, kd_loss_reference
+from engine.kernels.kd_loss import kd_loss, kd_loss_reference
 from tests.kernels.alloc_tracking import AllocationRecorder
 from tests.kernels.kd_cases import make_inputs, ours_loss_and_grad, reference_loss_and_grad, rel_err
 

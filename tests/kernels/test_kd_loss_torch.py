@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.kd_loss_torch as kd_torch
-from kernels.kd_loss import kd_loss_reference
+import engine.kernels.kd_loss_torch as kd_torch
+from engine.kernels.kd_loss import kd_loss_reference
 from tests.kernels.kd_cases import (
     make_inputs,
     ours_loss_and_grad,

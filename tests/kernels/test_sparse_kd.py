@@ -10,9 +10,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kernels.kd_loss import kd_loss_reference
-from kernels.sparse_kd import sparse_kd_loss, sparse_kd_reference
-from kernels.sparse_kd_head import sparse_kd_head_loss, sparse_kd_head_loss_reference
+from engine.kernels.kd_loss import kd_loss_reference
+from engine.kernels.sparse_kd import sparse_kd_loss, sparse_kd_reference
+from engine.kernels.sparse_kd_head import sparse_kd_head_loss, sparse_kd_head_loss_reference
 from tests.kernels.kd_cases import close, make_inputs, tolerances
 from tests.kernels.sparse_cases import (
     as_float32,

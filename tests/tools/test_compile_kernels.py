@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.divergences import DIVERGENCES
+from engine.kernels.divergences import DIVERGENCES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,1 @@
+"""The user commands beside training and evaluation (`neox-distill SUB`; engine/cli.py)."""

@@ -1,0 +1,168 @@
+"""Fused distillation loss: (1 - alpha) * (T^2 or 1) * D(teacher_T, student_T) + alpha * CE.
+
+The public entry point of the kernel package (D: forward KL by default, or one of the
+divergences of engine/kernels/divergences.py). The loss and the gradient with respect to the student
+logits are produced together in the forward (by the Triton kernel on CUDA, by the chunked
+PyTorch path elsewhere), so no [tokens x vocab] fp32 intermediate is kept for autograd; backward
+only scales the stored gradient by the incoming one. `kd_head_loss` (engine/kernels/kd_head.py,
+re-exported here, with its CE-only sibling `ce_head_loss`) goes one step further and never
+forms the logits at all.
+
+Where the gradient lives (the in-place decision):
+  * default (`inplace_grad=False`): a new buffer of the student's dtype and shape. The first
+    backward scales it in place and hands it to autograd, so the peak holds one
+    [tokens x vocab] buffer of the input dtype, not two. Autograd stays correct whatever else
+    holds the logits. A further backward (retain_graph) recomputes the gradient from the
+    inputs, which the function keeps references to (no copies) until its graph is freed.
+  * `inplace_grad=True` (the training loop's opt-in): the gradient overwrites the student logits'
+    own storage and backward scales it in place, saving that buffer too. The caller promises
+    the logits' values are not needed afterwards and that backward runs once. If another
+    autograd node saved the logits, PyTorch's version counter makes its backward raise instead
+    of silently using overwritten values.
+Neither mode syncs with the host. Double differentiation (create_graph) is refused: the
+gradient is computed by hand and is not itself differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from engine.kernels.constants import IGNORE_INDEX
+from engine.kernels.dispatch import loss_and_grad, loss_stats, prepare_loss, triton_available
+from engine.kernels.kd_head import ce_head_loss, kd_head_loss, kd_head_loss_reference
+from engine.kernels.kd_loss_torch import flatten_inputs, kd_loss_reference
+
+__all__ = [
+    "LogitsLossFunction",
+    "ce_head_loss",
+    "kd_head_loss",
+    "kd_head_loss_reference",
+    "kd_loss",
+    "kd_loss_reference",
+    "triton_available",
+]
+
+
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    return logits.reshape(-1, logits.shape[-1])
+
+
+class LogitsLossFunction(torch.autograd.Function):
+    """Autograd wrapper of a loss on student logits that forms d loss / d logits in its
+    forward (kd_loss, and the teacher cache's sparse_kd_loss): `run(s, grad)`, the loss bound
+    to its other inputs (a teacher's logits or cached targets, held by reference, no copies),
+    writes the gradient of the [N, V] rows `s` into `grad` and returns (ce_sum, kd_sum);
+    backward scales the stored gradient (stored_gradient)."""
+
+    @staticmethod
+    def forward(ctx, student, inv_norm, alpha, triton, inplace_grad, run, name):
+        s = _rows(student)
+        in_place = inplace_grad and s.is_contiguous()
+        if in_place:
+            grad = s  # overwritten row block by row block after each block is read
+        else:
+            s = s.contiguous()
+            grad = torch.empty_like(s)
+        ce_sum, kd_sum = run(s, grad)
+        if in_place and triton:
+            # The kernel wrote through a raw pointer, which autograd cannot see: bump the
+            # version counter so any node that saved the logits refuses to use them.
+            torch.autograd.graph.increment_version(student)
+        loss = ((1.0 - alpha) * kd_sum + alpha * ce_sum) * inv_norm
+        # Kept as an attribute, not a saved tensor: the first backward gives it away (a saved
+        # tensor would stay referenced), and in place it is a no-grad view of the logits,
+        # which saved-tensor checks forbid.
+        ctx.grad_buffer = grad
+        if not inplace_grad:
+            ctx.save_for_backward(student)  # to recompute, no copies
+        ctx.run, ctx.name = run, name
+        ctx.student_shape, ctx.inplace_grad = student.shape, inplace_grad
+        ctx.mark_non_differentiable(ce_sum, kd_sum)
+        return loss, ce_sum, kd_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        def recompute():
+            s = _rows(ctx.saved_tensors[0]).contiguous()
+            grad = torch.empty_like(s)
+            ctx.run(s, grad)
+            return grad
+
+        grad = stored_gradient(ctx, grad_loss, ctx.name, recompute)
+        return grad, None, None, None, None, None, None
+
+
+def stored_gradient(ctx, grad_loss, name: str, recompute):
+    """The backward of a loss whose forward left d loss / d logits in ctx.grad_buffer: that
+    buffer, handed over once and scaled in place by the incoming gradient; a second backward
+    (retain_graph) gets `recompute()` instead, except in place (ctx.inplace_grad).
+
+    Scaled even when the incoming gradient is 1 (plain loss.backward()): checking for 1 would
+    cost a host sync, and on a GPU that stall (the CPU then launches the whole backward while
+    the GPU idles) measured far dearer than this one extra pass over the buffer (H200, seed
+    step: GPU busy 1% -> 16% under the profiler, benchmarks/step_profile.py).
+    """
+    grad, ctx.grad_buffer = ctx.grad_buffer, None
+    if grad is None:  # a second backward through a retained graph
+        if ctx.inplace_grad:
+            raise RuntimeError(f"{name}(inplace_grad=True) supports a single backward pass")
+        grad = recompute()
+    grad = grad.mul_(grad_loss.to(grad.dtype))
+    return grad.view(ctx.student_shape)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    ignore_index: int = IGNORE_INDEX,
+    valid_vocab: int | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    backend: str = "auto",
+    inplace_grad: bool = False,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    t2_scale: bool = True,
+):
+    """Distillation loss summed over valid tokens and divided by `normalizer`.
+
+    student_logits, teacher_logits: [N, V] or [B, T, V] (fp32 / bf16 / fp16, fp32 math).
+    labels: [N] or [B, T], already shifted; ignore_index tokens count nowhere, zero gradient.
+    valid_vocab: columns >= it are excluded from every softmax and get zero gradient.
+    normalizer: divisor of the summed token losses (a number or 0-dim tensor, e.g. the valid
+    tokens of a whole accumulation window across ranks); default the local valid count (>= 1).
+    divergence: forward_kl (default), reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or tvd
+    (definitions in engine/kernels/divergences.py); beta is read by jsd only (0 = forward_kl,
+    1 = reverse_kl) and skew by the skew KLs only, both must lie in [0, 1] whatever the
+    divergence. t2_scale: multiply the KD term by T^2 (Hinton; False matches peers without it).
+    Returns (loss, stats): loss a 0-dim fp32 tensor (float64 for float64 logits on the torch
+    path); stats detached 0-dim fp32 tensors
+    {"ce_sum", "kd_sum", "valid_tokens"} (sums, so they add up across micro-batches; kd_sum
+    includes the T^2 factor when t2_scale). The teacher never receives a gradient. No host
+    synchronisation on CUDA.
+    """
+    s, _, flat_labels, valid_vocab = flatten_inputs(
+        student_logits, teacher_logits, labels, valid_vocab
+    )
+    options, resolved, valid_count, inv_norm = prepare_loss(
+        flat_labels, s.device, backend=backend, normalizer=normalizer, alpha=alpha,
+        temperature=temperature, ignore_index=ignore_index, valid_vocab=valid_vocab,
+        divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale,
+    )
+    t = _rows(teacher_logits.detach())
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+
+    def run(s, grad):
+        return loss_and_grad(resolved, s, t, flat_labels, grad, inv_norm, options)
+
+    loss, ce_sum, kd_sum = LogitsLossFunction.apply(
+        student_logits, inv_norm, options.alpha, resolved == "triton", bool(inplace_grad), run,
+        "kd_loss")
+    return loss, loss_stats(ce_sum, kd_sum, valid_count)
