@@ -15,22 +15,17 @@ import sys
 
 # name -> (module whose main(argv) runs it, one line for --help)
 COMMANDS = {
-    "train": ("engine.train.__main__", "distill (or pretrain) a model: --config FILE "
-              "--section.key=value ...; no arguments runs the quickstart"),
-    "eval": ("engine.eval.__main__", "score model folders on held-out text and "
-             "lm-evaluation-harness tasks"),
+    "train": ("engine.train.__main__", "distill or pretrain (no arguments: the quickstart)"),
+    "eval": ("engine.eval.__main__", "score models on held-out text and harness tasks"),
     "generate": ("engine.generate", "sample text from a model folder"),
-    "preprocess": ("engine.data.preprocess", "turn Pile .jsonl(.zst) into memory-mapped "
-                   "token shards"),
-    "cache-teacher": ("engine.commands.cache_teacher", "run the teacher once over the shards "
-                      "and store its top-k / sampled targets"),
-    "memplan": ("engine.commands.memplan", "plan a run's GPU memory and the largest "
-                "micro-batch that fits"),
+    "preprocess": ("engine.data.preprocess", "Pile .jsonl(.zst) -> memory-mapped token shards"),
+    "cache-teacher": ("engine.commands.cache_teacher", "store a teacher's targets for the "
+                      "shards (top-k or sampled)"),
+    "memplan": ("engine.commands.memplan", "a run's GPU memory and the largest micro-batch"),
     "plot": ("engine.commands.plot_run", "draw a run's metrics.jsonl as curves.png"),
-    "consolidate": ("engine.commands.consolidate_checkpoint", "turn a sharded (FSDP) "
-                    "checkpoint into a plain model folder"),
-    "quickstart": ("engine.quickstart.pipeline", "the offline CPU quickstart: corpus, "
-                   "tokenizer, shards, pretrain, distill, compare"),
+    "consolidate": ("engine.commands.consolidate_checkpoint", "a sharded (FSDP) checkpoint "
+                    "-> a model folder"),
+    "quickstart": ("engine.quickstart.pipeline", "the offline CPU quickstart, end to end"),
 }
 
 
