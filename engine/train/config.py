@@ -253,7 +253,7 @@ def _unknown_key(key: str, known: list[str] | None = None) -> ConfigError:
     """'unknown key', with the nearest of the `known` keys (default: all) when one is close."""
     near = difflib.get_close_matches(key, known or valid_keys(), n=1, cutoff=0.6)
     hint = (f"did you mean {near[0]}?" if near
-            else "python -m engine.train --help lists every key")
+            else "neox-distill train --help lists every key")
     return ConfigError(f"{key}: unknown key ({hint})")
 
 
@@ -400,7 +400,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"{arg}: expected --section.key=value (python -m engine.train "
+            raise ConfigError(f"{arg}: expected --section.key=value (neox-distill train "
                               "--help lists every key)")
         body = arg[2:]
         if "=" in body:

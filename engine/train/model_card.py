@@ -256,7 +256,7 @@ def heldout_command(facts: dict[str, Any], folder: str) -> str:
     """The engine.eval call that scores this run's validation split as the run did."""
     config = facts["config"]
     data = config.data
-    args = [f"python -m engine.eval --model {folder} --task ppl --data {data.path}",
+    args = [f"neox-distill eval --model {folder} --task ppl --data {data.path}",
             f"--heldout {data.mode} --val-fraction {data.val_fraction:g}",
             f"--max-length {config.batch.seq_len} --batch-size {facts['micro_batch']}"]
     if data.mode == "padded":
@@ -300,7 +300,7 @@ def _usage_section(facts: dict[str, Any], export_dir: Path, has_tokenizer: bool)
         "neox-distill's own scoring with the harness's definitions (data files in its jsonl "
         "format), and the held-out metrics above, recomputed" + split_note + ":", "",
         "```bash",
-        f"python -m engine.eval --model {folder} --task lambada --data lambada_openai.jsonl",
+        f"neox-distill eval --model {folder} --task lambada --data lambada_openai.jsonl",
         heldout_command(facts, folder),
         "```", "",
     ]

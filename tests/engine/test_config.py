@@ -77,7 +77,7 @@ def test_parse_overrides_splits_pairs():
     "override, fragment",
     [
         ("--run.stpes=3", "run.stpes: unknown key (did you mean run.steps?)"),
-        ("--nosuch.key=3", "nosuch.key: unknown key (python -m engine.train --help lists"),
+        ("--nosuch.key=3", "nosuch.key: unknown key (neox-distill train --help lists"),
         ("--run=3", "run: unknown key"),
         ("--run.steps=three", "run.steps: cannot use 'three' as an integer"),
         ("--run.steps=2.5", "run.steps: cannot use '2.5' as an integer"),

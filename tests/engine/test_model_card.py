@@ -69,13 +69,13 @@ def test_card_states_the_runs_real_numbers(exported):
 
 
 def test_cards_heldout_command_reproduces_its_metrics(exported, capsys):
-    """The engine.eval call the card prints gives the numbers the card states."""
+    """The neox-distill eval call the card prints gives the numbers the card states."""
     from engine.eval.__main__ import main as eval_main
 
     body = (exported["folder"] / "README.md").read_text()
     command = next(block for block in body.split("```bash\n") if "--heldout" in block)
     command = command.split("```")[0].replace("\\\n", " ")
-    args = command.split("python -m engine.eval ", 2)[2].split()
+    args = command.split("neox-distill eval ", 2)[2].split()
     assert eval_main([*args, "--no-progress"]) == 0
     scored = json.loads(capsys.readouterr().out)["results"][0]
     val = exported["result"]["val"]
