@@ -100,7 +100,8 @@ def _changed(old: dict, new: dict) -> tuple[list[str], list[str]]:
                       f"{str(new_teacher.get('fingerprint'))[:12]}... now; its weights or "
                       "config.json changed, or it is another folder)")
     same_shape = all(old_data.get(k) == new_data.get(k) for k in ("mode", "seq_len", "pad_id"))
-    if same_shape and old_data != new_data:
+    # An older format recorded fewer keys: the ones it has tell whether the shards changed.
+    if same_shape and old_data != {k: new_data.get(k) for k in old_data}:
         inputs.append("other token shards (--data: their content differs)")
     if old.get("tokenizer") != new.get("tokenizer"):
         inputs.append("shards of another tokenizer")

@@ -224,3 +224,19 @@ def test_a_teacher_whose_logits_overflow_is_refused_before_its_records_are_writt
     err = capsys.readouterr().err
     assert f"{out}/shard_00000.cache: record 3 would not be a valid teacher distribution" in err
     assert "try --dtype fp32" in err and not (out / "manifest.json").exists()
+
+
+def test_a_build_begun_by_an_older_neox_distill_is_named_as_such(assets, tmp_path, capsys):
+    """A record of format version 1 (no data.content): the message names the version, not
+    other shards, and the folder is left as it is."""
+    out = tmp_path / "cache"
+    killed_build(assets, out, ["--top-k", "8"], 7)
+    record = json.loads((out / ".progress.json").read_text())
+    record["settings"]["format_version"] = 1
+    del record["settings"]["data"]["content"]
+    (out / ".progress.json").write_text(json.dumps(record))
+    before = folder_bytes(out)
+    assert main(cli_args(assets, out, "--top-k", "8")) == 1
+    err = capsys.readouterr().err
+    assert "another neox-distill (cache format_version 1; this one writes 2)" in err
+    assert "other token shards" not in err and folder_bytes(out) == before
