@@ -11,9 +11,12 @@ the file), 130 when interrupted (run the same command again to continue).
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from engine.teacher_cache import build_teacher_cache
+from engine.train.file_writes import describe_write_error, is_disk_full
+from engine.train.lock import RunLocked
 
 DESCRIPTION = """\
 Runs a teacher over token shards (an engine.data.preprocess folder) and stores, for every position
@@ -62,6 +65,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError of the build: the file first, then why; for a full disk or a
+    file-size limit, that the build continues where it stopped once there is room."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    if is_disk_full(exc) or exc.errno == errno.EFBIG:
+        why = ("file too large (the file-size limit, ulimit -f)" if exc.errno == errno.EFBIG
+               else describe_write_error(exc))
+        return (f"{where}{why}; make room, then run the same command again to continue "
+                "where the build stopped")
+    return f"{where}{exc.strerror or exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -70,12 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             temperature=args.temperature, seq_len=args.seq_len, mode=args.mode,
             pad_id=args.pad_id, batch=args.batch, valid_vocab=args.valid_vocab,
             dtype=args.dtype, device=args.device, seed=args.seed)
-    except ValueError as exc:  # CacheError, ShardError, TokenizerFileError, bad settings
+    except (ValueError, RunLocked) as exc:  # CacheError, ShardError, bad settings, a lock
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"error: {exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}",
-              file=sys.stderr)
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue", file=sys.stderr)

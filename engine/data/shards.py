@@ -465,6 +465,24 @@ class ShardSet:
             local = 0
         return out
 
+    def content_fingerprint(self) -> str:
+        """sha256 of the shards' content, in order: the sha256 of every .bin and .idx, read
+        from the files (every byte once), whether or not a manifest recorded them; a file
+        that differs from its manifest entry is a ShardError naming it.
+
+        `fingerprint()` trusts the manifest and, without one, sees only the shards' shapes;
+        what must tell two texts of the same shape apart (a teacher cache) uses this."""
+        digest = hashlib.sha256()
+        entries = self.manifest["shards"] if self.manifest else [{}] * len(self.shards)
+        for shard, entry in zip(self.shards, entries, strict=True):
+            for path, key in ((shard.bin_path, "bin_sha256"), (shard.idx_path, "idx_sha256")):
+                actual = file_sha256(path)
+                if entry.get(key) not in (None, actual):
+                    raise ShardError(f"{path}: damaged or changed (its sha256 {actual[:12]}... "
+                                     f"differs from the one {MANIFEST_NAME} records)")
+                digest.update(f"{actual};".encode())
+        return digest.hexdigest()
+
     def fingerprint(self) -> str:
         """Identifies the data a loader position refers to (cheap: no token data is read)."""
         digest = hashlib.sha256()

@@ -20,6 +20,7 @@ to logit chunks), so this layer stays free of models. What this file owns:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,8 +38,17 @@ from engine.data.atomic import fsync_dir, temporary_leftovers, write_json_atomic
 from engine.data.owned_folder import shown_names
 from engine.data.progress import Progress
 from engine.data.shards import MANIFEST_NAME, PROGRESS_NAME, file_sha256
-from engine.data.teacher_cache import SHARD_SUFFIX, CacheError, item_rows, read_cache_manifest
+from engine.data.teacher_cache import (
+    SHARD_SUFFIX,
+    CacheError,
+    item_rows,
+    job_record_kind,
+    read_cache_manifest,
+    record_problem,
+    shards_folder_message,
+)
 from engine.data.teacher_cache_encode import encode_records, record_dtype
+from engine.kernels.constants import IGNORE_INDEX
 
 # Test hook: after this many batches have been written (and before their checkpoint), the
 # build kills itself with SIGKILL, as a preempted machine would; unset in normal use.
@@ -59,6 +69,106 @@ def _hash_prefix(path: Path, nbytes: int):
     return digest
 
 
+# Settings the command line sets (rerunning the recorded command restores them); every other
+# difference is in the inputs' content (the teacher's files, the shards) or the format.
+_ARGUMENT_KEYS = ("kind", "width", "temperature", "valid_vocab", "seed", "batch")
+
+
+def _kind_option(settings: dict) -> str:
+    flag = "--top-k" if settings.get("kind") == "top_k" else "--samples"
+    return f"{flag} {settings.get('width')}"
+
+
+def _changed(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(changed settings the command line gives, changed inputs), in words: how the settings
+    a folder was built with (`old`) differ from this command's (`new`)."""
+    old_data, new_data = old.get("data") or {}, new.get("data") or {}
+    old_teacher, new_teacher = old.get("teacher") or {}, new.get("teacher") or {}
+    options = [(_kind_option(old), _kind_option(new))]
+    for then, now in ((old, new), (old_data, new_data)):
+        keys = ("temperature", "valid_vocab", "seed", "batch") if then is old else (
+            "mode", "seq_len", "pad_id")
+        options += [(f"--{key.replace('_', '-')} {then.get(key)}",
+                     f"--{key.replace('_', '-')} {now.get(key)}") for key in keys]
+    options.append((f"--dtype {old_teacher.get('dtype')}", f"--dtype {new_teacher.get('dtype')}"))
+    arguments = [f"{then} (this command: {now})" for then, now in options if then != now]
+    inputs = []
+    if {k: v for k, v in old_teacher.items() if k != "dtype"} != \
+            {k: v for k, v in new_teacher.items() if k != "dtype"}:
+        inputs.append(f"another teacher (--teacher: fingerprint "
+                      f"{str(old_teacher.get('fingerprint'))[:12]}... then, "
+                      f"{str(new_teacher.get('fingerprint'))[:12]}... now; its weights or "
+                      "config.json changed, or it is another folder)")
+    same_shape = all(old_data.get(k) == new_data.get(k) for k in ("mode", "seq_len", "pad_id"))
+    # An older format recorded fewer keys: the ones it has tell whether the shards changed.
+    if same_shape and old_data != {k: new_data.get(k) for k in old_data}:
+        inputs.append("other token shards (--data: their content differs)")
+    if old.get("tokenizer") != new.get("tokenizer"):
+        inputs.append("shards of another tokenizer")
+    if old.get("format_version") != new.get("format_version"):
+        inputs.append(f"another neox-distill (cache format_version "
+                      f"{old.get('format_version')}; this one writes {new.get('format_version')})")
+    if not arguments and not inputs:  # only what follows from the rest (the record layout)
+        inputs.append("another record layout")
+    return arguments, inputs
+
+
+def _nothing_durable(state: dict) -> bool:
+    """Whether a recorded build had made nothing durable yet (no shard, no record row)."""
+    pending = state["pending"]
+    return not state["shards"] and (pending is None or pending["rows"] == 0)
+
+
+def _read_record(path: Path) -> tuple[dict, dict]:
+    """(settings, state) of a teacher cache job record, checked enough that nothing it names
+    can make a resume touch a file the build did not create; CacheError otherwise."""
+    try:
+        record = json.loads(path.read_text())
+        settings, state = record["settings"], record["state"]
+        if not all(isinstance(e["name"], str) and isinstance(e["sha256"], str)
+                   for e in state["shards"]):
+            raise TypeError("a finished shard without a name or sha256")
+        pending = state["pending"]
+        if pending is not None and not _is_pending_temporary(pending):
+            raise ValueError(f"pending file {pending['temporary']!r} is not one this tool "
+                             "writes")
+        if pending is not None:
+            int(pending["rows"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CacheError(f"{path}: a damaged teacher cache job record ({exc}); nothing was "
+                         "deleted: choose another --out") from None
+    return settings, state
+
+
+def refuse_foreign(folder: Path, owned: tuple[str, ...] = ()) -> None:
+    """CacheError, touching nothing, unless `folder` is missing, empty, or a teacher cache
+    folder (finished or with its job record): a file, token shards (a preprocess job's
+    output, finished or not), or a folder holding anything else (`owned`: names of files the
+    caller itself keeps there, such as its lock) is the user's and is refused."""
+    if folder.exists() and not folder.is_dir():
+        raise CacheError(f"{folder}: exists and is not a folder; --out must be one")
+    if not folder.is_dir():
+        return
+    shards = shards_folder_message(folder)
+    if shards:
+        raise CacheError(f"{shards}; nothing was touched: choose another --out for the cache")
+    record = folder / PROGRESS_NAME
+    if (folder / MANIFEST_NAME).is_file():
+        return  # read_cache_manifest says what a manifest of another kind is
+    if record.is_file():
+        if job_record_kind(record) != "cache-teacher":
+            raise CacheError(f"{record}: not a teacher cache job record; nothing was touched: "
+                             "choose another --out")
+        return
+    ours = temporary_leftovers(folder, PROGRESS_NAME)  # a first record never landed
+    others = [p.name for p in folder.iterdir() if p not in ours and p.name not in owned]
+    if others:
+        raise CacheError(f"{folder}: not empty and not a teacher cache folder (no "
+                         f"{MANIFEST_NAME}, no {PROGRESS_NAME}); it holds "
+                         f"{shown_names(others)}. Nothing was touched. Choose a new or empty "
+                         "--out folder")
+
+
 class CacheJob:
     """The .progress.json of one build (module docstring); `state` is what it records."""
 
@@ -72,10 +182,11 @@ class CacheJob:
         return self.folder / PROGRESS_NAME
 
     @classmethod
-    def open(cls, folder: Path, settings: dict, command: str) -> CacheJob | dict:
-        """The job to run (new or resumed), or the manifest of a finished identical build."""
-        if folder.exists() and not folder.is_dir():
-            raise CacheError(f"{folder}: exists and is not a folder; --out must be one")
+    def open(cls, folder: Path, settings: dict, command: str,
+             owned: tuple[str, ...] = ()) -> CacheJob | dict:
+        """The job to run (new or resumed), or the manifest of a finished identical build.
+        `owned`: names of the caller's own files in the folder (its lock)."""
+        refuse_foreign(folder, owned)
         if (folder / MANIFEST_NAME).is_file():
             return _finished_manifest(folder, settings)
         folder.mkdir(parents=True, exist_ok=True)
@@ -87,72 +198,85 @@ class CacheJob:
         return job
 
     def _start(self) -> None:
-        ours = temporary_leftovers(self.folder, PROGRESS_NAME)  # a first record never landed
-        others = [p.name for p in self.folder.iterdir() if p not in ours]
-        if others:
-            raise CacheError(f"{self.folder}: not empty and not a teacher cache folder (no "
-                             f"{MANIFEST_NAME}, no {PROGRESS_NAME}); it holds "
-                             f"{shown_names(others)}. Nothing "
-                             "was deleted. Choose a new or empty --out folder")
-        for path in ours:
+        for path in temporary_leftovers(self.folder, PROGRESS_NAME):
             path.unlink()
         self.save()
 
     def _resume(self) -> None:
-        try:
-            record = json.loads(self.path.read_text())
-            settings, state = record["settings"], record["state"]
-            names = [entry["name"] for entry in state["shards"]]
-            pending = state["pending"]
-            if pending is not None and not _is_pending_temporary(pending):
-                raise ValueError(f"pending file {pending['temporary']!r} is not one this tool "
-                                 "writes")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CacheError(f"{self.path}: not a teacher cache job record ({exc}); delete the "
-                             "folder to start over") from None
+        settings, state = _read_record(self.path)
+        if settings != self.settings and _nothing_durable(state):
+            self._discard(state)  # a build that wrote nothing: no work of it to keep
+            return self._start()
         if settings != self.settings:
-            changed = sorted(k for k in set(settings) | set(self.settings)
-                             if settings.get(k) != self.settings.get(k))
-            raise CacheError(f"{self.path}: an interrupted build with other {', '.join(changed)} "
-                             "is in this folder; run its own command again "
-                             f"({record.get('command')}), or choose another --out")
+            arguments, inputs = _changed(settings, self.settings)
+            command = json.loads(self.path.read_text()).get("command")
+            advice = (f"to finish it, run its own command again ({command})" if arguments else
+                      f"to finish it, restore what changed as it was (its command: {command})")
+            raise CacheError(f"{self.path}: an interrupted build is in this folder, built with "
+                             f"{'; '.join(arguments + inputs)}. Nothing was touched: {advice}, "
+                             "or choose another --out for a new build")
         expected = [entry["name"] for entry in settings["data"]["shards"]]
+        names = [entry["name"] for entry in state["shards"]]
+        pending = state["pending"]
         if names != expected[:len(names)] or (pending and pending["name"] not in expected):
-            raise CacheError(f"{self.path}: names files that are not this data's shards; delete "
-                             "the folder to start over")
+            raise CacheError(f"{self.path}: names files that are not this data's shards; "
+                             "nothing was deleted: choose another --out")
         for entry in state["shards"]:
             path = self.folder / f"{entry['name']}{SHARD_SUFFIX}"
             if not path.is_file() or file_sha256(path) != entry["sha256"]:
                 raise CacheError(f"{path}: finished earlier, but missing or changed since; "
-                                 "delete the folder to start over")
+                                 "nothing was deleted: choose another --out")
         self.state = state
         for leftover in temporary_leftovers(self.folder, PROGRESS_NAME):
             leftover.unlink()
         self.save()
 
+    def _discard(self, state: dict) -> None:
+        """Forget a recorded build that made nothing durable (refused or stopped before its
+        first checkpoint): its pending file (named as this tool names them) and its record."""
+        if state["pending"] is not None:
+            (self.folder / state["pending"]["temporary"]).unlink(missing_ok=True)
+        self.path.unlink()
+
     def save(self) -> None:
         record = {"settings": self.settings, "command": self.command, "state": self.state}
-        write_json_atomic(self.path, record, indent=1, sort_keys=True)
+        with named_write_errors(self.path):
+            write_json_atomic(self.path, record, indent=1, sort_keys=True)
 
     def complete(self, manifest: dict) -> None:
         """Write the manifest (the cache is usable from then on) and drop the record."""
-        write_json_atomic(self.folder / MANIFEST_NAME, manifest, indent=1, sort_keys=True)
+        with named_write_errors(self.folder / MANIFEST_NAME):
+            write_json_atomic(self.folder / MANIFEST_NAME, manifest, indent=1, sort_keys=True)
         self.path.unlink(missing_ok=True)
         fsync_dir(self.folder)
+
+
+@contextlib.contextmanager
+def named_write_errors(path: Path):
+    """An OSError of a write to `path` that names no file (a full disk, a file-size limit)
+    is raised again naming `path`: the user must learn where the space ran out."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 def _finished_manifest(folder: Path, settings: dict) -> dict:
     manifest = read_cache_manifest(folder)
     made_with = {k: manifest.get(k) for k in settings}
     if made_with != settings:
-        changed = sorted(k for k in settings if made_with[k] != settings[k])
-        raise CacheError(f"{folder / MANIFEST_NAME}: the folder holds a cache built with other "
-                         f"{', '.join(changed)}; choose another --out or delete it")
+        arguments, inputs = _changed(made_with, settings)
+        raise CacheError(f"{folder / MANIFEST_NAME}: the folder holds a cache built with "
+                         f"{'; '.join(arguments + inputs)}. Nothing was touched: choose another "
+                         "--out for a new build")
     for entry in manifest["shards"]:
         path = folder / f"{entry['name']}{SHARD_SUFFIX}"
         if not path.is_file() or file_sha256(path) != entry["sha256"]:
-            raise CacheError(f"{path}: the cache is complete, but this shard no longer matches "
-                             "its sha256; delete the folder to rebuild it")
+            raise CacheError(f"{path}: the cache is complete, but this shard is missing or "
+                             "damaged (its sha256 differs from the manifest's); nothing was "
+                             "touched: choose another --out to rebuild it")
     _drop_finished_record(folder / PROGRESS_NAME, settings)
     return manifest
 
@@ -214,9 +338,10 @@ class RowStream:
         digest = _hash_prefix(temporary, durable) if durable else hashlib.sha256()
         if digest is None or digest.hexdigest() != pending["sha256"]:
             raise CacheError(f"{temporary}: the shard being written does not match its record "
-                             f"in {PROGRESS_NAME}; delete the folder to start over")
+                             f"in {PROGRESS_NAME}; nothing was deleted: choose another --out")
         self.handle = open(temporary, "r+b" if temporary.exists() else "xb")  # noqa: SIM115
-        self.handle.truncate(durable)
+        with named_write_errors(temporary):
+            self.handle.truncate(durable)
         self.handle.seek(durable)
         self.digest = digest
         self.cursor += pending["rows"]
@@ -233,6 +358,25 @@ class RowStream:
     def _shard_start(self) -> int:
         return sum(self.shard_rows[: self.index])
 
+    def _pending_path(self) -> Path:
+        return self.job.folder / self.job.state["pending"]["temporary"]
+
+    def _refuse_invalid(self, start: int, records: np.ndarray) -> None:
+        """CacheError before writing a record training would refuse (engine.data.teacher_cache
+        .record_problem): a teacher whose logits overflowed gives NaN log-probabilities."""
+        settings = self.job.settings
+        problem = record_problem(records, settings["kind"], settings["valid_vocab"])
+        if problem is None:
+            return
+        row = start + problem[0]
+        shard = int(np.searchsorted(np.cumsum(self.shard_rows), row, side="right"))
+        local = row - sum(self.shard_rows[:shard])
+        name = settings["data"]["shards"][shard]["name"]
+        raise CacheError(f"{self.job.folder / name}{SHARD_SUFFIX}: record {local} would not be a "
+                         f"valid teacher distribution ({problem[1]}); the teacher's logits are "
+                         "not finite there (a bf16 or fp16 teacher can overflow: try --dtype "
+                         "fp32). It was not written")
+
     def write(self, start: int, records: np.ndarray) -> None:
         """Records for rows [start, start + len); rows from the cursor to start are empty.
 
@@ -243,13 +387,15 @@ class RowStream:
             start = self.cursor
         if start > self.cursor:
             self.write(self.cursor, np.zeros(start - self.cursor, dtype=self.dtype))
+        self._refuse_invalid(start, records)
         done = 0
         while done < len(records):
             if self.handle is None:
                 self._open_next()
             room = self._shard_start() + self.shard_rows[self.index] - self.cursor
             piece = np.ascontiguousarray(records[done:done + room]).tobytes()
-            self.handle.write(piece)
+            with named_write_errors(self._pending_path()):
+                self.handle.write(piece)
             self.digest.update(piece)
             taken = min(room, len(records) - done)
             done += taken
@@ -259,9 +405,10 @@ class RowStream:
 
     def _finish(self) -> None:
         pending = self.job.state["pending"]
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
+        with named_write_errors(self._pending_path()):
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
         self.handle = None
         final, temporary = self._paths(pending)
         if final.exists():
@@ -286,8 +433,9 @@ class RowStream:
     def checkpoint(self, next_item: int) -> None:
         """Make what is written durable and record it with the item to continue from."""
         if self.handle is not None:
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
+            with named_write_errors(self._pending_path()):
+                self.handle.flush()
+                os.fsync(self.handle.fileno())
             pending = self.job.state["pending"]
             pending["rows"] = self.cursor - self._shard_start()
             pending["sha256"] = self.digest.hexdigest()
@@ -295,8 +443,11 @@ class RowStream:
         self.job.save()
 
     def close(self) -> None:
+        """Close the pending file after an error (a build that finishes has closed it): its
+        durable prefix is what the record says, whatever this last flush manages."""
         if self.handle is not None:
-            self.handle.close()
+            with contextlib.suppress(OSError):  # the error being raised already names it
+                self.handle.close()
             self.handle = None
 
 
@@ -306,9 +457,33 @@ def batch_seed(seed: int, first_item: int) -> int:
     return int(np.random.SeedSequence([seed, first_item]).generate_state(1, dtype=np.uint64)[0])
 
 
-def _teacher_batch(dataset, indices, teacher_chunks) -> tuple[list, list]:
+def _check_token_ids(dataset, indices, batch: dict, settings: dict) -> None:
+    """CacheError naming the shard file of the first token the cache cannot serve: a target
+    at or above the scored vocabulary (--valid-vocab), an input outside the teacher's
+    embedding. The start-up checks cover shards whose manifest records their largest id; this
+    covers shards without one."""
+    labels, inputs = batch["labels"], batch["input_ids"]
+    limits = ((labels, settings["valid_vocab"], "--valid-vocab"),
+              (inputs, settings["teacher"]["vocab_size"], "the teacher's vocabulary"))
+    for tokens, limit, what in limits:
+        bad = ((tokens >= limit) | ((tokens < 0) & (tokens != IGNORE_INDEX))).nonzero()
+        if not len(bad):
+            continue
+        row, col = (int(v) for v in bad[0])
+        token = item_rows(dataset, int(indices[row]))[0] + col + (tokens is labels)
+        shards = dataset.shards
+        shard = int(np.searchsorted(shards.token_starts, token, side="right")) - 1
+        raise CacheError(f"{shards.shards[shard].bin_path}: token "
+                         f"{token - int(shards.token_starts[shard])} is id "
+                         f"{int(tokens[row, col])}, outside {what} ({limit}); the shards were "
+                         "made with another tokenizer than the teacher's, or --valid-vocab is "
+                         "too small")
+
+
+def _teacher_batch(dataset, indices, teacher_chunks, settings: dict) -> tuple[list, list]:
     """(the teacher's logit chunks at the batch's trained positions, trained per item)."""
     batch = dataset.get_batch(indices)
+    _check_token_ids(dataset, indices, batch, settings)
     trained = [item_rows(dataset, int(i))[1] for i in indices.tolist()]
     seq_len = batch["input_ids"].shape[1]
     positions = torch.cat([torch.arange(n) + row * seq_len for row, n in enumerate(trained)])
@@ -333,13 +508,15 @@ def _encode_and_write(stream, dataset, indices, chunks, trained, dtype) -> None:
 
 
 def build_cache(folder, settings: dict, command: str, dataset, teacher_chunks, *,
-                show_progress: bool | None = None, checkpoint_seconds: float = 10.0) -> dict:
+                show_progress: bool | None = None, checkpoint_seconds: float = 10.0,
+                owned: tuple[str, ...] = ()) -> dict:
     """Run (or resume, or return) the build of the cache `settings` describe; the manifest.
 
     teacher_chunks(input_ids [B, L], positions [P] flat indices) yields the teacher's logits
-    of those positions, in order, as [rows, V] chunks.
+    of those positions, in order, as [rows, V] chunks. `owned`: names of the caller's own
+    files in the folder (the lock it holds over the build).
     """
-    job = CacheJob.open(Path(folder), settings, command)
+    job = CacheJob.open(Path(folder), settings, command, owned)
     if isinstance(job, dict):
         return job
     record = settings["record"]
@@ -379,7 +556,7 @@ def _write_items(job, stream, dataset, teacher_chunks, dtype, progress, checkpoi
     with ThreadPoolExecutor(max_workers=1) as writer:
         for first in range(job.state["next_item"], len(dataset), batch):
             indices = np.arange(first, min(first + batch, len(dataset)))
-            chunks, trained = _teacher_batch(dataset, indices, teacher_chunks)
+            chunks, trained = _teacher_batch(dataset, indices, teacher_chunks, job.settings)
             if pending is not None:
                 pending.result()  # the previous batch is written (or its error raised here)
             pending = writer.submit(finish, indices, chunks, trained)

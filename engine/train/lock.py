@@ -55,10 +55,15 @@ def _is_lock_record(fd: int) -> bool:
 
 
 class RunLock:
-    """flock on <out_dir>/.lock (created with out_dir when missing); release() or exit frees it."""
+    """flock on <out_dir>/.lock (created with out_dir when missing); release() or exit frees it.
 
-    def __init__(self, out_dir: str | os.PathLike):
+    `setting` and `holder` name the folder and its user in the messages: the run's
+    ("run.out_dir", "run") by default; the teacher cache build locks its --out the same way."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, setting: str = "run.out_dir",
+                 holder: str = "run"):
         self.path = Path(out_dir) / LOCK_NAME
+        self.setting, self.holder = setting, holder
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -70,14 +75,14 @@ class RunLock:
             holder = _holder(fd)
             os.close(fd)
             raise RunLocked(
-                f"run.out_dir={self.path.parent}: in use by another run ({holder}); wait for "
-                "it to finish, or choose another run.out_dir"
+                f"{self.setting}={self.path.parent}: in use by another {self.holder} "
+                f"({holder}); wait for it to finish, or choose another {self.setting}"
             ) from None
         if not _is_lock_record(fd):
             os.close(fd)
             raise RunLocked(
                 f"{self.path}: exists and is not a neox-distill lock record; not overwriting "
-                "it (move it away, or choose another run.out_dir)"
+                f"it (move it away, or choose another {self.setting})"
             )
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

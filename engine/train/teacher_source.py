@@ -9,9 +9,12 @@ the cache
 trains and the live teacher only scores the held-out KD (after its fingerprint is checked
 against the cache's).
 
-Opening a cache checks it against the run: the same token shards, data mode, seq_len and
-pad_id, the same temperature (loss.temperature), scored vocabulary (data.valid_vocab),
-tokenizer (run.tokenizer) and teacher (teacher.path); a mismatch is a ConfigError naming it.
+Opening a cache verifies every file of it against the sha256 its manifest recorded (as a
+checkpoint is verified before a resume) and checks it against the run: the same token shards
+(their content, hashed), data mode, seq_len and pad_id, the same temperature
+(loss.temperature), scored vocabulary (data.valid_vocab), tokenizer (run.tokenizer) and
+teacher (teacher.path); a mismatch or a damaged file is a ConfigError naming it. Every batch's
+records are checked as they are read (engine.data.teacher_cache.record_problem).
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def open_teacher_cache(config, dataset, teacher_model, valid_vocab: int):
                          f"cache (teacher.cache): it supports {SUPPORTED_DIVERGENCES} only, see "
                          "docs/loss.md")
     try:
-        cache = TeacherCache(config.teacher.cache)
+        cache = TeacherCache(config.teacher.cache, verify=True)
         check_cache_matches(
             cache, dataset, temperature=loss.temperature, valid_vocab=valid_vocab,
             tokenizer_fingerprint=read_tokenizer_file(config.run.tokenizer).fingerprint
