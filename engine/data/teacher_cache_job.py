@@ -38,7 +38,7 @@ from engine.data.owned_folder import shown_names
 from engine.data.progress import Progress
 from engine.data.shards import MANIFEST_NAME, PROGRESS_NAME, file_sha256
 from engine.data.teacher_cache import SHARD_SUFFIX, CacheError, item_rows, read_cache_manifest
-from engine.data.teacher_cache_encode import encode_records, record_dtype
+from engine.data.teacher_cache_encode import encode_batch, record_dtype
 
 # Test hook: after this many batches have been written (and before their checkpoint), the
 # build kills itself with SIGKILL, as a preempted machine would; unset in normal use.
@@ -322,11 +322,9 @@ def _encode_and_write(stream, dataset, indices, chunks, trained, dtype) -> None:
     if settings["kind"] == "sampled" and chunks:
         generator = torch.Generator(device=chunks[0].device)
         generator.manual_seed(batch_seed(settings["seed"], int(indices[0])))
-    parts = [encode_records(chunk, kind=settings["kind"], width=settings["width"],
-                            temperature=settings["temperature"],
-                            valid_vocab=settings["valid_vocab"], dtype=dtype,
-                            generator=generator) for chunk in chunks]
-    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    flat = encode_batch(chunks, kind=settings["kind"], width=settings["width"],
+                        temperature=settings["temperature"], valid_vocab=settings["valid_vocab"],
+                        dtype=dtype, generator=generator)
     for item, records in zip(indices.tolist(), np.split(flat, np.cumsum(trained)[:-1]),
                              strict=True):
         stream.write(item_rows(dataset, item)[0], records)
