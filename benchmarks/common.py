@@ -74,7 +74,7 @@ TINY_SHAPES = {
 FULL = dict(teacher="pythia-160m", student="pythia-70m", vocab=50304, valid_vocab=50277,
             seq_len=2048, micro_batch=2, warmup=4, steps=20, accum=4, speed_tokens=(4096, 16384),
             div_repeats=20, head_repeats=20, head_chunks=(1024, 2048, 4096),
-            search_max_mb=64, search_seconds=90, worker_timeout=300)
+            search_max_mb=64, search_seconds=90, worker_timeout=170)
 SMOKE = dict(teacher="tiny-teacher", student="tiny-student", vocab=1000, valid_vocab=987,
              seq_len=64, micro_batch=2, warmup=2, steps=4, accum=2, speed_tokens=(4096,),
              div_repeats=1, head_repeats=1, head_chunks=(16, 32),

@@ -778,7 +778,7 @@ SECTIONS: dict[str, Section] = {
     "teacher_cache_build": Section(_plain(section_teacher_cache_build), 120),
     "transformers": Section(_plain(section_transformers), 60),
     "capped_12gib": Section(section_capped, 200),
-    "fsdp": Section(section_fsdp, 200),
+    "fsdp": Section(section_fsdp, 240),
 }
 
 

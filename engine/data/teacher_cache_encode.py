@@ -136,13 +136,16 @@ def _encode_block(logits, *, kind, width, temperature, valid_vocab, generator, s
 def entries_to_host(entries: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """The one device-to-host copy of a batch's encoded entries (numpy, dtypes unchanged).
 
-    On a GPU every field is copied asynchronously (into pinned memory) and the stream is
-    synchronised once; CPU tensors are only viewed as numpy."""
+    On a GPU every field is copied asynchronously (into pinned memory) and the host waits once,
+    on an event recorded after the copies: not for the stream's later work (the builder's next
+    teacher forward, enqueued from the other thread). CPU tensors are only viewed as numpy."""
     device = entries["ids"].device
     if device.type == "cpu":
         return {name: tensor.numpy() for name, tensor in entries.items()}
     host = {name: tensor.to("cpu", non_blocking=True) for name, tensor in entries.items()}
-    torch.cuda.current_stream(device).synchronize()
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(device))
+    copied.synchronize()
     return {name: tensor.numpy() for name, tensor in host.items()}
 
 
