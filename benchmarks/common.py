@@ -13,6 +13,7 @@ Benchmarks run from the checkout (`python -m benchmarks.x` in the repository roo
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import os
@@ -44,6 +45,8 @@ from engine.kernels.constants import IGNORE_INDEX
 from engine.kernels.divergences import DIVERGENCES
 from engine.kernels.kd_loss import kd_head_loss, kd_loss, kd_loss_reference
 from engine.kernels.sparse_kd import sparse_kd_loss, sparse_kd_reference
+from engine.kernels.sparse_kd_head import sparse_kd_head_loss
+from engine.kernels.sparse_targets import SparseTargets
 from engine.metrics import read_records
 from engine.model.config import PYTHIA_COMMON, PYTHIA_SHAPES, GPTNeoXConfig
 from engine.model.hf_io import load_pretrained, save_pretrained
@@ -71,7 +74,7 @@ TINY_SHAPES = {
 FULL = dict(teacher="pythia-160m", student="pythia-70m", vocab=50304, valid_vocab=50277,
             seq_len=2048, micro_batch=2, warmup=4, steps=20, accum=4, speed_tokens=(4096, 16384),
             div_repeats=20, head_repeats=20, head_chunks=(1024, 2048, 4096),
-            search_max_mb=64, search_seconds=90, worker_timeout=300)
+            search_max_mb=64, search_seconds=90, worker_timeout=170)
 SMOKE = dict(teacher="tiny-teacher", student="tiny-student", vocab=1000, valid_vocab=987,
              seq_len=64, micro_batch=2, warmup=2, steps=4, accum=2, speed_tokens=(4096,),
              div_repeats=1, head_repeats=1, head_chunks=(16, 32),
@@ -234,6 +237,137 @@ def sparse_correctness(smoke: bool = False) -> list[dict]:
         rows.append({"case": f"N={n} V={vocab} vv={valid_vocab} {dtype_name} {kind}",
                      "backend": backend, "loss_rel_err": loss_err, "grad_rel_err": grad_err,
                      "passed": bool(loss_err <= tol[0] and grad_err <= tol[1])})
+    return rows
+
+
+# ----------------------------------------------------------------------------- fused heads
+
+HEAD_TEMPERATURES = (0.5, 1.0, 2.0, 4.0)
+HEAD_DIVERGENCE_ARGS = {"jsd": {"beta": 0.5}, "skew_forward_kl": {"skew": 0.1},
+                        "skew_reverse_kl": {"skew": 0.1}}
+REFERENCE_ROWS = 2048  # float64 reference rows at a time (5 x 0.8 GB at V = 50304)
+
+
+def _reference_head(inputs, loss_of_rows, n_valid: int):
+    """(loss, d hidden, d weight) of the student head in float64, REFERENCE_ROWS rows at a
+    time (the largest micro-batch's float64 logits would not fit at once): loss_of_rows(
+    logits64, start, stop) is the reference loss of those rows, normalised by n_valid."""
+    h_s, w_s = inputs[0], inputs[1]
+    w64 = w_s.detach().double().requires_grad_(True)
+    grad_h = torch.empty(h_s.shape, dtype=torch.float64, device=h_s.device)
+    total = torch.zeros((), dtype=torch.float64, device=h_s.device)
+    for start in range(0, h_s.shape[0], REFERENCE_ROWS):
+        stop = min(start + REFERENCE_ROWS, h_s.shape[0])
+        h64 = h_s[start:stop].detach().double().requires_grad_(True)
+        loss = loss_of_rows(h64 @ w64.t(), start, stop)
+        loss.backward()
+        grad_h[start:stop] = h64.grad
+        total += loss.detach()
+    return total, grad_h, w64.grad
+
+
+def _head_errors(ours, reference) -> dict:
+    """Relative errors of (loss, d hidden, d weight) against the float64 reference."""
+    def rel(a, b):
+        norm = b.norm().item()
+        diff = (a.double() - b).norm().item()
+        return diff / norm if norm > 0 else diff
+    return {"loss_rel_err": rel(ours[0], reference[0]), "dh_rel_err": rel(ours[1], reference[1]),
+            "dw_rel_err": rel(ours[2], reference[2])}
+
+
+def _dense_head_case(inputs, divergence, temperature, backend) -> dict:
+    h_s, w_s, h_t, w_t, labels = inputs
+    valid_vocab = w_s.shape[0] - VALID_VOCAB_PAD
+    options = dict(alpha=ALPHA, temperature=temperature, valid_vocab=valid_vocab,
+                   divergence=divergence, **HEAD_DIVERGENCE_ARGS.get(divergence, {}))
+    n_valid = int((labels != IGNORE_INDEX).sum())
+    hs, ws = h_s.detach().clone().requires_grad_(True), w_s.detach().clone().requires_grad_(True)
+    loss, _ = kd_head_loss(hs, ws, h_t, w_t, labels, backend=backend, **options)
+    loss.backward()
+    t64 = w_t.double()
+
+    def rows(logits, start, stop):
+        teacher = h_t[start:stop].double() @ t64.t()
+        return kd_loss_reference(logits, teacher, labels[start:stop], normalizer=n_valid,
+                                 **options)[0]
+    return _head_errors((loss, hs.grad, ws.grad), _reference_head(inputs, rows, n_valid))
+
+
+def _cache_targets(h_t, w_t, kind, temperature, valid_vocab):
+    """Top-64 or sampled-32 targets of the teacher head, built REFERENCE_ROWS at a time in
+    float64 as a cache build would (engine.data.teacher_cache_encode)."""
+    parts, gen = [], torch.Generator(device=h_t.device).manual_seed(0)
+    for start in range(0, h_t.shape[0], REFERENCE_ROWS):
+        logits = h_t[start:start + REFERENCE_ROWS].double() @ w_t.double().t()
+        log_p = teacher_log_probs(logits, temperature, valid_vocab)
+        if kind == "top_k":
+            ids, values, tail = top_k_entries(log_p, 64)
+            parts.append(top_k_targets(ids.int(), values,
+                                       torch.full((ids.shape[0],), 64, device=ids.device), tail))
+        else:
+            ids, counts, count, entropy = sampled_entries(log_p, 32, gen)
+            parts.append(sampled_targets(ids.int(), counts.double(), count.int(), entropy))
+    return SparseTargets(*(torch.cat([getattr(p, f.name) for p in parts])
+                           for f in dataclasses.fields(SparseTargets)))
+
+
+def _sparse_head_case(inputs, kind, temperature, backend) -> dict:
+    h_s, w_s, h_t, w_t, labels = inputs
+    valid_vocab = w_s.shape[0] - VALID_VOCAB_PAD
+    targets = _cache_targets(h_t, w_t, kind, temperature, valid_vocab)
+    options = dict(alpha=ALPHA, temperature=temperature, valid_vocab=valid_vocab)
+    n_valid = int((labels != IGNORE_INDEX).sum())
+    hs, ws = h_s.detach().clone().requires_grad_(True), w_s.detach().clone().requires_grad_(True)
+    loss, _ = sparse_kd_head_loss(hs, ws, targets, labels, backend=backend, **options)
+    loss.backward()
+
+    def rows(logits, start, stop):
+        return sparse_kd_reference(logits, targets.rows(start, stop), labels[start:stop],
+                                   normalizer=n_valid, **options)[0]
+    return _head_errors((loss, hs.grad, ws.grad), _reference_head(inputs, rows, n_valid))
+
+
+def head_correctness_cases(smoke: bool, largest_tokens: int) -> list[tuple]:
+    """(what, variant, temperature, n_tokens): every divergence and both cache kinds at each
+    temperature with an odd token count (smoke: each divergence at one temperature, the four
+    covered), and forward_kl / top-64 at `largest_tokens`."""
+    odd, temps = (7, HEAD_TEMPERATURES[::-1]) if smoke else (1027, HEAD_TEMPERATURES)
+    if smoke:  # the interpreter is slow: each divergence at one temperature, all four covered
+        cases = [("dense", name, HEAD_TEMPERATURES[i % 4], odd)
+                 for i, name in enumerate(DIVERGENCES)]
+        cases += [("sparse", "top_k", t, odd) for t in temps[:2]]
+    else:
+        cases = [("dense", name, t, odd) for name in DIVERGENCES for t in temps]
+        cases += [("sparse", "top_k", t, odd) for t in temps]
+    cases += [("sparse", "sampled", 2.0, odd)]
+    cases += [("dense", "forward_kl", 2.0, largest_tokens), ("sparse", "top_k", 2.0,
+                                                               largest_tokens)]
+    return cases
+
+
+def head_correctness(smoke: bool, largest_tokens: int, tolerance: float = 2e-2) -> list[dict]:
+    """The fused heads (kd_head_loss for every divergence, sparse_kd_head_loss for both cache
+    kinds) in bf16 on this device against float64 references: loss, d hidden and d weight,
+    T = 0.5 / 1 / 2 / 4, an odd token count, valid_vocab < V (Pythia's 27 padding columns),
+    10% ignored labels, and at `largest_tokens` (the plan's largest micro-batch, minus one:
+    odd too). One dict per case with its errors and `passed` (every error <= tolerance: the
+    bf16 rounding of the logits themselves is ~4e-3 relative, T = 0.5 doubles it)."""
+    dev = current_device()
+    backend = kernel_backend(dev)
+    shape = dict(student_hidden=32, teacher_hidden=48, vocab=257) if smoke else dict(
+        student_hidden=SEED_HEAD["student_hidden"], teacher_hidden=SEED_HEAD["teacher_hidden"],
+        vocab=SEED_HEAD["vocab"])
+    rows = []
+    for what, variant, temperature, n in head_correctness_cases(smoke, largest_tokens):
+        inputs = head_inputs(n, **shape, dtype=torch.bfloat16, dev=dev, seed=n)
+        case = _dense_head_case if what == "dense" else _sparse_head_case
+        errors = case(inputs, variant, temperature, backend)
+        rows.append({"case": f"{what} {variant} T={temperature} N={n} V={shape['vocab']} "
+                             f"vv={shape['vocab'] - VALID_VOCAB_PAD} bf16", "backend": backend,
+                     **errors, "passed": all(v <= tolerance for v in errors.values())})
+        del inputs
+        free_memory(dev)
     return rows
 
 

@@ -1,9 +1,20 @@
-"""The GPU validation suite: everything the engine promises on a GPU, in one short call.
+"""The GPU validation suite: everything the engine promises on a GPU, in two short calls.
 
-    python3 -m benchmarks.gpu_suite [--out DIR] [--smoke]
+    python3 -m benchmarks.gpu_suite --list
+    python3 -m benchmarks.gpu_suite [--only A,B] [--out DIR] [--smoke] [--budget-s S]
+
+The correctness gates (kernel_correctness, head_correctness) always run first, whatever
+--only names: a failing check stops the call loudly (exit 1, the timing sections recorded as
+skipped) before anything is timed. Every section has its own time limit (SECTIONS) and the
+whole call a budget (--budget-s, 510 s by default on a GPU): at the budget the process writes
+what it has and exits 124, so a call never passes 9 minutes. benchmarks/README.md gives the two
+calls that together run every section.
 
 Sections (each guarded: a failure is recorded with its traceback and the others still run):
-  kernel_correctness  the loss kernel against the float64 reference on the device
+  kernel_correctness  the loss kernel against the float64 reference on the device (a gate)
+  head_correctness    the fused heads in bf16 (every divergence, both cache kinds) against
+                      float64 at T = 0.5, 1, 2, 4, odd N, valid_vocab < V and the plan's
+                      largest micro-batch (a gate)
   kernel_speed        the loss kernel at 4096 and 16384 tokens x 50304 bf16
   divergences         the loss kernel per divergence against forward_kl (target <= 1.2x)
   head                the fused heads + loss at the seed shapes against its own four matmuls
@@ -28,7 +39,8 @@ Sections (each guarded: a failure is recorded with its traceback and the others 
                       12 GiB cap against its memory plan (target within 5%)
 Every configuration that trains records the memory plan beside its measured peaks (allocated,
 and reserved + memory outside the allocator). The summary table is printed last; everything is
-also written to DIR/gpu_suite.json. Sizes keep the whole run within ~8 minutes on an H200.
+also written to DIR/gpu_suite.json, atomically after every section, so a failed or killed
+call keeps every section that finished.
 
 `--smoke` runs every code path at tiny sizes on whatever device there is (CPU in CI), so the
 real run cannot die of a typo. Needs only torch (+ triton on a GPU); transformers and
@@ -40,12 +52,15 @@ PYTORCH_CUDA_ALLOC_CONF is set), so its memory figures are the engine's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +84,7 @@ from benchmarks.common import (
     free_memory,
     gpu_correctness,
     gpu_speed,
+    head_correctness,
     head_inputs,
     head_step,
     kernel_backend,
@@ -183,6 +199,21 @@ def section_kernel_correctness(sizes, smoke: bool) -> dict:
         "max_loss_rel_err": max(r["loss_rel_err"] for r in rows),
         "max_grad_rel_err": max(r["grad_rel_err"] for r in rows),
     }
+
+
+def section_head_correctness(sizes, smoke: bool) -> dict:
+    """The fused heads on the device against float64 (benchmarks.common.head_correctness), at
+    the plan's largest micro-batch for a 12 GiB card too (its tokens minus one: odd)."""
+    teacher, student = (model_config(sizes[k], vocab=sizes["vocab"])
+                        for k in ("teacher", "student"))
+    largest = sizes["micro_batch"] if smoke else largest_micro_batch(
+        teacher, student, seq_len=sizes["seq_len"], budget_bytes=CARD_BYTES,
+        teacher_dtype_bytes=2)
+    rows = head_correctness(smoke, max(1, largest) * sizes["seq_len"] - 1)
+    return {"cases": rows, "passed": all(r["passed"] for r in rows),
+            "largest_micro_batch": largest,
+            "max_rel_err": max(max(r["loss_rel_err"], r["dh_rel_err"], r["dw_rel_err"])
+                               for r in rows)}
 
 
 def section_kernel_speed(sizes, smoke: bool) -> dict:
@@ -533,6 +564,14 @@ def _kernel_rows(sections: dict) -> list[tuple[str, str, str]]:
         rows.append(("kernel vs float64 reference",
                      f"{'PASS' if kc['passed'] else 'FAIL'} ({len(kc['cases'])} cases, max grad "
                      f"rel err {kc['max_grad_rel_err']:.1e})", "all pass"))
+    hc = sections.get("head_correctness", {})
+    if "passed" in hc:
+        rows.append(("fused heads bf16 vs float64 reference",
+                     f"{'PASS' if hc['passed'] else 'FAIL'} ({len(hc['cases'])} cases, largest "
+                     f"mb {hc['largest_micro_batch']}, max rel err {hc['max_rel_err']:.1e})",
+                     "all pass"))
+    rows += [(name, "skipped: " + body["skipped"], "-") for name, body in sections.items()
+             if "correctness gate" in body.get("skipped", "")]
     for n, speed in sections.get("kernel_speed", {}).items():
         if isinstance(speed, dict) and "error" in speed:
             rows.append((f"kernel speed {n} tokens", "FAILED: " + speed["error"][:70], "-"))
@@ -710,84 +749,195 @@ def format_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One named part of the suite: run(sizes, smoke, out_dir) -> its JSON body; its time limit
+    on a GPU (four times that in smoke mode, on a shared CPU); gates run first in every call."""
+
+    run: Any
+    timeout_s: int
+    gate: bool = False
+
+
+def _plain(fn):
+    return lambda sizes, smoke, out_dir: fn(sizes, smoke)
+
+
+# The suite's sections in the order they run. A new row is one entry here (and, for its
+# summary line, one function beside _kernel_rows).
+SECTIONS: dict[str, Section] = {
+    "kernel_correctness": Section(_plain(section_kernel_correctness), 120, gate=True),
+    "head_correctness": Section(_plain(section_head_correctness), 150, gate=True),
+    "kernel_speed": Section(_plain(section_kernel_speed), 90),
+    "divergences": Section(_plain(section_divergences), 60),
+    "head": Section(_plain(section_head), 120),
+    "seed_recipe": Section(_plain(section_seed_recipe), 60),
+    "seed_recipe_logits": Section(_plain(section_seed_recipe_logits), 60),
+    "seed_recipe_compiled": Section(_plain(section_seed_recipe_compiled), 150),
+    "teacher_cache": Section(_plain(section_teacher_cache), 90),
+    "teacher_cache_build": Section(_plain(section_teacher_cache_build), 120),
+    "transformers": Section(_plain(section_transformers), 60),
+    "capped_12gib": Section(section_capped, 200),
+    "fsdp": Section(section_fsdp, 240),
+}
+
+
+class SectionTimeout(Exception):
+    """A section ran past its time limit (raised in the main thread by SIGALRM)."""
+
+
+def _on_alarm(signum, frame):
+    raise SectionTimeout("the section ran past its time limit")
+
+
+def select_sections(only: str | None) -> list[str]:
+    """The sections a call runs, in SECTIONS order: the gates, then those --only names (all
+    without --only). ValueError naming an unknown section."""
+    if only is None:
+        return list(SECTIONS)
+    wanted = [name.strip() for name in only.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in SECTIONS]
+    if unknown:
+        raise ValueError(f"--only: unknown section(s) {', '.join(unknown)} (see --list)")
+    return [name for name, sec in SECTIONS.items() if sec.gate or name in wanted]
+
+
+def run_section(name: str, sizes, smoke: bool, out_dir: Path) -> dict:
+    """One section under its time limit (SIGALRM: Python code and waits on children stop at
+    it); a failure or a timeout becomes an error record."""
+    section = SECTIONS[name]
+    limit = section.timeout_s * (4 if smoke else 1)
+    t0 = time.perf_counter()
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(limit)
+    try:
+        body = section.run(sizes, smoke, out_dir)
+    except Exception as exc:  # guarded: record and go on to the next section
+        body = error_record(exc)
+        if isinstance(exc, SectionTimeout):
+            body["error"] = f"SectionTimeout: {name} ran past its limit of {limit} s"
+        print(body["traceback"], file=sys.stderr, flush=True)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    body["section_seconds"] = round(time.perf_counter() - t0, 2)
+    body["time_limit_s"] = limit
+    return body
+
+
+def _start_budget(seconds: float | None, report: dict, json_path: Path) -> None:
+    """At `seconds` of wall clock, write what the call has and exit 124 (a daemon timer), so
+    a section stuck in a device call cannot take the call past its budget."""
+    if not seconds:
+        return
+
+    def expire():
+        report["budget_expired_s"] = seconds
+        try:
+            write_json(json_path, json.loads(json.dumps(report, default=str)))
+        finally:
+            print(f"gpu_suite: the call's budget of {seconds:.0f} s ran out; JSON: {json_path}",
+                  file=sys.stderr, flush=True)
+            os._exit(124)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+
+
+def _parse_args(argv):
     parser = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_suite",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="folder for gpu_suite.json")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device, < 2 min")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device")
+    parser.add_argument("--list", action="store_true", help="name the sections and exit")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated sections to run (the gates always run first)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-clock budget of the call (default 510 on a GPU, none in "
+                             "smoke mode)")
     parser.add_argument("--worker-capped", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--parent-used", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)  # as engine.train
-    sizes = SMOKE if args.smoke else FULL
-    if args.smoke and not torch.cuda.is_available():
-        # Tiny CPU work: intra-op threads only contend with each other (and with CI).
-        torch.set_num_threads(1)
+    return parser.parse_args(argv)
 
-    if args.worker_capped:
-        return capped_worker(sizes, args.smoke, Path(args.worker_capped), args.parent_used)
 
-    started = time.perf_counter()
-    device = current_device()
-    print(f"device: {device_name(device)}", flush=True)
+def _list_sections() -> int:
+    for name, section in SECTIONS.items():
+        gate = " (gate: always runs first)" if section.gate else ""
+        print(f"{name:<22} limit {section.timeout_s:>4} s{gate}")
+    return 0
+
+
+def _header(args, sizes, device, json_path) -> dict:
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    return {"device": device_name(device), "mode": "smoke" if args.smoke else "full",
+            "torch": torch.__version__, "triton": triton_version,
+            "python": platform.python_version(), "cuda": torch.version.cuda,
+            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "sizes": sizes,
+            "only": args.only, "sections": {}, "json_path": str(json_path)}
+
+
+def _skip_after_gate(report: dict, failed_gate: str, rest: list[str]) -> None:
+    for name in rest:
+        report["sections"][name] = {"skipped": f"correctness gate {failed_gate} failed"}
+    print(f"\n!!! CORRECTNESS FAILED in {failed_gate}: nothing was timed; see "
+          f"{report['json_path']}\n", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.list:
+        return _list_sections()
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)  # as engine.train
+    sizes = SMOKE if args.smoke else FULL
+    if args.smoke and not torch.cuda.is_available():
+        # Tiny CPU work: intra-op threads only contend with each other (and with CI).
+        torch.set_num_threads(1)
+    if args.worker_capped:
+        return capped_worker(sizes, args.smoke, Path(args.worker_capped), args.parent_used)
+    try:
+        names = select_sections(args.only)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    started = time.perf_counter()
+    device = current_device()
+    print(f"device: {device_name(device)}", flush=True)
     out_dir = Path(args.out) if args.out else (DEFAULT_SMOKE_OUT if args.smoke else RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / ("gpu_suite_smoke.json" if args.smoke else "gpu_suite.json")
-    report: dict[str, Any] = {
-        "device": device_name(device),
-        "mode": "smoke" if args.smoke else "full",
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "cuda": torch.version.cuda,
-        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-        "sizes": sizes,
-        "sections": {},
-        "json_path": str(json_path),
-    }
-    print(f"torch {torch.__version__}, triton {triton_version}, python "
-          f"{platform.python_version()}, mode {report['mode']}", flush=True)
+    report = _header(args, sizes, device, json_path)
+    print(f"torch {report['torch']}, triton {report['triton']}, python {report['python']}, "
+          f"mode {report['mode']}, sections {', '.join(names)}", flush=True)
+    budget = args.budget_s if args.budget_s is not None else (None if args.smoke else 510)
+    _start_budget(budget, report, json_path)
 
-    sections = [
-        ("kernel_correctness", section_kernel_correctness),
-        ("kernel_speed", section_kernel_speed),
-        ("divergences", section_divergences),
-        ("head", section_head),
-        ("seed_recipe", section_seed_recipe),
-        ("seed_recipe_logits", section_seed_recipe_logits),
-        ("seed_recipe_compiled", section_seed_recipe_compiled),
-        ("teacher_cache", section_teacher_cache),
-        ("teacher_cache_build", section_teacher_cache_build),
-        ("transformers", section_transformers),
-        ("capped_12gib", lambda sizes, smoke: section_capped(sizes, smoke, out_dir)),
-        ("fsdp", lambda sizes, smoke: section_fsdp(sizes, smoke, out_dir)),
-    ]
-    for name, run in sections:
-        t0 = time.perf_counter()
+    for index, name in enumerate(names):
         print(f"== {name} ...", flush=True)
-        try:
-            body = run(sizes, args.smoke)
-        except Exception as exc:  # guarded: record and go on to the next section
-            body = error_record(exc)
-            print(body["traceback"], file=sys.stderr, flush=True)
-        body["section_seconds"] = round(time.perf_counter() - t0, 2)
+        body = run_section(name, sizes, args.smoke, out_dir)
         report["sections"][name] = body
         print(f"== {name}: {'FAILED' if 'error' in body else 'done'} in "
               f"{body['section_seconds']:.1f} s", flush=True)
         free_memory(device)
+        gate_failed = SECTIONS[name].gate and ("error" in body or not body.get("passed"))
+        if gate_failed:
+            _skip_after_gate(report, name, names[index + 1:])
         write_json(json_path, report)  # after every section, so a crash keeps what ran
+        if gate_failed:
+            break
 
     report["wall_s"] = round(time.perf_counter() - started, 1)
     write_json(json_path, report)
     print()
     print(format_summary(report))
-    failed = [n for n, b in report["sections"].items() if "error" in b]
+    failed = [n for n, b in report["sections"].items()
+              if "error" in b or b.get("passed") is False]
     return 1 if failed else 0
 
 

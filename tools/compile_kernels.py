@@ -1,13 +1,24 @@
 """Compile every Triton kernel ahead of time for the GPUs we target, without needing a GPU.
 
-    python -m tools.compile_kernels [--json PATH]
+    python -m tools.compile_kernels [--json PATH] [--only TEXT] [--arch 80,86,90]
+    python -m tools.compile_kernels --triton-path DIR ...   # with the Triton installed in DIR
 
-For each kernel x input dtype (bf16, fp32) x compute capability (sm_80 A100, sm_86 RTX 3060,
-sm_90 H100) it runs triton.compile on the kernel's source with the launch configuration the
-launcher uses, then feeds the resulting PTX to the ptxas bundled with Triton in verbose mode to
-read registers, spill bytes and stack; shared memory comes from the compiled metadata. A kernel
-that fails to compile or spills makes the command exit non-zero, so CI catches a regression that
-only a GPU run would otherwise reveal.
+What is compiled is what a real launch compiles. Each launcher (kd_loss_forward_triton,
+sparse_kd_forward_triton) is called at the seed shapes (4096 tokens x V 50304, valid vocabulary
+50277, top-64 targets) on "meta" tensors, with Triton's launch intercepted: the kernel, its
+arguments and launch options (block size and warps from the launch_config functions) are
+recorded instead of run. Triton's own binder then specialises them as its JIT would on a GPU
+(tt.divisibility = 16 on 16-byte-aligned pointers and on integers divisible by 16, such as
+V = 50304 and the row strides; integers equal to 1 become constants), so the build is the
+vectorised variant a launch gets, not a generic one. Each kernel x input dtype (bf16, fp32) x
+compute capability (sm_80 A100, sm_86 RTX 3060, sm_90 H100) is compiled with triton.compile,
+and the PTX is fed to the ptxas bundled with Triton in verbose mode to read registers, spill
+bytes and stack; shared memory comes from the compiled metadata, the widest vector global load
+and store from the PTX. A kernel that fails to compile or spills makes the command exit non-zero.
+
+--triton-path DIR runs the same in a child process with DIR first on PYTHONPATH (a Triton
+installed with `pip install --no-deps --target DIR triton==3.6.0`): the oldest Triton we
+support, checked beside the installed one.
 
 Why re-run ptxas: the compiled object only learns n_regs / n_spills when a driver loads the
 cubin, which needs a GPU. ptxas -v reports the same numbers from the PTX alone.
@@ -16,6 +27,7 @@ cubin, which needs a GPU. ptxas -v reports the same numbers from the PTX alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -25,73 +37,141 @@ from pathlib import Path
 
 from engine.data.atomic import write_json_atomic
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CAPABILITIES = (80, 86, 90)
-DTYPES = {"bf16": "*bf16", "fp32": "*fp32"}
+DTYPES = ("bf16", "fp32")
+# The seed shapes: micro-batch 2 x 2048 tokens, Pythia's padded vocabulary, top-64 targets.
+SEED_TOKENS, SEED_VOCAB, SEED_VALID_VOCAB, SEED_TOP_K = 4096, 50304, 50277, 64
 
 
-def _kernel_specs():
-    """(name, jit function, signature builder, constexprs, num_warps) for every Triton kernel.
+def _meta(shape, dtype):
+    import torch
+
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _kd_launch(divergence: str):
+    """kd_loss_forward_triton at the seed shapes, gradient in place (as the fused head and
+    kd_loss(inplace_grad=True) run it)."""
+    def launch(dtype):
+        import torch
+
+        from engine.kernels.kd_loss_triton import kd_loss_forward_triton
+
+        s = _meta((SEED_TOKENS, SEED_VOCAB), dtype)
+        kd_loss_forward_triton(s, _meta((SEED_TOKENS, SEED_VOCAB), dtype),
+                               _meta((SEED_TOKENS,), torch.int64), s, alpha=0.5,
+                               temperature=2.0, ignore_index=-100,
+                               valid_vocab=SEED_VALID_VOCAB, inv_norm=_meta((), torch.float32),
+                               divergence=divergence)
+    return launch
+
+
+def _sparse_launch(write_grad: bool):
+    """sparse_kd_forward_triton at the seed shapes with top-64 targets as the teacher cache
+    hands them over (int32 ids, fp32 masses); the gradient in place, or forward only."""
+    def launch(dtype):
+        import torch
+
+        from engine.kernels.sparse_kd_triton import sparse_kd_forward_triton
+        from engine.kernels.sparse_targets import SparseTargets
+
+        n, k = SEED_TOKENS, SEED_TOP_K
+        targets = SparseTargets(_meta((n, k), torch.int32), _meta((n, k), torch.float32),
+                                _meta((n,), torch.int32), _meta((n,), torch.float32),
+                                _meta((n,), torch.float32))
+        s = _meta((n, SEED_VOCAB), dtype)
+        sparse_kd_forward_triton(s, targets, _meta((n,), torch.int64), s if write_grad else None,
+                                 alpha=0.5, temperature=2.0, ignore_index=-100,
+                                 valid_vocab=SEED_VALID_VOCAB, inv_norm=_meta((), torch.float32))
+    return launch
+
+
+def kernel_launches() -> dict:
+    """name -> launch(dtype): every kernel build to check, each launched as the engine does.
 
     The loss kernel is one source but a different program per divergence (a constexpr), so
-    each divergence is built and checked for spills on its own.
-    """
+    each divergence is built and checked for spills on its own. A new kernel adds a row."""
     from engine.kernels.divergences import DIVERGENCES
-    from engine.kernels.kd_loss_triton import kd_loss_fwd_bwd_kernel, launch_config
 
-    def kd_signature(ptr_type: str) -> dict:
-        return {
-            "student_ptr": ptr_type,
-            "teacher_ptr": ptr_type,
-            "grad_ptr": ptr_type,
-            "labels_ptr": "*i64",
-            "ce_row_ptr": "*fp32",
-            "kd_row_ptr": "*fp32",
-            "inv_norm_ptr": "*fp32",
-            "student_row_stride": "i32",
-            "teacher_row_stride": "i32",
-            "grad_row_stride": "i32",
-            "n_cols": "i32",
-            "valid_vocab": "i32",
-            "ignore_index": "i32",
-            "alpha": "fp32",
-            "temperature": "fp32",
-            "kd_scale": "fp32",
-            "w_p": "fp32",
-            "w_q": "fp32",
-            "log_w_p": "fp32",
-            "log_w_q": "fp32",
-            "DIVERGENCE": "constexpr",
-            "WRITE_GRAD": "constexpr",
-            "BLOCK_SIZE": "constexpr",
-        }
-
-    specs = []
-    for index, name in enumerate(DIVERGENCES):
-        block, warps = launch_config(50304, name)
-        specs.append((f"kd_loss_fwd_bwd_kernel[{name}]", kd_loss_fwd_bwd_kernel, kd_signature,
-                      {"DIVERGENCE": index, "WRITE_GRAD": True, "BLOCK_SIZE": block}, warps))
-    return specs + _sparse_kernel_specs()
+    launches = {f"kd_loss_fwd_bwd_kernel[{name}]": _kd_launch(name) for name in DIVERGENCES}
+    launches["sparse_kd_fwd_bwd_kernel[grad]"] = _sparse_launch(True)
+    launches["sparse_kd_fwd_bwd_kernel[forward]"] = _sparse_launch(False)
+    return launches
 
 
-def _sparse_kernel_specs():
-    """The teacher cache's loss kernel (kernels/sparse_kd_triton.py), int32 ids."""
-    from engine.kernels.sparse_kd_triton import launch_config, sparse_kd_fwd_bwd_kernel
+class _HostlessPointer:
+    """A meta tensor as Triton's specialiser sees an argument: its dtype and an address,
+    which the CUDA caching allocator aligns to 512 bytes, plus the view's offset."""
 
-    def signature(ptr_type: str) -> dict:
-        pointers = {"student_ptr": ptr_type, "grad_ptr": ptr_type, "labels_ptr": "*i64",
-                    "ids_ptr": "*i32", "mass_ptr": "*fp32", "count_ptr": "*i32"}
-        pointers.update(dict.fromkeys(("tail_ptr", "entropy_ptr", "ce_row_ptr", "kd_row_ptr",
-                                       "inv_norm_ptr"), "*fp32"))
-        ints = dict.fromkeys(("student_row_stride", "grad_row_stride", "ids_row_stride",
-                              "mass_row_stride", "n_cols", "valid_vocab", "ignore_index"), "i32")
-        floats = dict.fromkeys(("alpha", "temperature", "kd_scale"), "fp32")
-        return {**pointers, **ints, **floats, "WRITE_GRAD": "constexpr",
-                "BLOCK_SIZE": "constexpr"}
+    def __init__(self, tensor):
+        self.dtype = tensor.dtype
+        self.address = 512 + tensor.storage_offset() * tensor.element_size()
 
-    block, warps = launch_config(50304)
-    return [(f"sparse_kd_fwd_bwd_kernel[{'grad' if write else 'forward'}]",
-             sparse_kd_fwd_bwd_kernel, signature, {"WRITE_GRAD": write, "BLOCK_SIZE": block},
-             warps) for write in (True, False)]
+    def data_ptr(self) -> int:
+        return self.address
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Within: every Triton kernel launch is recorded as (kernel, args, kwargs), not run."""
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = original
+
+
+def capture(launch, dtype_name: str) -> tuple:
+    """(kernel, args, kwargs) of the one launch `launch` makes with `dtype_name` logits."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    with recorded_launches() as launches:
+        launch(dtype)
+    if len(launches) != 1:
+        raise RuntimeError(f"expected one kernel launch, the launcher made {len(launches)}")
+    kernel, args, kwargs = launches[0]
+    as_arg = lambda v: _HostlessPointer(v) if isinstance(v, torch.Tensor) else v
+    return kernel, [as_arg(v) for v in args], {k: as_arg(v) for k, v in kwargs.items()}
+
+
+def specialise(kernel, args, kwargs, capability: int):
+    """(ASTSource, target, options) exactly as JITFunction.run builds them on this target."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
+                                                              specialization, options)
+    return ASTSource(kernel, signature, constexprs, attrs), target, options
+
+
+def describe_specialisation(source) -> str:
+    """The runtime specialisation in a few words: which arguments carry tt.divisibility = 16
+    (pointers counted, integers named) and which integers became constants."""
+    names = [p.name for p in source.fn.params]
+    divisible = sorted(names[key[0]] for key, values in source.attrs.items()
+                       if ["tt.divisibility", 16] in [list(v) for v in values])
+    pointers = [n for n in divisible if str(source.signature[n]).startswith("*")]
+    ints = [n for n in divisible if n not in pointers]
+    constexpr_params = {p.name for p in source.fn.params if p.is_constexpr}
+    ones = [names[key[0]] for key in source.constants
+            if names[key[0]] not in constexpr_params]
+    text = f"d16: {len(pointers)} ptrs" + (f", {', '.join(ints)}" if ints else "")
+    return text + (f"; =1: {', '.join(ones)}" if ones else "")
 
 
 def _find_ptxas(capability: int) -> str:
@@ -157,65 +237,113 @@ def ptxas_usage(ptx: str, capability: int) -> dict:
     }
 
 
-def compile_one(fn, signature: dict, constexprs: dict, capability: int, num_warps: int) -> dict:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+_VECTOR = {kind: re.compile(kind + r"\.global[\w.:]*?\.v(\d)") for kind in ("ld", "st")}
 
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps}
-    )
-    usage = ptxas_usage(compiled.asm["ptx"], capability)
+
+def compile_one(kernel, args, kwargs, capability: int) -> dict:
+    """Compile one captured launch for one capability; ptxas usage and the specialisation."""
+    import triton
+
+    source, target, options = specialise(kernel, args, kwargs, capability)
+    compiled = triton.compile(source, target=target, options=options.__dict__)
+    ptx = compiled.asm["ptx"]
+    usage = ptxas_usage(ptx, capability)
     metadata = compiled.metadata
     shared = metadata.get("shared", 0) if isinstance(metadata, dict) else metadata.shared
-    usage["shared_bytes"] = int(shared)
+    usage.update(shared_bytes=int(shared), num_warps=options.num_warps,
+                 specialisation=describe_specialisation(source),
+                 vector_load=max(map(int, _VECTOR["ld"].findall(ptx)), default=1),
+                 vector_store=max(map(int, _VECTOR["st"].findall(ptx)), default=1),
+                 constexprs={source.fn.params[key[0]].name: value
+                             for key, value in source.constants.items()
+                             if isinstance(value, (bool, int, float))})
     return usage
 
 
-def main(argv: list[str] | None = None) -> int:
+def _row(name: str, dtype: str, capability: int, captured: tuple) -> dict:
+    row = {"kernel": name, "dtype": dtype, "capability": capability}
+    try:
+        row.update(compile_one(*captured, capability))
+        spilled = row["spill_store_bytes"] + row["spill_load_bytes"]
+        row["status"] = "ok" if spilled == 0 else "SPILLS"
+    except Exception as error:  # report every failure, then fail the command
+        row["status"] = "FAILED"
+        row["error"] = f"{type(error).__name__}: {error}"
+    return row
+
+
+def _print_row(row: dict) -> None:
+    name, dtype, cc = row["kernel"], row["dtype"], row["capability"]
+    if row["status"] == "FAILED":
+        print(f"{name:<36} {dtype:<5} sm_{cc:<4} FAILED:\n{row['error'][-2000:]}", flush=True)
+        return
+    spills = f"{row['spill_store_bytes']}/{row['spill_load_bytes']}"
+    vectors = f"v{row['vector_load']}/v{row['vector_store']}"
+    print(f"{name:<36} {dtype:<5} {row['gpu_name']:<6} {row['num_warps']:>5} "
+          f"{row['registers']:>4} {spills:>9} {row['stack_bytes']:>5} {row['shared_bytes']:>6} "
+          f"{vectors:>6}  {row['status']:<6} "
+          f"{row['specialisation']}",
+          flush=True)
+
+
+def run_in_other_triton(triton_path: Path, argv: list[str]) -> int:
+    """This command in a child process with `triton_path` first on PYTHONPATH."""
+    if not (triton_path / "triton" / "__init__.py").is_file():
+        print(f"error: --triton-path {triton_path}: no triton package in that folder",
+              file=sys.stderr)
+        return 2
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(triton_path), str(REPO_ROOT)])
+    return subprocess.run([sys.executable, "-m", "tools.compile_kernels", *argv], cwd=REPO_ROOT,
+                          env=env).returncode
+
+
+def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--only", default=None,
+                        help="only the kernels whose name contains this text")
+    parser.add_argument("--arch", default=",".join(map(str, CAPABILITIES)),
+                        help="compute capabilities, comma-separated (default: 80,86,90)")
+    parser.add_argument("--triton-path", type=Path, default=None,
+                        help="run with the triton package installed in this folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parse(argv)
+    if args.triton_path is not None:
+        rest = [a for i, a in enumerate(argv) if a != "--triton-path"
+                and not a.startswith("--triton-path=")
+                and (i == 0 or argv[i - 1] != "--triton-path")]
+        return run_in_other_triton(args.triton_path.resolve(), rest)
     if os.environ.get("TRITON_INTERPRET") == "1":
         # The interpreter replaces @triton.jit functions with Python ones that cannot be compiled.
         print("error: unset TRITON_INTERPRET to compile kernels ahead of time", file=sys.stderr)
         return 2
     import triton
 
-    rows, failures = [], 0
-    header = (f"{'kernel':<40} {'dtype':<5} {'arch':<7} {'warps':>5} {'regs':>5} "
-              f"{'spill st/ld B':>13} {'stack B':>7} {'shared B':>8}  status")
-    print(f"triton {triton.__version__}")
+    capabilities = [int(c) for c in args.arch.split(",")]
+    header = (f"{'kernel':<36} {'dtype':<5} {'arch':<6} {'warps':>5} {'regs':>4} "
+              f"{'spill B':>9} {'stack':>5} {'shared':>6} {'ld/st':>6}  {'status':<6} "
+              "specialisation")
+    print(f"triton {triton.__version__} ({Path(triton.__file__).parent})")
     print(header)
     print("-" * len(header))
-    for name, fn, make_signature, constexprs, warps in _kernel_specs():
-        for dtype, ptr_type in DTYPES.items():
-            for capability in CAPABILITIES:
-                row = {"kernel": name, "dtype": dtype, "capability": capability,
-                       "num_warps": warps, "constexprs": constexprs}
-                try:
-                    row.update(compile_one(fn, make_signature(ptr_type), constexprs, capability,
-                                           warps))
-                    spilled = row["spill_store_bytes"] + row["spill_load_bytes"]
-                    row["status"] = "ok" if spilled == 0 else "SPILLS"
-                except Exception as error:  # report every failure, then fail the command
-                    row["status"] = "FAILED"
-                    row["error"] = f"{type(error).__name__}: {error}"
-                failures += row["status"] != "ok"
-                rows.append(row)
-                if row["status"] == "FAILED":
-                    print(f"{name:<40} {dtype:<5} sm_{capability:<4} {warps:>5}  FAILED:\n"
-                          f"{row['error'][-2000:]}")
-                else:
-                    spills = f"{row['spill_store_bytes']}/{row['spill_load_bytes']}"
-                    print(f"{name:<40} {dtype:<5} {row['gpu_name']:<7} {warps:>5} "
-                          f"{row['registers']:>5} {spills:>13} {row['stack_bytes']:>7} "
-                          f"{row['shared_bytes']:>8}  {row['status']}")
+    rows = []
+    for name, launch in kernel_launches().items():
+        if args.only and args.only not in name:
+            continue
+        for dtype in DTYPES:
+            captured = capture(launch, dtype)
+            for capability in capabilities:
+                rows.append(_row(name, dtype, capability, captured))
+                _print_row(rows[-1])
+    failures = sum(row["status"] != "ok" for row in rows)
     if args.json:
-        write_json_atomic(
-            args.json, {"triton": triton.__version__, "kernels": rows}, trailing_newline=False
-        )
+        write_json_atomic(args.json, {"triton": triton.__version__, "kernels": rows},
+                          default=str, trailing_newline=False)
     if failures:
         print(f"{failures} kernel build(s) failed or spilled", file=sys.stderr)
         return 1

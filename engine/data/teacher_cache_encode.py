@@ -59,9 +59,15 @@ def teacher_log_probs(logits: torch.Tensor, temperature: float, valid_vocab: int
 EXACT_TAIL_ABOVE = 0.99
 
 
-def top_k_entries(scores: torch.Tensor, k: int, lse: torch.Tensor | None = None):
+def top_k_entries(scores: torch.Tensor, k: int, lse: torch.Tensor | None = None, *,
+                  sync_free: bool = False):
     """(ids [n, k] ascending, log-probabilities [n, k], log tail mass [n]) of the rows
-    softmax(scores) (lse: their log-sum-exp; None: scores are log-probabilities already)."""
+    softmax(scores) (lse: their log-sum-exp; None: scores are log-probabilities already).
+
+    sync_free: the exact tail is computed for every row and kept where the listed mass is
+    above EXACT_TAIL_ABOVE, instead of for the selected rows only (selecting them reads a row
+    count back to the host: a device synchronisation). Same values, one more pass over the
+    block: the device encoder's choice, where the pass is cheap and a sync is not."""
     lse = torch.zeros(scores.shape[:1], dtype=scores.dtype, device=scores.device) \
         if lse is None else lse
     top = torch.topk(scores, k, dim=-1, sorted=False)
@@ -71,6 +77,10 @@ def top_k_entries(scores: torch.Tensor, k: int, lse: torch.Tensor | None = None)
         return ids, values, torch.full_like(lse, float("-inf"))
     mass = values.exp().sum(-1)
     log_tail = torch.log1p(-mass.clamp_max(EXACT_TAIL_ABOVE))
+    if sync_free:
+        rows = scores.clone().scatter_(1, ids, float("-inf"))
+        exact = torch.logsumexp(rows, dim=-1) - lse
+        return ids, values, torch.where(mass > EXACT_TAIL_ABOVE, exact, log_tail)
     peaked = (mass > EXACT_TAIL_ABOVE).nonzero().squeeze(1)
     if peaked.numel():  # exact: a log-sum-exp over the unlisted columns of those rows
         rows = scores.index_select(0, peaked).scatter_(1, ids.index_select(0, peaked),
@@ -101,37 +111,79 @@ def sampled_entries(scores: torch.Tensor, samples: int, generator: torch.Generat
     return ids, counts, starts.sum(-1), entropy
 
 
-# Logit elements encoded at once: 4 MB of fp32 per pass, which stays in cache between the
-# passes over a block (measured, 1 CPU thread, per row: 237 us top-64 / 344 us sampled-32 at
-# V = 50304 against 435 / 1008 us in one 1024-row block; see benchmarks/README.md).
+# Logit elements encoded at once on the CPU: 4 MB of fp32 per pass, which stays in cache
+# between the passes over a block (measured, 1 CPU thread, per row: 237 us top-64 / 344 us
+# sampled-32 at V = 50304 against 435 / 1008 us in one 1024-row block; see
+# benchmarks/README.md). On a GPU, blocks that small would be launch-bound: a block there is
+# up to 2**26 elements (256 MiB of fp32 scores, a whole 1024-row chunk at V = 50304).
 ENCODE_BLOCK_ELEMENTS = 1 << 20
+DEVICE_BLOCK_ELEMENTS = 1 << 26
+ENTRY_FIELDS = ("ids", "values", "aux", "count")
 
 
-def _encode_block(logits, records, *, kind, width, temperature, valid_vocab, generator):
+def _encode_block(logits, *, kind, width, temperature, valid_vocab, generator, sync_free):
+    """The entries of one block of logit rows as tensors on the logits' device."""
     scores, lse = teacher_scores(logits, temperature, valid_vocab)
     if kind == "top_k":
-        ids, values, aux = top_k_entries(scores, width, lse)
-        count = torch.full((scores.shape[0],), width)
+        ids, values, aux = top_k_entries(scores, width, lse, sync_free=sync_free)
+        count = torch.full((scores.shape[0],), width, device=scores.device)
         values = values.clamp_min(LOG_PROB_FLOOR)
     else:
         ids, values, count, aux = sampled_entries(scores, width, generator, lse)
-    records["ids"] = ids.cpu().numpy()
-    records["values"] = values.cpu().numpy()
-    records["aux"] = aux.float().cpu().numpy()
-    records["count"] = count.cpu().numpy()
+    return {"ids": ids, "values": values, "aux": aux.float(), "count": count}
+
+
+def entries_to_host(entries: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The one device-to-host copy of a batch's encoded entries (numpy, dtypes unchanged).
+
+    On a GPU every field is copied asynchronously (into pinned memory) and the host waits once,
+    on an event recorded after the copies: not for the stream's later work (the builder's next
+    teacher forward, enqueued from the other thread). CPU tensors are only viewed as numpy."""
+    device = entries["ids"].device
+    if device.type == "cpu":
+        return {name: tensor.numpy() for name, tensor in entries.items()}
+    host = {name: tensor.to("cpu", non_blocking=True) for name, tensor in entries.items()}
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(device))
+    copied.synchronize()
+    return {name: tensor.numpy() for name, tensor in host.items()}
+
+
+def encode_batch(chunks, *, kind: str, width: int, temperature: float, valid_vocab: int,
+                 dtype: np.dtype, generator: torch.Generator | None = None,
+                 sync_free: bool | None = None) -> np.ndarray:
+    """Records (numpy, `dtype` from record_dtype) of a batch of teacher logit chunks (each
+    [n, V], any float dtype, all on one device), in order.
+
+    Each chunk is encoded a block at a time (ENCODE_BLOCK_ELEMENTS on the CPU,
+    DEVICE_BLOCK_ELEMENTS elsewhere) into tensors on its device; the batch's entries then
+    reach the host in one copy (entries_to_host) and are cast to the record's field types
+    there, so a GPU build synchronises once per batch, not per block. sync_free (default:
+    off the CPU) picks top_k_entries' variant that reads nothing back."""
+    chunks = [chunk for chunk in chunks if chunk.shape[0]]
+    records = np.zeros(sum(chunk.shape[0] for chunk in chunks), dtype=dtype)
+    if not chunks:
+        return records
+    device = chunks[0].device
+    sync_free = device.type != "cpu" if sync_free is None else sync_free
+    budget = ENCODE_BLOCK_ELEMENTS if device.type == "cpu" else DEVICE_BLOCK_ELEMENTS
+    step = max(1, budget // max(1, chunks[0].shape[-1]))
+    blocks = [_encode_block(chunk[start:start + step], kind=kind, width=width,
+                            temperature=temperature, valid_vocab=valid_vocab,
+                            generator=generator, sync_free=sync_free)
+              for chunk in chunks for start in range(0, chunk.shape[0], step)]
+    host = entries_to_host({name: torch.cat([block[name] for block in blocks])
+                            for name in ENTRY_FIELDS})
+    for name in ENTRY_FIELDS:
+        records[name] = host[name]
+    return records
 
 
 def encode_records(logits, *, kind: str, width: int, temperature: float, valid_vocab: int,
                    dtype: np.dtype, generator: torch.Generator | None = None) -> np.ndarray:
-    """Records (numpy, `dtype` from record_dtype) of the teacher's logits [n, V] (any float
-    dtype), encoded a block of ENCODE_BLOCK_ELEMENTS at a time."""
-    records = np.zeros(logits.shape[0], dtype=dtype)
-    step = max(1, ENCODE_BLOCK_ELEMENTS // max(1, logits.shape[-1]))
-    for start in range(0, logits.shape[0], step):
-        _encode_block(logits[start:start + step], records[start:start + step], kind=kind,
-                      width=width, temperature=temperature, valid_vocab=valid_vocab,
-                      generator=generator)
-    return records
+    """Records of one tensor of teacher logits [n, V]: encode_batch of that one chunk."""
+    return encode_batch([logits], kind=kind, width=width, temperature=temperature,
+                        valid_vocab=valid_vocab, dtype=dtype, generator=generator)
 
 
 def listed(count: torch.Tensor, width: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ from engine.data.teacher_cache import (
     record_problem,
     shards_folder_message,
 )
-from engine.data.teacher_cache_encode import encode_records, record_dtype
+from engine.data.teacher_cache_encode import encode_batch, record_dtype
 from engine.kernels.constants import IGNORE_INDEX
 
 # Test hook: after this many batches have been written (and before their checkpoint), the
@@ -497,11 +497,9 @@ def _encode_and_write(stream, dataset, indices, chunks, trained, dtype) -> None:
     if settings["kind"] == "sampled" and chunks:
         generator = torch.Generator(device=chunks[0].device)
         generator.manual_seed(batch_seed(settings["seed"], int(indices[0])))
-    parts = [encode_records(chunk, kind=settings["kind"], width=settings["width"],
-                            temperature=settings["temperature"],
-                            valid_vocab=settings["valid_vocab"], dtype=dtype,
-                            generator=generator) for chunk in chunks]
-    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    flat = encode_batch(chunks, kind=settings["kind"], width=settings["width"],
+                        temperature=settings["temperature"], valid_vocab=settings["valid_vocab"],
+                        dtype=dtype, generator=generator)
     for item, records in zip(indices.tolist(), np.split(flat, np.cumsum(trained)[:-1]),
                              strict=True):
         stream.write(item_rows(dataset, item)[0], records)

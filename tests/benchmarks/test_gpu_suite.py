@@ -20,20 +20,28 @@ def test_smoke_suite_runs_every_section(tmp_path):
     env.pop("CUDA_VISIBLE_DEVICES", None)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu_suite", "--smoke", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env,
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     assert proc.stdout.splitlines()[0].startswith("device: ")
     report = json.loads((tmp_path / "gpu_suite_smoke.json").read_text())
     sections = report["sections"]
-    assert set(sections) == {"kernel_correctness", "kernel_speed", "divergences", "head",
+    assert set(sections) == {"kernel_correctness", "head_correctness", "kernel_speed",
+                             "divergences", "head",
                              "seed_recipe", "seed_recipe_logits", "seed_recipe_compiled",
                              "teacher_cache", "teacher_cache_build", "transformers",
                              "capped_12gib", "fsdp"}
     for name, body in sections.items():
         assert "error" not in body, (name, body.get("traceback"))
     assert sections["kernel_correctness"]["passed"]
+    heads = sections["head_correctness"]
+    assert heads["passed"], heads["cases"]
+    cases = " | ".join(row["case"] for row in heads["cases"])
+    for part in ("dense jsd", "dense tvd", "sparse top_k", "sparse sampled", "T=0.5", "T=4.0",
+                 "N=127", "bf16"):  # N=127: the smoke plan's micro-batch 2 x 64 tokens - 1
+        assert part in cases
+    assert "fused heads bf16 vs float64 reference" in proc.stdout
     seed = sections["seed_recipe"]
     assert seed["tokens_per_s"] > 0 and seed["finite"]
     assert seed["plan_largest_micro_batch_12gib"] >= 2
@@ -136,3 +144,88 @@ def test_liger_is_set_to_our_objective():
         results[variant] = (hs.grad, ws.grad)
     for ours, theirs in zip(results["fused"], results["liger"], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-7)
+
+
+def fake_sections(monkeypatch, **bodies):
+    """Replace the suite's sections with named fakes: a dict body, an exception to raise, or
+    a number of seconds to sleep; the first is a gate."""
+    import time
+
+    import benchmarks.gpu_suite as suite
+
+    ran = []
+
+    def make(name, body):
+        def run(sizes, smoke, out_dir):
+            ran.append(name)
+            if isinstance(body, Exception):
+                raise body
+            if isinstance(body, (int, float)):
+                time.sleep(body)
+                return {}
+            return dict(body)
+        return run
+
+    sections = {name: suite.Section(make(name, body), 1, gate=i == 0)
+                for i, (name, body) in enumerate(bodies.items())}
+    monkeypatch.setattr(suite, "SECTIONS", sections)
+    return ran
+
+
+def test_list_and_only_select_sections_with_the_gates_first(capsys):
+    from benchmarks.gpu_suite import SECTIONS, main, select_sections
+
+    assert main(["--list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == list(SECTIONS) and {"head_correctness", "fsdp", "head"} <= set(listed)
+    assert select_sections("fsdp,head") == ["kernel_correctness", "head_correctness", "head",
+                                            "fsdp"]
+    assert main(["--only", "head,nope"]) == 2
+    assert "unknown section(s) nope" in capsys.readouterr().err
+
+
+def test_a_failed_gate_stops_the_call_before_any_timing(monkeypatch, tmp_path):
+    from benchmarks.gpu_suite import main
+
+    ran = fake_sections(monkeypatch, gate={"passed": False, "cases": []}, timing={"x": 1})
+    assert main(["--smoke", "--out", str(tmp_path), "--only", "timing"]) == 1
+    assert ran == ["gate"]
+    report = json.loads((tmp_path / "gpu_suite_smoke.json").read_text())
+    assert report["sections"]["timing"] == {"skipped": "correctness gate gate failed"}
+
+
+def test_a_failing_or_slow_section_is_recorded_and_the_rest_kept(monkeypatch, tmp_path):
+    import time
+
+    import benchmarks.gpu_suite as suite
+
+    ran = fake_sections(monkeypatch, gate={"passed": True}, boom=RuntimeError("boom"),
+                        slow=30, after={"y": 2})
+    started = time.perf_counter()
+    body = suite.run_section("slow", suite.FULL, False, tmp_path)  # limit 1 s
+    assert time.perf_counter() - started < 10
+    assert "SectionTimeout: slow ran past its limit of 1 s" in body["error"]
+    monkeypatch.setitem(suite.SECTIONS, "slow", suite.Section(lambda *a: {"z": 3}, 1))
+    assert suite.main(["--smoke", "--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "gpu_suite_smoke.json").read_text())
+    assert report["sections"]["boom"]["error"] == "RuntimeError: boom"
+    assert report["sections"]["after"]["y"] == 2 and ran[-1] == "after"
+
+
+BUDGET_SCRIPT = """
+import sys, time
+import benchmarks.gpu_suite as suite
+suite.SECTIONS.clear()
+suite.SECTIONS["first"] = suite.Section(lambda *a: {"finished": True}, 60)
+suite.SECTIONS["stuck"] = suite.Section(lambda *a: time.sleep(60), 60)
+sys.exit(suite.main(["--smoke", "--budget-s", "3", "--out", sys.argv[1]]))
+"""
+
+
+def test_the_call_budget_ends_the_process_and_keeps_the_json(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", BUDGET_SCRIPT, str(tmp_path)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 124, proc.stderr
+    assert "budget of 3 s ran out" in proc.stderr
+    report = json.loads((tmp_path / "gpu_suite_smoke.json").read_text())
+    assert report["sections"]["first"]["finished"] and report["budget_expired_s"] == 3
