@@ -35,7 +35,7 @@ COVERING = [
     (7, 1000, None, 0.5, 1.0, FP32, "onehot_teacher"),
     (7, 1000, None, 4.0, 0.5, BF16, "onehot_teacher"),
     (3, 50304, 50277, 1.0, 0.5, FP32, "onehot_teacher"),
-    (7, 1000, 999, 1.0, 1.0, torch.float16, "random"),
+    (7, 1000, 999, 1.0, 1.0, BF16, "random"),
 ]
 
 
