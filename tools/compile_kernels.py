@@ -50,6 +50,7 @@ def _kernel_specs():
             "student_row_stride": "i32",
             "teacher_row_stride": "i32",
             "grad_row_stride": "i32",
+            "n_rows": "i32",
             "n_cols": "i32",
             "valid_vocab": "i32",
             "ignore_index": "i32",

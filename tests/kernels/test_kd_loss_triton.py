@@ -96,3 +96,83 @@ def test_out_of_range_label_gives_nan_not_garbage():
     )
     assert torch.isnan(ce_sum)
     assert torch.isfinite(kd_sum)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_persistent_grid_and_in_place_match_the_reference(divergence):
+    """Three programs over seven rows (each program loops over rows pid, pid + 3, ...), the
+    gradient written over the student logits themselves, against float64."""
+    from engine.kernels.kd_loss_triton import kd_loss_forward_triton
+
+    student, teacher, labels = make_inputs(7, 301, valid_vocab=297, seed=21)
+    kwargs = dict(alpha=0.5, temperature=0.5, valid_vocab=297, divergence=divergence)
+    _, ref_grad, ref_stats = reference_loss_and_grad(student, teacher, labels, **kwargs)
+    inv_norm = inverse_normalizer(None, (labels != -100).sum())
+    logits = student.clone()
+    ce_sum, kd_sum = kd_loss_forward_triton(logits, teacher, labels, logits, ignore_index=-100,
+                                            inv_norm=inv_norm, block_size=64, programs=3,
+                                            **kwargs)
+    assert rel_err(ce_sum, ref_stats["ce_sum"]) <= 1e-5
+    assert rel_err(kd_sum, ref_stats["kd_sum"]) <= 1e-5
+    assert rel_err(logits, ref_grad) <= 1e-4
+
+
+_TTGIR_SCRIPT = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from engine.kernels.divergences import DIVERGENCES
+from engine.kernels.kd_loss_triton import kd_loss_fwd_bwd_kernel, launch_config
+
+divergence = sys.argv[1]
+block, warps = launch_config(50304, divergence)
+constexprs = {"DIVERGENCE": DIVERGENCES.index(divergence), "WRITE_GRAD": True,
+              "BLOCK_SIZE": block}
+ints = ("student_row_stride", "teacher_row_stride", "grad_row_stride", "n_rows", "n_cols",
+        "valid_vocab", "ignore_index")
+signature = {}
+for name in kd_loss_fwd_bwd_kernel.arg_names:
+    if name in constexprs:
+        signature[name] = "constexpr"
+    elif name in ("student_ptr", "teacher_ptr", "grad_ptr"):
+        signature[name] = "*bf16"
+    elif name == "labels_ptr":
+        signature[name] = "*i64"
+    else:
+        signature[name] = "*fp32" if name.endswith("_ptr") else "i32" if name in ints else "fp32"
+compiled = triton.compile(ASTSource(fn=kd_loss_fwd_bwd_kernel, signature=signature,
+                                    constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+print(compiled.asm["ttgir"])
+"""
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_compiled_kernel_has_a_barrier_between_the_label_load_and_the_first_store(divergence):
+    """The in-place race (issue 24, item 1) cannot show in the interpreter: read the sm_90
+    TTGIR instead. The label's logit is the only scalar load of a bf16 pointer; every warp must
+    pass a CTA barrier after it and before the first gradient store of the same row, or one
+    warp could overwrite s[label] before another has read it. forward_kl and reverse_kl have
+    no reduction between the two that would order them by accident."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", _TTGIR_SCRIPT, divergence], cwd=root,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    label_load = [i for i, line in enumerate(lines)
+                  if re.search(r"= tt\.load .*: !tt\.ptr<bf16>", line)]
+    stores = [i for i, line in enumerate(lines)
+              if re.search(r"tt\.store .*: tensor<\d+x!tt\.ptr<bf16>", line)]
+    barriers = [i for i, line in enumerate(lines)
+                if re.search(r"\b(gpu\.barrier|ttg\.barrier)\b", line)]
+    assert len(label_load) == 1 and stores, result.stdout[-3000:]
+    assert any(label_load[0] < b < stores[0] for b in barriers), \
+        "no barrier between the load of s[label] and the first gradient store"
