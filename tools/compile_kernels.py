@@ -75,23 +75,29 @@ def _kernel_specs():
 
 
 def _sparse_kernel_specs():
-    """The teacher cache's loss kernel (kernels/sparse_kd_triton.py), int32 ids."""
-    from engine.kernels.sparse_kd_triton import launch_config, sparse_kd_fwd_bwd_kernel
+    """The teacher cache's loss kernel (kernels/sparse_kd_triton.py), int32 ids, k = 64."""
+    from engine.kernels.sparse_kd_triton import (
+        launch_config,
+        list_block,
+        sparse_kd_fwd_bwd_kernel,
+    )
 
     def signature(ptr_type: str) -> dict:
         pointers = {"student_ptr": ptr_type, "grad_ptr": ptr_type, "labels_ptr": "*i64",
                     "ids_ptr": "*i32", "mass_ptr": "*fp32", "count_ptr": "*i32"}
-        pointers.update(dict.fromkeys(("tail_ptr", "entropy_ptr", "ce_row_ptr", "kd_row_ptr",
-                                       "inv_norm_ptr"), "*fp32"))
+        pointers.update(dict.fromkeys(("tail_ptr", "entropy_ptr", "saved_ptr", "ce_row_ptr",
+                                       "kd_row_ptr", "inv_norm_ptr"), "*fp32"))
         ints = dict.fromkeys(("student_row_stride", "grad_row_stride", "ids_row_stride",
-                              "mass_row_stride", "n_cols", "valid_vocab", "ignore_index"), "i32")
+                              "mass_row_stride", "saved_row_stride", "n_rows", "n_cols",
+                              "valid_vocab", "ignore_index"), "i32")
         floats = dict.fromkeys(("alpha", "temperature", "kd_scale"), "fp32")
         return {**pointers, **ints, **floats, "WRITE_GRAD": "constexpr",
-                "BLOCK_SIZE": "constexpr"}
+                "BLOCK_SIZE": "constexpr", "LIST_BLOCK": "constexpr"}
 
     block, warps = launch_config(50304)
     return [(f"sparse_kd_fwd_bwd_kernel[{'grad' if write else 'forward'}]",
-             sparse_kd_fwd_bwd_kernel, signature, {"WRITE_GRAD": write, "BLOCK_SIZE": block},
+             sparse_kd_fwd_bwd_kernel, signature,
+             {"WRITE_GRAD": write, "BLOCK_SIZE": block, "LIST_BLOCK": list_block(64)},
              warps) for write in (True, False)]
 
 

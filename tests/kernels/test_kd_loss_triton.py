@@ -117,62 +117,20 @@ def test_persistent_grid_and_in_place_match_the_reference(divergence):
     assert rel_err(logits, ref_grad) <= 1e-4
 
 
-_TTGIR_SCRIPT = """
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from engine.kernels.divergences import DIVERGENCES
-from engine.kernels.kd_loss_triton import kd_loss_fwd_bwd_kernel, launch_config
-
-divergence = sys.argv[1]
-block, warps = launch_config(50304, divergence)
-constexprs = {"DIVERGENCE": DIVERGENCES.index(divergence), "WRITE_GRAD": True,
-              "BLOCK_SIZE": block}
-ints = ("student_row_stride", "teacher_row_stride", "grad_row_stride", "n_rows", "n_cols",
-        "valid_vocab", "ignore_index")
-signature = {}
-for name in kd_loss_fwd_bwd_kernel.arg_names:
-    if name in constexprs:
-        signature[name] = "constexpr"
-    elif name in ("student_ptr", "teacher_ptr", "grad_ptr"):
-        signature[name] = "*bf16"
-    elif name == "labels_ptr":
-        signature[name] = "*i64"
-    else:
-        signature[name] = "*fp32" if name.endswith("_ptr") else "i32" if name in ints else "fp32"
-compiled = triton.compile(ASTSource(fn=kd_loss_fwd_bwd_kernel, signature=signature,
-                                    constexprs=constexprs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-print(compiled.asm["ttgir"])
-"""
-
-
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
 def test_compiled_kernel_has_a_barrier_between_the_label_load_and_the_first_store(divergence):
     """The in-place race (issue 24, item 1) cannot show in the interpreter: read the sm_90
-    TTGIR instead. The label's logit is the only scalar load of a bf16 pointer; every warp must
-    pass a CTA barrier after it and before the first gradient store of the same row, or one
-    warp could overwrite s[label] before another has read it. forward_kl and reverse_kl have
-    no reduction between the two that would order them by accident."""
-    import os
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
+    TTGIR instead. Every warp must pass a CTA barrier after loading s[label] and before the
+    first gradient store of the same row, or one warp could overwrite s[label] before another
+    has read it. forward_kl and reverse_kl have no reduction between the two that would order
+    them by accident."""
+    from engine.kernels.divergences import DIVERGENCES
+    from engine.kernels.kd_loss_triton import launch_config
+    from tests.kernels.ttgir import barrier_between_label_load_and_first_store, compiled_ttgir
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", _TTGIR_SCRIPT, divergence], cwd=root,
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    label_load = [i for i, line in enumerate(lines)
-                  if re.search(r"= tt\.load .*: !tt\.ptr<bf16>", line)]
-    stores = [i for i, line in enumerate(lines)
-              if re.search(r"tt\.store .*: tensor<\d+x!tt\.ptr<bf16>", line)]
-    barriers = [i for i, line in enumerate(lines)
-                if re.search(r"\b(gpu\.barrier|ttg\.barrier)\b", line)]
-    assert len(label_load) == 1 and stores, result.stdout[-3000:]
-    assert any(label_load[0] < b < stores[0] for b in barriers), \
+    block, warps = launch_config(50304, divergence)
+    ttgir = compiled_ttgir("engine.kernels.kd_loss_triton", "kd_loss_fwd_bwd_kernel",
+                           {"DIVERGENCE": DIVERGENCES.index(divergence), "WRITE_GRAD": True,
+                            "BLOCK_SIZE": block}, warps)
+    assert barrier_between_label_load_and_first_store(ttgir), \
         "no barrier between the load of s[label] and the first gradient store"
