@@ -132,7 +132,8 @@ def kd_loss(
 ):
     """Distillation loss summed over valid tokens and divided by `normalizer`.
 
-    student_logits, teacher_logits: [N, V] or [B, T, V] (fp32 / bf16 / fp16, fp32 math).
+    student_logits, teacher_logits: [N, V] or [B, T, V] (fp32 / bf16, fp32 math; float16
+    student logits are refused: their gradient would underflow, see check_student_dtype).
     labels: [N] or [B, T], already shifted; ignore_index tokens count nowhere, zero gradient.
     valid_vocab: columns >= it are excluded from every softmax and get zero gradient.
     normalizer: divisor of the summed token losses (a number or 0-dim tensor, e.g. the valid

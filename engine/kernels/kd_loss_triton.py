@@ -1,15 +1,26 @@
 """The fused divergence + cross-entropy Triton kernel and its launcher.
 
-One program handles one row (token) and streams its vocabulary two or three times:
+A persistent grid: each program takes rows (tokens) pid, pid + programs, ... and streams each
+row's vocabulary two or three times:
 
-  pass 1  online max / sum-exp of the student at T = 1 and at T (sharing one running max, since
-          max(s / T) = max(s) / T for T > 0) and of the teacher at T; for reverse_kl also the
-          online cross term E_q[log q - log p] (around a pivot, below) that its gradient needs;
+  pass 1  per-lane online max / sum-exp of the student at T = 1 and at T (one running max per
+          lane for both, since max(s / T) = max(s) / T for T > 0) and of the teacher at T; for
+          reverse_kl also the online cross term E_q[log q - log p] (around a pivot, below)
+          that its gradient needs. Every lane keeps its own maxima and sums; they are merged
+          once per row, after the loop, so the loop has no cross-warp reduction at all;
   pass 2  (jsd, skew_*, tvd only) the divergence and c = sum_k q_k g_k from exact
           log-probabilities, because their c depends on the final normalisers nonlinearly;
   last    with c known (forward_kl: c = -1), it writes the gradient of the loss with respect to
           the student logits, dD/dz_j = q_j (g_j - c) / T, and for the two plain KLs
           accumulates the divergence itself from exact log-probabilities.
+
+A lane's online step costs one exponential per running sum: with d = x - m (m the lane's
+running max), exp(-|d|) is the new term when d <= 0 and the old sum's rescale when d > 0 (the
+new term is then exp(0) = 1). Exponentials are exp2 with log2(e) / T folded into one constant,
+so log-probabilities are carried in base 2 and the divergences scaled by ln 2 once per row.
+Logits are shifted by their maximum before any scaling: (s - m) is a difference of raw
+logits, exact where it matters, while s * log2(e) / T rounded first would cost ~0.004 absolute
+at |logit| 1e4.
 
 Successive passes alternate direction (forward, backward, forward): each pass starts on the
 columns its predecessor read last, which are the likeliest still in L2. Computing the divergence
@@ -18,10 +29,21 @@ log-sum-exps (|logit| up to 1e4) from a large expectation, which loses fp32 digi
 per element with bf16 logits: two reads of student and teacher plus one gradient write, ~10
 bytes (forward_kl, reverse_kl); one more read of both, ~14 bytes, for the others.
 
+In place (grad aliasing the student logits): every store of a row comes after a
+`tl.debug_barrier()` (a CTA-wide bar.sync), and every load of the row's student logits that a
+store could overwrite -- the label's logit s[label], loaded at the start of the row, and all
+of pass 1 and pass 2 -- comes before it, so no warp can overwrite a column (the label's
+included) that another warp has yet to read. Inside the last pass each thread stores exactly
+the columns it has just loaded (one offsets tensor, one layout), so that pass needs nothing
+more. Without the barrier, one warp could store the label's column before another warp had
+loaded s[label] (forward_kl and reverse_kl have no reduction between that load and the first
+store), giving that row a wrong cross-entropy.
+
 reverse_kl's gradient q_j (log q_j - log p_j - KL(q || p)) subtracts numbers that can be ~4e4
 apart from the teacher's own maximum at |logit| 1e4, where fp32 keeps ~0.004; so its teacher
-term is measured from the teacher's logit at the student's running argmax (the pivot), where
-the values that matter are small differences of raw logits (engine/kernels/divergence_blocks.py).
+term is measured from the teacher's logit at the student's argmax (the pivot; each lane
+tracks its own, merged with the maxima), where the values that matter are small differences
+of raw logits (engine/kernels/divergence_blocks.py).
 
 All math is fp32 whatever the input dtype; masked columns are loaded as 0 and replaced with a
 large finite negative or the row maximum, or excluded with `tl.where`, before any `exp`; zero
@@ -42,6 +64,8 @@ import triton.language as tl
 from engine.kernels.divergences import DIVERGENCES, mixture_weights
 
 NEG_LARGE = tl.constexpr(-1.0e30)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 # The kernel's DIVERGENCE constexpr: the index in DIVERGENCES.
 FORWARD_KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
@@ -52,108 +76,137 @@ TVD = tl.constexpr(5)
 
 
 @triton.jit
-def _row_statistics(student_row, teacher_row, stream_cols, valid_vocab, inv_t,
-                    PIVOT: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Pass 1: (m_s, m_t, sum_s1, sum_st, sum_tt, cross, t_pivot) over columns < stream_cols.
+def _online_sum(total, scale, rises):
+    """A lane's running sum after one column: scale = exp(-|x - m|) at its temperature; when
+    x raises the lane's max (rises) the old sum shrinks by it and x adds exp(0) = 1."""
+    return tl.where(rises, total * scale + 1.0, total + scale)
 
-    The running maxima are scalars (one cross-lane max per chunk), the sums stay per lane and
-    are reduced once after the loop (fewer cross-warp reductions, measured faster on an H200).
-    With PIVOT, cross = sum_k exp(a_k) (a_k - b_k) with a = (s - m_s) / T and
-    b = (t - t_pivot) / T, rescaled like the sums whenever m_s or the pivot moves.
+
+@triton.jit
+def _row_statistics(student_row, teacher_row, stream_cols, c_t, PIVOT: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr):
+    """Pass 1, per lane: (m_s, m_t, sum_s1, sum_st, sum_tt, cross, pivot) over columns <
+    stream_cols; `_merge_statistics` combines the lanes once per row.
+
+    c_t = log2(e) / T. m_s, m_t are raw logits; sum_s1 = sum exp(s - m_s),
+    sum_st = sum exp((s - m_s) / T), sum_tt = sum exp((t - m_t) / T). With PIVOT, pivot is the
+    teacher's logit at the lane's argmax and cross = sum_k exp(a_k) (a_k - b_k) in base-2 units,
+    a = (s - m_s) c_t and b = (t - pivot) c_t, rescaled whenever the lane's max moves.
+    Dead columns enter as d = -1e30: exp2 of it is 0 and they never raise a max.
     """
     offsets = tl.arange(0, BLOCK_SIZE)
-    m_s = tl.full((), NEG_LARGE, tl.float32)
-    m_t = tl.full((), NEG_LARGE, tl.float32)
-    t_pivot = tl.zeros((), tl.float32)
+    m_s = tl.full((BLOCK_SIZE,), NEG_LARGE, tl.float32)
+    m_t = tl.full((BLOCK_SIZE,), NEG_LARGE, tl.float32)
     sum_s1 = tl.zeros((BLOCK_SIZE,), tl.float32)
     sum_st = tl.zeros((BLOCK_SIZE,), tl.float32)
     sum_tt = tl.zeros((BLOCK_SIZE,), tl.float32)
     cross = tl.zeros((BLOCK_SIZE,), tl.float32)
+    pivot = tl.zeros((BLOCK_SIZE,), tl.float32)
     for start in range(0, stream_cols, BLOCK_SIZE):
         cols = start + offsets
-        mask = cols < valid_vocab
-        s = tl.load(student_row + cols, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(teacher_row + cols, mask=mask, other=0.0).to(tl.float32)
-        s = tl.where(mask, s, NEG_LARGE)
-        t = tl.where(mask, t, NEG_LARGE)
-        block_max = tl.max(s, axis=0)
-        new_m_s = tl.maximum(m_s, block_max)
-        new_m_t = tl.maximum(m_t, tl.max(t, axis=0))
-        s_shift = s - new_m_s
-        e_st = tl.where(mask, tl.exp(s_shift * inv_t), 0.0)
+        live = cols < stream_cols
+        s = tl.load(student_row + cols, mask=live, other=0.0).to(tl.float32)
+        t = tl.load(teacher_row + cols, mask=live, other=0.0).to(tl.float32)
+        d_s = tl.where(live, s - m_s, NEG_LARGE)
+        rises = d_s > 0.0
+        e_1 = tl.exp2(-tl.abs(d_s) * LOG2E)
+        e_t = tl.exp2(-tl.abs(d_s) * c_t)
         if PIVOT:
-            # The teacher's logit at the block's argmax, taken when the running max moves.
-            at_max = tl.sum(tl.where(s == block_max, 1.0, 0.0), axis=0)
-            t_at_max = tl.sum(tl.where(s == block_max, t, 0.0), axis=0) / at_max
-            new_pivot = tl.where(block_max > m_s, t_at_max, t_pivot)
-            cross = _rescaled_cross(cross, sum_st, (new_m_s - m_s) * inv_t,
-                                    (new_pivot - t_pivot) * inv_t)
-            ratio = (s_shift - (t - new_pivot)) * inv_t
-            cross += tl.where(mask, e_st * ratio, 0.0)
-            t_pivot = new_pivot
-        sum_s1 = sum_s1 * tl.exp(m_s - new_m_s) + tl.where(mask, tl.exp(s_shift), 0.0)
-        sum_st = sum_st * tl.exp((m_s - new_m_s) * inv_t) + e_st
-        sum_tt = sum_tt * tl.exp((m_t - new_m_t) * inv_t) + tl.where(
-            mask, tl.exp((t - new_m_t) * inv_t), 0.0)
-        m_s = new_m_s
-        m_t = new_m_t
-    return m_s, m_t, tl.sum(sum_s1, axis=0), tl.sum(sum_st, axis=0), tl.sum(sum_tt, axis=0), \
-        tl.sum(cross, axis=0), t_pivot
+            step = d_s * c_t
+            move = (t - pivot) * c_t
+            cross = tl.where(rises, (cross + (move - step) * sum_st) * e_t,
+                             cross + e_t * (step - move))
+            pivot = tl.where(rises, t, pivot)
+        sum_s1 = _online_sum(sum_s1, e_1, rises)
+        sum_st = _online_sum(sum_st, e_t, rises)
+        m_s = tl.where(rises, s, m_s)
+        d_t = tl.where(live, t - m_t, NEG_LARGE)
+        sum_tt = _online_sum(sum_tt, tl.exp2(-tl.abs(d_t) * c_t), d_t > 0.0)
+        m_t = tl.maximum(m_t, tl.where(live, t, NEG_LARGE))
+    return m_s, m_t, sum_s1, sum_st, sum_tt, cross, pivot
 
 
 @triton.jit
-def _rescaled_cross(cross, sum_st, d_s, d_pivot):
-    """cross after the student max moves by d_s and the pivot by d_pivot (both already / T).
+def _merge_statistics(m_s, m_t, sum_s1, sum_st, sum_tt, cross, pivot, c_t,
+                      PIVOT: tl.constexpr):
+    """The row's (m_s, m_t, sum_s1, sum_st, sum_tt, cross, t_pivot) from the lanes' values:
+    the only cross-warp reductions of pass 1. cross is returned in natural units.
 
-    Each old term's a - b becomes a - b - d_s + d_pivot, and its weight exp(a) shrinks by
-    exp(-d_s). Lanes with no mass yet are left at 0 (their d_s may be ~1e30, from NEG_LARGE).
+    Lanes that saw no column hold m = -1e30 and zero sums, so their rescale is exp2(-huge) = 0.
+    With PIVOT, the row's pivot is the teacher logit at the lanes holding the row max (their
+    mean, on a tie: any fixed choice works, as long as the last pass uses the same one), and
+    each lane's cross moves to it like `_rescaled_cross` moves a block's.
     """
-    moved = tl.where(sum_st > 0.0, cross + (d_pivot - d_s) * sum_st, 0.0)
-    return moved * tl.exp(-d_s)
+    top_s = tl.max(m_s, axis=0)
+    top_t = tl.max(m_t, axis=0)
+    shift = (top_s - m_s) * c_t
+    weight = tl.exp2(-shift)
+    total_s1 = tl.sum(sum_s1 * tl.exp2((m_s - top_s) * LOG2E), axis=0)
+    total_st = tl.sum(sum_st * weight, axis=0)
+    total_tt = tl.sum(sum_tt * tl.exp2((m_t - top_t) * c_t), axis=0)
+    t_pivot = tl.zeros((), tl.float32)
+    total_cross = tl.zeros((), tl.float32)
+    if PIVOT:
+        at_top = m_s == top_s
+        t_pivot = tl.sum(tl.where(at_top, pivot, 0.0), axis=0) / tl.sum(
+            at_top.to(tl.float32), axis=0)
+        moved = tl.where(sum_st > 0.0, (cross + ((t_pivot - pivot) * c_t - shift) * sum_st)
+                         * weight, 0.0)
+        total_cross = tl.sum(moved, axis=0) * LN2
+    return top_s, top_t, total_s1, total_st, total_tt, total_cross, t_pivot
 
 
 @triton.jit
-def _log_add_exp(a, b):
+def _log2_add_exp2(a, b):
     top = tl.maximum(a, b)
-    return top + tl.log(1.0 + tl.exp(tl.minimum(a, b) - top))
+    return top + tl.log2(1.0 + tl.exp2(tl.minimum(a, b) - top))
 
 
 @triton.jit
-def _divergence_terms(log_p, log_q, ratio, w_p, w_q, log_w_p, log_w_q,
-                      DIVERGENCE: tl.constexpr):
+def _divergence_terms(lp, lq, ratio, w_p, w_q, lw_p, lw_q, DIVERGENCE: tl.constexpr):
     """Per column: (the divergence's summand, q_k g_k, q_k); see
     engine/kernels/divergence_blocks.py.
 
-    m = w_p p + w_q q as a log-add-exp of the weighted log-probabilities; ratios such as q / m
-    are exp of differences of logs taken first. g may drop constants (c moves with them), as
-    in the PyTorch path, where keeping them would leave fp32 rounding of their size in a small
-    gradient. ratio: reverse_kl's log q - log p up to the row's pivot constant.
+    lp, lq: log2 of p and q; lw_p, lw_q: log2 of the mixture weights. The summand is in base-2
+    log units (the caller scales the row's sum by ln 2, TVD's by 1); q_g is natural. m =
+    w_p p + w_q q as a log-add-exp of the weighted log-probabilities; ratios such as q / m are
+    exp2 of differences of logs taken first. g may drop constants (c moves with them), as in
+    the PyTorch path, where keeping them would leave fp32 rounding of their size in a small
+    gradient. ratio: reverse_kl's log q - log p (natural) up to the row's pivot constant.
     """
-    p = tl.exp(log_p)
-    q = tl.exp(log_q)
+    p = tl.exp2(lp)
+    q = tl.exp2(lq)
     if DIVERGENCE == FORWARD_KL:
-        value = p * (log_p - log_q)
+        value = p * (lp - lq)
         q_g = -p
     elif DIVERGENCE == REVERSE_KL:
-        value = q * (log_q - log_p)
+        value = q * (lq - lp)
         q_g = q * ratio
     elif DIVERGENCE == TVD:
         value = 0.5 * tl.abs(p - q)
         q_g = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))
     else:
-        log_m = _log_add_exp(log_p + log_w_p, log_q + log_w_q)
-        d_q = log_q - log_m
-        log_u = log_w_q + d_q  # log(w_q q / m) <= 0
+        lm = _log2_add_exp2(lp + lw_p, lq + lw_q)
+        d_q = lq - lm
+        log_u = lw_q + d_q  # log2(w_q q / m) <= 0
         if DIVERGENCE == JSD:
-            value = w_p * p * (log_p - log_m) + w_q * q * d_q
-            q_g = w_q * q * log_u  # g = (1 - beta) log(q / m), constant log w_q dropped
+            value = w_p * p * (lp - lm) + w_q * q * d_q
+            q_g = w_q * q * (log_u * LN2)  # g = (1 - beta) ln(q / m), constant ln w_q dropped
         elif DIVERGENCE == SKEW_FORWARD_KL:
-            value = p * (log_p - log_m)
-            q_g = -p * tl.exp(log_u)  # -(1 - skew) p q / m
-        else:  # SKEW_REVERSE_KL: g = log(q / m) - skew q / m (+ 1), constants dropped
+            value = p * (lp - lm)
+            q_g = -p * tl.exp2(log_u)  # -(1 - skew) p q / m
+        else:  # SKEW_REVERSE_KL: g = ln(q / m) - skew q / m (+ 1), constants dropped
             value = q * d_q
-            q_g = q * (log_u - (tl.exp(log_u) - 1.0))
+            q_g = q * (log_u * LN2 - (tl.exp2(log_u) - 1.0))
     return value, q_g, q
+
+
+@triton.jit
+def _value_scale(DIVERGENCE: tl.constexpr):
+    """What turns a row's summed base-2 summands into the divergence (TVD has no logarithm)."""
+    if DIVERGENCE == TVD:
+        return 1.0
+    return LN2
 
 
 @triton.jit
@@ -165,9 +218,8 @@ def _load_row_block(student_row, teacher_row, cols, live, m_s, m_t):
 
 
 @triton.jit
-def _value_pass(student_row, teacher_row, stream_cols, m_s, m_t, log_sum_st, log_sum_tt,
-                inv_t, w_p, w_q, log_w_p, log_w_q, DIVERGENCE: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr):
+def _value_pass(student_row, teacher_row, stream_cols, m_s, m_t, log2_st, log2_tt, c_t,
+                w_p, w_q, lw_p, lw_q, DIVERGENCE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Pass 2, backwards: (divergence, c = sum_k q_k g_k) of the row."""
     offsets = tl.arange(0, BLOCK_SIZE)
     value_acc = tl.zeros((BLOCK_SIZE,), tl.float32)
@@ -177,23 +229,24 @@ def _value_pass(student_row, teacher_row, stream_cols, m_s, m_t, log_sum_st, log
         cols = (n_blocks - 1 - i) * BLOCK_SIZE + offsets
         live = cols < stream_cols
         s, t = _load_row_block(student_row, teacher_row, cols, live, m_s, m_t)
-        log_q = (s - m_s) * inv_t - log_sum_st
-        log_p = (t - m_t) * inv_t - log_sum_tt
-        value, q_g, _ = _divergence_terms(log_p, log_q, log_q, w_p, w_q, log_w_p, log_w_q,
+        lq = (s - m_s) * c_t - log2_st
+        lp = (t - m_t) * c_t - log2_tt
+        value, q_g, _ = _divergence_terms(lp, lq, lq, w_p, w_q, lw_p, lw_q,
                                           DIVERGENCE)  # no ratio: never reverse_kl here
         value_acc += tl.where(live, value, 0.0)
         q_g_acc += tl.where(live, q_g, 0.0)
-    return tl.sum(value_acc, axis=0), tl.sum(q_g_acc, axis=0)
+    return tl.sum(value_acc, axis=0) * _value_scale(DIVERGENCE), tl.sum(q_g_acc, axis=0)
 
 
 @triton.jit
 def _gradient_pass(student_row, teacher_row, grad_row, n_cols, stream_cols, label, m_s, m_t,
-                   t_pivot, log_sum_s1, log_sum_st, log_sum_tt, inv_t, c, kd_coef, ce_coef,
-                   w_p, w_q, log_w_p, log_w_q, DIVERGENCE: tl.constexpr,
+                   t_pivot, log2_s1, log2_st, log2_tt, c_t, inv_t, c, kd_coef, ce_coef,
+                   w_p, w_q, lw_p, lw_q, DIVERGENCE: tl.constexpr,
                    BACKWARDS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Last pass: writes the gradient of every column (zeros where excluded; nothing without
     WRITE_GRAD, the forward-only variant) and returns the row's divergence summed from exact
-    log-probabilities (used by the two-pass divergences)."""
+    log-probabilities (used by the two-pass divergences). Each thread stores only the columns
+    it has just loaded."""
     offsets = tl.arange(0, BLOCK_SIZE)
     value_acc = tl.zeros((BLOCK_SIZE,), tl.float32)
     n_blocks = tl.cdiv(n_cols, BLOCK_SIZE)
@@ -203,18 +256,71 @@ def _gradient_pass(student_row, teacher_row, grad_row, n_cols, stream_cols, labe
         live = cols < stream_cols  # stream_cols is 0 for ignored rows
         s, t = _load_row_block(student_row, teacher_row, cols, live, m_s, m_t)
         s_shift = s - m_s
-        log_q = s_shift * inv_t - log_sum_st
-        log_p = (t - m_t) * inv_t - log_sum_tt
+        lq = s_shift * c_t - log2_st
+        lp = (t - m_t) * c_t - log2_tt
         ratio = (s_shift - (t - t_pivot)) * inv_t
-        value, q_g, q = _divergence_terms(log_p, log_q, ratio, w_p, w_q, log_w_p, log_w_q,
-                                          DIVERGENCE)
+        value, q_g, q = _divergence_terms(lp, lq, ratio, w_p, w_q, lw_p, lw_q, DIVERGENCE)
         value_acc += tl.where(live, value, 0.0)
         if WRITE_GRAD:
             onehot = tl.where(cols == label, 1.0, 0.0)
-            grad = kd_coef * (q_g - q * c) + ce_coef * (tl.exp(s_shift - log_sum_s1) - onehot)
+            softmax = tl.exp2(s_shift * LOG2E - log2_s1)
+            grad = kd_coef * (q_g - q * c) + ce_coef * (softmax - onehot)
             grad = tl.where(live, grad, 0.0)
             tl.store(grad_row + cols, grad.to(grad_row.dtype.element_ty), mask=cols < n_cols)
-    return tl.sum(value_acc, axis=0)
+    return tl.sum(value_acc, axis=0) * _value_scale(DIVERGENCE)
+
+
+@triton.jit
+def _kd_row(row, student_ptr, teacher_ptr, grad_ptr, labels_ptr, ce_row_ptr, kd_row_ptr,
+            row_scale, student_row_stride, teacher_row_stride, grad_row_stride, n_cols,
+            valid_vocab, ignore_index, alpha, temperature, kd_scale, w_p, w_q, lw_p, lw_q,
+            DIVERGENCE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """One row: its CE and divergence into ce_row_ptr / kd_row_ptr, its gradient into grad."""
+    student_row = student_ptr + row * student_row_stride
+    teacher_row = teacher_ptr + row * teacher_row_stride
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    label_ok = (label >= 0) & (label < valid_vocab)
+    # s[label] is read first: the barrier before the last pass orders it before every store.
+    s_label = tl.load(student_row + tl.where(valid & label_ok, label, 0),
+                      mask=valid & label_ok, other=0.0).to(tl.float32)
+    inv_t = 1.0 / temperature
+    c_t = LOG2E * inv_t
+    stream_cols = tl.where(valid, valid_vocab, 0)  # ignored rows stream nothing
+
+    m_s, m_t, sum_s1, sum_st, sum_tt, cross, pivot = _row_statistics(
+        student_row, teacher_row, stream_cols, c_t, DIVERGENCE == REVERSE_KL, BLOCK_SIZE)
+    m_s, m_t, sum_s1, sum_st, sum_tt, cross, t_pivot = _merge_statistics(
+        m_s, m_t, sum_s1, sum_st, sum_tt, cross, pivot, c_t, DIVERGENCE == REVERSE_KL)
+    # Neutral, finite values for ignored rows so the later passes compute nothing undefined.
+    m_s = tl.where(valid, m_s, 0.0)
+    m_t = tl.where(valid, m_t, 0.0)
+    log2_s1 = tl.log2(tl.where(valid, sum_s1, 1.0))
+    log2_st = tl.log2(tl.where(valid, sum_st, 1.0))
+    log2_tt = tl.log2(tl.where(valid, sum_tt, 1.0))
+    ce = m_s + log2_s1 * LN2 - s_label
+    ce = tl.where(valid & (~label_ok), float("nan"), ce)
+
+    row_scale = tl.where(valid, row_scale, 0.0)
+    kd_coef = (1.0 - alpha) * kd_scale * inv_t * row_scale
+    if DIVERGENCE == FORWARD_KL:
+        c = tl.full((), -1.0, tl.float32)
+    elif DIVERGENCE == REVERSE_KL:
+        c = cross / tl.where(valid, sum_st, 1.0)  # E_q[log q - log p] + the pivot's constant
+    else:
+        value, c = _value_pass(student_row, teacher_row, stream_cols, m_s, m_t, log2_st,
+                               log2_tt, c_t, w_p, w_q, lw_p, lw_q, DIVERGENCE, BLOCK_SIZE)
+    if WRITE_GRAD:
+        tl.debug_barrier()  # every warp's loads above before any warp's store below
+    last_value = _gradient_pass(
+        student_row, teacher_row, grad_ptr + row * grad_row_stride, n_cols, stream_cols, label,
+        m_s, m_t, t_pivot, log2_s1, log2_st, log2_tt, c_t, inv_t, c, kd_coef,
+        alpha * row_scale, w_p, w_q, lw_p, lw_q, DIVERGENCE,
+        DIVERGENCE <= REVERSE_KL, WRITE_GRAD, BLOCK_SIZE)
+    if DIVERGENCE <= REVERSE_KL:
+        value = last_value
+    tl.store(ce_row_ptr + row, tl.where(valid, ce, 0.0))
+    tl.store(kd_row_ptr + row, tl.where(valid, kd_scale * value, 0.0))
 
 
 @triton.jit
@@ -229,6 +335,7 @@ def kd_loss_fwd_bwd_kernel(
     student_row_stride,
     teacher_row_stride,
     grad_row_stride,
+    n_rows,
     n_cols,
     valid_vocab,
     ignore_index,
@@ -243,74 +350,52 @@ def kd_loss_fwd_bwd_kernel(
     WRITE_GRAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    student_row = student_ptr + row * student_row_stride
-    teacher_row = teacher_ptr + row * teacher_row_stride
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    valid = label != ignore_index
-    inv_t = 1.0 / temperature
-    stream_cols = tl.where(valid, valid_vocab, 0)  # ignored rows stream nothing
-
-    m_s, m_t, sum_s1, sum_st, sum_tt, cross, t_pivot = _row_statistics(
-        student_row, teacher_row, stream_cols, valid_vocab, inv_t,
-        DIVERGENCE == REVERSE_KL, BLOCK_SIZE)
-    # Neutral, finite values for ignored rows so the later passes compute nothing undefined.
-    m_s = tl.where(valid, m_s, 0.0)
-    m_t = tl.where(valid, m_t, 0.0)
-    log_sum_s1 = tl.log(tl.where(valid, sum_s1, 1.0))
-    log_sum_st = tl.log(tl.where(valid, sum_st, 1.0))
-    log_sum_tt = tl.log(tl.where(valid, sum_tt, 1.0))
-
-    label_ok = (label >= 0) & (label < valid_vocab)
-    safe_label = tl.where(valid & label_ok, label, 0)
-    s_label = tl.load(student_row + safe_label, mask=valid & label_ok, other=0.0).to(tl.float32)
-    ce = m_s + log_sum_s1 - s_label
-    ce = tl.where(valid & (~label_ok), float("nan"), ce)
-    ce = tl.where(valid, ce, 0.0)
-
-    row_scale = tl.where(valid, tl.load(inv_norm_ptr).to(tl.float32), 0.0)
-    kd_coef = (1.0 - alpha) * kd_scale * inv_t * row_scale
-    if DIVERGENCE == FORWARD_KL:
-        c = tl.full((), -1.0, tl.float32)
-    elif DIVERGENCE == REVERSE_KL:
-        c = cross / tl.where(valid, sum_st, 1.0)  # E_q[log q - log p] + the pivot's constant
-    else:
-        value, c = _value_pass(student_row, teacher_row, stream_cols, m_s, m_t, log_sum_st,
-                               log_sum_tt, inv_t, w_p, w_q, log_w_p, log_w_q, DIVERGENCE,
-                               BLOCK_SIZE)
-    last_value = _gradient_pass(
-        student_row, teacher_row, grad_ptr + row * grad_row_stride, n_cols, stream_cols, label,
-        m_s, m_t, t_pivot, log_sum_s1, log_sum_st, log_sum_tt, inv_t, c, kd_coef,
-        alpha * row_scale, w_p, w_q, log_w_p, log_w_q, DIVERGENCE,
-        DIVERGENCE <= REVERSE_KL, WRITE_GRAD, BLOCK_SIZE)
-    if DIVERGENCE <= REVERSE_KL:
-        value = last_value
-    tl.store(ce_row_ptr + row, ce)
-    tl.store(kd_row_ptr + row, tl.where(valid, kd_scale * value, 0.0))
+    """Persistent: program pid handles rows pid, pid + programs, ...; log_w_p, log_w_q are the
+    mixture weights' base-2 logarithms."""
+    row_scale = tl.load(inv_norm_ptr).to(tl.float32)
+    first = tl.program_id(0).to(tl.int64)  # int64 row offsets: N x V may exceed 2^31
+    for row in range(first, n_rows, tl.num_programs(0)):
+        _kd_row(row, student_ptr, teacher_ptr, grad_ptr, labels_ptr, ce_row_ptr,
+                kd_row_ptr, row_scale, student_row_stride, teacher_row_stride, grad_row_stride,
+                n_cols, valid_vocab, ignore_index, alpha, temperature, kd_scale, w_p, w_q,
+                log_w_p, log_w_q, DIVERGENCE, WRITE_GRAD, BLOCK_SIZE)
 
 
 def launch_config(vocab: int, divergence: str = "forward_kl") -> tuple[int, int]:
-    """(BLOCK_SIZE, num_warps) for a row of `vocab` columns.
+    """(BLOCK_SIZE, num_warps) for a row of `vocab` columns: 1024 columns x 8 warps, 4
+    contiguous columns (one 8-byte bf16 load per tensor) per thread, for every divergence.
 
-    Chosen by measurement (kernel_sweep in benchmarks/kd_loss.py, 4096 x 50304 bf16, H200,
-    results in benchmarks/results/kd_loss_sweep_h200.json): blocks of 512-1024 columns with 4-8
-    warps are within 5% of each other (0.96-1.05 ms); 2048 and 4096 columns are slower (up to
-    3x with few warps), and num_stages changes nothing. Small blocks keep many rows resident
-    per SM, which hides the latency of the per-chunk max reductions. The three-pass
-    divergences (jsd, skew_*, tvd) hold more values per column and spilled a few bytes with
-    1024 x 4 warps (Triton 3.9, sm_80 / sm_90) and with 1024 x 8 (Triton 3.6, sm_80), so they
-    use 512 columns x 8 warps: inside the measured band, 2 columns per thread, and fewer rows
-    resident per SM than with 4 warps, which keeps more of each row in L2 for its next pass
-    (not yet timed on a GPU). tools/compile_kernels.py checks that no configuration spills.
+    The shape that measured best for forward_kl in the H200 sweep of the previous design
+    (benchmarks/results/kd_loss_sweep_h200.json: 0.96 ms; 512-1024 columns with 4-8 warps
+    within 5%, 2048-4096 columns slower). Each lane now keeps 5-7 running values per column it
+    owns, so 4 columns per thread also keeps the three-pass divergences (jsd, skew_*, tvd)
+    within registers: with 8 columns per thread (1024 x 4 warps) skew_reverse_kl and tvd
+    spilled (Triton 3.9, sm_80 / sm_90). One shape for all divergences, as the issue asks;
+    tools/compile_kernels.py checks that none spills. Not yet timed on a GPU with per-lane
+    statistics: `benchmarks/kd_loss.py --sweep` measures the alternatives.
     """
-    if divergence not in ("forward_kl", "reverse_kl"):
-        return min(512, triton.next_power_of_2(max(vocab, 16))), 8
-    return min(1024, triton.next_power_of_2(max(vocab, 16))), 4
+    del divergence  # one shape for all, kept as a parameter for the sweep and the AOT table
+    return min(1024, triton.next_power_of_2(max(vocab, 16))), 8
 
 
-def _log_weight(weight: float) -> float:
-    """log of a mixture weight; -1e30 for 0, so its term vanishes with no inf in the kernel."""
-    return math.log(weight) if weight > 0.0 else -1.0e30
+# Warps a persistent grid keeps resident per SM: half of an H100's 64, ~32 KB of 16-byte
+# loads in flight per SM (more than its share of HBM bandwidth x latency), while fewer rows in
+# flight leave more of each row in L2 for its next pass.
+WARPS_PER_SM = 32
+
+
+def grid_size(n_rows: int, device: torch.device, num_warps: int) -> int:
+    """Programs of the persistent grid: enough to fill every SM with WARPS_PER_SM warps, never
+    more than the rows (a non-CUDA device, i.e. the interpreter: one program per row)."""
+    if device.type != "cuda":
+        return n_rows
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_rows, sms * max(1, WARPS_PER_SM // num_warps)))
+
+
+def _log2_weight(weight: float) -> float:
+    """log2 of a mixture weight; -1e30 for 0, so its term vanishes with no inf in the kernel."""
+    return math.log2(weight) if weight > 0.0 else -1.0e30
 
 
 def kd_loss_forward_triton(
@@ -331,12 +416,14 @@ def kd_loss_forward_triton(
     block_size: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    programs: int | None = None,
 ):
     """Launch the kernel over every row; return (ce_sum, kd_sum) as 0-dim fp32 tensors.
 
     s, t: [N, V] with unit column stride; grad_out: [N, V] (may alias s; t may alias s for a
     CE-only caller), or None for the forward-only variant, which writes nothing. `divergence`
-    must be a kernel divergence (engine.kernels.divergences.kernel_divergence). No host sync.
+    must be a kernel divergence (engine.kernels.divergences.kernel_divergence). programs: the
+    persistent grid's size (default `grid_size`). No host sync.
     """
     n_rows, vocab = s.shape
     write_grad = grad_out is not None
@@ -349,9 +436,11 @@ def kd_loss_forward_triton(
     kd_rows = torch.empty(n_rows, dtype=torch.float32, device=s.device)
     inv_norm = inv_norm.reshape(1).to(device=s.device, dtype=torch.float32).contiguous()
     default_block, default_warps = launch_config(vocab, divergence)
+    num_warps = num_warps or default_warps
     w_p, w_q = mixture_weights(divergence, beta, skew)
     if n_rows > 0:
-        kd_loss_fwd_bwd_kernel[(n_rows,)](
+        grid = (min(n_rows, programs or grid_size(n_rows, s.device, num_warps)),)
+        kd_loss_fwd_bwd_kernel[grid](
             s,
             t,
             grad_out,
@@ -362,6 +451,7 @@ def kd_loss_forward_triton(
             s.stride(0),
             t.stride(0),
             grad_out.stride(0),
+            n_rows,
             vocab,
             valid_vocab,
             int(ignore_index),
@@ -370,12 +460,12 @@ def kd_loss_forward_triton(
             float(temperature) ** 2 if t2_scale else 1.0,
             w_p,
             w_q,
-            _log_weight(w_p),
-            _log_weight(w_q),
+            _log2_weight(w_p),
+            _log2_weight(w_q),
             DIVERGENCE=DIVERGENCES.index(divergence),
             WRITE_GRAD=write_grad,
             BLOCK_SIZE=block_size or default_block,
-            num_warps=num_warps or default_warps,
+            num_warps=num_warps,
             **({"num_stages": num_stages} if num_stages else {}),
         )
     return ce_rows.sum(), kd_rows.sum()

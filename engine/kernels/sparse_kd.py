@@ -22,6 +22,7 @@ import torch
 from engine.kernels.constants import IGNORE_INDEX
 from engine.kernels.dispatch import LossOptions, loss_stats, prepare_loss
 from engine.kernels.kd_loss import LogitsLossFunction
+from engine.kernels.kd_loss_torch import check_student_dtype
 from engine.kernels.sparse_kd_torch import sparse_kd_forward_chunked, sparse_kd_reference
 from engine.kernels.sparse_targets import SparseTargets, check_target_values, check_targets
 
@@ -68,6 +69,7 @@ def _flat_student(student_logits, labels, valid_vocab) -> tuple[int, torch.Tenso
     if student_logits.dim() not in (2, 3) or not student_logits.dtype.is_floating_point:
         raise ValueError(f"student_logits must be floating point [N, V] or [B, T, V], got "
                          f"{student_logits.dtype} {tuple(student_logits.shape)}")
+    check_student_dtype(student_logits)
     if labels.shape != student_logits.shape[:-1]:
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal the logits' leading "
                          f"dims {tuple(student_logits.shape[:-1])}")

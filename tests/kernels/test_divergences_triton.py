@@ -89,3 +89,14 @@ def test_rising_maximum_moves_the_reverse_kl_pivot():
                                        block_size=128, **kwargs)
     assert rel_err(kd_sum, ref_stats["kd_sum"]) <= 1e-5
     assert rel_err(grad, ref_grad) <= 1e-4
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_triton_every_temperature_odd_rows_padded_vocab(divergence):
+    """Each divergence at T = 0.5, 1, 2 and 4 on odd N with valid_vocab < V: the per-lane
+    statistics and the base-2 constants c = log2(e) / T at every temperature of the issue."""
+    extra = {"beta": 0.4} if divergence == "jsd" else {"skew": 0.3}
+    student, teacher, labels = make_inputs(5, 67, valid_vocab=61, seed=23)
+    check_against_reference(student, teacher, labels, backend="triton", divergence=divergence,
+                            extra=extra, valid_vocab=61, temperatures=TEMPERATURES,
+                            alphas=(0.5,))

@@ -144,6 +144,26 @@ def test_bad_inputs_name_the_problem(backend):
         kd_loss(student, teacher, labels, alpha=1.5, backend=backend)
 
 
+def test_float16_student_logits_are_refused_by_name(backend):
+    """Their gradient is stored in float16 with 1/N folded in: at N = 4096 a typical entry
+    (~2e-9) is below float16's smallest subnormal and becomes 0. A float16 teacher is only
+    read, so it stays accepted."""
+    from engine.kernels.sparse_kd import sparse_kd_loss
+    from tests.kernels.sparse_cases import as_float32, top_k_case
+
+    student, teacher, labels = make_inputs(4, 20, seed=9)
+    message = r"student_logits are float16.*underflows.*bfloat16 or float32"
+    with pytest.raises(ValueError, match=message):
+        kd_loss(student.half(), teacher, labels, backend=backend)
+    with pytest.raises(ValueError, match=message):
+        kd_loss(student.half(), teacher.half(), labels, backend=backend)
+    targets = as_float32(top_k_case(teacher, 4, 2.0, 20))
+    with pytest.raises(ValueError, match=message):
+        sparse_kd_loss(student.half(), targets, labels, backend=backend)
+    loss, _ = kd_loss(student, teacher.half(), labels, backend=backend)
+    assert torch.isfinite(loss)
+
+
 def test_unknown_backend_and_auto_on_cpu():
     student, teacher, labels = make_inputs(3, 40, seed=10)
     with pytest.raises(ValueError, match="backend"):

@@ -187,3 +187,72 @@ def test_fused_head_against_float64_reference(backend):
     logits_loss, _ = sparse_kd_reference(h @ w.t(), as_float32(targets), labels,
                                          valid_vocab=valid_vocab)
     assert close(loss, logits_loss, 1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_triton_persistent_in_place_with_easy_and_hard_tails(temperature):
+    """Four programs over nine rows, the gradient written over the logits. Rows 0, 3 and 6
+    put their listed columns 30 above the rest (listed share ~1: the exact-tail pass), the
+    others are random (log(1 - listed share)); top-k targets with a tail, ragged counts."""
+    pytest.importorskip("triton")
+    from engine.kernels.kd_loss_torch import inverse_normalizer
+    from engine.kernels.sparse_kd_triton import sparse_kd_forward_triton
+
+    student, teacher, labels = make_inputs(9, 331, valid_vocab=300, seed=31)
+    targets = top_k_case(teacher, 7, temperature, 300)
+    hard = torch.tensor([0, 3, 6])
+    lifted = torch.zeros_like(student).scatter_(1, targets.ids.long(), 30.0)
+    lifted[:, 300:] = 0.0
+    student[hard] += lifted[hard] * (torch.arange(7) < targets.count[hard, None]).any(1)[:, None]
+    kwargs = dict(alpha=0.5, temperature=temperature, valid_vocab=300)
+    _, ref_grad, ref_stats = reference_loss_and_grad(student, targets, labels, **kwargs)
+    flat = as_float32(targets)
+    logits = student.clone()
+    inv_norm = inverse_normalizer(None, (labels != -100).sum())
+    ce_sum, kd_sum = sparse_kd_forward_triton(logits, flat, labels, logits, ignore_index=-100,
+                                              inv_norm=inv_norm, programs=4, **kwargs)
+    assert close(ce_sum, ref_stats["ce_sum"], 1e-5)
+    assert close(kd_sum, ref_stats["kd_sum"], 1e-5)
+    assert close(logits, ref_grad, 1e-4)
+
+
+def test_triton_duplicate_or_descending_ids_make_the_row_nan():
+    """On a GPU the targets are not checked (a host sync); a repeated id must not be counted
+    twice silently: that row's KD becomes NaN, the other rows stay finite."""
+    pytest.importorskip("triton")
+    from engine.kernels.kd_loss_torch import inverse_normalizer
+    from engine.kernels.sparse_kd_triton import sparse_kd_forward_triton
+
+    student, teacher, labels = make_inputs(4, 50, seed=32)
+    labels[:] = torch.tensor([1, 2, 3, 4])
+    targets = as_float32(top_k_case(teacher, 5, 2.0, 50, ragged=False))
+    ids = targets.ids.clone()
+    ids[1, 2] = ids[1, 1]
+    kd_rows = []
+    for row in range(4):
+        one = targets.select(torch.tensor([row]))
+        if row == 1:
+            one = replace(one, ids=ids[1:2])
+        _, kd = sparse_kd_forward_triton(student[row:row + 1], one, labels[row:row + 1], None,
+                                         alpha=0.5, temperature=2.0, ignore_index=-100,
+                                         valid_vocab=50, inv_norm=inverse_normalizer(None,
+                                                                                     labels[:1]))
+        kd_rows.append(kd)
+    assert torch.isnan(kd_rows[1])
+    assert all(torch.isfinite(kd_rows[row]) for row in (0, 2, 3))
+
+
+def test_compiled_sparse_kernel_has_no_histogram_or_atomics_and_orders_its_stores():
+    """The sm_90 TTGIR: no tl.histogram (ballots, popcounts, shared atomics and barriers per
+    element) and no atomics anywhere; a barrier between the label load and the first store."""
+    pytest.importorskip("triton")
+    from engine.kernels.sparse_kd_triton import launch_config, list_block
+    from tests.kernels.ttgir import barrier_between_label_load_and_first_store, compiled_ttgir
+
+    block, warps = launch_config(50304)
+    ttgir = compiled_ttgir("engine.kernels.sparse_kd_triton", "sparse_kd_fwd_bwd_kernel",
+                           {"WRITE_GRAD": True, "BLOCK_SIZE": block,
+                            "LIST_BLOCK": list_block(64)}, warps)
+    assert "tt.histogram" not in ttgir
+    assert "atomic" not in ttgir
+    assert barrier_between_label_load_and_first_store(ttgir)
