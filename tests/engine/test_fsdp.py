@@ -145,6 +145,18 @@ def test_two_fsdp_ranks_match_one_process(two_ranks, single):
 
 
 @pytest.mark.distributed
+def test_two_ranks_without_reshard_after_forward_match_one_process(assets, single, tmp_path):
+    """dist.reshard_after_forward=false on two ranks: the same run as one process, saved
+    after a validation (a forward without a backward) and exported (issue 22, B.7)."""
+    out = tmp_path / "keep"
+    torchrun(two_rank_overrides(assets, out, run__val_every=1, dist__strategy="fsdp",
+                                dist__reshard_after_forward="false"))
+    summary = run_summary(out)
+    assert_runs_close(summary["records"], summary["weights"], single)
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2, 3]
+
+
+@pytest.mark.distributed
 def test_a_sharded_checkpoint_consolidates_into_the_exported_folder(two_ranks, tmp_path, capsys):
     """engine.commands.consolidate_checkpoint turns the last checkpoint's shards into the model
     folder
@@ -302,6 +314,21 @@ def test_one_rank_fsdp_is_the_plain_run_exactly(assets, tmp_path, straight_run):
         straight_final / "model.safetensors").read_bytes()
     done = json.loads((ckpt.latest_checkpoint(out) / ckpt.DONE_MARKER).read_text())
     assert done["layout"] == "sharded" and done["world_size"] == 1
+
+
+def test_one_rank_fsdp_without_reshard_after_forward_is_the_plain_run(assets, tmp_path,
+                                                                       straight_run):
+    """dist.reshard_after_forward=false keeps each block's weights gathered after its
+    forward: the optimizer, the clip, the checks and the checkpoint must still see the
+    sharded parameters (issue 22, B.7: it trained on other numbers and could not save)."""
+    out = tmp_path / "keep"
+    first = run(make_config(assets, out, run__steps=2, dist__strategy="fsdp",
+                            dist__reshard_after_forward="false"))
+    assert first["step"] == 2
+    # A validation before every save: a forward without a backward just before the save.
+    result = run(make_config(assets, out, run__save_every=2, run__val_every=1,
+                             dist__strategy="fsdp", dist__reshard_after_forward="false"))
+    assert_same_run(result, straight_run)  # resumed from its own step-2 checkpoint
 
 
 def test_one_rank_fsdp_full_logits_is_the_plain_run_exactly(assets, tmp_path):
