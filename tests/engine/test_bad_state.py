@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.metrics import DamagedLines, read_numbered
 from engine.train import checkpoint as ckpt
+from engine.train import run
 from engine.train.__main__ import main as train_main
 from tests.engine.test_train import assert_same_run, base_overrides, make_config, poison_steps
 
@@ -295,3 +297,29 @@ def test_write_errors_read_as_one_clear_phrase():
     assert describe_write_error(quota) == "no space left on device (disk quota exceeded)"
     denied = PermissionError(errno.EACCES, "Permission denied", "/x/y")
     assert describe_write_error(denied) == "permission denied (/x/y)"
+
+
+# --------------------------------------------------------------------------------------
+# Issue 22, C.22: a damaged metrics.jsonl
+# --------------------------------------------------------------------------------------
+
+
+def test_a_non_utf8_byte_in_metrics_jsonl_is_named_and_skipped_on_resume(assets, tmp_path):
+    """One bad byte blocked the resume with a codec error naming no file. The damaged line
+    is named (file, line number), skipped and left in the file as it is; the resume goes on."""
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        run(make_config(assets, out, run__steps=2, run__save_every=2))
+        metrics = out / "metrics.jsonl"
+        lines = metrics.read_bytes().split(b"\n")
+        lines[0] = lines[0][:12] + b"\xff" + lines[0][13:]  # step 1's train record
+        metrics.write_bytes(b"\n".join(lines))
+        with pytest.warns(DamagedLines, match=re.escape(f"{metrics}: line 1 is not a JSON "
+                                                        "record")):
+            result = run(make_config(assets, out, run__save_every=2))
+    assert result["status"] == "completed" and result["step"] == 4
+    assert metrics.read_bytes().split(b"\n")[0] == lines[0]  # kept as it was
+    numbered, damaged = read_numbered(metrics)
+    assert damaged == [1]
+    assert [r["step"] for _, r in numbered if r["kind"] == "train"] == [2, 3, 4]
