@@ -14,7 +14,6 @@ MetricsWriter, an evaluation in `validate()`, a new artefact in `_finish()`.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 import warnings
 from pathlib import Path
@@ -37,7 +36,7 @@ from engine.train.gathered_export import export_sharded_student
 from engine.train.lock import hold_run_lock
 from engine.train.loggers import build_sinks
 from engine.train.lost_updates import build_meter
-from engine.train.model_card import model_card_for
+from engine.train.model_card import model_card_for, non_finite_metrics
 from engine.train.preflight import check_paths, export_dir_of
 from engine.train.setup import (
     build_optimizer,
@@ -421,11 +420,13 @@ class Trainer:
         return dist.all_reduce_sum(flag).item() > 0
 
     def _check_final_state(self) -> None:
-        """A run ends in success only from a finite state: last step, weights, validation."""
-        val_ce = (self.last_val or {}).get("val_ce", 0.0)
-        if self.bad_steps or not math.isfinite(val_ce):
+        """A run ends in success only from a finite state: last step, weights, and every
+        metric of the final validation the model card would publish (not only val_ce)."""
+        bad_metrics = non_finite_metrics(self.last_val)
+        if self.bad_steps or bad_metrics:
+            shown = ", ".join(f"{key} {value}" for key, value in bad_metrics.items())
             what = (f"its last {self.bad_steps} step(s) were non-finite" if self.bad_steps
-                    else f"the final validation gave val_ce {val_ce}")
+                    else f"the final validation gave {shown}")
             raise TrainingDiverged(
                 f"the run ended in a non-finite state ({what}); nothing exported. "
                 f"{self._last_good_message()}"

@@ -102,6 +102,28 @@ def test_the_last_good_checkpoint_survives_a_resume(assets, tmp_path, monkeypatc
     assert steps_of(out) == [1, 2]
 
 
+@pytest.mark.parametrize("metric", ["val_kd", "val_teacher_ce", "val_ppl"])
+def test_a_non_finite_held_out_metric_fails_the_run_and_publishes_nothing(
+        assets, tmp_path, monkeypatch, capsys, metric):
+    """Issue 22, B.12: a NaN held-out KD (finite val_ce) was published in the model card as
+    `nan` with exit 0. Every metric the card reports is checked before the export."""
+    from engine.train import loop
+
+    real = loop.heldout_metrics
+
+    def broken(*args, **kwargs):
+        metrics = real(*args, **kwargs)
+        metrics[metric.removeprefix("val_")] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(loop, "heldout_metrics", broken)
+    out = tmp_path / "run"
+    assert quiet_main(base_overrides(assets, out, run__steps=2)) == 1
+    err = one_error_line(capsys)
+    assert f"the final validation gave {metric} nan" in err and "nothing exported" in err
+    assert not (out / "final").exists()
+
+
 def test_weights_that_are_not_finite_are_never_saved(tmp_path):
     from tests.engine.test_checkpoint import tiny_student
 
