@@ -78,7 +78,7 @@ def run(config: Config) -> dict[str, Any]:
     configure_cuda_allocator(config)
     info = dist.init_distributed(config.device, group_of_one=config.dist.strategy == "fsdp")
     try:
-        with hold_run_lock(config.run.out_dir, info):
+        with dist.collective_errors(), hold_run_lock(config.run.out_dir, info):
             trainer = Trainer(config, info)
             with StopRequest() as stop:
                 return trainer.train(stop)
