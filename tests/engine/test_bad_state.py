@@ -345,3 +345,12 @@ def test_a_non_utf8_byte_in_metrics_jsonl_is_named_and_skipped_on_resume(assets,
     numbered, damaged = read_numbered(metrics)
     assert damaged == [1]
     assert [r["step"] for _, r in numbered if r["kind"] == "train"] == [2, 3, 4]
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    """The same class: a codec error naming no file, from --config."""
+    config = tmp_path / "run.toml"
+    config.write_bytes(b'[run]\nsteps = 4\n# caf\xe9\n')
+    assert train_main(["--config", str(config)]) == 2
+    assert one_error_line(capsys) == (f"error: {config}: not valid TOML: not UTF-8 text "
+                                      "(invalid continuation byte at byte 21)")
