@@ -249,7 +249,7 @@ def test_a_resume_with_another_eval_limit_is_refused(assets, tmp_path, capsys):
     for record in lines:
         record.pop("limit", None)
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    with pytest.raises(ConfigError, match="eval.limit=3: .* eval.limit=0 \\(5 documents\\)"):
+    with pytest.raises(ConfigError, match=r"eval.limit=3: .* eval.limit=0 \(5 documents\)"):
         run(watch_config(assets, out, run__steps=2, eval__limit=3, **settings))
     assert run(watch_config(assets, out, run__steps=2, eval__limit=5, **settings))["step"] == 2
 
