@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.data.atomic import open_atomic
-from engine.metrics import read_records
+from engine.metrics import describe_lines, read_numbered, warn_damaged
 
 CURVES_TITLE = "neox-distill training curves"  # PNG metadata: marks a file as ours to replace
 # (panel title, record kind, key); a run lacking a key (no teacher: no kd) has no line there.
@@ -34,6 +35,14 @@ class CurvesError(ValueError):
     """A run folder or output that cannot be plotted; the message names it."""
 
 
+class SkippedValues(UserWarning):
+    """Values of readable records that cannot be drawn (not numbers); names file and lines."""
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class RunCurves:
     label: str
@@ -46,7 +55,7 @@ class RunCurves:
         xs, ys = [], []
         for record in self.records:
             value = record.get(key)
-            if record.get("kind") != kind or not isinstance(value, (int, float)):
+            if record.get("kind") != kind or not _number(value):
                 continue
             step = float(record.get("step", 0))
             xs.append(step * self.tokens_per_step if by_tokens else step)
@@ -63,8 +72,31 @@ def _labels(folders: list[Path]) -> list[str]:
     return [str(f.relative_to(common)) if f != common else f.name for f in resolved]
 
 
+def _warn_unplottable(metrics: Path, numbered: list[tuple[int, dict]]) -> None:
+    """A SkippedValues warning per panel key whose value is not a number in some records
+    (null, text). A key that is null in every record of its kind is a curve the run did not
+    log (kd without a teacher): no warning."""
+    for _, kind, key in PANELS:
+        present = [(n, r[key]) for n, r in numbered if r.get("kind") == kind and key in r]
+        if all(value is None for _, value in present):
+            continue
+        bad = [n for n, value in present if not _number(value)]
+        if bad:
+            warnings.warn(f"{metrics}: {describe_lines(bad)}: {kind} {key} is not a number; "
+                          "not drawn", SkippedValues, stacklevel=3)
+
+
+def _tokens_per_step(records: list[dict]) -> float | None:
+    """Tokens per optimizer step from the last train record that has them (step > 0)."""
+    seen = [r for r in records if r.get("kind") == "train" and _number(r.get("tokens_seen"))
+            and r["tokens_seen"] > 0 and r.get("step", 0) > 0]
+    return seen[-1]["tokens_seen"] / seen[-1]["step"] if seen else None
+
+
 def load_runs(folders: Sequence[str | os.PathLike]) -> list[RunCurves]:
-    """The records of each run folder; a folder without metrics.jsonl is an error."""
+    """The records of each run folder; a folder without metrics.jsonl, or none readable, is
+    an error. Damaged lines and values that are not numbers are skipped with a warning
+    naming the file and the line numbers (engine.metrics.DamagedLines, SkippedValues)."""
     paths = [Path(f) for f in folders]
     if not paths:
         raise CurvesError("no run folder given")
@@ -74,12 +106,14 @@ def load_runs(folders: Sequence[str | os.PathLike]) -> list[RunCurves]:
         if not metrics.is_file():
             where = "does not exist" if not folder.exists() else "has no metrics.jsonl"
             raise CurvesError(f"{folder}: {where} (not a run folder written by engine.train)")
-        records = read_records(metrics)
-        if not records:
-            raise CurvesError(f"{metrics}: holds no records yet")
-        seen = [r for r in records if r.get("kind") == "train" and r.get("tokens_seen")]
-        per_step = seen[-1]["tokens_seen"] / seen[-1]["step"] if seen else None
-        runs.append(RunCurves(label, folder, records, per_step))
+        numbered, damaged = read_numbered(metrics)
+        warn_damaged(metrics, damaged)
+        if not numbered:
+            raise CurvesError(f"{metrics}: holds no readable records"
+                              + (f" ({describe_lines(damaged)} damaged)" if damaged else ""))
+        _warn_unplottable(metrics, numbered)
+        records = [record for _, record in numbered]
+        runs.append(RunCurves(label, folder, records, _tokens_per_step(records)))
     return runs
 
 
@@ -150,7 +184,7 @@ def _legend_panel(ax, runs: list[RunCurves]) -> None:
     """The last panel: one line per run, its colour, folder and final held-out perplexity."""
     ax.axis("off")
     for index, run in enumerate(runs):
-        vals = [r for r in run.records if r.get("kind") == "val" and "val_ppl" in r]
+        vals = [r for r in run.records if r.get("kind") == "val" and _number(r.get("val_ppl"))]
         final = f"held-out ppl {vals[-1]['val_ppl']:.2f}" if vals else "no validation"
         steps = max(int(r.get("step", 0)) for r in run.records)
         y = 0.92 - min(0.12, 0.85 / len(runs)) * index

@@ -8,8 +8,11 @@ dead peer; NCCL's async error handling turns that timeout into an exception.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -130,11 +133,49 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    """A backend's message as one short line: its first line, without gloo's source path
+    ("[/.../gloo/transport/tcp/pair.cc:553] Connection closed by peer ...")."""
+    first = next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+    first = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", first)
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
 def _collective_failed(what: str, exc: BaseException) -> DistributedError:
     return DistributedError(
         f"rank {get_rank()}/{get_world_size()}: {what} failed; another rank probably died or "
-        f"timed out ({type(exc).__name__}: {exc})"
+        f"timed out ({type(exc).__name__}: {_one_line(str(exc))})"
     )
+
+
+# What gloo and NCCL say when a peer is gone or silent (they raise plain RuntimeErrors).
+_BACKEND_MARKS = ("gloo/", "Gloo", "NCCL", "Connection closed by peer",
+                  "Connection reset by peer", "Timed out waiting", "Socket Timeout",
+                  "Broken pipe")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a process group's failure (torch.distributed.DistError, or a
+    RuntimeError a gloo / NCCL collective raised) rather than an error of the computation."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in _BACKEND_MARKS)
+
+
+@contextlib.contextmanager
+def collective_errors() -> Iterator[None]:
+    """Turn the failure of a collective that torch runs itself (FSDP's all-gathers and
+    reduce-scatters, DDP's gradient all-reduce, a distributed checkpoint's exchanges) into
+    the one-line DistributedError the helpers below raise, instead of a raw gloo / NCCL
+    RuntimeError: a killed or stalled peer reads the same wherever it is noticed."""
+    try:
+        yield
+    except DistributedError:
+        raise
+    except Exception as exc:
+        if is_distributed() and is_collective_failure(exc):
+            raise _collective_failed("a collective of FSDP, DDP or a checkpoint", exc) from exc
+        raise
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -187,6 +228,8 @@ def barrier() -> None:
 
 
 def teardown() -> None:
-    """Leave the process group (safe to call when none was joined)."""
+    """Leave the process group (safe to call when none was joined). After a peer died the
+    group may be broken: leaving it then must not hide the error being raised."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        with contextlib.suppress(Exception):  # a broken group: the process is ending anyway
+            dist.destroy_process_group()

@@ -15,13 +15,14 @@ import math
 import os
 import resource
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from engine.data.atomic import write_text_atomic
+from engine.data.atomic import open_atomic
 from engine.data.progress import Progress
 
 # Dense bf16 tensor-core peak, FLOP/s (datasheet). Matched as a substring of the CUDA device
@@ -95,17 +96,80 @@ def format_step_line(record: dict, total_steps: int) -> str:
     return " | ".join(parts)
 
 
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """The records of a metrics.jsonl; a torn last line from a killed process is skipped."""
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+class DamagedLines(UserWarning):
+    """Lines of a metrics.jsonl that are not JSON records; the message names file and lines."""
+
+
+_REPORTED: set[tuple[str, tuple[int, ...]]] = set()  # one warning per file and damage
+
+
+def _parse_line(raw: bytes) -> dict | None:
+    """The record of one line, or None when it is not one: not UTF-8, not JSON, not an
+    object, or a "step" that is not a whole number."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int):
+        return None
+    return record
+
+
+def _split_lines(path: str | os.PathLike) -> list[bytes]:
+    """The whole lines of a file, without a torn last line (no newline and not a record: a
+    process killed mid-write; it is work the next run redoes)."""
+    lines = Path(path).read_bytes().split(b"\n")
+    if lines[-1] == b"" or _parse_line(lines[-1]) is None:
+        lines.pop()
+    return lines
+
+
+def read_numbered(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[int]]:
+    """([(line number, record)], [line numbers of damaged lines]) of a metrics.jsonl,
+    numbered from 1. Lines are decoded one by one, so one bad byte costs one line."""
+    records, damaged = [], []
+    for number, line in enumerate(_split_lines(path), start=1):
+        if not line.strip():
             continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+        record = _parse_line(line)
+        if record is None:
+            damaged.append(number)
+        else:
+            records.append((number, record))
+    return records, damaged
+
+
+def describe_lines(numbers: Sequence[int], limit: int = 8) -> str:
+    """"line 3", "lines 3 and 9", "lines 3, 4, ... and 3 more"."""
+    shown = [str(n) for n in numbers[:limit]]
+    if len(numbers) == 1:
+        return f"line {shown[0]}"
+    if len(numbers) > limit:
+        return f"lines {', '.join(shown)} and {len(numbers) - limit} more"
+    return f"lines {', '.join(shown[:-1])} and {shown[-1]}"
+
+
+def warn_damaged(path: str | os.PathLike, damaged: Sequence[int]) -> None:
+    """Warn (DamagedLines) that `damaged` lines of `path` are skipped; once per file and
+    damage, however many readers a run has."""
+    if not damaged or (str(path), tuple(damaged)) in _REPORTED:
+        return
+    _REPORTED.add((str(path), tuple(damaged)))
+    verb = "is" if len(damaged) == 1 else "are"
+    warnings.warn(f"{path}: {describe_lines(damaged)} {verb} not a JSON record (damaged): "
+                  "skipped, and left in the file as they are", DamagedLines, stacklevel=3)
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl. A damaged line (a non-UTF-8 byte, broken JSON) is
+    skipped with a DamagedLines warning naming the file and the line numbers: a resume and a
+    plot use what is readable. A torn last line from a killed process is skipped silently."""
+    numbered, damaged = read_numbered(path)
+    warn_damaged(path, damaged)
+    return [record for _, record in numbered]
 
 
 def _numbers(prefix: str, value) -> Iterator[tuple[str, float]]:
@@ -194,12 +258,18 @@ class MetricsWriter:
 
     def truncate_after(self, step: int) -> list[dict]:
         """Drop records logged after `step` (work a resumed run is about to redo); returns
-        the records kept."""
+        the records kept. Damaged lines stay where they are, unchanged (read_records names
+        them): what they held, and so whether it is to be redone, is not known."""
         if not self.enabled or not self.path.exists():
             return []
-        kept = [r for r in read_records(self.path) if int(r.get("step", 0)) <= step]
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        return kept
+        numbered, damaged = read_numbered(self.path)
+        warn_damaged(self.path, damaged)
+        lines = _split_lines(self.path)
+        kept = [(n, r) for n, r in numbered if int(r.get("step", 0)) <= step]
+        keep = sorted({n for n, _ in kept} | set(damaged))
+        with open_atomic(self.path, "wb") as handle:
+            handle.write(b"".join(lines[n - 1] + b"\n" for n in keep))
+        return [r for _, r in kept]
 
     def write(self, record: dict) -> None:
         if not self.enabled:

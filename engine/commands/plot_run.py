@@ -4,13 +4,17 @@ curves.png`.
 Loss, CE, KD, learning rate and held-out perplexity against the tokens seen, every run
 overlaid (engine/curves.py draws them from each folder's metrics.jsonl). Needs matplotlib
 (`pip install '.[plot]'`). Exit 0 when the PNG is written, 2 when it cannot be (no
-matplotlib, a folder without metrics.jsonl, an output file that is not ours to replace).
+matplotlib, a folder without metrics.jsonl or without one readable record, an output file
+that is not ours to replace). A damaged metrics.jsonl is drawn from what is readable: each
+damaged line (not UTF-8, not JSON) and each value that is not a number is named, with its
+file and line numbers, in a warning line.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from engine.curves import CurvesError, plot_runs
 
@@ -25,7 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="curves.png", help="the PNG to write (curves.png)")
     args = parser.parse_args(argv)
     try:
-        drawn = plot_runs(args.runs, args.out)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                drawn = plot_runs(args.runs, args.out)
+            finally:
+                for warning in caught:
+                    print(f"plot_run: warning: {warning.message}", file=sys.stderr)
     except (CurvesError, OSError) as error:
         print(f"plot_run: error: {error}", file=sys.stderr)
         return 2

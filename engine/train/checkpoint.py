@@ -23,6 +23,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -155,11 +156,20 @@ def done_info(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def last_good_checkpoint(out_dir: str | os.PathLike, before_step: int) -> Path | None:
-    """The newest checkpoint saved at or before `before_step` with no non-finite step pending."""
+def last_good_checkpoint(out_dir: str | os.PathLike, finite_steps: Collection[int],
+                         *, below: int | None = None) -> Path | None:
+    """The newest checkpoint known good: saved with no non-finite step pending, and the step
+    after it (its step + 1) in `finite_steps`, the steps whose loss and gradient were finite.
+
+    A checkpoint whose next step was non-finite (or not taken yet) is not known good: its
+    weights may already be what gives NaN (optim.lr 1e30: step 1's update is finite, its
+    weights make step 2 non-finite). `below`: only checkpoints before that step.
+    """
     for step, folder in reversed(complete_checkpoints(out_dir)):
+        if below is not None and step >= below:
+            continue
         info = done_info(folder)
-        if step <= before_step and info is not None and info.get("bad_steps", 0) == 0:
+        if info is not None and info.get("bad_steps", 0) == 0 and step + 1 in finite_steps:
             return folder
     return None
 
@@ -233,9 +243,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config: dict[str, Any],
     keep_last: int,
-    prune: bool = True,
+    keep: Path | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically; then, when `prune`, keep the newest `keep_last`.
+    """Write checkpoint `step` atomically; then keep the newest `keep_last` and `keep` (the
+    last good checkpoint: prune_checkpoints).
 
     Refuses non-finite weights. Call on rank 0 only: under DDP the weights and optimizer
     state are identical on every rank, and `trainer_state` already holds the per-rank parts
@@ -262,18 +273,22 @@ def save_checkpoint(
         raise WriteFailed(
             f"{final}: cannot save the checkpoint: {describe_write_error(exc)}{kept}"
         ) from None
-    if prune:
-        prune_checkpoints(out_dir, keep_last, newest_step=step)
+    prune_checkpoints(out_dir, keep_last, newest_step=step, keep=keep)
     return final
 
 
-def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, *, newest_step: int) -> None:
+def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, *, newest_step: int,
+                      keep: Path | None = None) -> None:
     """Delete all but the newest `keep_last` checkpoints up to `newest_step`, and leftovers of
-    crashes. Checkpoints after `newest_step` (a damaged one resume fell back from) are left
-    for the run to replace; the newest complete one is never touched.
+    crashes. `keep` (the last good checkpoint, last_good_checkpoint) is kept too: the newest
+    ones are not known good until the step after them was finite. Checkpoints after
+    `newest_step` (a damaged one resume fell back from) are left for the run to replace; the
+    newest complete one is never touched.
     """
     done = [(s, f) for s, f in complete_checkpoints(out_dir) if s <= newest_step]
     for _, folder in done[: max(0, len(done) - keep_last)]:
+        if keep is not None and folder.name == keep.name:
+            continue
         if not holds_only_its_files(folder):
             continue  # something was added to it since: never deleted with it, kept whole
         (folder / DONE_MARKER).unlink(missing_ok=True)  # first make it not-a-checkpoint

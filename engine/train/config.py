@@ -563,6 +563,9 @@ def load_config(
             raise ConfigError(f"{path}: config file not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:  # TOML is UTF-8; the codec's message names no file
+            raise ConfigError(f"{path}: not valid TOML: not UTF-8 text ({exc.reason} at "
+                              f"byte {exc.start})") from None
         apply_dict(config, data, source=str(path))
     for key, value in parse_overrides(list(overrides or [])):
         _set(config, key, value, from_text=True)

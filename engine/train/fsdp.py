@@ -164,7 +164,25 @@ def build_sharded(info: dist.DistInfo, build: Callable[[], GPTNeoX], *,
         # One token through the root's forward: FSDP sets up its root state on the first root
         # forward, and scoring calls hidden_states (not forward) before any training step.
         model(torch.zeros(1, 1, dtype=torch.long, device=info.device))
+    reshard_all(model)
     return model
+
+
+def reshard_all(model: torch.nn.Module | None) -> None:
+    """Free every gathered FSDP group of `model` (a no-op for a model that is not sharded).
+
+    With dist.reshard_after_forward=false a forward without a backward (the priming forward
+    above, validation, the watched tasks) leaves the blocks gathered, and while a group is
+    gathered its module holds the *unsharded* tensors as its parameters: an optimizer built
+    then, a clip, the non-finite check or a checkpoint would see those instead of the
+    sharded DTensors the optimizer steps (issue 22: other numbers from step 2, and a save
+    that failed). A training step reshards them itself (after each group's backward).
+    """
+    if model is None:
+        return
+    for module in unwrap_model(model).modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 # ----------------------------------------------------------------------------- the step
@@ -189,6 +207,7 @@ def first_non_finite(model: torch.nn.Module) -> str | None:
     Collective under FSDP (every rank checks its shards, the flags are summed); the plain
     engine.train.checkpoint.first_non_finite otherwise.
     """
+    reshard_all(model)  # the sharded parameters, not gathered copies
     names, params = zip(*model.named_parameters(), strict=True)
     local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
     bad = torch.stack([(~torch.isfinite(p)).any() for p in local]).to(torch.float32)
@@ -206,6 +225,8 @@ def gathered_root(*models: torch.nn.Module | None) -> Iterator[None]:
     For code that uses those weights outside the root's forward, without gradients: scoring
     through hidden_states + embed_out, and the frozen teacher's head in the fused loss. (The
     student's trained head is used inside its forward instead, so its gradient is reduced.)
+    On exit every group of those models is freed, the blocks too: forwards without a
+    backward inside leave them gathered under dist.reshard_after_forward=false (reshard_all).
     """
     present = [unwrap_model(m) for m in models if m is not None]
     sharded = [m for m in present if is_sharded(m)]
@@ -215,4 +236,4 @@ def gathered_root(*models: torch.nn.Module | None) -> Iterator[None]:
         yield
     finally:
         for model in sharded:
-            model.reshard()
+            reshard_all(model)

@@ -14,7 +14,6 @@ MetricsWriter, an evaluation in `validate()`, a new artefact in `_finish()`.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 import warnings
 from pathlib import Path
@@ -37,7 +36,7 @@ from engine.train.gathered_export import export_sharded_student
 from engine.train.lock import hold_run_lock
 from engine.train.loggers import build_sinks
 from engine.train.lost_updates import build_meter
-from engine.train.model_card import model_card_for
+from engine.train.model_card import model_card_for, non_finite_metrics
 from engine.train.preflight import check_paths, export_dir_of
 from engine.train.setup import (
     build_optimizer,
@@ -79,7 +78,7 @@ def run(config: Config) -> dict[str, Any]:
     configure_cuda_allocator(config)
     info = dist.init_distributed(config.device, group_of_one=config.dist.strategy == "fsdp")
     try:
-        with hold_run_lock(config.run.out_dir, info):
+        with dist.collective_errors(), hold_run_lock(config.run.out_dir, info):
             trainer = Trainer(config, info)
             with StopRequest() as stop:
                 return trainer.train(stop)
@@ -123,6 +122,7 @@ class Trainer:
             optimizer=self.optimizer, loader=self.train_loader, info=info)
         self.last_val: dict[str, Any] | None = None
         self.val_step: int | None = None  # the step last_val belongs to
+        self.finite_steps: set[int] = set()  # steps whose update was applied (last good ckpt)
         if self.resume_from is not None:
             self._continue_records()
         self.lost_updates = build_meter(self.optimizer, self.student, precision=config.precision,
@@ -169,12 +169,16 @@ class Trainer:
                 "checkpoint with run.resume=<folder>"
             )
         self.writer.log_text(f"resumed from {self.resume_from} at step {self.step}")
-        recorded = None
+        recorded, finite = None, set()
         if self.info.is_main and self.writer.path.is_file():
             for record in read_records(self.writer.path):
                 if record.get("kind") == "val" and record.get("step") == self.step:
                     recorded = {k: v for k, v in record.items() if k.startswith("val_")}
-        self.last_val = dist.all_gather_object(recorded)[0]  # every rank validates, or none
+                if (record.get("kind") == "train" and record.get("skipped") is False
+                        and isinstance(record.get("step"), int) and record["step"] <= self.step):
+                    finite.add(record["step"])
+        # every rank validates, or none; every rank names the same last good checkpoint
+        self.last_val, self.finite_steps = dist.all_gather_object((recorded, finite))[0]
         if self.last_val is not None:
             self.val_step = self.step
 
@@ -210,6 +214,8 @@ class Trainer:
         )
         self.step += 1
         self.bad_steps = 0 if result.applied else self.bad_steps + 1
+        if result.applied:
+            self.finite_steps.add(self.step)
         self.last_record = self._step_record(result, lr, time.perf_counter() - started)
         every = self.config.run.log_every
         self.writer.log_step(self.last_record, print_line=self.step % every == 0
@@ -285,15 +291,23 @@ class Trainer:
         reason = self.watch.score(self.step)
         if reason is not None:
             self.save()
-            raise TaskRegression(f"{reason}; stopped by eval.alarm_action=stop, checkpoint "
-                                 f"saved at step {self.step}")
+            saved = self.bad_steps == 0  # save() saves nothing during a non-finite streak
+            where = (f"checkpoint saved at step {self.step}" if saved else
+                     "no checkpoint saved (non-finite steps pending)")
+            raise TaskRegression(f"{reason}; stopped by eval.alarm_action=stop, {where}")
 
     def save(self) -> Path | None:
         """A checkpoint of this step (rank 0 writes; every rank's loader and RNG go in it).
 
-        Never from non-finite weights (TrainingDiverged instead); a checkpoint taken while
-        non-finite steps are pending does not prune the older ones, which may be the last good.
+        Never from non-finite weights (TrainingDiverged instead), and none during a streak of
+        skipped (non-finite) steps: it would hold the suspect weights again (logged, None).
+        Pruning keeps the last good checkpoint (ckpt.last_good_checkpoint) beside the newest
+        run.keep_last: the newest are not known good until the step after them is finite.
         """
+        if self.bad_steps:
+            self.writer.log_text(f"step {self.step}: no checkpoint saved: the last "
+                                 f"{self.bad_steps} step(s) were non-finite")
+            return None
         # Same weights on every rank (DDP), or every rank's shards checked (FSDP): same verdict.
         bad = (fsdp.first_non_finite if self.sharded else ckpt.first_non_finite)(self.student)
         if bad is not None:
@@ -319,7 +333,7 @@ class Trainer:
                 },
                 config=self.config.to_dict(),
                 keep_last=self.config.run.keep_last,
-                prune=self.bad_steps == 0,
+                keep=ckpt.last_good_checkpoint(self.out_dir, self.finite_steps),
             )
         if self.info.is_main:
             self.writer.log_text(f"saved checkpoint {path}")
@@ -376,12 +390,14 @@ class Trainer:
         self.writer.log_text(f"peak memory: {predicted}measured {measured:.2f} GiB")
 
     def _last_good_message(self) -> str:
-        """Names the newest checkpoint saved before the current run of non-finite steps."""
-        first_bad = self.step - self.bad_steps + 1
-        good = ckpt.last_good_checkpoint(self.out_dir, before_step=first_bad - 1)
+        """Names the last good checkpoint: the newest whose next step was finite (so its
+        weights gave a finite loss), or says that none is. Checkpoints at the failing step
+        or later hold the weights that failed and are never named."""
+        good = ckpt.last_good_checkpoint(self.out_dir, self.finite_steps, below=self.step)
         if good is None:
-            return "No checkpoint from before the first non-finite step."
-        return (f"Last good checkpoint (saved before the first non-finite step): {good}; "
+            return ("No checkpoint is known good (good: the step after it was finite); "
+                    "start again with a lower optim.lr")
+        return (f"Last good checkpoint (the step after it was finite): {good}; "
                 f"resume from it with run.resume={good} and a lower optim.lr")
 
     def _on_non_finite(self, result: StepResult) -> None:
@@ -404,11 +420,13 @@ class Trainer:
         return dist.all_reduce_sum(flag).item() > 0
 
     def _check_final_state(self) -> None:
-        """A run ends in success only from a finite state: last step, weights, validation."""
-        val_ce = (self.last_val or {}).get("val_ce", 0.0)
-        if self.bad_steps or not math.isfinite(val_ce):
+        """A run ends in success only from a finite state: last step, weights, and every
+        metric of the final validation the model card would publish (not only val_ce)."""
+        bad_metrics = non_finite_metrics(self.last_val)
+        if self.bad_steps or bad_metrics:
+            shown = ", ".join(f"{key} {value}" for key, value in bad_metrics.items())
             what = (f"its last {self.bad_steps} step(s) were non-finite" if self.bad_steps
-                    else f"the final validation gave val_ce {val_ce}")
+                    else f"the final validation gave {shown}")
             raise TrainingDiverged(
                 f"the run ended in a non-finite state ({what}); nothing exported. "
                 f"{self._last_good_message()}"

@@ -13,6 +13,7 @@ data's pad id token as pad, as the Pythia folders have them.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -234,8 +235,19 @@ def _recipe_section(facts: dict[str, Any]) -> list[str]:
             f"(`{config.run.out_dir}`).", ""]
 
 
+def non_finite_metrics(val: dict[str, Any] | None) -> dict[str, Any]:
+    """The held-out metrics of a validation that the card would publish and that are not
+    finite numbers (NaN, inf, null): a run holding any of them has no result to publish."""
+    names = ("val_ce", "val_ppl", "val_kd", "val_teacher_ce", "val_tokens")
+    return {key: (val or {})[key] for key in names if key in (val or {})
+            and not (isinstance(val[key], (int, float)) and math.isfinite(val[key]))}
+
+
 def _metrics_section(facts: dict[str, Any]) -> list[str]:
     val = facts["val"]
+    bad = non_finite_metrics(val)
+    if bad:  # the run refuses to finish before this (engine.train.loop._check_final_state)
+        raise ValueError(f"held-out metrics that are not finite: {bad}; no model card")
     if not val:
         return ["## Held-out metrics", "", "Not measured: the run held out no data "
                 "(`data.val_fraction = 0`).", ""]

@@ -122,7 +122,8 @@ def _write_and_hash(staged: Path, step: int, **parts) -> dict[str, str]:
 
 
 def save_sharded_checkpoint(out_dir, step: int, *, student, optimizer, trainer_state: dict,
-                            config: dict, keep_last: int, prune: bool = True) -> Path | None:
+                            config: dict, keep_last: int,
+                            keep: Path | None = None) -> Path | None:
     """Write checkpoint `step` from every rank (call on all of them); rank 0 returns its path.
 
     Three agreements keep the ranks together: rank 0 announces the staged folder (or why it
@@ -159,8 +160,7 @@ def save_sharded_checkpoint(out_dir, step: int, *, student, optimizer, trainer_s
         dist.all_gather_object(reason if announced else (None, reason))
         raise WriteFailed(f"{final}: cannot save the checkpoint: {reason}") from None
     dist.agree(None)
-    if prune:
-        ckpt.prune_checkpoints(out_dir, keep_last, newest_step=step)
+    ckpt.prune_checkpoints(out_dir, keep_last, newest_step=step, keep=keep)
     return final
 
 

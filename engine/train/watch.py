@@ -30,7 +30,10 @@ from engine.eval.requests import EvalInputError, TextEncoder
 from engine.eval.tasks import ScoringSetup, evaluate_lambada, evaluate_mc, evaluate_ppl
 from engine.metrics import MetricsWriter, read_records
 from engine.train import fsdp
-from engine.train.config import Config, parse_task_spec
+from engine.train.config import Config, ConfigError, parse_task_spec
+
+# What a task record scored: two records compare only when these agree.
+SCOPE_KEYS = ("limit", "documents", "max_length", "stride")
 
 
 class TaskRegression(RuntimeError):
@@ -89,6 +92,8 @@ class TaskWatch:
         self.baselines: dict[str, dict] = {}
         self.last_step: int | None = None
         self.encoder = None
+        if resumed_at is not None and self.tasks:  # every rank: the refusal is agreed
+            self._read_baselines(writer.path, resumed_at)
         if not self.tasks or not self.scores_here:
             return
         self.encoder = TextEncoder(config.run.tokenizer, eos_id=student.config.eos_token_id)
@@ -104,8 +109,34 @@ class TaskWatch:
             autocast_dtype=autocast_dtype,
             progress=False,  # the step bar owns the terminal
         )
-        if resumed_at is not None and self.is_main:
-            self.baselines, self.last_step = read_task_history(writer.path, resumed_at)
+
+    def _read_baselines(self, path: Path, resumed_at: int) -> None:
+        """A resumed run's step-0 baselines (rank 0 reads metrics.jsonl); refused
+        (ConfigError, on every rank) when one was scored with another eval.limit: the alarm
+        would compare different documents, and the step-0 student is gone to re-score."""
+        error = None
+        if self.is_main:
+            self.baselines, self.last_step = read_task_history(path, resumed_at)
+            error = self._limit_mismatch(path)
+        error = dist.agree(error)
+        if error is not None:
+            raise ConfigError(error)
+
+    def _limit_mismatch(self, path: Path) -> str | None:
+        limit = self.settings.limit or None
+        for name, base in self.baselines.items():
+            if "limit" in base:
+                same = base["limit"] == limit
+            else:  # a record from before "limit" was recorded: its document count
+                documents = base.get("documents")
+                same = not (limit and isinstance(documents, int) and limit < documents)
+            if not same:
+                old = base.get("limit", f"0 ({base.get('documents')} documents)") or 0
+                return (f"eval.limit={limit or 0}: the watched task {name}'s step-"
+                        f"{base['step']} baseline in {path} was scored with eval.limit={old}; "
+                        "the alarm would compare other documents against it. Resume with "
+                        f"eval.limit={old}, or change it in a new run (another run.out_dir)")
+        return None
 
     def due(self, step: int, *, final: bool = False) -> bool:
         """Score now? At step 0, every eval.every steps, at the end; never twice a step."""
@@ -127,7 +158,7 @@ class TaskWatch:
                 if not self.is_main:
                     continue
                 record = {"kind": "task", "step": step, "task": kind, "name": name,
-                          **_scalars(scores)}
+                          "limit": self.settings.limit or None, **_scalars(scores)}
                 self.writer.write(record)
                 alarms.extend(self._check(record))
         reason = "; ".join(alarms) if alarms and self.settings.alarm_action == "stop" else None
@@ -147,6 +178,14 @@ class TaskWatch:
         """Log the record; compare its ppl with the baseline; return the alarm, if any."""
         name = record["name"]
         base = self.baselines.setdefault(name, record)
+        scope = [key for key in SCOPE_KEYS if key in base and key in record
+                 and base[key] != record[key]]
+        if scope:  # other documents than the baseline's (a task file changed on resume)
+            what = ", ".join(f"{key} {record[key]} against {base[key]}" for key in scope)
+            warnings.warn(f"task {_label(record)} at step {record['step']} scored other "
+                          f"documents than its step-{base['step']} baseline ({what}): not "
+                          "compared, no alarm for it", RuntimeWarning, stacklevel=3)
+            base = record
         scores = " ".join(f"{key} {record[key]:.4g}" for key in ("ppl", "acc", "acc_norm")
                           if record.get(key) is not None)
         ppl, base_ppl = record.get("ppl", math.nan), base.get("ppl")

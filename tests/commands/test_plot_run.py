@@ -97,3 +97,41 @@ def test_quickstart_draws_distill_against_control(tmp_path, monkeypatch):
     assert path == str(tmp_path / "curves.png") and png_title(Path(path)) == curves.CURVES_TITLE
     monkeypatch.setattr(quickstart.importlib.util, "find_spec", lambda name: None)
     assert quickstart.draw_curves(runs, tmp_path / "elsewhere") is None
+
+
+def test_a_damaged_metrics_file_is_drawn_from_what_is_readable(tmp_path, capsys):
+    """Issue 22, C.15: a null val_ppl (TypeError), a non-UTF-8 line (UnicodeDecodeError) and
+    a train record at step 0 (ZeroDivisionError) each stopped the plot; now every readable
+    point is drawn and what is skipped is named with its file and line numbers."""
+    pytest.importorskip("matplotlib")
+    run = write_run(tmp_path / "run", steps=4, kd=True)
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines()  # 1 t1, 2 t2, 3 v2, 4 t3, 5 t4, 6 v4
+    lines[1] = lines[1][:20] + b"\xff\xfe" + lines[1][22:]  # step 2's train record
+    lines[5] = json.dumps({"kind": "val", "step": 4, "val_ce": 4.0, "val_ppl": None}).encode()
+    lines.insert(0, json.dumps({"kind": "train", "step": 0, "loss": 9.0, "tokens_seen": 0,
+                                "lr": 0.0}).encode())
+    lines.insert(4, b"{broken")
+    metrics.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "c.png"
+    assert plot_main([str(run), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and png_title(out) == curves.CURVES_TITLE
+    assert f"plot_run: warning: {metrics}: lines 3 and 5 are not a JSON record" in err
+    assert f"plot_run: warning: {metrics}: line 8: val val_ppl is not a number" in err
+    with pytest.warns(curves.SkippedValues, match="line 8: val val_ppl"):
+        runs = curves.load_runs([run])
+    assert runs[0].tokens_per_step == 256.0
+    assert runs[0].series("train", "loss", by_tokens=False)[0] == [0.0, 1.0, 3.0, 4.0]
+    assert runs[0].series("val", "val_ppl", by_tokens=False) == ([2.0], [25.0])
+
+
+def test_a_metrics_file_with_no_readable_record_is_an_error(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(b"\xff\xff\n{not json\n")
+    assert plot_main([str(run), "--out", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl: holds no readable records (lines 1 and 2 damaged)" in err
+    assert "Traceback" not in err and not (tmp_path / "c.png").exists()

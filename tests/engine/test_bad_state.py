@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.metrics import DamagedLines, read_numbered
 from engine.train import checkpoint as ckpt
+from engine.train import run
 from engine.train.__main__ import main as train_main
 from tests.engine.test_train import assert_same_run, base_overrides, make_config, poison_steps
 
@@ -47,24 +49,29 @@ def steps_of(out: Path) -> list[int]:
 # --------------------------------------------------------------------------------------
 
 
-def test_a_diverging_run_fails_exports_nothing_and_keeps_its_finite_checkpoint(
-        assets, tmp_path, capsys):
-    """The issue's own command: lr 1e30, 3 steps, a checkpoint per step, keep_last 1."""
+def test_a_diverging_run_names_no_checkpoint_whose_next_step_failed(assets, tmp_path,
+                                                                    capsys):
+    """The issue's own command: lr 1e30, a checkpoint per step. Step 1's update is finite but
+    its weights make step 2 non-finite, so step 1's checkpoint is not good (issue 22, B.10):
+    it is not named, and nothing is saved during the streak of skipped steps."""
     out = tmp_path / "run"
     code = quiet_main(base_overrides(assets, out, optim__lr=1e30, optim__warmup_steps=0,
                                      run__steps=3, run__save_every=1, run__keep_last=1))
     assert code == 1
     err = one_error_line(capsys)
     assert "non-finite" in err and "nothing exported" in err
+    assert "No checkpoint is known good" in err and "step-0000" not in err
     assert not (out / "final").exists()
-    # Step 1's update was finite; steps 2 and 3 were skipped, and their checkpoints did not
-    # prune step 1's, which is the one the message names.
-    assert steps_of(out) == [1, 2, 3]
-    assert str(ckpt.checkpoint_root(out) / "step-00000001") in err
+    assert steps_of(out) == [1]  # steps 2 and 3 were skipped: no copies of step 1's weights
+    # The proof that step 1 is not good: resumed with a sane lr, its next step is non-finite.
+    step1 = ckpt.checkpoint_root(out) / "step-00000001"
+    code = quiet_main(base_overrides(assets, out, optim__lr=1e-4, optim__warmup_steps=0,
+                                     run__steps=2, run__resume=step1))
+    assert code == 1 and "non-finite" in one_error_line(capsys)
 
 
-def test_the_last_good_checkpoint_predates_the_divergence(assets, tmp_path, monkeypatch,
-                                                          capsys):
+def test_the_last_good_checkpoint_is_one_whose_next_step_was_finite(assets, tmp_path,
+                                                                    monkeypatch, capsys):
     poison_steps(monkeypatch, {3, 4, 5})
     out = tmp_path / "run"
     code = quiet_main(base_overrides(assets, out, run__steps=6, run__save_every=1,
@@ -72,9 +79,49 @@ def test_the_last_good_checkpoint_predates_the_divergence(assets, tmp_path, monk
     assert code == 1
     err = one_error_line(capsys)
     assert "3 non-finite steps in a row" in err
-    good = ckpt.checkpoint_root(out) / "step-00000002"
-    assert f"Last good checkpoint (saved before the first non-finite step): {good}" in err
-    assert steps_of(out) == [2, 3, 4]  # 3 and 4 pruned nothing: step 2 is still there
+    # Step 2's checkpoint fed the failing step 3; step 1's fed the finite step 2.
+    good = ckpt.checkpoint_root(out) / "step-00000001"
+    assert f"Last good checkpoint (the step after it was finite): {good};" in err
+    # keep_last 1 kept step 2 and, beside it, the last good one; nothing saved at 3 and 4.
+    assert steps_of(out) == [1, 2]
+
+
+def test_the_last_good_checkpoint_survives_a_resume(assets, tmp_path, monkeypatch, capsys):
+    """Which steps were finite is read back from metrics.jsonl on resume."""
+    out = tmp_path / "run"
+    assert quiet_main(base_overrides(assets, out, run__steps=2, run__save_every=1,
+                                     run__keep_last=1)) == 0
+    capsys.readouterr()
+    poison_steps(monkeypatch, {1, 2})  # counted from the resumed run's first step: 3 and 4
+    code = quiet_main(base_overrides(assets, out, run__steps=6, run__save_every=1,
+                                     run__keep_last=1, run__max_bad_steps=2))
+    assert code == 1
+    good = ckpt.checkpoint_root(out) / "step-00000001"  # step 2 was finite (the first run)
+    assert f"Last good checkpoint (the step after it was finite): {good};" in \
+        one_error_line(capsys)
+    assert steps_of(out) == [1, 2]
+
+
+@pytest.mark.parametrize("metric", ["val_kd", "val_teacher_ce", "val_ppl"])
+def test_a_non_finite_held_out_metric_fails_the_run_and_publishes_nothing(
+        assets, tmp_path, monkeypatch, capsys, metric):
+    """Issue 22, B.12: a NaN held-out KD (finite val_ce) was published in the model card as
+    `nan` with exit 0. Every metric the card reports is checked before the export."""
+    from engine.train import loop
+
+    real = loop.heldout_metrics
+
+    def broken(*args, **kwargs):
+        metrics = real(*args, **kwargs)
+        metrics[metric.removeprefix("val_")] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(loop, "heldout_metrics", broken)
+    out = tmp_path / "run"
+    assert quiet_main(base_overrides(assets, out, run__steps=2)) == 1
+    err = one_error_line(capsys)
+    assert f"the final validation gave {metric} nan" in err and "nothing exported" in err
+    assert not (out / "final").exists()
 
 
 def test_weights_that_are_not_finite_are_never_saved(tmp_path):
@@ -272,3 +319,38 @@ def test_write_errors_read_as_one_clear_phrase():
     assert describe_write_error(quota) == "no space left on device (disk quota exceeded)"
     denied = PermissionError(errno.EACCES, "Permission denied", "/x/y")
     assert describe_write_error(denied) == "permission denied (/x/y)"
+
+
+# --------------------------------------------------------------------------------------
+# Issue 22, C.22: a damaged metrics.jsonl
+# --------------------------------------------------------------------------------------
+
+
+def test_a_non_utf8_byte_in_metrics_jsonl_is_named_and_skipped_on_resume(assets, tmp_path):
+    """One bad byte blocked the resume with a codec error naming no file. The damaged line
+    is named (file, line number), skipped and left in the file as it is; the resume goes on."""
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        run(make_config(assets, out, run__steps=2, run__save_every=2))
+        metrics = out / "metrics.jsonl"
+        lines = metrics.read_bytes().split(b"\n")
+        lines[0] = lines[0][:12] + b"\xff" + lines[0][13:]  # step 1's train record
+        metrics.write_bytes(b"\n".join(lines))
+        with pytest.warns(DamagedLines, match=re.escape(f"{metrics}: line 1 is not a JSON "
+                                                        "record")):
+            result = run(make_config(assets, out, run__save_every=2))
+    assert result["status"] == "completed" and result["step"] == 4
+    assert metrics.read_bytes().split(b"\n")[0] == lines[0]  # kept as it was
+    numbered, damaged = read_numbered(metrics)
+    assert damaged == [1]
+    assert [r["step"] for _, r in numbered if r["kind"] == "train"] == [2, 3, 4]
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    """The same class: a codec error naming no file, from --config."""
+    config = tmp_path / "run.toml"
+    config.write_bytes(b'[run]\nsteps = 4\n# caf\xe9\n')
+    assert train_main(["--config", str(config)]) == 2
+    assert one_error_line(capsys) == (f"error: {config}: not valid TOML: not UTF-8 text "
+                                      "(invalid continuation byte at byte 21)")

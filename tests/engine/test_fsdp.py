@@ -145,6 +145,72 @@ def test_two_fsdp_ranks_match_one_process(two_ranks, single):
 
 
 @pytest.mark.distributed
+def test_two_ranks_without_reshard_after_forward_match_one_process(assets, single, tmp_path):
+    """dist.reshard_after_forward=false on two ranks: the same run as one process, saved
+    after a validation (a forward without a backward) and exported (issue 22, B.7)."""
+    out = tmp_path / "keep"
+    torchrun(two_rank_overrides(assets, out, run__val_every=1, dist__strategy="fsdp",
+                                dist__reshard_after_forward="false"))
+    summary = run_summary(out)
+    assert_runs_close(summary["records"], summary["weights"], single)
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2, 3]
+
+
+def _faulty_fsdp_rank(rank: int, port: int, overrides: list[str], fault: str,
+                     result_dir: str) -> None:
+    """One rank of `neox-distill train` under FSDP; rank 1 dies (or stalls) inside its second
+    step, after the step's first collective of ours. Rank 0 writes its exit status and its
+    stderr to rank0.txt."""
+    os.environ.update(LOOPBACK_ENV, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), NEOX_DIST_TIMEOUT_S="20", OMP_NUM_THREADS="1")
+    import contextlib
+    import io
+
+    from engine.train import step
+    from engine.train.__main__ import main
+
+    report = Path(result_dir, "rank0.txt")
+    if rank == 1:
+        real, calls = step.distill_micro_step, []
+
+        def faulty(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:  # step 2's first micro-step: rank 0 waits in an all-gather
+                if fault == "killed":
+                    os._exit(3)
+                while not report.exists():  # stalled: silent until rank 0 has given up
+                    time.sleep(0.5)
+                os._exit(0)
+            return real(*args, **kwargs)
+
+        step.distill_micro_step = faulty
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(overrides)
+    if rank == 0:
+        report.write_text(f"{code}\n{err.getvalue()}")
+    os._exit(0)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_a_dead_or_stalled_peer_is_one_error_line_on_rank_0(assets, tmp_path, fault):
+    """Issue 22, C.17: FSDP's own collectives (the all-gathers in the forward) raised gloo's
+    RuntimeError as a traceback; now the one line the README promises, and exit status 1."""
+    from tests.dist_helpers import free_port, run_ranks
+
+    overrides = base_overrides(assets, tmp_path / "run", run__steps=4, **FSDP)
+    codes = run_ranks(_faulty_fsdp_rank, free_port(), overrides, fault, str(tmp_path),
+                      timeout=240)
+    assert None not in codes, codes
+    code, err = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == "1" and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("error: rank 0/2: a collective of FSDP, DDP or a checkpoint "
+                                "failed; another rank probably died or timed out"), errors
+
+
+@pytest.mark.distributed
 def test_a_sharded_checkpoint_consolidates_into_the_exported_folder(two_ranks, tmp_path, capsys):
     """engine.commands.consolidate_checkpoint turns the last checkpoint's shards into the model
     folder
@@ -302,6 +368,21 @@ def test_one_rank_fsdp_is_the_plain_run_exactly(assets, tmp_path, straight_run):
         straight_final / "model.safetensors").read_bytes()
     done = json.loads((ckpt.latest_checkpoint(out) / ckpt.DONE_MARKER).read_text())
     assert done["layout"] == "sharded" and done["world_size"] == 1
+
+
+def test_one_rank_fsdp_without_reshard_after_forward_is_the_plain_run(assets, tmp_path,
+                                                                       straight_run):
+    """dist.reshard_after_forward=false keeps each block's weights gathered after its
+    forward: the optimizer, the clip, the checks and the checkpoint must still see the
+    sharded parameters (issue 22, B.7: it trained on other numbers and could not save)."""
+    out = tmp_path / "keep"
+    first = run(make_config(assets, out, run__steps=2, dist__strategy="fsdp",
+                            dist__reshard_after_forward="false"))
+    assert first["step"] == 2
+    # A validation before every save: a forward without a backward just before the save.
+    result = run(make_config(assets, out, run__save_every=2, run__val_every=1,
+                             dist__strategy="fsdp", dist__reshard_after_forward="false"))
+    assert_same_run(result, straight_run)  # resumed from its own step-2 checkpoint
 
 
 def test_one_rank_fsdp_full_logits_is_the_plain_run_exactly(assets, tmp_path):

@@ -226,6 +226,49 @@ def test_resume_keeps_the_step0_baseline(assets, tmp_path):
     assert first["lambada"] == step0 and last == 4
 
 
+def test_a_resume_with_another_eval_limit_is_refused(assets, tmp_path, capsys):
+    """Issue 22, B.11: the step-0 baseline scored 5 documents; a resume with eval.limit=3
+    compared 3 documents against it ("-83.2% against step 0"). Refused at start-up, before
+    anything is written, naming both limits and the file."""
+    out = tmp_path / "limit"
+    settings = dict(eval__every=1, eval__tasks=f"lambada={assets['lambada']}",
+                    run__save_every=1, eval__alarm=0)
+    run(watch_config(assets, out, run__steps=1, eval__limit=5, **settings))
+    assert records(out, "task")[0]["limit"] == 5
+    before = (out / "metrics.jsonl").read_bytes()
+    overrides = base_overrides(assets, out, run__steps=2, eval__limit=3,
+                               run__tokenizer=assets["tokenizer"],
+                               **{k: v for k, v in settings.items()})
+    assert train_main(overrides) == 2
+    err = capsys.readouterr().err
+    assert (f"eval.limit=3: the watched task lambada's step-0 baseline in {out / 'metrics.jsonl'}"
+            " was scored with eval.limit=5" in err and "Traceback" not in err)
+    assert (out / "metrics.jsonl").read_bytes() == before
+    # The same limit resumes (and an older baseline without "limit" is judged by its count).
+    lines = [json.loads(line) for line in before.decode().splitlines()]
+    for record in lines:
+        record.pop("limit", None)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(ConfigError, match=r"eval.limit=3: .* eval.limit=0 \(5 documents\)"):
+        run(watch_config(assets, out, run__steps=2, eval__limit=3, **settings))
+    assert run(watch_config(assets, out, run__steps=2, eval__limit=5, **settings))["step"] == 2
+
+
+def test_a_task_file_changed_on_resume_is_not_compared(assets, tmp_path):
+    """The same name, other documents: no alarm from comparing them, a warning instead."""
+    out = tmp_path / "changed"
+    task = tmp_path / "lambada.jsonl"
+    task.write_bytes(assets["lambada"].read_bytes())
+    settings = dict(optim__lr=HUGE_LR, optim__warmup_steps=0, eval__every=1,
+                    eval__tasks=f"lambada={task}", run__save_every=1)
+    run(watch_config(assets, out, run__steps=1, eval__alarm=0, **settings))
+    task.write_text("".join(task.read_text().splitlines(keepends=True)[:4]))
+    with pytest.warns(RuntimeWarning, match="scored other documents than its step-0 baseline "
+                                            "\\(documents 4 against 12\\)"):
+        run(watch_config(assets, out, run__steps=2, **settings))
+    assert not records(out, "alarm")
+
+
 def test_history_skips_a_torn_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"kind": "task", "step": 2, "name": "x", "ppl": 5.0}\n'
