@@ -50,14 +50,9 @@ from torch.autograd.function import once_differentiable
 
 from engine.kernels.constants import IGNORE_INDEX
 from engine.kernels.dispatch import loss_and_grad, loss_stats, prepare_loss
+from engine.kernels.head_epilogue import EpilogueHeadLoss, epilogue_fallback_reason
+from engine.kernels.head_rules import add_weight_grad, head_chunk_tokens
 from engine.kernels.kd_loss_torch import kd_loss_reference
-
-# Both fp32 logit blocks of a chunk on the CPU: 100 MiB, i.e. 256 tokens at V = 50304: the
-# largest chunk whose extra peak memory stays within 1/8 of the unfused head + loss in both of
-# kd_loss's modes, at a few percent of time over larger chunks (benchmarks/README.md).
-CPU_LOGIT_BLOCK_BYTES = 100 << 20
-# CUDA: both logit blocks of a chunk (the matmul dtype) at most 256 MiB (module docstring).
-GPU_LOGIT_BLOCK_BYTES = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,26 +64,6 @@ class HeadPlan:
     teacher_dtype: torch.dtype
     grad_hidden: bool
     grad_weight: bool
-
-
-def _round_down(value: int, multiple: int) -> int:
-    return max(multiple, value // multiple * multiple)
-
-
-def head_chunk_tokens(n_tokens, vocab, with_teacher, element_size, device, requested=None):
-    """Tokens per chunk by the rule of the module docstring: the largest chunk the budget
-    (or `requested`) allows, evened out over ceil(n_tokens / largest) equal chunks (the last
-    at most one token per chunk shorter). At least 1, at most n_tokens."""
-    blocks = 2 if with_teacher else 1  # CE only and the sparse (cached) loss: no teacher block
-    if requested is not None:
-        largest = requested
-    elif device.type == "cuda":
-        largest = _round_down(GPU_LOGIT_BLOCK_BYTES // (blocks * element_size * vocab), 64)
-    else:
-        largest = _round_down(CPU_LOGIT_BLOCK_BYTES // (blocks * 4 * vocab), 32)
-    n_tokens = max(n_tokens, 1)
-    n_chunks = -(-n_tokens // largest)
-    return -(-n_tokens // n_chunks)
 
 
 def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor, name: str) -> torch.dtype:
@@ -134,26 +109,6 @@ def _check_head_inputs(student_hidden, student_weight, teacher_hidden, teacher_w
     if student_weight.shape[0] != teacher_weight.shape[0] or student_weight.shape[0] == 0:
         raise ValueError(f"student_weight has {student_weight.shape[0]} vocabulary rows and "
                          f"teacher_weight {teacher_weight.shape[0]}: they must be equal, > 0")
-
-
-# torch >= 2.8: addmm with bf16 / fp16 operands and an fp32 output (CUDA only, cuBLAS).
-_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
-
-
-def add_weight_grad(grad_w: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor):
-    """grad_w += grad_logits^T @ hidden, accumulated in grad_w's dtype (fp32 / float64).
-
-    The product is never rounded to the operands' dtype: with bf16 operands the matmul's own
-    fp32 accumulator goes straight into grad_w (cuBLAS's fp32-output GEMM on CUDA, beta = 1,
-    in place), so a sum over many chunks is rounded once, when the caller converts grad_w.
-    On the CPU, which has no mixed-dtype GEMM, the chunk's operands are upcast instead.
-    """
-    if grad_logits.dtype == grad_w.dtype:
-        grad_w.addmm_(grad_logits.t(), hidden)
-    elif grad_w.is_cuda and _ADDMM_OUT_DTYPE:
-        torch.addmm(grad_w, grad_logits.t(), hidden, out_dtype=grad_w.dtype, out=grad_w)
-    else:
-        grad_w.addmm_(grad_logits.t().to(grad_w.dtype), hidden.to(grad_w.dtype))
 
 
 def student_head_chunks(h_s, w_s, plan: HeadPlan, block_loss):
@@ -299,7 +254,10 @@ def kd_head_loss(
     are [V, Hs] and [V, Ht] (no bias). Every keyword means what it means for kd_loss;
     chunk_tokens overrides the chunk rule of the module docstring. Returns (loss, stats) like
     kd_loss. Gradients flow to student_hidden and student_weight (in their own dtypes), never
-    to the teacher. No host synchronisation on CUDA.
+    to the teacher. No host synchronisation on CUDA. backend="epilogue" (Triton; not the
+    default until a GPU run shows it faster) runs the head that never writes logits
+    (engine/kernels/head_epilogue.py) for the forward KL with bf16 / fp32 heads, and the
+    chunked Triton path for any other call (head_epilogue.epilogue_fallback_reason).
     """
     return _head_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
@@ -350,6 +308,12 @@ def _head_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, l
     if teacher_hidden is not None:
         teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
         teacher_weight = teacher_weight.detach()
+    if backend == "epilogue" and epilogue_fallback_reason(
+            options, plan, teacher_hidden is not None) is None:
+        loss, ce_sum, kd_sum = EpilogueHeadLoss.apply(
+            student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
+            teacher_hidden, teacher_weight, flat_labels, inv_norm, options, plan, chunk_tokens)
+        return loss, loss_stats(ce_sum, kd_sum, valid_count)
     chunks = functools.partial(_chunk_loop, h_t=teacher_hidden, w_t=teacher_weight,
                                labels=flat_labels, inv_norm=inv_norm, options=options,
                                backend=resolved, plan=plan)
