@@ -23,8 +23,10 @@ SHAPE = dict(shape=(37,), hs=24, ht=40, vocab=300, valid_vocab=291)
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """16-row, 32-column, 16-deep tiles: 3 token blocks, 10 vocabulary tiles, 2-3 K steps."""
+    """16-row, 32-column, 16-deep tiles: 3 token blocks, 10 vocabulary tiles in 3 splits of 4
+    (the last with 2 tiles past the vocabulary), 2-3 K steps each, every one ragged."""
     monkeypatch.setattr(head_epilogue_triton, "launch_config", lambda *_: (16, 32, 16, 4))
+    monkeypatch.setattr(head_epilogue_triton, "TARGET_PROGRAMS", 9)
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)
