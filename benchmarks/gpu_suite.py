@@ -18,7 +18,8 @@ Sections (each guarded: a failure is recorded with its traceback and the others 
   kernel_speed        the loss kernel at 4096 and 16384 tokens x 50304 bf16
   divergences         the loss kernel per divergence against forward_kl (target <= 1.2x)
   head                the fused heads + loss at the seed shapes against its own four matmuls
-                      (target <= 1.25x), the unfused path, a chunk sweep, and Liger-Kernel's
+                      (target <= 1.25x), the unfused path, a chunk sweep, the epilogue head
+                      (backend="epilogue", no logits written; CUDA only), and Liger-Kernel's
                       LigerFusedLinearJSDLoss side by side (skipped without liger_kernel)
   seed_recipe         the seed step (random pythia-160m teacher / pythia-70m student,
                       micro-batch 2 x 2048, bf16 autocast, fused AdamW, fused head) eager:
@@ -270,6 +271,8 @@ def section_head(sizes, smoke: bool) -> dict:
     variants = {"matmuls": ("matmuls", {}), "fused": ("fused", {}), "unfused": ("unfused", {})}
     for chunk in sizes["head_chunks"]:
         variants[f"fused_chunk_{chunk}"] = ("fused", {"chunk_tokens": chunk})
+    if dev.type == "cuda":  # the head that never writes logits (Triton only; issue 24, 9)
+        variants["epilogue"] = ("fused", {"backend": "epilogue"})
     liger = liger_jsd_loss(compiled=dev.type == "cuda")
     if liger is not None:
         variants["liger"] = ("liger", {"liger": liger})
@@ -277,7 +280,7 @@ def section_head(sizes, smoke: bool) -> dict:
     rows = {}
     for name, (variant, options) in variants.items():
         try:
-            run, _ = head_step(variant, inputs, backend=backend, **options)
+            run, _ = head_step(variant, inputs, **{"backend": backend, **options})
             rows[name] = _measure(run, dev, repeats)
         except Exception as exc:  # one variant failing (Liger, say) keeps the others
             rows[name] = error_record(exc)
@@ -609,6 +612,12 @@ def _head_rows(sections: dict) -> list[tuple[str, str, str]]:
                      f"x{head['fused_vs_matmuls']:.2f} ({fused['median_ms']:.2f} vs "
                      f"{matmuls['median_ms']:.2f} ms; fastest chunk {head.get('best_chunk')})",
                      "<= 1.25x"))
+        epilogue = variants.get("epilogue", {})
+        if "median_ms" in epilogue:
+            rows.append(("head + loss, epilogue (no logits) vs fused and its 4 matmuls",
+                         f"{epilogue['median_ms']:.2f} vs {fused['median_ms']:.2f} vs "
+                         f"{matmuls['median_ms']:.2f} ms, {_mib(epilogue['peak_mib'])} vs "
+                         f"{_mib(fused['peak_mib'])}", "<= 1.25x matmuls"))
         unfused = variants.get("unfused", {})
         if "median_ms" in unfused:
             rows.append(("head + loss: fused vs head matmuls + kd_loss",

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from engine.kernels.kd_head import default_chunk_tokens
+from engine.kernels.kd_head import head_chunk_tokens
 from engine.kernels.kd_loss_torch import rows_per_chunk
 from engine.precision import compute_dtype, precision_dtypes
 
@@ -392,12 +392,12 @@ def _fused_head_buffers(teacher_cfg, student_cfg, tokens: int, w: _Widths,
     v, h = student_cfg.vocab_size, student_cfg.hidden_size
     out = [("fused head: student logit block [chunk,V]", w.a * chunk * v),
            ("fused head: d hidden [B,T,H]", w.r * tokens * h)]
-    if chunk >= tokens and w.r == w.a:  # one chunk in the weight's dtype: its product is d weight
-        out.append(("fused head: d weight [V,H] (the one chunk's product)", w.a * v * h))
-    else:
+    if _accumulates(tokens, w, chunk):
+        # CUDA adds each chunk's bf16 product into it in fp32 (no copy); the CPU's upcast
+        # operands are counted with its loss scratch (_cpu_head_scratch).
         out.append(("fused head: d weight accumulator [V,H] fp32", 4 * v * h))
-        if w.a != 4:
-            out.append(("fused head: one chunk's d weight [V,H]", w.a * v * h))
+    else:  # one chunk in the weight's dtype: its product is d weight
+        out.append(("fused head: d weight [V,H] (the one chunk's product)", w.a * v * h))
     if w.r != w.a:  # autocast: the head runs on bf16 casts, as F.linear would
         out += [("fused head: hidden states cast [B,T,H]", w.a * tokens * h),
                 ("fused head: head weight cast [V,H]", w.a * v * h),
@@ -411,6 +411,23 @@ def _fused_head_buffers(teacher_cfg, student_cfg, tokens: int, w: _Widths,
             out.append(("fused head: teacher casts [B,T,Ht] + [V,Ht]",
                         t_matmul * (tokens + v) * ht))
     return out
+
+
+def _accumulates(tokens: int, w: _Widths, chunk: int) -> bool:
+    """Whether the fused head sums d weight in an fp32 accumulator (not one chunk's product)."""
+    return chunk < tokens or w.r != w.a
+
+
+def _cpu_head_scratch(student_cfg, tokens: int, w: _Widths, chunk: int) -> tuple[str, int]:
+    """The larger of two CPU transients that never coexist: the loss path's row-block scratch
+    and, with bf16 matmuls and an accumulator, one chunk's d weight operands cast to fp32."""
+    name, scratch = _cpu_loss_scratch(student_cfg.vocab_size, chunk)
+    upcast = 0
+    if w.a != 4 and _accumulates(tokens, w, chunk):
+        upcast = 4 * chunk * (student_cfg.vocab_size + student_cfg.hidden_size)
+    if upcast > scratch:
+        return "fused head: one chunk's d weight operands cast to fp32 (CPU)", upcast
+    return name, scratch
 
 
 def _teacher_hidden_bytes(w: _Widths) -> int:
@@ -510,14 +527,11 @@ def _add_fused_head(add, teacher_cfg, student_cfg, tokens, w, chunk_tokens, devi
     if teacher_cfg is not None:
         add("teacher hidden states [B,T,Ht]",
             _teacher_hidden_bytes(w) * tokens * teacher_cfg.hidden_size, "loss")
-    chunk = chunk_tokens or default_chunk_tokens(
-        tokens, student_cfg.vocab_size, student_cfg.hidden_size,
-        teacher_cfg.hidden_size if teacher_cfg is not None else 0, w.a,
-        torch.device(device_type))
-    chunk = min(chunk, tokens)
+    chunk = head_chunk_tokens(tokens, student_cfg.vocab_size, teacher_cfg is not None, w.a,
+                              torch.device(device_type), chunk_tokens)
     buffers = _fused_head_buffers(teacher_cfg, student_cfg, tokens, w, chunk)
     if device_type != "cuda":
-        buffers.append(_cpu_loss_scratch(student_cfg.vocab_size, chunk))
+        buffers.append(_cpu_head_scratch(student_cfg, tokens, w, chunk))
     backward = _block_backward_bytes(student_cfg, tokens, w) + recomputed
     if backward > sum(b for _, b in buffers):
         buffers = [("last block's backward (recomputed block + working set; larger than "

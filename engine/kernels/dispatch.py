@@ -19,7 +19,10 @@ from engine.kernels.kd_loss_torch import (
     kd_loss_forward_chunked,
 )
 
-BACKENDS = ("auto", "triton", "torch")
+# "epilogue": the Triton kernels, and for kd_head_loss the head whose matmul epilogue reduces
+# the logits (engine/kernels/head_epilogue.py) where it supports the call; on logits it is
+# "triton".
+BACKENDS = ("auto", "triton", "torch", "epilogue")
 
 
 def triton_available() -> bool:
@@ -31,19 +34,21 @@ def triton_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'triton' or 'torch' for `backend` on `device`; ValueError when it cannot run there."""
+    """'triton' or 'torch' for `backend` on `device` ('epilogue' resolves as 'triton');
+    ValueError when it cannot run there."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "triton":
+    if backend in ("triton", "epilogue"):
         if not triton_available():
-            raise ValueError("backend='triton' requested but triton is not installed")
+            raise ValueError(f"backend={backend!r} requested but triton is not installed")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
-                f"backend='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 set before "
-                "triton is imported"
+                f"backend={backend!r} on a {device.type} tensor needs TRITON_INTERPRET=1 set "
+                "before triton is imported"
             )
+        return "triton"
     return backend
 
 

@@ -24,20 +24,20 @@ autocast off and casts explicitly: the matmuls then run in exactly that dtype, a
 accumulations are never re-cast. Backward only multiplies, which autocast does not touch, so
 torch.amp.custom_fwd / custom_bwd are not needed.
 
-Chunk size (`default_chunk_tokens`):
+Chunk size (`head_chunk_tokens`, the one rule the memory plan, engine/memory.py, uses too):
+the largest chunk whose logit blocks fit a fixed budget, then evened out so that every chunk
+has the same size (4096 tokens in chunks of at most 1280 run as 4 x 1024, never 3 x 1280 +
+256: a short last chunk re-reads both weights for little work). The budget:
   * CPU: the two fp32 logit blocks take CPU_LOGIT_BLOCK_BYTES (measured, see the constant);
     without a teacher head (ce_head_loss, the teacher cache's sparse head) the one block does.
-  * CUDA (designed, not yet measured): every chunk re-reads both head weights and the fp32
-    d weight accumulator, a fixed cost of ~V * (2 Hs e + Ht e + 8 Hs + 4 Hs e) bytes (e the
-    matmul element size) against 2 V (3 Hs + Ht) flops per token. The chunk is sized so its
-    matmuls take GPU_FLOPS_PER_FIXED_BYTE times as many flops as it moves fixed bytes: 4x an
-    H100 / H200's ~300 bf16 flops per HBM byte, so that traffic costs at most ~1/4 of the
-    matmul time before any overlap. At the seed shapes (V 50304, Hs 512, Ht 768, bf16) that
-    is 3072 tokens, two blocks of ~0.6 GB. Fitting the two blocks in half the L2 (~128 tokens
-    on an H100) would keep the loss kernel's passes in cache, but then the weight traffic
-    alone exceeds the matmul time (~90 us vs ~40 us per chunk at the seed shapes), so L2 is
-    not the constraint to size by. `chunk_tokens=` overrides the rule (for the GPU suite to
-    sweep).
+  * CUDA (designed, not yet measured): the blocks take GPU_LOGIT_BLOCK_BYTES, which keeps the
+    fused head's extra memory at the seed shapes (4096 tokens, V 50304, Hs 512, Ht 768, bf16)
+    under 0.45 GiB: 4 chunks of 1024 tokens, two blocks of ~100 MiB. Each chunk re-reads both
+    head weights and reads and writes the fp32 d weight accumulator, ~V ((2 Hs + Ht) e +
+    8 Hs) bytes = ~390 MB (~0.12 ms on an H100) against its matmuls' 2 V (3 Hs + Ht) flops
+    per token (~240 GFLOP, ~0.35 ms): about a third of the matmul time before any overlap.
+    The GPU suite's chunk sweep decides whether a larger budget pays for its memory.
+`chunk_tokens=` overrides the budget (the largest chunk; it is evened out the same way).
 """
 
 from __future__ import annotations
@@ -50,14 +50,9 @@ from torch.autograd.function import once_differentiable
 
 from engine.kernels.constants import IGNORE_INDEX
 from engine.kernels.dispatch import loss_and_grad, loss_stats, prepare_loss
+from engine.kernels.head_epilogue import EpilogueHeadLoss, epilogue_fallback_reason
+from engine.kernels.head_rules import add_weight_grad, head_chunk_tokens
 from engine.kernels.kd_loss_torch import kd_loss_reference
-
-# Both fp32 logit blocks of a chunk on the CPU: 100 MiB, i.e. 256 tokens at V = 50304: the
-# largest chunk whose extra peak memory stays within 1/8 of the unfused head + loss in both of
-# kd_loss's modes, at a few percent of time over larger chunks (benchmarks/README.md).
-CPU_LOGIT_BLOCK_BYTES = 100 << 20
-# CUDA: flops per byte of per-chunk fixed traffic the chunk must reach (module docstring).
-GPU_FLOPS_PER_FIXED_BYTE = 4 * 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,24 +64,6 @@ class HeadPlan:
     teacher_dtype: torch.dtype
     grad_hidden: bool
     grad_weight: bool
-
-
-def _round_down(value: int, multiple: int) -> int:
-    return max(multiple, value // multiple * multiple)
-
-
-def default_chunk_tokens(n_tokens, vocab, student_dim, teacher_dim, element_size, device):
-    """Tokens per chunk by the rule of the module docstring (at least 1, at most n_tokens)."""
-    if device.type == "cuda":
-        fixed_bytes = vocab * ((2 * student_dim + teacher_dim) * element_size
-                               + 8 * student_dim + 4 * student_dim * element_size)
-        flops_per_token = 2 * vocab * (3 * student_dim + teacher_dim)
-        tokens = GPU_FLOPS_PER_FIXED_BYTE * fixed_bytes // flops_per_token
-        chunk = _round_down(int(tokens) + 255, 256)
-    else:
-        blocks = 2 if teacher_dim else 1  # CE only and the sparse (cached) loss: no teacher block
-        chunk = _round_down(CPU_LOGIT_BLOCK_BYTES // (blocks * 4 * vocab), 32)
-    return max(1, min(chunk, n_tokens))
 
 
 def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor, name: str) -> torch.dtype:
@@ -150,14 +127,12 @@ def student_head_chunks(h_s, w_s, plan: HeadPlan, block_loss):
     grad_h = torch.empty_like(h_s) if plan.grad_hidden else None
     acc_dtype = torch.float64 if w_s.dtype == torch.float64 else torch.float32
     # One chunk in the weight's own dtype (bf16-pure, fp32): its d weight product (one matmul,
-    # rounded once) is the gradient, with no fp32 accumulator to fill, add into and round back:
-    # the same bits, three passes over [V, H] fewer. Under autocast the accumulator stays.
+    # rounded once) is the gradient, with no fp32 accumulator to fill and round back: the same
+    # bits, two passes over [V, H] fewer. Under autocast the accumulator stays.
     single = (plan.grad_weight and n_tokens <= plan.chunk_tokens
               and plan.student_dtype == w_s.dtype)
     grad_w = (torch.zeros(w_s.shape, dtype=acc_dtype, device=w_s.device)
               if plan.grad_weight and not single else None)
-    partial_w = (torch.empty(w_s.shape, dtype=plan.student_dtype, device=w_s.device)
-                 if grad_w is not None and plan.student_dtype != acc_dtype else None)
     sums = torch.zeros(2, dtype=acc_dtype, device=h_s.device)
     write_grad = grad_h is not None or plan.grad_weight  # else forward only
     for start in range(0, n_tokens, plan.chunk_tokens):
@@ -172,10 +147,8 @@ def student_head_chunks(h_s, w_s, plan: HeadPlan, block_loss):
                 grad_h[start:stop] = torch.mm(s, ws)
         if single:
             grad_w = torch.mm(s.t(), hs[start:stop])
-        elif partial_w is not None:
-            grad_w.add_(torch.mm(s.t(), hs[start:stop], out=partial_w))
         elif grad_w is not None:
-            grad_w.addmm_(s.t(), hs[start:stop])
+            add_weight_grad(grad_w, s, hs[start:stop])
     if grad_w is not None and grad_w.dtype != w_s.dtype:
         grad_w = grad_w.to(w_s.dtype)
     return grad_h, grad_w, sums[0], sums[1]
@@ -243,15 +216,12 @@ def head_plan(student_hidden, student_weight, teacher_hidden, teacher_weight, ch
                                      or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens={chunk_tokens!r} must be a positive integer or None")
     student_dtype = _matmul_dtype(student_hidden, student_weight, "student")
-    teacher_dtype, teacher_dim = student_dtype, 0  # CE only: no teacher head
+    teacher_dtype = student_dtype  # CE only: no teacher head
     if teacher_hidden is not None:
         teacher_dtype = _matmul_dtype(teacher_hidden, teacher_weight, "teacher")
-        teacher_dim = teacher_weight.shape[1]
-    n_tokens = student_hidden.shape[:-1].numel()
-    if chunk_tokens is None:
-        chunk_tokens = default_chunk_tokens(
-            n_tokens, student_weight.shape[0], student_weight.shape[1], teacher_dim,
-            torch.finfo(student_dtype).bits // 8, student_hidden.device)
+    chunk_tokens = head_chunk_tokens(
+        student_hidden.shape[:-1].numel(), student_weight.shape[0], teacher_hidden is not None,
+        torch.finfo(student_dtype).bits // 8, student_hidden.device, chunk_tokens)
     grad_on = torch.is_grad_enabled()
     return HeadPlan(int(chunk_tokens), student_dtype, teacher_dtype,
                     grad_on and student_hidden.requires_grad,
@@ -284,7 +254,10 @@ def kd_head_loss(
     are [V, Hs] and [V, Ht] (no bias). Every keyword means what it means for kd_loss;
     chunk_tokens overrides the chunk rule of the module docstring. Returns (loss, stats) like
     kd_loss. Gradients flow to student_hidden and student_weight (in their own dtypes), never
-    to the teacher. No host synchronisation on CUDA.
+    to the teacher. No host synchronisation on CUDA. backend="epilogue" (Triton; not the
+    default until a GPU run shows it faster) runs the head that never writes logits
+    (engine/kernels/head_epilogue.py) for the forward KL with bf16 / fp32 heads, and the
+    chunked Triton path for any other call (head_epilogue.epilogue_fallback_reason).
     """
     return _head_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
@@ -335,6 +308,12 @@ def _head_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, l
     if teacher_hidden is not None:
         teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
         teacher_weight = teacher_weight.detach()
+    if backend == "epilogue" and epilogue_fallback_reason(
+            options, plan, teacher_hidden is not None) is None:
+        loss, ce_sum, kd_sum = EpilogueHeadLoss.apply(
+            student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
+            teacher_hidden, teacher_weight, flat_labels, inv_norm, options, plan, chunk_tokens)
+        return loss, loss_stats(ce_sum, kd_sum, valid_count)
     chunks = functools.partial(_chunk_loop, h_t=teacher_hidden, w_t=teacher_weight,
                                labels=flat_labels, inv_norm=inv_norm, options=options,
                                backend=resolved, plan=plan)

@@ -45,7 +45,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.dtype": DTYPE_NAMES,
     "student.init": ("pretrained", "scratch"),
     "data.mode": DATASET_MODES,
-    "loss.backend": ("auto", "triton", "torch"),
+    "loss.backend": ("auto", "triton", "torch", "epilogue"),
     "loss.divergence": DIVERGENCES,
     "optim.schedule": ("constant", "cosine"),
     "precision": PRECISION_MODES,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.kernels.divergences import DIVERGENCES
-from engine.kernels.kd_head import default_chunk_tokens
+from engine.kernels.kd_head import head_chunk_tokens
 from engine.kernels.kd_loss import kd_head_loss, kd_head_loss_reference, kd_loss, kd_loss_reference
 from tests.kernels.alloc_tracking import AllocationRecorder
 from tests.kernels.kd_cases import ALPHAS, TEMPERATURES, rel_err, tolerances
@@ -129,13 +129,36 @@ def test_never_allocates_a_tokens_by_vocab_tensor():
     assert unfused.count_at_least(full) >= 3  # both logits and the gradient
 
 
-def test_default_chunk_rule():
-    cpu = torch.device("cpu")
-    assert default_chunk_tokens(4096, 50304, 512, 768, 4, cpu) == 256
-    assert default_chunk_tokens(100, 50304, 512, 768, 4, cpu) == 100
-    cuda = torch.device("cuda")
-    assert default_chunk_tokens(24 * 2048, 50304, 512, 768, 2, cuda) == 3072
-    assert default_chunk_tokens(1000, 50304, 512, 768, 2, cuda) == 1000
+def test_chunk_rule_splits_the_tokens_evenly():
+    """The largest chunk the budget allows, evened out: the seed shapes on CUDA (4096 tokens,
+    V 50304, bf16, two blocks of at most 256 MiB) run as 4 x 1024, not 3 x 1334 + 94."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert head_chunk_tokens(4096, 50304, True, 4, cpu) == 256
+    assert head_chunk_tokens(100, 50304, True, 4, cpu) == 100
+    assert head_chunk_tokens(4096, 50304, True, 2, cuda) == 1024
+    assert head_chunk_tokens(4096, 50304, False, 2, cuda) == 2048  # one block: twice the rows
+    assert head_chunk_tokens(1000, 50304, True, 2, cuda) == 1000
+    assert head_chunk_tokens(4096, 50304, True, 2, cuda, requested=3072) == 2048
+    for n_tokens in (1, 37, 4095, 24 * 2048 + 1):
+        chunk = head_chunk_tokens(n_tokens, 50304, True, 2, cuda)
+        sizes = [min(chunk, n_tokens - start) for start in range(0, n_tokens, chunk)]
+        assert chunk * 2 * 2 * 50304 <= 256 << 20 and max(sizes) - min(sizes) < len(sizes)
+
+
+def test_the_head_runs_equal_chunks(monkeypatch):
+    """chunk_tokens=3072 over 4096 tokens runs two chunks of 2048 (not 3072 + 1024)."""
+    import engine.kernels.kd_head as kd_head
+
+    rows, real = [], kd_head.loss_and_grad
+
+    def recording(backend, s, *args):
+        rows.append(s.shape[0])
+        return real(backend, s, *args)
+
+    monkeypatch.setattr(kd_head, "loss_and_grad", recording)
+    inputs = head_inputs(shape=(4096,), hs=8, ht=8, vocab=67, valid_vocab=64, seed=4)
+    kd_head_loss(*inputs, valid_vocab=64, backend="torch", chunk_tokens=3072)
+    assert rows == [2048, 2048]
 
 
 def unfused(h_s, w_s, h_t, w_t, labels, **kwargs):
@@ -236,3 +259,16 @@ def test_bad_inputs_name_the_problem(change, match):
                   teacher_weight=w_t, labels=labels)
     with pytest.raises(ValueError, match=match):
         kd_head_loss(**change(kwargs))
+
+
+def test_weight_gradient_is_rounded_once_whatever_the_chunks():
+    """bf16 inputs: d weight over 32 chunks is as close to float64 as d weight in one chunk
+    (summed in fp32 and rounded to bf16 once, not rounded per chunk before the sum)."""
+    inputs = head_inputs(shape=(4096,), hs=64, ht=64, vocab=2048, valid_vocab=2000,
+                         dtype=torch.bfloat16, seed=5)
+    kwargs = dict(valid_vocab=2000, alpha=0.5, temperature=2.0)
+    ref_w = reference_grads(*inputs, **kwargs)[2]
+    errors = {chunk: rel_err(fused_grads(*inputs, backend="torch", chunk_tokens=chunk,
+                                         **kwargs)[2], ref_w)
+              for chunk in (4096, 128)}
+    assert errors[128] <= 1.1 * errors[4096], errors

@@ -13,7 +13,7 @@ import torch
 from engine.kernels.kd_loss import kd_loss_reference
 from engine.kernels.sparse_kd import sparse_kd_loss, sparse_kd_reference
 from engine.kernels.sparse_kd_head import sparse_kd_head_loss, sparse_kd_head_loss_reference
-from tests.kernels.kd_cases import close, make_inputs, tolerances
+from tests.kernels.kd_cases import close, make_inputs, rel_err, tolerances
 from tests.kernels.sparse_cases import (
     as_float32,
     ours_loss_and_grad,
@@ -256,3 +256,27 @@ def test_compiled_sparse_kernel_has_no_histogram_or_atomics_and_orders_its_store
     assert "tt.histogram" not in ttgir
     assert "atomic" not in ttgir
     assert barrier_between_label_load_and_first_store(ttgir)
+
+
+def test_fused_head_weight_gradient_is_rounded_once():
+    """bf16 head: d weight over 32 chunks is as close to float64 as in one chunk (the sparse
+    head shares the chunked head's loop: summed in fp32, rounded to bf16 once)."""
+    gen = torch.Generator().manual_seed(6)
+    n, hidden, vocab, valid_vocab = 2048, 32, 1024, 1000
+    h = torch.randn(n, hidden, generator=gen).bfloat16()
+    w = (torch.randn(vocab, hidden, generator=gen) * 0.3).bfloat16()
+    _, teacher, labels = make_inputs(n, vocab, valid_vocab=valid_vocab, seed=6)
+    targets = top_k_case(teacher, 8, 2.0, valid_vocab)
+    w64 = w.double().requires_grad_(True)
+    logits = h.double() @ w64.t()
+    logits = logits + (logits.bfloat16().double() - logits).detach()  # the bf16 matmul's output
+    ref, _ = sparse_kd_reference(logits, targets, labels, valid_vocab=valid_vocab)
+    ref.backward()
+    errors = {}
+    for chunk in (n, n // 32):
+        ws = w.clone().requires_grad_(True)
+        loss, _ = sparse_kd_head_loss(h, ws, as_float32(targets), labels, valid_vocab=valid_vocab,
+                                      backend="torch", chunk_tokens=chunk)
+        loss.backward()
+        errors[chunk] = rel_err(ws.grad, w64.grad)
+    assert errors[n // 32] <= 1.1 * errors[n], errors
