@@ -85,7 +85,8 @@ def check_export_dir(config: Config) -> None:
     if export == checkpoints or checkpoints in export.parents:
         raise ConfigError(f"{key}: {export} lies inside the run's checkpoints folder "
                           f"{checkpoints} (choose a folder of its own)")
-    refusal = replace_refusal(export)
+    refusal = replace_refusal(export, run_dir=config.run.out_dir,
+                              overwrite=config.run.overwrite)
     if refusal:
         raise ConfigError(f"{key}: {refusal}")
     check_writable_folder(key, export)

@@ -5,6 +5,7 @@ launch writes nothing (issue 22, items A.1, A.5 and B.13; each test failed befor
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -124,3 +125,42 @@ def test_overwrite_removes_the_replaced_runs_event_files_only(earlier_run, asset
     assert len(now) == 2 and [r["step"] for r in train_records(earlier_run)] == [1, 2]
     listed = json.loads((board / "neox_distill_events.json").read_text())["files"]
     assert mine.name not in listed and len(listed) == 1
+
+
+# --------------------------------------------------------------------------------------
+# A.4: an export is replaced only while every file is as the engine wrote it, by its run
+# --------------------------------------------------------------------------------------
+
+
+def test_an_edited_export_and_another_runs_export_are_never_replaced(assets, tmp_path,
+                                                                      capsys):
+    export = tmp_path / "export"
+    first = tmp_path / "first"
+    assert train_main(base_overrides(assets, first, run__steps=1, run__export_dir=export)) == 0
+    marker = json.loads((export / "neox_distill_export.json").read_text())
+    assert marker["run_dir"] == str(first) and len(marker["files"]["README.md"]["sha256"]) == 64
+    # Another run folder, the same export_dir: refused without run.overwrite.
+    before = every_file(export)
+    err = fails_at_start_up(base_overrides(assets, tmp_path / "second", run__steps=1,
+                                           run__export_dir=export), capsys)
+    assert f"the export of another run ({first})" in err and "run.overwrite=true" in err
+    assert every_file(export) == before and not (tmp_path / "second").exists()
+    # The same run, resumed to a later step, replaces its own export...
+    assert train_main(base_overrides(assets, first, run__steps=2, run__export_dir=export)) == 0
+    assert json.loads((export / "neox_distill_export.json").read_text())["step"] == 2
+    # ...but not once a file in it was edited (same size: only the sha256 tells).
+    card = export / "README.md"
+    text = card.read_text()
+    card.write_text(text.replace("a", "b", 1))
+    before = every_file(export)
+    err = fails_at_start_up(base_overrides(assets, first, run__steps=3, run__export_dir=export),
+                            capsys)
+    assert "README.md (edited)" in err
+    assert every_file(export) == before
+    # With run.overwrite, another run replaces an unedited export of ours.
+    card.write_text(text)
+    os.utime(card, ns=(0, 0))  # a new modification time: the sha256 is checked, and matches
+    assert train_main(base_overrides(assets, tmp_path / "third", run__steps=1,
+                                     run__export_dir=export, run__overwrite="true")) == 0
+    marker = json.loads((export / "neox_distill_export.json").read_text())
+    assert marker["run_dir"] == str(tmp_path / "third")
