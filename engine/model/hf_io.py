@@ -221,7 +221,7 @@ def model_folder_refusal(path: Path, fix: str) -> str | None:
         return None
     record = read_folder_marker(path, MODEL_MARKER, MODEL_MARKER_FORMAT)
     if record is None:
-        return (f"{path}: exists and was not written by neox-distill (no {MODEL_MARKER}); "
+        return (f"{path}: exists and was not exported by neox-distill (no {MODEL_MARKER}); "
                 f"not replacing it ({fix})")
     changed = changed_since_marked(path, MODEL_MARKER, record)
     if changed:

@@ -94,7 +94,7 @@ def test_consolidate_never_replaces_a_model_folder_it_did_not_write(sharded, tmp
     for target in (student_base, own_student):
         before = every_file(target)
         assert consolidate_main([str(folder), str(target)]) == 2
-        assert "was not written by neox-distill" in one_line_error(
+        assert "was not exported by neox-distill" in one_line_error(
             capsys, "consolidate_checkpoint: error:")
         assert every_file(target) == before
     ckpt.verify_checkpoint(sharded["ddp_checkpoint"])  # still intact
@@ -124,3 +124,32 @@ def test_consolidate_names_a_missing_checkpoint_and_a_file_as_output(sharded, tm
     err = one_line_error(capsys, "consolidate_checkpoint: error:")
     assert "exists and is not a folder (a file)" in err and "holds more than" not in err
     assert a_file.read_text() == "mine"
+
+
+# --------------------------------------------------------------------------------------
+# neox-distill eval --json / --png: the same rule (A, another instance)
+# --------------------------------------------------------------------------------------
+
+
+def test_eval_never_overwrites_a_file_it_did_not_write(sharded, tmp_path, capsys):
+    from engine.eval.__main__ import main as eval_main
+
+    model = tmp_path / "model"
+    shutil.copytree(sharded["student"], model)
+    config_json = model / "config.json"
+    before = every_file(model)
+    picture = tmp_path / "holiday.png"
+    picture.write_bytes(b"\x89PNG not a chart of ours")
+    common = ["--model", str(model), "--task", "ppl", "--data", str(sharded["data"]),
+              "--heldout", "packed", "--val-fraction", "0.05", "--max-length", "16",
+              "--limit", "2", "--no-progress"]
+    for extra in (["--json", str(config_json)], ["--json", str(picture)],
+                  ["--compare", str(model), "--png", str(picture)]):
+        assert eval_main([*common, *extra]) == 2
+        assert "was not written by engine.eval" in one_line_error(capsys, "error: --")
+    assert every_file(model) == before
+    assert picture.read_bytes() == b"\x89PNG not a chart of ours"
+    results = tmp_path / "results.json"  # its own output is replaced on a rerun
+    for _ in range(2):
+        assert eval_main([*common, "--json", str(results)]) == 0
+    assert json.loads(results.read_text())["results"][0]["task"].startswith("ppl")

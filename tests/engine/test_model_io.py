@@ -311,7 +311,7 @@ def test_save_replaces_only_a_folder_it_wrote_unchanged(tmp_path):
     downloaded = save_pretrained(perturbed_model(seed=1), tmp_path / "downloaded")
     (downloaded / "neox_distill_export.json").unlink()  # as a model from the Hub has none
     before = {p.name: p.read_bytes() for p in downloaded.iterdir()}
-    with pytest.raises(CheckpointError, match="was not written by neox-distill"):
+    with pytest.raises(CheckpointError, match="was not exported by neox-distill"):
         save_pretrained(perturbed_model(seed=2), downloaded)
     assert {p.name: p.read_bytes() for p in downloaded.iterdir()} == before
     ours = save_pretrained(perturbed_model(seed=1), tmp_path / "ours")

@@ -83,7 +83,7 @@ def test_export_refuses_a_folder_it_did_not_export(assets, tmp_path, capsys):
     before = snapshot(foreign)
     err = fails_at_start_up(base_overrides(assets, tmp_path / "run", run__export_dir=foreign),
                             capsys)
-    assert "was not written by neox-distill" in err
+    assert "was not exported by neox-distill" in err
     assert snapshot(foreign) == before and not (tmp_path / "run" / "metrics.jsonl").exists()
     # An export of ours is replaced (another run's with run.overwrite), and says where it
     # came from.
