@@ -189,5 +189,12 @@ def _legend_panel(ax, runs: list[RunCurves]) -> None:
         steps = max(int(r.get("step", 0)) for r in run.records)
         y = 0.92 - min(0.12, 0.85 / len(runs)) * index
         ax.plot([0.0, 0.08], [y, y], color=f"C{index}", linewidth=3, transform=ax.transAxes)
-        ax.text(0.11, y, f"{run.label}: {steps} steps, {final}\n{run.folder}", va="center",
-                fontsize=9, transform=ax.transAxes)
+        ax.text(0.11, y, f"{run.label}: {steps} steps, {final}{_on_tokens(vals)}\n{run.folder}",
+                va="center", fontsize=9, transform=ax.transAxes)
+
+
+def _on_tokens(vals: list[dict]) -> str:
+    """What the final held-out ppl was measured on: " on N val tokens" (the validation's own
+    count, so two numbers on different token sets are never shown as one measure)."""
+    tokens = vals[-1].get("val_tokens") if vals else None
+    return f" on {int(tokens):,} val tokens" if isinstance(tokens, (int, float)) else ""

@@ -569,7 +569,9 @@ def largest_micro_batch(
     while fits(high):
         low, high = high, high * 2
         if high > 2**24:
-            raise ValueError(f"budget {budget_bytes} bytes is implausibly large")
+            raise ValueError(f"budget {budget_bytes:.3g} bytes is implausibly large (more "
+                             f"than {2**24} sequences per micro-batch fit; give the card's "
+                             "memory, e.g. 80GiB)")
     while high - low > 1:
         mid = (low + high) // 2
         if fits(mid):

@@ -7,9 +7,12 @@ An FSDP run's checkpoints hold the student as one shard file per rank (docs/form
 checkpoint's `student/` is. This reads the shards in one process (torch.distributed.checkpoint
 without a process group, through the same Hugging Face storage reader the engine resumes
 with), after checking every file against the DONE marker's sha256, and writes config.json +
-model.safetensors (engine.model.hf_io.save_pretrained: staged, and never over a folder that is
-not a model folder). The whole model is in host memory once. Exit 0 on success, 2 on a bad
-checkpoint or output folder, each with one line naming the file.
+model.safetensors and the engine's marker (engine.model.hf_io.save_pretrained: staged). The
+output folder is checked first, before any work: it must be new, empty, or an earlier output
+of this command (or an export) whose every file is still as the marker records it; anything
+else (a model folder, a checkpoint's own student/, a file) is refused and left as it is. The
+whole model is in host memory once. Exit 0 on success, 2 on a bad checkpoint or output
+folder, each with one line naming the file.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.checkpoint.api import CheckpointException
 
 from engine.model.config import CheckpointError, GPTNeoXConfig
-from engine.model.hf_io import save_pretrained
+from engine.model.hf_io import model_folder_refusal, save_pretrained
 from engine.model.network import GPTNeoX
 from engine.train import checkpoint as ckpt
 from engine.train.gathered_export import SAFETENSORS_DTYPES
@@ -35,6 +38,15 @@ from engine.train.sharded_checkpoint import LAYOUT, STUDENT_SHARDS
 
 def consolidate(folder: Path, out_dir: Path) -> Path:
     """Write the student of sharded checkpoint `folder` to `out_dir`; ValueError on failure."""
+    if not folder.exists():
+        raise ckpt.CheckpointLoadError(f"{folder}: no such checkpoint folder")
+    if not folder.is_dir() or not (folder / ckpt.DONE_MARKER).exists():
+        raise ckpt.CheckpointLoadError(
+            f"{folder}: not a checkpoint (no {ckpt.DONE_MARKER}; give a "
+            f"{ckpt.CHECKPOINTS_DIR}/step-N folder of an FSDP run)")
+    refusal = model_folder_refusal(out_dir, "give a new or empty output folder")
+    if refusal:
+        raise ckpt.CheckpointLoadError(refusal)
     done = ckpt.verify_checkpoint(folder)
     if done.get("layout") != LAYOUT:
         raise ckpt.CheckpointLoadError(
@@ -57,7 +69,7 @@ def consolidate(folder: Path, out_dir: Path) -> Path:
     bad = ckpt.first_non_finite(model)
     if bad is not None:
         raise ckpt.CheckpointLoadError(f"{shards}: weight {bad} is not finite")
-    return save_pretrained(model, out_dir)
+    return save_pretrained(model, out_dir, source={"checkpoint": str(folder)})
 
 
 def _stored_dtype(shards: Path) -> torch.dtype:

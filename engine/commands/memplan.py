@@ -19,6 +19,7 @@ component.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -59,6 +60,27 @@ def configs_from_training_config(config):
     return teacher, student
 
 
+# In every --json file memplan writes: what lets a rerun replace it (and nothing else).
+JSON_MARK = {"written_by": "neox-distill memplan"}
+
+
+def check_json_target(path: str) -> None:
+    """--json: refuse, before any work, an existing path memplan did not write (its own
+    --config, a user's file, a folder); memplan's earlier output is replaced."""
+    target = Path(path)
+    if not target.exists():
+        return
+    if not target.is_file():
+        raise ValueError(f"--json {path}: is a folder, not a file (give a file path)")
+    try:
+        record = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    if not (isinstance(record, dict) and record.get("written_by") == JSON_MARK["written_by"]):
+        raise ValueError(f"--json {path}: exists and was not written by memplan; not "
+                         "overwriting it (give a new file path)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="neox-distill memplan",
@@ -75,8 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=1,
                         help="GPUs of the run: with --dist.strategy=fsdp the plan is one GPU's "
                         "share (default 1)")
-    parser.add_argument("--json", default="", help="also write the plans as JSON to this path")
+    parser.add_argument("--json", default="", help="also write the plans as JSON to this path "
+                        "(a new file, or one memplan wrote)")
     args, overrides = parser.parse_known_args(argv)
+    try:
+        if args.json:
+            check_json_target(args.json)
+    except ValueError as exc:
+        print(f"memplan: error: {exc}", file=sys.stderr)
+        return 2
     if args.ladder:
         return print_ladder(args, overrides)
     if not args.config or len(args.budget or []) > 1:
@@ -89,40 +118,40 @@ def main(argv: list[str] | None = None) -> int:
         teacher_cfg, student_cfg = configs_from_training_config(config)
         if args.gpus < 1:
             raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
+        return print_plan(args, config, teacher_cfg, student_cfg, budget)
     except (ValueError, OSError) as exc:
         print(f"memplan: error: {exc}", file=sys.stderr)
         return 2
 
+
+def print_plan(args, config, teacher_cfg, student_cfg, budget: int) -> int:
+    """The table for the configured micro-batch and the largest that fits; exit 0 / 1 (fits
+    or not). ValueError (e.g. a budget beyond any plan) before anything is printed."""
     planner, common = run_planner(config, teacher_cfg, student_cfg, args.gpus, budget)
     checkpointing = common.pop("activation_checkpointing")
-    plan = planner(
-        teacher_cfg,
-        student_cfg,
-        micro_batch=config.batch.micro_batch,
-        activation_checkpointing=checkpointing,
-        **common,
-    )
+    plan = planner(teacher_cfg, student_cfg, micro_batch=config.batch.micro_batch,
+                   activation_checkpointing=checkpointing, **common)
+    best, at_best = {}, {}
+    for ckpt in (False, True):
+        try:
+            best[ckpt] = largest_micro_batch(
+                teacher_cfg, student_cfg, budget_bytes=budget, activation_checkpointing=ckpt,
+                planner=planner, **common)
+        except ValueError as exc:
+            raise ValueError(f"--budget {(args.budget or ['12GiB'])[0]}: {exc}") from None
+        at_best[ckpt] = planner(teacher_cfg, student_cfg, micro_batch=best[ckpt],
+                                activation_checkpointing=ckpt, **common).total if best[ckpt] else 0
     print(plan.table(budget))
     print()
-    best = {}
     for ckpt in (False, True):
-        best[ckpt] = largest_micro_batch(
-            teacher_cfg, student_cfg, budget_bytes=budget, activation_checkpointing=ckpt,
-            planner=planner, **common
-        )
-        at_best = (
-            planner(teacher_cfg, student_cfg, micro_batch=best[ckpt],
-                    activation_checkpointing=ckpt, **common).total
-            if best[ckpt]
-            else 0
-        )
         print(
             f"largest micro_batch x {config.batch.seq_len} within {format_bytes(budget)} "
             f"(activation_checkpointing={ckpt}): {best[ckpt]}"
-            + (f"  (predicted {format_bytes(at_best)} on the card)" if best[ckpt] else "")
+            + (f"  (predicted {format_bytes(at_best[ckpt])} on the card)" if best[ckpt] else "")
         )
     if args.json:
         out = {
+            **JSON_MARK,
             "budget_bytes": budget,
             "plan": plan.to_dict(),
             "largest_micro_batch": {"no_checkpointing": best[False], "checkpointing": best[True]},
@@ -150,13 +179,13 @@ def print_ladder(args, overrides: list[str]) -> int:
         budgets = [parse_bytes(b) for b in (args.budget or LADDER_BUDGETS)]
         if args.seq_len < 1:
             raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
+        rows = ladder(budgets, seq_len=args.seq_len)
     except ValueError as exc:
         print(f"memplan: error: {exc}", file=sys.stderr)
         return 2
-    rows = ladder(budgets, seq_len=args.seq_len)
     print("\n\n".join(markdown_table(rows, budget) for budget in budgets))
     if args.json:
-        write_json_atomic(Path(args.json), {"rows": rows})
+        write_json_atomic(Path(args.json), {**JSON_MARK, "rows": rows})
     return 0
 
 

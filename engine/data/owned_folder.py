@@ -10,11 +10,13 @@ own output folders and files, replaced whole.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Collection
 from pathlib import Path
 
 from engine.data.atomic import temporary_leftovers
+from engine.data.shards import file_sha256
 
 
 def shown_names(names) -> str:
@@ -56,3 +58,67 @@ def clear_owned_folder(folder: str | Path, *, markers: Collection[str],
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+# --------------------------------------------------------------------------------------
+# Folders of files the engine wrote whole (an export, a consolidated checkpoint): a marker,
+# written last, records each file's sha256, so a rerun replaces the folder only while every
+# file is still as the engine wrote it.
+# --------------------------------------------------------------------------------------
+
+def _file_entry(path: Path) -> dict:
+    stat = path.stat()
+    return {"sha256": file_sha256(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def write_folder_marker(folder: Path, marker: str, fmt: str, fields: dict) -> None:
+    """Write `marker` into `folder` (a staged folder, swapped in by the caller): `fields` and
+    every other file's sha256, size and modification time."""
+    files = {p.name: _file_entry(p) for p in sorted(folder.iterdir())
+             if p.is_file() and p.name != marker}
+    record = {"format": fmt, "format_version": 2, **fields, "files": files}
+    (folder / marker).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def read_folder_marker(folder: Path, marker: str, fmt: str) -> dict | None:
+    """The marker's record when `folder` holds one of format `fmt`, else None."""
+    try:
+        record = json.loads((folder / marker).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        return None
+    return record if isinstance(record.get("files"), (dict, list)) else None
+
+
+def _unchanged(path: Path, entry, marker_mtime_ns: int) -> bool:
+    """The file is as the marker records it: by sha256 (skipped when size and modification
+    time are both the recorded ones); a version-1 marker (names only) trusts a file not
+    modified after the marker was written."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    stat = path.stat()
+    if not isinstance(entry, dict):  # format_version 1: a list of names, no hashes
+        return stat.st_mtime_ns <= marker_mtime_ns
+    if stat.st_size != entry.get("size"):
+        return False
+    if stat.st_mtime_ns == entry.get("mtime_ns"):
+        return True
+    return file_sha256(path) == entry.get("sha256")
+
+
+def changed_since_marked(folder: Path, marker: str, record: dict) -> list[str]:
+    """Entries of `folder` the engine did not write as they are now: added since the marker
+    was written, or edited (their sha256 no longer the recorded one)."""
+    files = record["files"]
+    entries = files if isinstance(files, dict) else dict.fromkeys(files)
+    marker_mtime = (folder / marker).stat().st_mtime_ns
+    changed = []
+    for path in sorted(folder.iterdir()):
+        if path.name == marker:
+            continue
+        if path.name not in entries:
+            changed.append(f"{path.name} (added)")
+        elif not _unchanged(path, entries[path.name], marker_mtime):
+            changed.append(f"{path.name} (edited)")
+    return changed

@@ -19,7 +19,7 @@ import torch
 
 from engine.data.atomic import write_text_atomic
 from engine.data.loader import DATASET_MODES
-from engine.eval.compare import markdown_table, save_bar_chart
+from engine.eval.compare import is_our_chart, markdown_table, save_bar_chart
 from engine.eval.requests import EvalInputError, TextEncoder
 from engine.eval.scoring import divergence_label
 from engine.eval.tasks import (
@@ -258,9 +258,35 @@ def evaluate_folder(model_dir: str, args, label: str, teacher=None) -> list[dict
     return rows
 
 
+def is_our_results(path: Path) -> bool:
+    """A results JSON this command wrote: an object with its "settings" and "results"."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return (isinstance(document, dict) and isinstance(document.get("settings"), dict)
+            and isinstance(document.get("results"), list))
+
+
+def check_outputs(args) -> None:
+    """--json / --png: refuse, before any model is loaded, an existing path this command did
+    not write (a data file, a model's config, a user's picture); its own are replaced."""
+    for flag, value, ours in (("--json", args.json, is_our_results),
+                              ("--png", args.png, is_our_chart)):
+        path = Path(value) if value else None
+        if path is None or not path.exists():
+            continue
+        if not path.is_file():
+            raise ValueError(f"{flag} {path}: is a folder, not a file (give a file path)")
+        if not ours(path):
+            raise ValueError(f"{flag} {path}: exists and was not written by engine.eval; not "
+                             "overwriting it (give a new file path)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
+        check_outputs(args)
         if len(args.task) != len(args.data):
             raise ValueError(
                 f"--task names {len(args.task)} task(s) but --data {len(args.data)} file(s): "

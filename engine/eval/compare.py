@@ -94,6 +94,21 @@ def matplotlib_available() -> bool:
     return True
 
 
+# PNG metadata of every chart save_bar_chart writes: what lets a rerun replace it.
+CHART_TITLE = "neox-distill eval comparison"
+
+
+def is_our_chart(path: Path) -> bool:
+    """A PNG save_bar_chart wrote (its Title metadata), readable without matplotlib."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get("Title") == CHART_TITLE
+    except Exception:  # no Pillow, not an image: not provably ours
+        return False
+
+
 def save_bar_chart(rows: list[dict], path: str | Path) -> Path:
     """One bar-chart panel per table column, one bar per model; written atomically.
 
@@ -123,7 +138,7 @@ def save_bar_chart(rows: list[dict], path: str | Path) -> Path:
     figure.tight_layout()
     try:
         with open_atomic(path, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=120)
+            figure.savefig(handle, format="png", dpi=120, metadata={"Title": CHART_TITLE})
     finally:
         plt.close(figure)
     return path

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,12 +24,22 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.data.atomic import current_umask, staged_folder
+from engine.data.owned_folder import (
+    changed_since_marked,
+    read_folder_marker,
+    shown_names,
+    write_folder_marker,
+)
 from engine.model.config import CheckpointError, GPTNeoXConfig
 from engine.model.network import GPTNeoX
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# Written last into every model folder the engine writes whole (save_pretrained, an export):
+# each file's sha256, so only a folder of ours, unchanged since, is ever replaced.
+MODEL_MARKER = "neox_distill_export.json"
+MODEL_MARKER_FORMAT = "neox-distill-export"
 
 # Buffers older GPT-NeoX checkpoints carry: a uint8 causal mask, a masking constant and a
 # stored inv_freq. We rebuild all three from the config, so they are read past, not loaded.
@@ -174,25 +185,49 @@ def _checked_names(file: Path, handle, expected: dict[str, tuple]) -> list[str]:
 
 
 def save_pretrained(
-    model: GPTNeoX, path: str | os.PathLike, dtype: torch.dtype | None = None
+    model: GPTNeoX, path: str | os.PathLike, dtype: torch.dtype | None = None, *,
+    source: dict | None = None,
 ) -> Path:
-    """Write config.json + model.safetensors (HF names) atomically; replaces an old folder.
+    """Write config.json + model.safetensors (HF names) and the engine's marker atomically.
 
     The folder is staged beside the target and swapped in complete (engine.data.atomic
-    .staged_folder), so a crash leaves either the old checkpoint or the new one. A folder
-    holding anything but those two files (a downloaded model's tokenizer, a user's notes) is
-    refused: only what this function writes is ever replaced.
+    .staged_folder), so a crash leaves either the old folder or the new one. An existing
+    folder is replaced only when it is empty or carries the marker this function (or an
+    export) wrote, with every file in it still as recorded there: a model folder of anyone
+    else's, a checkpoint's own student/, or a file edited since, is refused (CheckpointError).
+    `source` (e.g. the checkpoint it came from) goes into the marker.
     """
     path = Path(path)
-    if path.exists() and not _is_replaceable_model_folder(path):
-        raise CheckpointError(
-            f"{path}: exists and holds more than the {CONFIG_NAME} + {WEIGHTS_NAME} this "
-            "function writes (e.g. a model's tokenizer or card); refusing to replace it"
-        )
+    refusal = model_folder_refusal(path, "choose another folder, or move it away")
+    if refusal:
+        raise CheckpointError(refusal)
     _check_save_dtype(dtype)
     with staged_folder(path) as staged:
         write_model_files(model, staged, dtype)
+        write_folder_marker(staged, MODEL_MARKER, MODEL_MARKER_FORMAT,
+                            {"written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(source or {})})
     return path
+
+
+def model_folder_refusal(path: Path, fix: str) -> str | None:
+    """Why a model folder the engine writes whole must not replace `path` (None: it may):
+    not a folder; not written by the engine (no MODEL_MARKER); or a file added or edited
+    since the engine wrote it (the marker's sha256). `fix` ends the message."""
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return f"{path}: exists and is not a folder (a file); not replacing it ({fix})"
+    if not any(path.iterdir()):
+        return None
+    record = read_folder_marker(path, MODEL_MARKER, MODEL_MARKER_FORMAT)
+    if record is None:
+        return (f"{path}: exists and was not exported by neox-distill (no {MODEL_MARKER}); "
+                f"not replacing it ({fix})")
+    changed = changed_since_marked(path, MODEL_MARKER, record)
+    if changed:
+        return (f"{path}: written by neox-distill, but not all as it wrote them: "
+                f"{shown_names(changed)}; not replacing it (move those files away, or {fix})")
+    return None
 
 
 def write_model_files(model: GPTNeoX, folder: Path, dtype: torch.dtype | None = None) -> None:
@@ -221,17 +256,14 @@ def _check_save_dtype(dtype: torch.dtype | None) -> None:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
 
 
-def _is_replaceable_model_folder(path: Path) -> bool:
-    """Empty, or holding nothing but the files save_pretrained writes."""
-    return path.is_dir() and {p.name for p in path.iterdir()} <= {CONFIG_NAME, WEIGHTS_NAME}
-
-
 __all__ = [
     "CONFIG_NAME",
+    "MODEL_MARKER",
     "WEIGHTS_INDEX_NAME",
     "WEIGHTS_NAME",
     "CheckpointError",
     "load_pretrained",
+    "model_folder_refusal",
     "save_pretrained",
     "write_model_files",
 ]

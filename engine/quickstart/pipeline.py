@@ -238,8 +238,11 @@ def train_stages(settings: dict[str, Any], out_dir: Path, data: dict[str, Any],
 
     def fill(stage: str, **sections) -> dict[str, dict[str, Any]]:
         base = {
+            # val_batches: each run validates on the very tokens the table scores, so the
+            # held-out ppl of curves.png and of the table are one number for one model.
             "run": {"out_dir": str(out_dir / stage), "resume": "none",
-                    "tokenizer": str(data["tokenizer_path"])},
+                    "tokenizer": str(data["tokenizer_path"]),
+                    "val_batches": settings["quickstart"]["eval_batches"]},
             "data": {"path": str(data["data_dir"]), "valid_vocab": data["vocab"]},
         }
         for name, table in sections.items():
@@ -355,7 +358,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         )
     tokens = rows[0].get("tokens")
     lines.append(f"(held-out: {int(tokens) if tokens else '?'} tokens of the val split, "
-                 "never trained on; KD = mean T^2 KL(teacher || model), T = 2)")
+                 "never trained on, the same the runs validate on (curves.png); "
+                 "KD = mean T^2 KL(teacher || model), T = 2)")
     lines.append(f"(last word: LAMBADA-style, {rows[0]['last_word_items']} passages of "
                  "standard-library files left out of the corpus, each ending with a name its "
                  "earlier lines use; ppl of that word, acc = greedy match)")

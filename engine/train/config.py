@@ -600,8 +600,13 @@ def dumps_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The first line of the config.toml a run writes: what tells the run's own config.toml from a
+# user's (engine/train/run_folder.py).
+RESOLVED_TOML_HEADER = "# neox-distill: the resolved configuration of the run in this folder\n"
+
+
 def write_resolved(config: Config, folder: str | os.PathLike) -> None:
     """Write config.toml and config.json into `folder` (created if missing), each atomically."""
     folder = Path(folder)
-    write_text_atomic(folder / "config.toml", config.to_toml())
+    write_text_atomic(folder / "config.toml", RESOLVED_TOML_HEADER + config.to_toml())
     write_json_atomic(folder / "config.json", config.to_dict())

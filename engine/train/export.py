@@ -2,15 +2,16 @@
 
 The export loads unchanged in transformers' GPTNeoXForCausalLM and AutoTokenizer and in
 lm-evaluation-harness (docs/formats.md). It is staged and swapped in whole, so a crash leaves
-the previous export. Every export carries a marker file, written last; an existing folder is
-replaced only when it carries that marker (or is empty), so an export can never delete a
-folder the engine did not export (a model's source folder, a run folder, anything of the
-user's).
+the previous export. Every export carries a marker file, written last, with the sha256 of each
+file and the run folder that exported it; an existing folder is replaced only when it is empty
+or carries that marker with every file unchanged since (and, without run.overwrite, was
+exported by the same run), so an export can never delete a folder the engine did not export
+(a model's source folder, a run folder, anything of the user's), an edit made to an export
+since, nor another run's export.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -19,49 +20,36 @@ from pathlib import Path
 import torch
 
 from engine.data.atomic import staged_folder
-from engine.model.hf_io import write_model_files
+from engine.data.owned_folder import read_folder_marker, write_folder_marker
+from engine.model.hf_io import (
+    MODEL_MARKER,
+    MODEL_MARKER_FORMAT,
+    model_folder_refusal,
+    write_model_files,
+)
 from engine.train.file_writes import WRITE_ERRORS, WriteFailed, describe_write_error, follow_umask
 from engine.train.model_card import CARD_NAME, write_tokenizer_files
 
 TOKENIZER_NAME = "tokenizer.json"
-EXPORT_MARKER = "neox_distill_export.json"
-EXPORT_FORMAT = "neox-distill-export"
+EXPORT_MARKER = MODEL_MARKER
+EXPORT_FORMAT = MODEL_MARKER_FORMAT
 
 
-def exported_files(folder: Path) -> list[str] | None:
-    """The files an export of this engine wrote in `folder`, as its marker (written last)
-    lists them; None when the folder holds no such marker."""
-    try:
-        marker = json.loads((folder / EXPORT_MARKER).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(marker, dict) or marker.get("format") != EXPORT_FORMAT:
-        return None
-    files = marker.get("files")
-    return files if isinstance(files, list) else None
-
-
-def replace_refusal(folder: Path) -> str | None:
+def replace_refusal(folder: Path, *, run_dir: str | os.PathLike | None = None,
+                    overwrite: bool = False) -> str | None:
     """Why an export must not replace `folder`, or None when it may: only an export of ours
-    holding nothing but the files its marker lists is replaced (a user's file added to it
-    since, e.g. evaluation results, would be lost with it)."""
-    if not folder.exists():
-        return None
-    if not folder.is_dir():
-        return f"{folder}: exists and is not a folder; not replacing it"
-    entries = sorted(p.name for p in folder.iterdir())
-    if not entries:
-        return None
-    files = exported_files(folder)
-    if files is None:
-        return (f"{folder}: exists and was not exported by neox-distill (no {EXPORT_MARKER} "
-                "listing its files); not replacing it (choose another run.export_dir, or move "
-                "the folder away)")
-    added = [name for name in entries if name not in (*files, EXPORT_MARKER)]
-    if added:
-        return (f"{folder}: an export of neox-distill, but {', '.join(added[:6])} "
-                f"{'was' if len(added) == 1 else 'were'} added to it since; not replacing it "
-                "(move them away, or choose another run.export_dir)")
+    whose every file is still as its marker records it (sha256) is replaced; a file added or
+    edited since (evaluation results, an edited README.md) would be lost with it. With
+    `run_dir`, an export another run folder wrote is replaced only with run.overwrite."""
+    fix = "choose another run.export_dir, or move the folder away"
+    refusal = model_folder_refusal(folder, fix)
+    if refusal or run_dir is None or not folder.is_dir():
+        return refusal
+    record = read_folder_marker(folder, EXPORT_MARKER, EXPORT_FORMAT)
+    writer = (record or {}).get("run_dir")
+    if writer and not overwrite and Path(writer).resolve() != Path(run_dir).resolve():
+        return (f"{folder}: the export of another run ({writer}); not replacing it without "
+                f"run.overwrite=true ({fix})")
     return None
 
 
@@ -102,12 +90,11 @@ def export_student(
             if model_card is not None:
                 (staged / CARD_NAME).write_text(model_card, encoding="utf-8")
             follow_umask(staged)
-            # Last: a folder holding the marker is a complete export of ours.
-            marker = {"format": EXPORT_FORMAT, "format_version": 1,
-                      "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(source or {}),
-                      "files": sorted(p.name for p in staged.iterdir())}
-            (staged / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n",
-                                                encoding="utf-8")
+            # Last: a folder holding the marker is a complete export of ours, and the sha256
+            # of each file it lists tells a later export whether the file is still ours.
+            write_folder_marker(staged, EXPORT_MARKER, EXPORT_FORMAT,
+                                {"exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                 **(source or {})})
     except WRITE_ERRORS as exc:
         raise WriteFailed(
             f"{export_dir}: cannot export the student: {describe_write_error(exc)}"

@@ -17,19 +17,41 @@ the same run id (its steps only move forward; the redone steps are bit-exact rep
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.data.atomic import write_text_atomic
+from engine.data.atomic import write_json_atomic, write_text_atomic
 from engine.metrics import MetricsSink, record_scalars
 from engine.train.config import Config, ConfigError
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
 WANDB_RUN_ID = "neox-distill-run-id"  # inside WANDB_DIR: the run a resumed session continues
+# Inside TENSORBOARD_DIR: the event files the engine wrote there (run.overwrite removes those,
+# and only those, so TensorBoard stops showing a replaced run).
+EVENTS_RECORD = "neox_distill_events.json"
+EVENTS_PATTERN = "events.out.tfevents.*"
+
+
+def engine_event_files(folder: Path) -> list[Path]:
+    """The event files in `folder` that its EVENTS_RECORD lists (the engine's), still there."""
+    try:
+        names = json.loads((folder / EVENTS_RECORD).read_text(encoding="utf-8"))["files"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return []
+    if not isinstance(names, list):
+        return []
+    found = [folder / n for n in names if isinstance(n, str) and Path(n).name == n]
+    return [p for p in found if p.match(EVENTS_PATTERN) and p.is_file()]
+
+
+def _record_event_files(folder: Path, new: set[Path]) -> None:
+    names = {p.name for p in engine_event_files(folder)} | {p.name for p in new}
+    write_json_atomic(folder / EVENTS_RECORD, {"files": sorted(names)})
 
 
 def _missing(key: str, package: str, extra: str) -> ConfigError:
@@ -54,9 +76,12 @@ class TensorBoardSink:
     def open(self, step: int, history: Sequence[dict]) -> None:
         """Continue the event files at `step`: events after it are purged (the resumed run
         redoes them). A first opening replays metrics.jsonl's earlier records instead."""
-        seen_before = self.folder.is_dir() and any(self.folder.glob("events.out.tfevents.*"))
+        existing = set(self.folder.glob(EVENTS_PATTERN)) if self.folder.is_dir() else set()
+        seen_before = bool(existing)
         purge_step = step + 1 if seen_before else None
         self.writer = self._summary_writer(str(self.folder), purge_step=purge_step)
+        self.writer.flush()  # the event file exists from here on
+        _record_event_files(self.folder, set(self.folder.glob(EVENTS_PATTERN)) - existing)
         if not seen_before:
             for record in history:
                 self.write(record)

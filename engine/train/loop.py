@@ -34,10 +34,11 @@ from engine.train.config import Config, ConfigError, kd_settings, validate, writ
 from engine.train.export import export_student
 from engine.train.gathered_export import export_sharded_student
 from engine.train.lock import hold_run_lock
-from engine.train.loggers import build_sinks
+from engine.train.loggers import TENSORBOARD_DIR, build_sinks
 from engine.train.lost_updates import build_meter
 from engine.train.model_card import model_card_for, non_finite_metrics
 from engine.train.preflight import check_paths, export_dir_of
+from engine.train.run_folder import replace_earlier_results
 from engine.train.setup import (
     build_optimizer,
     build_train_loader,
@@ -78,8 +79,9 @@ def run(config: Config) -> dict[str, Any]:
     configure_cuda_allocator(config)
     info = dist.init_distributed(config.device, group_of_one=config.dist.strategy == "fsdp")
     try:
-        with dist.collective_errors(), hold_run_lock(config.run.out_dir, info):
+        with dist.collective_errors(), hold_run_lock(config.run.out_dir, info) as lock:
             trainer = Trainer(config, info)
+            lock.keep()  # past its checks, the run has written into out_dir
             with StopRequest() as stop:
                 return trainer.train(stop)
     finally:
@@ -95,7 +97,7 @@ class Trainer:
         self.writer = MetricsWriter(self.out_dir, enabled=info.is_main,
                                     total_steps=config.run.steps,
                                     sinks=build_sinks(config, enabled=info.is_main))
-        candidates = prepare_run_folder(config, info)
+        candidates, replacing = prepare_run_folder(config, info)
         _, autocast_dtype = step_dtypes(config)
         self.student, self.teacher = build_models(config, info, self.writer.log_text)
         self.sharded = fsdp.is_sharded(self.student)  # dist.strategy=fsdp
@@ -156,6 +158,11 @@ class Trainer:
         self._session_start, self._session_steps = time.perf_counter(), 0  # for the ETA
         self.writer.log_text(self._describe())
         if info.is_main:  # only now: a failed launch leaves an earlier run's record alone
+            if replacing:  # run.overwrite=true
+                left = replace_earlier_results(self.out_dir)
+                if left:
+                    self.writer.log_text(f"warning: {self.out_dir / TENSORBOARD_DIR} keeps "
+                                         f"{', '.join(left)}, not written by this engine")
             write_resolved(config, self.out_dir)
 
     def _continue_records(self) -> None:

@@ -16,6 +16,7 @@ from engine.model.hf_io import CONFIG_NAME
 from engine.train.checkpoint import checkpoint_root
 from engine.train.config import Config, ConfigError
 from engine.train.export import replace_refusal
+from engine.train.run_folder import check_run_folder
 from engine.train.vocab_checks import read_run_tokenizer
 
 
@@ -84,7 +85,8 @@ def check_export_dir(config: Config) -> None:
     if export == checkpoints or checkpoints in export.parents:
         raise ConfigError(f"{key}: {export} lies inside the run's checkpoints folder "
                           f"{checkpoints} (choose a folder of its own)")
-    refusal = replace_refusal(export)
+    refusal = replace_refusal(export, run_dir=config.run.out_dir,
+                              overwrite=config.run.overwrite)
     if refusal:
         raise ConfigError(f"{key}: {refusal}")
     check_writable_folder(key, export)
@@ -93,6 +95,7 @@ def check_export_dir(config: Config) -> None:
 def check_paths(config: Config) -> None:
     """Every path of the configuration, before the run takes its lock or loads anything."""
     check_writable_folder("run.out_dir", Path(config.run.out_dir))
+    check_run_folder(Path(config.run.out_dir))
     if config.student.init == "pretrained":
         check_model_folder("student.path", config.student.path)
     if config.teacher.path:

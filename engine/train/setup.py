@@ -15,7 +15,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from engine import dist
-from engine.data.atomic import write_text_atomic
 from engine.data.loader import BatchLoader
 from engine.data.teacher_cache import CacheError, read_cache_manifest
 from engine.memory import format_bytes, largest_micro_batch, plan_memory
@@ -44,12 +43,14 @@ def earlier_results(out_dir: Path) -> list[str]:
     return found
 
 
-def prepare_run_folder(config: Config, info: dist.DistInfo) -> list[Path]:
+def prepare_run_folder(config: Config, info: dist.DistInfo) -> tuple[list[Path], bool]:
     """Check out_dir against run.resume and run.overwrite, clear debris of killed saves;
-    return the checkpoints to try resuming from, best first (empty: a fresh start).
+    return (the checkpoints to try resuming from, best first (empty: a fresh start), whether
+    an earlier run's results are to be replaced).
 
     Call with the run lock held. A fresh start refuses a folder holding an earlier run's
-    results unless run.overwrite is set, which then starts metrics.jsonl anew.
+    results unless run.overwrite is set; the caller replaces them (run_folder
+    .replace_earlier_results) only once every other start-up check has passed.
     """
     out_dir = Path(config.run.out_dir)
     candidates = ckpt.resume_candidates(config.run.resume, out_dir)
@@ -66,12 +67,9 @@ def prepare_run_folder(config: Config, info: dist.DistInfo) -> list[Path]:
             "run.overwrite=true to replace its results"
         )
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_incomplete(out_dir)
-        if earlier:
-            write_text_atomic(out_dir / "metrics.jsonl", "")
+        ckpt.clean_incomplete(out_dir)  # a killed save's own debris, nothing else
     dist.barrier()
-    return candidates
+    return candidates, bool(earlier)
 
 
 # --------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ before any update, every eval.every steps and at the end, with engine.eval's own
 `python -m engine.eval` on the same weights), and compares each perplexity with its step-0
 value: more than eval.alarm worse is a warning naming the task, both values and the step,
 and with eval.alarm_action = "stop" the run saves a checkpoint and stops (exit status 1).
+A task that cannot be scored mid-run (its file gone or unreadable) is the same kind of event:
+a warning, or with "stop" a checkpoint and a stop; never a run lost without a save.
 
 Rank 0 scores (the student is the same on every rank) while the others wait; under FSDP,
 whose forward is collective, every rank scores the same documents and rank 0 records. The
@@ -153,8 +155,12 @@ class TaskWatch:
         alarms = []
         if self.scores_here:
             for kind, name, path in self.tasks:
-                with fsdp.gathered_root(self.student):
-                    scores = self._evaluate(kind, path)
+                try:
+                    with fsdp.gathered_root(self.student):
+                        scores = self._evaluate(kind, path)
+                except (OSError, EvalInputError) as exc:  # e.g. the file went away mid-run
+                    alarms.append(self._failed(kind, name, path, step, exc))
+                    continue
                 if not self.is_main:
                     continue
                 record = {"kind": "task", "step": step, "task": kind, "name": name,
@@ -163,6 +169,18 @@ class TaskWatch:
                 alarms.extend(self._check(record))
         reason = "; ".join(alarms) if alarms and self.settings.alarm_action == "stop" else None
         return dist.all_gather_object(reason)[0]
+
+    def _failed(self, kind: str, name: str, path: str, step: int, exc: Exception) -> str:
+        """A task that cannot be scored (its file unreadable, changed, gone): a warning naming
+        it, never the end of the run; eval.alarm_action = "stop" stops as for a regression
+        (checkpoint first). The run goes on scoring it at the next step it is due."""
+        reason = getattr(exc, "strerror", None) or str(exc)
+        where = f"{path}: " if str(path) not in reason else ""
+        message = (f"task {_label({'task': kind, 'name': name})} at step {step}: cannot be "
+                   f"scored ({where}{reason}); no record written")
+        if self.is_main:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return message
 
     def _evaluate(self, kind: str, path: str) -> dict[str, Any]:
         limit = self.settings.limit or None

@@ -302,3 +302,21 @@ def test_tensor_in_two_shards_is_refused_by_name(tmp_path):
     save_file(tensors, second, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=f"{name}.*also appears in"):
         load_pretrained(folder)
+
+
+def test_save_replaces_only_a_folder_it_wrote_unchanged(tmp_path):
+    """Issue 22, A.2: config.json + model.safetensors alone (a downloaded model, a
+    checkpoint's student/) are not proof of ours; the marker save_pretrained writes is, and
+    only while each file keeps the sha256 it records."""
+    downloaded = save_pretrained(perturbed_model(seed=1), tmp_path / "downloaded")
+    (downloaded / "neox_distill_export.json").unlink()  # as a model from the Hub has none
+    before = {p.name: p.read_bytes() for p in downloaded.iterdir()}
+    with pytest.raises(CheckpointError, match="was not exported by neox-distill"):
+        save_pretrained(perturbed_model(seed=2), downloaded)
+    assert {p.name: p.read_bytes() for p in downloaded.iterdir()} == before
+    ours = save_pretrained(perturbed_model(seed=1), tmp_path / "ours")
+    save_pretrained(perturbed_model(seed=2), ours)  # ours, unchanged: replaced
+    config = ours / "config.json"
+    config.write_text(config.read_text().replace("  ", "\t", 1))  # an edit of the user's
+    with pytest.raises(CheckpointError, match=r"config\.json \(edited\)"):
+        save_pretrained(perturbed_model(seed=3), ours)

@@ -242,3 +242,32 @@ def test_main_exit_code_follows_the_verdict(tmp_path, monkeypatch, capsys, disti
 def test_main_reports_bad_config_with_exit_2(tmp_path, capsys):
     assert quickstart.main(["--config", str(tmp_path / "none.toml")]) == 2
     assert "none.toml" in capsys.readouterr().err
+
+
+def test_every_stage_validates_on_the_tokens_the_table_scores(tmp_path, monkeypatch, capsys):
+    """Issue 22, item 25: curves.png's held-out ppl (the runs' validation) and the table's
+    (held_out) were two numbers on two token sets (4 vs eval_batches micro-batches). Every
+    stage now validates on eval_batches micro-batches of the distill config's val split, the
+    table's loader; and the legend says how many tokens its number is on."""
+    seen = {}
+
+    def fake_run(config):
+        seen[config.run.out_dir] = config
+        return {"status": "completed", "out_dir": config.run.out_dir,
+                "export_dir": str(Path(config.run.out_dir) / "final")}
+
+    monkeypatch.setattr(quickstart, "train_run", fake_run)
+    data = {"tokenizer_path": tmp_path / "tokenizer.json", "data_dir": tmp_path,
+            "vocab": 500, "model_vocab": 512, "last_word": tmp_path / "last_word.jsonl"}
+    default = quickstart.load_settings(quickstart.DEFAULT_CONFIG)
+    for settings in (default, quickstart.shrink(default)):
+        _, configs = quickstart.train_stages(settings, tmp_path, data, quickstart._Laps())
+        eval_batches = settings["quickstart"]["eval_batches"]
+        reference = configs["distill"]
+        for config in configs.values():
+            assert config.run.val_batches == eval_batches
+            assert (config.batch.micro_batch, config.data.val_fraction) == (
+                reference.batch.micro_batch, reference.data.val_fraction)
+    from engine.curves import _on_tokens
+
+    assert _on_tokens([{"val_ppl": 134.7, "val_tokens": 16256}]) == " on 16,256 val tokens"

@@ -78,18 +78,20 @@ def test_export_into_a_models_own_folder_is_refused(assets, tmp_path, capsys):
 
 def test_export_refuses_a_folder_it_did_not_export(assets, tmp_path, capsys):
     foreign = tmp_path / "someone-elses-model"
-    shutil.copytree(assets["student"], foreign)  # a model folder (config.json), not ours
+    shutil.copytree(assets["student"], foreign, ignore=shutil.ignore_patterns(
+        "neox_distill_export.json"))  # a model folder (config.json), not ours
     before = snapshot(foreign)
     err = fails_at_start_up(base_overrides(assets, tmp_path / "run", run__export_dir=foreign),
                             capsys)
     assert "was not exported by neox-distill" in err
     assert snapshot(foreign) == before and not (tmp_path / "run" / "metrics.jsonl").exists()
-    # An export of ours is replaced, and says where it came from.
+    # An export of ours is replaced (another run's with run.overwrite), and says where it
+    # came from.
     ours = tmp_path / "ours"
     for steps in (1, 2):
         out = tmp_path / f"run-{steps}"
-        assert train_main(base_overrides(assets, out, run__steps=steps,
-                                         run__export_dir=ours)) == 0
+        assert train_main(base_overrides(assets, out, run__steps=steps, run__export_dir=ours,
+                                         run__overwrite=str(steps > 1).lower())) == 0
         marker = json.loads((ours / "neox_distill_export.json").read_text())
         assert marker["step"] == steps and marker["run_dir"] == str(out)
     assert load_pretrained(ours).config.vocab_size > 0
@@ -98,7 +100,7 @@ def test_export_refuses_a_folder_it_did_not_export(assets, tmp_path, capsys):
     before = snapshot(ours)
     err = fails_at_start_up(base_overrides(assets, tmp_path / "run-3", run__export_dir=ours),
                             capsys)
-    assert "my-eval.json was added to it since" in err and snapshot(ours) == before
+    assert "my-eval.json (added)" in err and snapshot(ours) == before
 
 
 # --------------------------------------------------------------------------------------
