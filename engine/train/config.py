@@ -1,23 +1,27 @@
 """Typed training configuration: dataclasses, TOML presets and command-line overrides.
 
-One place decides what a key means and which values it accepts, so a typo in a preset or on
-the command line fails before any model is loaded, naming the nearest key that does exist.
-The resolved configuration is written into the run folder so a run can be reproduced (and
-resumed) from its own record rather than from whatever the preset says today.
+The dataclasses below are the whole schema: each field's type says which values a key accepts
+(`Literal[...]` a set of words, `Annotated[T, rule]` a range or form that `validate` checks),
+and one generic reader turns TOML values and `--section.key=value` text into those types. So a
+typo in a preset or on the command line fails before any model is loaded, naming the key and
+the nearest key that does exist. The resolved configuration is written into the run folder so
+a run can be reproduced (and resumed) from its own record rather than from today's preset.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
 import sys
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from engine.data.atomic import write_json_atomic, write_text_atomic
 from engine.data.loader import DATASET_MODES
@@ -40,36 +44,45 @@ class ConfigError(ValueError):
 AUTO = "auto"  # a setting the engine decides from the device (runtime.compile, memory_budget)
 
 
-# Allowed values of the string fields that are really enumerations.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "teacher.dtype": DTYPE_NAMES,
-    "student.init": ("pretrained", "scratch"),
-    "data.mode": DATASET_MODES,
-    "loss.backend": ("auto", "triton", "torch", "epilogue"),
-    "loss.divergence": DIVERGENCES,
-    "optim.schedule": ("constant", "cosine"),
-    "precision": PRECISION_MODES,
-    "device": ("auto", "cpu", "cuda"),
-    "eval.alarm_action": ("warn", "stop"),
-    "dist.strategy": ("ddp", "fsdp"),
-    "dist.teacher": ("auto", "shard", "replicate"),
-}
+def _rule(text: str, ok: Callable[[Any], bool], why: str = "") -> Callable[[Any], str | None]:
+    """A value check for `Annotated[T, rule]`: the problem `validate` reports, or None."""
+    return lambda value: None if ok(value) else f"must be {text}, got {value}{why}"
+
+
+POSITIVE = _rule("> 0", lambda v: v > 0)
+NON_NEGATIVE = _rule(">= 0", lambda v: v >= 0)
+FRACTION = _rule("in [0, 1]", lambda v: 0 <= v <= 1)
+# The checked types of the fields (pydantic's names for the same ideas).
+PositiveInt, PositiveFloat = Annotated[int, POSITIVE], Annotated[float, POSITIVE]
+NonNegativeInt, NonNegativeFloat = Annotated[int, NON_NEGATIVE], Annotated[float, NON_NEGATIVE]
+Fraction = Annotated[float, FRACTION]
+
+
+def _memory_size(text: str) -> str | None:
+    """batch.memory_budget: "auto", "" / "none" (no budget) or a size such as "12GiB"."""
+    if text.strip().lower() in ("", "none", AUTO):
+        return None
+    try:
+        parse_bytes(text)
+    except ValueError as exc:
+        return f'{exc} (or "auto", or "" for none)'
+    return None
 
 
 @dataclass
 class RunConfig:
     out_dir: str = "runs/distill"
-    steps: int = 64
+    steps: PositiveInt = 64
     seed: int = 0
     # "auto" continues from the newest complete checkpoint in out_dir, "none" starts fresh
     # (refusing to overwrite existing checkpoints), anything else is a checkpoint folder.
     resume: str = "auto"
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
-    keep_last: int = 2
-    log_every: int = 1
-    val_every: int = 0  # optimizer steps between validations; 0 = only at the end
-    val_batches: int = 8  # 0 = the whole validation split
-    max_bad_steps: int = 3  # non-finite steps in a row before the run stops
+    save_every: NonNegativeInt = 0  # optimizer steps between checkpoints; 0 = only at the end
+    keep_last: PositiveInt = 2
+    log_every: PositiveInt = 1
+    val_every: NonNegativeInt = 0  # optimizer steps between validations; 0 = only at the end
+    val_batches: NonNegativeInt = 8  # 0 = the whole validation split
+    max_bad_steps: PositiveInt = 3  # non-finite steps in a row before the run stops
     export_dir: str = ""  # final Hugging Face folder; empty = <out_dir>/final
     tokenizer: str = ""  # tokenizer.json copied beside the exported student when set
     # A fresh start in an out_dir holding an earlier run's results (final/, metrics.jsonl)
@@ -80,7 +93,7 @@ class RunConfig:
 @dataclass
 class TeacherConfig:
     path: str = ""  # empty = no teacher: plain cross-entropy (pre)training
-    dtype: str = "bf16"
+    dtype: Literal[DTYPE_NAMES] = "bf16"
     # A teacher cache (neox-distill cache-teacher): distill from it, no teacher model run.
     # With path also set, the live teacher only scores the held-out KD.
     cache: str = ""
@@ -89,7 +102,7 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     path: str = ""
-    init: str = "pretrained"
+    init: Literal["pretrained", "scratch"] = "pretrained"
     # Shape used only for init = "scratch".
     num_layers: int = 6
     hidden_size: int = 512
@@ -113,33 +126,34 @@ class StudentConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # a folder written by engine.data.preprocess
-    mode: str = "packed"
-    val_fraction: float = 0.01
+    mode: Literal[DATASET_MODES] = "packed"
+    val_fraction: Annotated[float, _rule("in [0, 1)", lambda v: 0 <= v < 1)] = 0.01
     pad_id: int = 1
-    valid_vocab: int = 0  # real tokenizer ids; 0 = every logit column is a real token
+    valid_vocab: NonNegativeInt = 0  # real tokenizer ids; 0 = every logit column is a real token
 
 
 @dataclass
 class BatchConfig:
-    micro_batch: int = 2
-    accum_steps: int = 1
-    seq_len: int = 2048
+    micro_batch: PositiveInt = 2
+    accum_steps: PositiveInt = 1
+    seq_len: PositiveInt = 2048
     # Pick the largest micro_batch the memory plan fits (keeping the tokens per step): "auto" =
     # the device's memory on CUDA and no budget on the CPU; a cap such as "12GiB" wins; "" or
     # "none": use micro_batch as given.
-    memory_budget: str = "auto"
+    memory_budget: Annotated[str, _memory_size] = "auto"
 
 
 @dataclass
 class LossConfig:
-    alpha: float = 0.5  # weight of the hard-label CE; 1 - alpha weighs the KD term
-    temperature: float = 2.0
-    backend: str = "auto"
+    alpha: Fraction = 0.5  # weight of the hard-label CE; 1 - alpha weighs the KD term
+    temperature: PositiveFloat = 2.0
+    backend: Literal["auto", "triton", "torch", "epilogue"] = "auto"
     # The KD term's divergence (docs/loss.md): forward_kl, reverse_kl, jsd (reads beta),
     # skew_forward_kl / skew_reverse_kl (read skew) or tvd; t2_scale multiplies it by T^2.
-    divergence: str = "forward_kl"
-    beta: float = 0.5
-    skew: float = 0.1
+    divergence: Literal[DIVERGENCES] = "forward_kl"
+    beta: Annotated[float, _rule("in [0, 1]", lambda v: 0 <= v <= 1, " (read by jsd)")] = 0.5
+    skew: Annotated[float, _rule("in [0, 1]", lambda v: 0 <= v <= 1,
+                                 " (read by the skew divergences)")] = 0.1
     t2_scale: bool = True
     # Both LM heads run inside the loss, chunk by chunk: no [tokens x vocab] logits (false: the
     # full logits and kd_loss, kept for comparison).
@@ -148,14 +162,14 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: PositiveFloat = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
+    weight_decay: NonNegativeFloat = 0.0
     eps: float = 1e-8
-    grad_clip: float = 0.0  # max global grad norm; 0 = no clipping
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    min_lr: float = 0.0
+    grad_clip: NonNegativeFloat = 0.0  # max global grad norm; 0 = no clipping
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: NonNegativeInt = 0
+    min_lr: NonNegativeFloat = 0.0
     fused: bool = True  # fused AdamW (CUDA, and CPU on torch >= 2.4)
 
 
@@ -163,7 +177,7 @@ class OptimConfig:
 class RuntimeConfig:
     activation_checkpointing: bool = False
     # torch.compile of the student's forward: "auto" = on with CUDA, off on the CPU.
-    compile: bool | str = "auto"
+    compile: bool | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -180,11 +194,11 @@ class EvalConfig:
 
     # "KIND=PATH" with KIND lambada, mc or ppl (engine.eval's tasks); needs run.tokenizer.
     tasks: list[str] = field(default_factory=list)
-    every: int = 0  # optimizer steps between task scores; 0 = only at step 0 and the end
-    limit: int = 0  # documents per task; 0 = all
-    batch_size: int = 8  # sequences per scoring forward
-    alarm: float = 0.1  # warn when a task's ppl is this fraction above step 0's; 0 = off
-    alarm_action: str = "warn"  # "stop": save a checkpoint and exit non-zero
+    every: NonNegativeInt = 0  # optimizer steps between task scores; 0 = only at step 0 and the end
+    limit: NonNegativeInt = 0  # documents per task; 0 = all
+    batch_size: PositiveInt = 8  # sequences per scoring forward
+    alarm: NonNegativeFloat = 0.1  # warn when a task's ppl is this fraction above step 0's; 0 = off
+    alarm_action: Literal["warn", "stop"] = "warn"  # "stop": save a checkpoint, exit non-zero
     lost_updates: bool = True  # update_lost_frac per step in precision "bf16-pure"
 
 
@@ -194,13 +208,13 @@ class DistConfig:
 
     # ddp: every rank holds the whole student and its optimizer state; fsdp: torch's FSDP2
     # (fully_shard) shards them over the ranks, block by block.
-    strategy: str = "ddp"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     # fsdp: free each block's gathered weights after its forward and gather them again for
     # its backward (less memory, one more all-gather per block and micro-batch).
     reshard_after_forward: bool = True
     # fsdp: "shard" the frozen teacher too, "replicate" it on every rank, or "auto": replicate
     # when the memory plan fits the budget, else shard (the choice is logged).
-    teacher: str = "auto"
+    teacher: Literal["auto", "shard", "replicate"] = "auto"
     # fsdp: keep the student's sharded weights, gradients and AdamW state in host memory
     # (FSDP2's CPUOffloadPolicy; the optimizer step then runs on the CPU).
     cpu_offload: bool = False
@@ -221,32 +235,36 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     # bf16-autocast: fp32 master weights and AdamW state, bf16 compute (the default);
     # bf16-pure: bf16 weights and optimizer state, like the seed recipe; fp32: no autocast.
-    precision: str = "bf16-autocast"
-    device: str = "auto"
+    precision: Literal[PRECISION_MODES] = "bf16-autocast"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["optim"]["betas"] = list(self.optim.betas)
-        return out
+        """Nested plain data: what config.json holds (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def to_toml(self) -> str:
-        return dumps_toml(self.to_dict())
+        return _toml_table(self.to_dict())
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+def _leaf_types(cls: type, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, annotated type) of every setting under the dataclass `cls`, in order."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            yield from _leaf_types(typ, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, typ
+
+
+@functools.cache
+def _key_types() -> dict[str, Any]:
+    return dict(_leaf_types(Config))
 
 
 def valid_keys() -> list[str]:
     """Every dotted key the configuration accepts, in declaration order."""
-    keys = []
-    for name, typ in _field_types(Config).items():
-        if dataclasses.is_dataclass(typ):
-            keys.extend(f"{name}.{k}" for k in _field_types(typ))
-        else:
-            keys.append(name)
-    return keys
+    return list(_key_types())
 
 
 def _unknown_key(key: str, known: list[str] | None = None) -> ConfigError:
@@ -259,73 +277,54 @@ def _unknown_key(key: str, known: list[str] | None = None) -> ConfigError:
 
 def _coerce(key: str, typ: Any, value: Any, *, from_text: bool) -> Any:
     """Turn a TOML value (or command-line text) into the field's type, or raise ConfigError."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is Annotated:  # the rule is validate's; the value is read as the bare type
+        return _coerce(key, args[0], value, from_text=from_text)
     bad = ConfigError(f"{key}: cannot use {value!r} as {_type_name(typ)}")
-    if typ == bool | str:  # a switch that may also be left to the engine: true, false, "auto"
-        if isinstance(value, str) and value.strip().lower() == AUTO:
-            return AUTO
-        return _coerce_bool(value, from_text, bad)
-    if typ is bool:
-        return _coerce_bool(value, from_text, bad)
-    if typ is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
+    if origin is Literal:
+        if value in args:
             return value
-        if from_text and isinstance(value, str):
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(args)}")
+    if origin is typing.Union:  # the first member that accepts it; "AUTO" reads like "TRUE"
+        value = value.strip().lower() if isinstance(value, str) else value
+        for member in args:
             try:
-                return int(value.strip().replace("_", ""))
-            except ValueError:
-                raise bad from None
+                return _coerce(key, member, value, from_text=from_text)
+            except ConfigError:
+                pass
         raise bad
-    if typ is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            result = float(value)
-        elif from_text and isinstance(value, str):
-            try:
-                result = float(value.strip())
-            except ValueError:
-                raise bad from None
-        else:
-            raise bad
-        if not math.isfinite(result):
-            raise bad
-        return result
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    if typing.get_origin(typ) is list:
-        (item_type,) = typing.get_args(typ)
-        if from_text and isinstance(value, str):
-            value = _text_list(value, bad)
+    if origin in (list, tuple):
+        if from_text and isinstance(value, str):  # a tuple may also be written (a, b)
+            value = _text_list(value.strip().strip("()") if origin is tuple else value, bad)
         if not isinstance(value, (list, tuple)):
             raise bad
-        return [_coerce(key, item_type, v, from_text=from_text) for v in value]
-    if typing.get_origin(typ) is tuple:
-        item_types = typing.get_args(typ)
-        if from_text and isinstance(value, str):
-            text = value.strip().strip("[]()")
-            value = [part for part in text.split(",") if part.strip()]
-        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+        items = args * len(value) if origin is list else args
+        if len(items) != len(value):
             raise bad
-        return tuple(
-            _coerce(key, t, v, from_text=from_text) for t, v in zip(item_types, value, strict=True)
-        )
-    raise ConfigError(f"{key}: unsupported field type {typ!r}")  # pragma: no cover
-
-
-def _coerce_bool(value: Any, from_text: bool, bad: ConfigError) -> bool:
-    if isinstance(value, bool):
+        return origin(
+            _coerce(key, t, v, from_text=from_text) for t, v in zip(items, value, strict=True))
+    if from_text and isinstance(value, str) and typ in _FROM_TEXT:
+        try:
+            value = _FROM_TEXT[typ](value.strip())
+        except (KeyError, ValueError):
+            raise bad from None
+    if isinstance(value, bool) != (typ is bool):  # True is an int to Python, not to us
+        raise bad
+    if typ is float and isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    if typ in (bool, int, str) and isinstance(value, typ):
         return value
-    if from_text and isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
     raise bad
+
+
+_BOOL_WORDS = dict.fromkeys(("true", "1", "yes", "on"), True) | dict.fromkeys(
+    ("false", "0", "no", "off"), False)
+# How a boolean, integer or number is read from command-line text.
+_FROM_TEXT: dict[type, Callable[[str], Any]] = {
+    bool: lambda text: _BOOL_WORDS[text.lower()],
+    int: lambda text: int(text.replace("_", "")),
+    float: float,
+}
 
 
 def _text_list(text: str, bad: ConfigError) -> list:
@@ -343,122 +342,75 @@ def _text_list(text: str, bad: ConfigError) -> list:
 
 
 def _type_name(typ: Any) -> str:
-    if typ == bool | str:
-        return 'true, false or "auto"'
-    if typing.get_origin(typ) is list:
-        return "a list of " + typing.get_args(typ)[0].__name__
-    if typing.get_origin(typ) is tuple:
-        return "a list of " + ", ".join(t.__name__ for t in typing.get_args(typ))
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union:  # 'true, false or "auto"'
+        words = [word for t in args for word in (
+            ("true", "false") if t is bool else
+            [json.dumps(a) for a in typing.get_args(t)] if typing.get_origin(t) is Literal else
+            [_type_name(t)])]
+        return ", ".join(words[:-1]) + " or " + words[-1]
+    if origin in (list, tuple):
+        return "a list of " + ", ".join(t.__name__ for t in args)
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
-        typ, str(typ)
-    )
+        typ, str(typ))
 
 
 def _set(config: Config, key: str, value: Any, *, from_text: bool) -> None:
-    parts = key.split(".")
-    top = _field_types(Config)
-    if len(parts) == 1 and parts[0] in top and not dataclasses.is_dataclass(top[parts[0]]):
-        target, name, typ = config, parts[0], top[parts[0]]
-    elif len(parts) == 2 and parts[0] in top and dataclasses.is_dataclass(top[parts[0]]):
-        fields = _field_types(top[parts[0]])
-        if parts[1] not in fields:
-            raise _unknown_key(key)
-        target, name, typ = getattr(config, parts[0]), parts[1], fields[parts[1]]
-    else:
+    typ = _key_types().get(key)
+    if typ is None:
         raise _unknown_key(key)
-    coerced = _coerce(key, typ, value, from_text=from_text)
-    choices = CHOICES.get(key)
-    if choices is not None and coerced not in choices:
-        raise ConfigError(f"{key}: {coerced!r} is not one of {', '.join(choices)}")
-    setattr(target, name, coerced)
+    *sections, name = key.split(".")
+    target = functools.reduce(getattr, sections, config)
+    setattr(target, name, _coerce(key, typ, value, from_text=from_text))
 
 
-def apply_dict(config: Config, data: dict[str, Any], *, source: str = "config") -> Config:
+def apply_dict(config: Config, data: dict[str, Any], *, source: str = "config",
+               prefix: str = "") -> Config:
     """Apply a nested dict (a parsed TOML file or a saved config) onto `config` in place."""
-    top = _field_types(Config)
+    keys = _key_types()
     for name, value in data.items():
-        if name not in top:
-            raise ConfigError(f"{source}: {_unknown_key(name, list(top))}")
-        if dataclasses.is_dataclass(top[name]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: [{name}] must be a table of keys")
-            items = [(f"{name}.{key}", item) for key, item in value.items()]
-        else:
-            items = [(name, value)]
-        for key, item in items:
+        key = prefix + name
+        if key in keys:
             try:
-                _set(config, key, item, from_text=False)
+                _set(config, key, value, from_text=False)
             except ConfigError as exc:
                 raise ConfigError(f"{source}: {exc}") from None
+        elif any(k.startswith(key + ".") for k in keys):  # a section: a table of keys
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{key}] must be a table of keys")
+            apply_dict(config, value, source=source, prefix=key + ".")
+        else:  # a top-level name: the nearest section or top-level key; else the nearest key
+            top = list(dict.fromkeys(k.split(".")[0] for k in keys))
+            raise ConfigError(f"{source}: {_unknown_key(key, None if prefix else top)}")
     return config
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     """Split ["--a.b=1", "--c.d", "2"] into [("a.b", "1"), ("c.d", "2")]."""
-    pairs: list[tuple[str, str]] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
+    pairs, rest = [], list(args)
+    while rest:
+        arg = rest.pop(0)
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"{arg}: expected --section.key=value (neox-distill train "
                               "--help lists every key)")
-        body = arg[2:]
-        if "=" in body:
-            key, value = body.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"--{body}: needs a value (--{body}=VALUE or --{body} VALUE)")
-            key, value = body, args[i + 1]
-            i += 2
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if not rest:
+                raise ConfigError(f"--{key}: needs a value (--{key}=VALUE or --{key} VALUE)")
+            value = rest.pop(0)
         pairs.append((key, value))
     return pairs
 
 
 def validate(config: Config) -> Config:
-    """Cross-field checks that single-field parsing cannot make."""
+    """The fields' own rules (their `Annotated` checks), then the checks across fields."""
     problems = []
-    positive = {
-        "run.steps": config.run.steps,
-        "run.log_every": config.run.log_every,
-        "run.keep_last": config.run.keep_last,
-        "run.max_bad_steps": config.run.max_bad_steps,
-        "batch.micro_batch": config.batch.micro_batch,
-        "batch.accum_steps": config.batch.accum_steps,
-        "batch.seq_len": config.batch.seq_len,
-        "loss.temperature": config.loss.temperature,
-        "eval.batch_size": config.eval.batch_size,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            problems.append(f"{key}: must be > 0, got {value}")
-    for key, value in {
-        "run.save_every": config.run.save_every,
-        "run.val_every": config.run.val_every,
-        "run.val_batches": config.run.val_batches,
-        "optim.warmup_steps": config.optim.warmup_steps,
-        "optim.grad_clip": config.optim.grad_clip,
-        "optim.weight_decay": config.optim.weight_decay,
-        "optim.min_lr": config.optim.min_lr,
-        "data.valid_vocab": config.data.valid_vocab,
-        "eval.every": config.eval.every,
-        "eval.limit": config.eval.limit,
-        "eval.alarm": config.eval.alarm,
-    }.items():
-        if value < 0:
-            problems.append(f"{key}: must be >= 0, got {value}")
-    if not 0.0 <= config.loss.alpha <= 1.0:
-        problems.append(f"loss.alpha: must be in [0, 1], got {config.loss.alpha}")
-    for key in ("beta", "skew"):
-        value = getattr(config.loss, key)
-        if not 0.0 <= value <= 1.0:
-            problems.append(f"loss.{key}: must be in [0, 1], got {value} "
-                            f"(read by {'jsd' if key == 'beta' else 'the skew divergences'})")
-    problems += _budget_problems(config.batch.memory_budget)
-    if config.optim.lr <= 0:
-        problems.append(f"optim.lr: must be > 0, got {config.optim.lr}")
-    if not 0.0 <= config.data.val_fraction < 1.0:
-        problems.append(f"data.val_fraction: must be in [0, 1), got {config.data.val_fraction}")
+    for key, typ in _key_types().items():
+        value = functools.reduce(getattr, key.split("."), config)
+        for rule in getattr(typ, "__metadata__", ()):
+            problem = rule(value)
+            if problem:
+                problems.append(f"{key}: {problem}")
     if config.student.init == "pretrained" and not config.student.path:
         problems.append("student.path: required when student.init = 'pretrained'")
     if not config.data.path:
@@ -475,16 +427,6 @@ def kd_settings(config: Config) -> dict[str, Any]:
     loss = config.loss
     return dict(temperature=loss.temperature, divergence=loss.divergence, beta=loss.beta,
                 skew=loss.skew, t2_scale=loss.t2_scale)
-
-
-def _budget_problems(budget: str) -> list[str]:
-    if budget.strip().lower() in ("", "none", AUTO):
-        return []
-    try:
-        parse_bytes(budget)
-    except ValueError as exc:
-        return [f"batch.memory_budget: {exc} (or \"auto\", or \"\" for none)"]
-    return []
 
 
 def memory_budget_bytes(config: Config, device_memory: int | None) -> int | None:
@@ -543,12 +485,8 @@ def _dist_problems(config: Config) -> list[str]:
     return problems
 
 
-def load_config(
-    path: str | os.PathLike | None = None,
-    overrides: list[str] | None = None,
-    *,
-    check: bool = True,
-) -> Config:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                *, check: bool = True) -> Config:
     """Defaults, then the TOML preset at `path`, then `--section.key=value` overrides.
 
     `check=False` skips the cross-field validation (tools that only read shapes use it).
@@ -577,27 +515,20 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return apply_dict(Config(), data, source="saved config")
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid TOML basic strings
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
+def _toml_table(table: dict[str, Any], name: str = "") -> str:
+    """TOML for a nested dict of plain data: its keys, then one [table] per nested dict.
 
-
-def dumps_toml(data: dict[str, Any]) -> str:
-    """Write a two-level dict (top-level scalars, then one table per section) as TOML."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for name, table in data.items():
-        if isinstance(table, dict):
-            lines.append("")
-            lines.append(f"[{name}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
-    return "\n".join(lines) + "\n"
+    A JSON scalar or array is TOML too (UTF-8 text; only DEL must be escaped beyond JSON's
+    escapes), and to_dict holds nothing JSON cannot write.
+    """
+    lines = [f"[{name}]"] if name else []
+    lines += [f"{k} = {json.dumps(v, ensure_ascii=False, allow_nan=False)}"
+              for k, v in table.items() if not isinstance(v, dict)]
+    text = "\n".join(lines).replace("\x7f", "\\u007f") + "\n"
+    for k, v in table.items():
+        if isinstance(v, dict):
+            text += "\n" + _toml_table(v, f"{name}.{k}" if name else k)
+    return text
 
 
 # The first line of the config.toml a run writes: what tells the run's own config.toml from a

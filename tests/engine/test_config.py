@@ -212,3 +212,91 @@ def test_memory_budget_bytes():
         assert memory_budget_bytes(config, 80 * 2**30) is None
     config.batch.memory_budget = "12GiB"
     assert memory_budget_bytes(config, 80 * 2**30) == 12 * 2**30  # the user's cap wins
+
+
+# A value other than the default for every key, as command-line text; strings carry what a
+# TOML writer must escape (quotes, backslash, tab, newline, DEL) or may write raw (non-ASCII,
+# an emoji outside the BMP).
+EVERY_KEY = {
+    "run.out_dir": 'runs/ü "q" \\ 😀\x7f\t\nend', "run.steps": "1_000", "run.seed": "-3",
+    "run.resume": "none", "run.save_every": "5", "run.keep_last": "4", "run.log_every": "7",
+    "run.val_every": "9", "run.val_batches": "0", "run.max_bad_steps": "11",
+    "run.export_dir": "exp/ört", "run.tokenizer": 'tok "x".json', "run.overwrite": "yes",
+    "teacher.path": "/t/p", "teacher.dtype": "fp16", "teacher.cache": "c",
+    "student.path": "s", "student.init": "scratch", "student.num_layers": "2",
+    "student.hidden_size": "64", "student.num_heads": "4", "student.intermediate_size": "256",
+    "student.vocab_size": "512", "student.max_positions": "128",
+    "data.path": "d", "data.mode": "padded", "data.val_fraction": "0.25", "data.pad_id": "0",
+    "data.valid_vocab": "500",
+    "batch.micro_batch": "3", "batch.accum_steps": "4", "batch.seq_len": "64",
+    "batch.memory_budget": "12GiB",
+    "loss.alpha": "0.1", "loss.temperature": "3.5", "loss.backend": "torch",
+    "loss.divergence": "jsd", "loss.beta": "0.3", "loss.skew": "0.2", "loss.t2_scale": "off",
+    "loss.fused_head": "false",
+    "optim.lr": "3e-4", "optim.betas": "0.8,0.95", "optim.weight_decay": "0.1",
+    "optim.eps": "1e-12", "optim.grad_clip": "1", "optim.schedule": "cosine",
+    "optim.warmup_steps": "10", "optim.min_lr": "1e-6", "optim.fused": "no",
+    "runtime.activation_checkpointing": "true", "runtime.compile": "false",
+    "log.tensorboard": "on", "log.wandb": "1", "log.wandb_project": "p",
+    "eval.tasks": '["lambada=a.jsonl", "ppl=b c.jsonl"]', "eval.every": "5", "eval.limit": "3",
+    "eval.batch_size": "2", "eval.alarm": "0.5", "eval.alarm_action": "stop",
+    "eval.lost_updates": "false",
+    "dist.strategy": "fsdp", "dist.reshard_after_forward": "false", "dist.teacher": "shard",
+    "dist.cpu_offload": "true",
+    "precision": "fp32", "device": "cpu",
+}
+
+
+def _round_trip(config: Config, folder: Path) -> None:
+    write_resolved(config, folder)
+    assert load_config(folder / "config.toml", check=False) == config
+    assert config_from_dict(json.loads((folder / "config.json").read_text())) == config
+
+
+def test_every_key_round_trips_through_the_resolved_files(tmp_path):
+    assert list(EVERY_KEY) == valid_keys()  # a new key needs a line here
+    for key, text in EVERY_KEY.items():
+        config = load_config(None, [f"--{key}={text}"], check=False)
+        assert config != Config(), key  # the override took effect
+        _round_trip(config, tmp_path / key)
+    # All of them at once make a valid configuration, which round-trips too.
+    config = load_config(None, [f"--{key}={text}" for key, text in EVERY_KEY.items()])
+    assert config.run.out_dir == 'runs/ü "q" \\ 😀\x7f\t\nend'
+    assert (config.optim.betas, config.eval.tasks) == ((0.8, 0.95), ["lambada=a.jsonl",
+                                                                      "ppl=b c.jsonl"])
+    _round_trip(config, tmp_path / "all")
+    text = (tmp_path / "all" / "config.toml").read_text(encoding="utf-8")
+    assert text.startswith("# neox-distill: the resolved configuration of the run in this "
+                           "folder\n")
+    assert "😀" in text and "\x7f" not in text  # UTF-8 as is; DEL escaped, as TOML requires
+
+
+def test_switch_words_and_tables_from_files(tmp_path):
+    path = tmp_path / "a.toml"
+    path.write_text('device = "cpu"\n[runtime]\ncompile = "AUTO"\n[optim]\nbetas = [1, 0.5]\n')
+    config = load_config(path, check=False)
+    assert (config.device, config.runtime.compile, config.optim.betas) == ("cpu", "auto",
+                                                                          (1.0, 0.5))
+    for text, pattern in (
+        ("run = 3\n", r"a\.toml: \[run\] must be a table of keys"),
+        ("precison = 'fp32'\n", r"a\.toml: precison: unknown key \(did you mean precision\?\)"),
+        ("[data]\nsteps = 3\n", r"a\.toml: data\.steps: unknown key \(did you mean run\.steps"),
+        ("[run.sub]\nx = 1\n", r"a\.toml: run\.sub: unknown key"),
+        ("[run]\nsteps = true\n", r"a\.toml: run\.steps: cannot use True as an integer"),
+        ("[optim]\nbetas = [1, true]\n", r"a\.toml: optim\.betas: cannot use True as a number"),
+        ("[data]\nmode = 3\n", r"a\.toml: data\.mode: 3 is not one of packed, padded"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=pattern):
+            load_config(path, check=False)
+
+
+def test_range_problems_are_all_named_at_once():
+    with pytest.raises(ConfigError) as info:
+        load_config(SEED_PRESET, ["--data.path=x", "--run.steps=0", "--optim.lr=0",
+                                  "--eval.every=-1", "--batch.memory_budget=lots"])
+    message = str(info.value)
+    for fragment in ("run.steps: must be > 0, got 0", "optim.lr: must be > 0, got 0.0",
+                     "eval.every: must be >= 0, got -1",
+                     "batch.memory_budget: cannot parse memory size 'lots'"):
+        assert fragment in message
