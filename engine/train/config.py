@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -275,6 +276,9 @@ def _unknown_key(key: str, known: list[str] | None = None) -> ConfigError:
     return ConfigError(f"{key}: unknown key ({hint})")
 
 
+_UNIONS = (typing.Union, types.UnionType)  # Union[bool, Literal["auto"]] and int | str
+
+
 def _coerce(key: str, typ: Any, value: Any, *, from_text: bool) -> Any:
     """Turn a TOML value (or command-line text) into the field's type, or raise ConfigError."""
     origin, args = typing.get_origin(typ), typing.get_args(typ)
@@ -285,7 +289,7 @@ def _coerce(key: str, typ: Any, value: Any, *, from_text: bool) -> Any:
         if value in args:
             return value
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(args)}")
-    if origin is typing.Union:  # the first member that accepts it; "AUTO" reads like "TRUE"
+    if origin in _UNIONS:  # the first member that accepts it; "AUTO" reads like "TRUE"
         value = value.strip().lower() if isinstance(value, str) else value
         for member in args:
             try:
@@ -343,7 +347,7 @@ def _text_list(text: str, bad: ConfigError) -> list:
 
 def _type_name(typ: Any) -> str:
     origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin is typing.Union:  # 'true, false or "auto"'
+    if origin in _UNIONS:  # 'true, false or "auto"'
         words = [word for t in args for word in (
             ("true", "false") if t is bool else
             [json.dumps(a) for a in typing.get_args(t)] if typing.get_origin(t) is Literal else
