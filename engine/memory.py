@@ -38,18 +38,16 @@ ATTENTION_IMPLS = ("flash", "math")
 RECOMPUTED = "one block recomputed in backward"  # activation checkpointing's extra block
 
 # Device memory a training process holds outside the caching allocator (CUDA context, cuBLAS
-# / cuDNN handles, loaded kernels): 767 MiB measured on the H200 (torch 2.11 + CUDA 13: total
-# minus free minus reserved in the GPU suite's process), rounded up. The suite once read
-# 1.6 GiB for its capped child process; that figure also held the parent process's own
-# context, which was on the same card at the time (benchmarks/README.md).
+# / cuDNN handles, loaded kernels): the GPU suite's reading for one process (total minus free
+# minus reserved; torch 2.11 + CUDA 13 on the H200), rounded up (benchmarks/README.md).
 CUDA_CONTEXT_BYTES = 800 * 2**20
 # The fraction the allocator holds beyond the allocated peak (fragmentation, block rounding).
 # The engine turns on expandable segments on CUDA (engine.train.loop.run), which returns most
 # of it; the GPU suite measures reserved / allocated for every configuration it runs.
 ALLOCATOR_SLACK_FRACTION = 0.10
 # Allocated on CUDA beside the tensors the plan itemises: cuBLAS workspaces (32 MiB per handle
-# on Hopper) and small buffers. The measured remainder of the H200 seed step (allocated peak
-# minus every itemised tensor, micro-batch 2 to 12: 32-52 MiB, mean 40 MiB).
+# on Hopper) and small buffers: the mean remainder of the H200 seed step (allocated peak minus
+# every itemised tensor, micro-batch 2 to 12; benchmarks/README.md).
 CUDA_WORKSPACE_BYTES = 40 * 2**20
 # fp32 [rows x vocab] temporaries the CPU loss path (engine.kernels.kd_loss_torch) holds at once for
 # one row block, with the forward KL (measured through the allocation tracker of the tests).

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.data import failpoints
 from engine.data.jsonl import SKIP_REASONS, InputError, iter_records, refuse_hidden_zstd
 from engine.data.preprocess_job import JobRecord, PreprocessError, finished_manifest, shard_name
 from engine.data.progress import Progress
@@ -62,9 +63,6 @@ BATCH_DOCS = 4096
 MAX_SKIP_EXAMPLES = 10
 EOS_TOKEN = "<|endoftext|>"
 DTYPE_CHOICES = ("auto", "uint16", "int32")
-# Test hook: a worker given a batch holding a document with exactly this text kills itself
-# (SIGKILL), as the system does to a worker out of memory; unset in normal use.
-WORKER_DIES_ON_ENV = "DATA_PREPROCESS_TEST_WORKER_DIES_ON"
 
 __all__ = ["PreprocessError", "main", "preprocess", "summary"]
 
@@ -172,9 +170,7 @@ def _worker_init(tokenizer_path: str) -> None:
 
 
 def _worker_encode(texts: list[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    marker = os.environ.get(WORKER_DIES_ON_ENV)
-    if marker is not None and marker in texts:
-        os.kill(os.getpid(), signal.SIGKILL)
+    failpoints.kill_on("preprocess.worker", texts)
     return encode_texts(_WORKER_TOKENIZER, texts, eos_id)
 
 

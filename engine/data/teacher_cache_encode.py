@@ -112,9 +112,8 @@ def sampled_entries(scores: torch.Tensor, samples: int, generator: torch.Generat
 
 
 # Logit elements encoded at once on the CPU: 4 MB of fp32 per pass, which stays in cache
-# between the passes over a block (measured, 1 CPU thread, per row: 237 us top-64 / 344 us
-# sampled-32 at V = 50304 against 435 / 1008 us in one 1024-row block; see
-# benchmarks/README.md). On a GPU, blocks that small would be launch-bound: a block there is
+# between the passes over a block, so a row encodes faster than in one 1024-row block
+# (benchmarks/README.md). On a GPU, blocks that small would be launch-bound: a block there is
 # up to 2**26 elements (256 MiB of fp32 scores, a whole 1024-row chunk at V = 50304).
 ENCODE_BLOCK_ELEMENTS = 1 << 20
 DEVICE_BLOCK_ELEMENTS = 1 << 26

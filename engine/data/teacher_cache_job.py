@@ -26,7 +26,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.data import failpoints
 from engine.data.atomic import fsync_dir, temporary_leftovers, write_json_atomic
 from engine.data.owned_folder import shown_names
 from engine.data.progress import Progress
@@ -49,10 +49,6 @@ from engine.data.teacher_cache import (
 )
 from engine.data.teacher_cache_encode import encode_batch, record_dtype
 from engine.kernels.constants import IGNORE_INDEX
-
-# Test hook: after this many batches have been written (and before their checkpoint), the
-# build kills itself with SIGKILL, as a preempted machine would; unset in normal use.
-DIE_AFTER_BATCHES_ENV = "NEOX_DISTILL_TEST_CACHE_DIE_AFTER_BATCHES"
 
 
 def _hash_prefix(path: Path, nbytes: int):
@@ -538,13 +534,11 @@ def _write_items(job, stream, dataset, teacher_chunks, dtype, progress, checkpoi
     b (one worker thread, so records land in order): encoding 2048-50304-wide rows costs about
     as much as a small teacher's forward on a CPU (see benchmarks/README.md)."""
     batch, state = job.settings["batch"], {"last": time.monotonic(), "done": 0}
-    die_after = int(os.environ.get(DIE_AFTER_BATCHES_ENV, "0"))
 
     def finish(indices, chunks, trained):
         _encode_and_write(stream, dataset, indices, chunks, trained, dtype)
         state["done"] += 1
-        if die_after and state["done"] >= die_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        failpoints.kill_after("teacher_cache.batches", state["done"])
         if time.monotonic() - state["last"] >= checkpoint_seconds:
             stream.checkpoint(int(indices[-1]) + 1)
             state["last"] = time.monotonic()

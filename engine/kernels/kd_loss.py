@@ -101,8 +101,8 @@ def stored_gradient(ctx, grad_loss, name: str, recompute):
 
     Scaled even when the incoming gradient is 1 (plain loss.backward()): checking for 1 would
     cost a host sync, and on a GPU that stall (the CPU then launches the whole backward while
-    the GPU idles) measured far dearer than this one extra pass over the buffer (H200, seed
-    step: GPU busy 1% -> 16% under the profiler, benchmarks/step_profile.py).
+    the GPU idles) costs far more than this one extra pass over the buffer (the profile is in
+    benchmarks/README.md).
     """
     grad, ctx.grad_buffer = ctx.grad_buffer, None
     if grad is None:  # a second backward through a retained graph

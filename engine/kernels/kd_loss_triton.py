@@ -365,15 +365,14 @@ def launch_config(vocab: int, divergence: str = "forward_kl") -> tuple[int, int]
     """(BLOCK_SIZE, num_warps) for a row of `vocab` columns: 1024 columns x 8 warps, 4
     contiguous columns (one 8-byte bf16 load per tensor) per thread; tvd 512 x 8.
 
-    The shape that measured best for forward_kl in the H200 sweep of the previous design
-    (benchmarks/results/kd_loss_sweep_h200.json: 0.96 ms; 512-1024 columns with 4-8 warps
-    within 5%, 2048-4096 columns slower). Each lane now keeps 5-7 running values per column it
-    owns, so 4 columns per thread also keeps the three-pass divergences (jsd, skew_*, tvd)
-    within registers: with 8 columns per thread (1024 x 4 warps) skew_reverse_kl and tvd
-    spilled (Triton 3.9, sm_80 / sm_90). tvd alone takes 512 columns (2 per thread): at 1024
-    its fp32 build spilled 4 bytes on sm_86 once compiled with the launch's real divisibility
-    specialisation. tools/compile_kernels.py checks that none spills. Not yet timed on a GPU
-    with per-lane statistics: `benchmarks/kd_loss.py --sweep` measures the alternatives.
+    The best shape for forward_kl in the H200 launch sweep (benchmarks/README.md). Each lane
+    keeps 5-7 running values per column it owns, so 4 columns per thread also keeps the
+    three-pass divergences (jsd, skew_*, tvd) within registers: with 8 columns per thread
+    (1024 x 4 warps) skew_reverse_kl and tvd spilled (Triton 3.9, sm_80 / sm_90). tvd alone
+    takes 512 columns (2 per thread): at 1024 its fp32 build spilled 4 bytes on sm_86 once
+    compiled with the launch's real divisibility specialisation. tools/compile_kernels.py
+    checks that none spills. Not yet timed on a GPU with per-lane statistics:
+    `benchmarks/kd_loss.py --sweep` measures the alternatives.
     """
     if divergence == "tvd":
         return min(512, triton.next_power_of_2(max(vocab, 16))), 8

@@ -22,9 +22,9 @@ with their masses, a tail bucket over the unlisted ones). A persistent grid like
           the CE part, from the saved logits.
 
 No column block needs a membership mask except in the rare exact-tail pass, so the loops are
-the dense kernel's: streaming loads, exponentials, per-lane sums. The old design built that
-mask for every block with a 1024-bin tl.histogram (ballots, popcounts, shared-memory atomics
-and barriers per element).
+the dense kernel's: streaming loads, exponentials, per-lane sums. A mask for every block
+would take a 1024-bin tl.histogram (ballots, popcounts, shared-memory atomics and barriers
+per element).
 
 In place (gradient over the logits): the first barrier orders every read of the row (pass 1,
 the gathers, s[label], the exact pass) before pass 2's stores; the second orders pass 2's

@@ -22,7 +22,6 @@ import os
 import random
 import re
 import shutil
-import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.data import failpoints
 from engine.data.atomic import staged_folder, write_json_atomic
 from engine.data.shards import file_sha256
 from engine.model.config import CheckpointError
@@ -50,11 +50,6 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STAGED_STEP_DIR = re.compile(r"^\.step-\d+\.tmp-[A-Za-z0-9_]+$")  # atomic.staged_folder
 _OLD_STEP_DIR = re.compile(r"^\.(step-\d+)\.old-[A-Za-z0-9_]+$")  # atomic.replace_folder
 _PICKLED_FILES = ("optimizer.pt", "trainer_state.pt")  # format 1, before version 2
-
-# Test hook: "STEP:SECONDS" makes the save of checkpoint STEP pause SECONDS between its
-# writes (after creating a PAUSED file in the temporary folder), so a test can SIGKILL the
-# process in the middle of a save.
-SAVE_PAUSE_ENV = "NEOX_DISTILL_TEST_SAVE_PAUSE"
 
 
 class CheckpointLoadError(ValueError):
@@ -212,25 +207,14 @@ def first_non_finite(module: torch.nn.Module) -> str | None:
     return names[int(bad[0])] if len(bad) else None
 
 
-def _maybe_pause(step: int, tmp: Path) -> None:
-    spec = os.environ.get(SAVE_PAUSE_ENV)
-    if not spec:
-        return
-    target, _, seconds = spec.partition(":")
-    if int(target) == step:
-        (tmp / "PAUSED").write_text("paused mid-save for a test\n")
-        time.sleep(float(seconds))
-
-
 def _write_checkpoint_files(staged: Path, step: int, *, student, optimizer, trainer_state,
                             config) -> None:
     (staged / "student").mkdir()
     write_model_files(student, staged / "student")
-    _maybe_pause(step, staged)
+    failpoints.pause("checkpoint.save", step=step, folder=staged)
     state_files.save_optimizer(optimizer, staged)
     state_files.save_trainer_state({**trainer_state, "step": step}, staged)
     (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (staged / "PAUSED").unlink(missing_ok=True)
     follow_umask(staged)
 
 

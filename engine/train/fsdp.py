@@ -175,8 +175,9 @@ def reshard_all(model: torch.nn.Module | None) -> None:
     above, validation, the watched tasks) leaves the blocks gathered, and while a group is
     gathered its module holds the *unsharded* tensors as its parameters: an optimizer built
     then, a clip, the non-finite check or a checkpoint would see those instead of the
-    sharded DTensors the optimizer steps (issue 22: other numbers from step 2, and a save
-    that failed). A training step reshards them itself (after each group's backward).
+    sharded DTensors the optimizer steps (the run would part from the unsharded one from
+    step 2, and a save would fail). A training step reshards them itself (after each group's
+    backward).
     """
     if model is None:
         return

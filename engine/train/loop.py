@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from engine import dist
+from engine.data import failpoints
 from engine.data.loader import build_dataset
 from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.scoring import heldout_metrics
@@ -53,7 +54,7 @@ from engine.train.setup import (
     wrap_teacher,
 )
 from engine.train.sharded_checkpoint import save_sharded_checkpoint
-from engine.train.signals import StopRequest, finish_pause
+from engine.train.signals import StopRequest
 from engine.train.step import StepResult, train_step
 from engine.train.strategy import build_models, step_dtypes
 from engine.train.teacher_source import open_teacher_cache
@@ -445,7 +446,7 @@ class Trainer:
         export the student."""
         if last_saved != self.step:
             self.save()
-        finish_pause(stop)
+        failpoints.pause("train.finish", until=lambda: stop.requested)
         if status == "completed" and not self._stop_voted(stop):
             if self.val_step != self.step:
                 self.last_val, self.val_step = self.validate(), self.step

@@ -133,8 +133,7 @@ def _check_padded_teacher_head(config: Config, teacher_rows: int, student_rows: 
 
 # The CUDA caching allocator setting the engine starts with unless the user set their own:
 # growing segments instead of fixed blocks, so the large, differently sized buffers of a step
-# do not strand memory between them (the H200 seed step held up to 1.23x its allocated peak
-# with fixed blocks; benchmarks/README.md).
+# do not strand memory between them (the fragmentation measured: benchmarks/README.md).
 CUDA_ALLOC_CONF = "expandable_segments:True"
 
 
@@ -149,7 +148,7 @@ def compile_choice(config: Config, device: torch.device) -> tuple[bool, str]:
     if config.runtime.compile != AUTO:
         return bool(config.runtime.compile), f"runtime.compile={config.runtime.compile}"
     if device.type == "cuda":
-        # The seed step on an H200: 255k tokens/s compiled vs 148k eager (benchmarks/README.md).
+        # Fewer, fused kernels for a launch-bound eager step (benchmarks/README.md, GPU suite).
         return True, "auto: CUDA, measured fastest"
     return False, "auto: off on the CPU"
 

@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from engine import dist
+from engine.data import failpoints
 from engine.data.atomic import staged_folder, write_json_atomic
 from engine.train import checkpoint as ckpt
 from engine.train import fsdp, state_files
@@ -107,8 +108,7 @@ def _write_and_hash(staged: Path, step: int, **parts) -> dict[str, str]:
     rank when any rank failed; returns every file's sha256."""
     error = dist.agree(_write_shards(staged, **parts))
     if error is None and dist.get_rank() == 0:
-        ckpt._maybe_pause(step, staged)
-        (staged / "PAUSED").unlink(missing_ok=True)
+        failpoints.pause("checkpoint.save", step=step, folder=staged)
         follow_umask(staged)
     dist.barrier()
     hashes, hash_error = _hash_share(staged) if error is None else ({}, None)

@@ -10,18 +10,12 @@ scheduler can tell it from a finished one.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
-import time
 from typing import Any
 
 EXIT_STATUS = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
-
-# Test hook: SECONDS to wait (unless a signal comes) right before the final validation, after
-# the final checkpoint, so a test can send a signal at the end of a run.
-FINISH_PAUSE_ENV = "NEOX_DISTILL_TEST_FINISH_PAUSE"
 
 
 class StopRequest:
@@ -59,14 +53,3 @@ class StopRequest:
 def exit_status(signal_name: str | None) -> int:
     """The exit status of a run stopped by `signal_name` (143 when it is not known)."""
     return EXIT_STATUS.get(signal_name or "", EXIT_STATUS["SIGTERM"])
-
-
-def finish_pause(stop: StopRequest) -> None:
-    """The FINISH_PAUSE_ENV test hook; does nothing unless the variable is set."""
-    seconds = float(os.environ.get(FINISH_PAUSE_ENV) or 0)
-    if seconds <= 0:
-        return
-    print("pausing before the final validation (test hook)", flush=True)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not stop.requested:
-        time.sleep(0.05)

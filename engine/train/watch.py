@@ -1,8 +1,8 @@
 """Watch the student while it trains: task scores (eval.tasks) and the regression alarm.
 
 Warm-started distillation can make a student worse at what it already knew while the
-held-out loss barely moves (the seed's LAMBADA perplexity went from 140 to 420 in 64 steps,
-unseen until after the run). So the run scores the tasks named in eval.tasks at step 0,
+held-out loss barely moves, and nobody sees it until after the run (it happened to the
+seed run: README.md). So the run scores the tasks named in eval.tasks at step 0,
 before any update, every eval.every steps and at the end, with engine.eval's own task code
 (engine/eval/tasks.py, the lm-evaluation-harness definitions: a record equals
 `python -m engine.eval` on the same weights), and compares each perplexity with its step-0

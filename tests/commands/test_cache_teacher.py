@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from engine.commands.cache_teacher import main
+from engine.data import failpoints
 from engine.data.atomic import write_json_atomic
 from engine.data.teacher_cache import CacheError, TeacherCache
-from engine.data.teacher_cache_job import DIE_AFTER_BATCHES_ENV, CacheJob
+from engine.data.teacher_cache_job import CacheJob
 from tests.cache_assets import SEQ_LEN, make_cache_assets
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,8 +49,8 @@ def killed_build(assets, out: Path, kind: list[str], after_batches: int) -> None
         f"mode={options['mode']!r}, seq_len={SEQ_LEN}, dtype='fp32', device='cpu', batch=8, "
         "show_progress=False, checkpoint_seconds=0)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO), DIE_AFTER_BATCHES_ENV: str(after_batches),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           **failpoints.arm("teacher_cache.batches", after_batches)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == -9, proc.stderr  # SIGKILL

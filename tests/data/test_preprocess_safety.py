@@ -14,6 +14,7 @@ import time
 import pytest
 
 import engine.data.preprocess as prep
+from engine.data import failpoints
 from engine.data.preprocess import PreprocessError, preprocess
 from engine.data.preprocess_job import settings_of
 from engine.data.shards import ShardError, ShardSet, file_sha256
@@ -290,7 +291,7 @@ def test_a_dead_worker_stops_the_run_within_seconds_and_a_rerun_completes(tmp_pa
                "--workers", "2"]
     started = time.monotonic()
     died = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "DATA_PREPROCESS_TEST_WORKER_DIES_ON": marker})
+                          env={**os.environ, **failpoints.arm("preprocess.worker", marker)})
     elapsed = time.monotonic() - started
     assert died.returncode == 1, died.stderr
     held = re.match(rf"error: {re.escape(str(source))}:(\d+)-(\d+): a tokenizer worker process "

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from engine.data import failpoints
 from engine.model import GPTNeoX, GPTNeoXConfig, load_pretrained
 from engine.train import checkpoint as ckpt
 from engine.train import run
 from engine.train.export import export_student
-from engine.train.signals import FINISH_PAUSE_ENV
 from tests.engine.test_train import (
     assert_same_run,
     base_overrides,
@@ -191,7 +191,7 @@ def start_and_pause_mid_save(assets, tmp_path: Path, name: str, pause: str):
     out = tmp_path / name
     overrides = base_overrides(assets, out, run__save_every=2)
     log = tmp_path / "log.txt"
-    proc = start_training(overrides, log, **{ckpt.SAVE_PAUSE_ENV: pause})
+    proc = start_training(overrides, log, **failpoints.arm("checkpoint.save", pause))
     wait_for(lambda: paused_save(out), proc, log)
     return out, log, proc
 
@@ -228,7 +228,7 @@ def test_a_signal_during_the_final_validation_loses_nothing(assets, tmp_path, st
     weights are saved before the final validation; resuming validates and exports."""
     out, log = tmp_path / "run", tmp_path / "log.txt"
     proc = start_training(base_overrides(assets, out), log,
-                          **{FINISH_PAUSE_ENV: "120"})  # pauses after the final save
+                          **failpoints.arm("train.finish", "120"))  # pauses after the final save
     wait_for(lambda: "pausing before the final validation" in log.read_text(), proc, log)
     proc.send_signal(sig)
     assert proc.wait(timeout=60) == status, log.read_text()

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from engine.commands.consolidate_checkpoint import main as consolidate_main
+from engine.data import failpoints
 from engine.dist import DistInfo
 from engine.model import GPTNeoX, load_pretrained, pythia_config, save_pretrained
 from engine.quickstart.corpus import train_bpe_tokenizer
@@ -286,7 +287,7 @@ def test_kill_mid_save_then_resume_is_bit_exact(two_ranks, assets, tmp_path):
     with open(log, "w") as handle:
         proc = subprocess.Popen(torchrun_command(overrides), cwd=REPO, stdout=handle,
                                 stderr=subprocess.STDOUT,
-                                env=torchrun_env(**{ckpt.SAVE_PAUSE_ENV: "3:120"}))
+                                env=torchrun_env(**failpoints.arm("checkpoint.save", "3:120")))
     deadline = time.monotonic() + 300
     while not paused_save(out, 3):
         assert proc.poll() is None, log.read_text()[-3000:]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.data import failpoints
 from engine.model import load_pretrained
 from engine.train import checkpoint as ckpt
 from engine.train.__main__ import main as train_main
@@ -131,7 +132,7 @@ def test_a_second_run_on_the_same_folder_is_refused_at_once(assets, tmp_path, ca
     out = tmp_path / "run"
     overrides = base_overrides(assets, out, run__save_every=2)
     log = tmp_path / "first.txt"
-    first = start_training(overrides, log, **{ckpt.SAVE_PAUSE_ENV: "2:6"})
+    first = start_training(overrides, log, **failpoints.arm("checkpoint.save", "2:6"))
     try:
         wait_for(lambda: paused_save(out), first, log)
         started = time.monotonic()
