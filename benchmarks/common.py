@@ -504,13 +504,14 @@ def kernel_step_fn():
     """A callable like loss_step_fn's: the dense Triton kernel alone, its gradient written over
     the student logits (no autograd, no backward scaling pass): the 10 bytes per bf16 element
     that the >= 80%-of-copy target (issue 24) is about."""
+    from engine.kernels.dispatch import LossOptions
     from engine.kernels.kd_loss_triton import kd_loss_forward_triton
 
     def run(student, teacher, labels, valid_vocab):
         logits = student.detach()
-        kd_loss_forward_triton(logits, teacher, labels, logits, alpha=ALPHA,
-                               temperature=TEMPERATURE, ignore_index=IGNORE_INDEX,
-                               valid_vocab=valid_vocab,
+        kd_loss_forward_triton(logits, teacher, labels, logits,
+                               LossOptions(alpha=ALPHA, temperature=TEMPERATURE,
+                                           ignore_index=IGNORE_INDEX, valid_vocab=valid_vocab),
                                inv_norm=torch.ones((), device=logits.device))
     return run
 

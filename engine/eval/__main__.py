@@ -21,7 +21,6 @@ from engine.data.atomic import write_text_atomic
 from engine.data.loader import DATASET_MODES
 from engine.eval.compare import is_our_chart, markdown_table, save_bar_chart
 from engine.eval.requests import EvalInputError, TextEncoder
-from engine.eval.scoring import divergence_label
 from engine.eval.tasks import (
     TASKS,
     ScoringSetup,
@@ -31,6 +30,7 @@ from engine.eval.tasks import (
     evaluate_ppl,
 )
 from engine.kernels.divergences import DIVERGENCES
+from engine.kernels.loss_spec import LossSpec
 from engine.model.hf_io import load_pretrained
 from engine.precision import DTYPE_NAMES, dtype_of
 
@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--temperature must be positive, got {args.temperature}")
         if (args.teacher or args.heldout) and set(args.task) != {"ppl"}:
             raise ValueError("--teacher and --heldout apply to the ppl task only")
-        divergence = divergence_label(**_kd_options(args))  # ValueError names a bad argument
+        # ValueError names a bad argument
+        divergence = LossSpec(temperature=args.temperature, **_kd_options(args)).divergence_label()
         teacher = None
         if args.teacher:
             teacher = load_pretrained(
