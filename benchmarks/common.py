@@ -54,6 +54,7 @@ from engine.model.network import GPTNeoX
 from engine.precision import DTYPES, dtype_of
 from engine.teacher_cache import build_teacher_cache
 from engine.train.step import distill_micro_step
+from engine.train.teacher_signal import LiveTeacher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -156,8 +157,9 @@ def ours_micro_step(student, teacher, batch, valid_vocab, normalizer, *,
                     autocast_dtype=torch.bfloat16, fused_head=True):
     """Our micro-step (engine.train.step.distill_micro_step), under bf16 autocast by default;
     fused_head=False is the full-logits path (loss.fused_head = false)."""
+    signal = LiveTeacher(teacher) if isinstance(teacher, torch.nn.Module) else teacher
     return distill_micro_step(
-        student, teacher, batch, alpha=ALPHA, temperature=TEMPERATURE, valid_vocab=valid_vocab,
+        student, signal, batch, alpha=ALPHA, temperature=TEMPERATURE, valid_vocab=valid_vocab,
         normalizer=normalizer, autocast_dtype=autocast_dtype, fused_head=fused_head,
     )
 
