@@ -173,6 +173,51 @@ def test_in_place_logit_gradient_changes_nothing():
 # ------------------------------------------------------------------ fused head vs full logits
 
 
+class RecordingSignal:
+    """A teacher signal of a test's own, with no base class (as the on-policy source will be):
+    the step must run it through the protocol alone. Delegates to `inner`, noting each call."""
+
+    teaches, from_cache = True, False
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def describe(self) -> str:
+        return "recording " + self.inner.describe()
+
+    def teacher_side(self, batch, input_ids, spec, autocast_dtype):
+        self.calls.append("teacher_side")
+        return self.inner.teacher_side(batch, input_ids, spec, autocast_dtype)
+
+    def head_loss(self, side, *args, **kwargs):
+        self.calls.append("head_loss")
+        return self.inner.head_loss(side, *args, **kwargs)
+
+    def logits_loss(self, side, *args, **kwargs):
+        self.calls.append("logits_loss")
+        return self.inner.logits_loss(side, *args, **kwargs)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-head", "logits"])
+def test_a_new_teacher_signal_plugs_in_without_touching_the_step(fused):
+    """The step's one path: any object with the TeacherSignal methods is a teacher; it gets
+    the teacher's side before the student and the loss after, nothing else."""
+    teacher = tiny_model(1, hidden=48, heads=3).eval().requires_grad_(False)
+    batch = random_batch(5)
+    spec = LossSpec(alpha=0.3, temperature=1.7, valid_vocab=VALID_VOCAB, fused_head=fused)
+    student = tiny_model(0)
+    expected = distill_micro_step(student, LiveTeacher(teacher), batch, spec, normalizer=None)
+    expected_grads = grads(student)
+    student = tiny_model(0)
+    recording = RecordingSignal(LiveTeacher(teacher))
+    got = distill_micro_step(student, recording, batch, spec, normalizer=None)
+    assert recording.calls == ["teacher_side", "head_loss" if fused else "logits_loss"]
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    for name, grad in grads(student).items():
+        assert torch.equal(grad, expected_grads[name]), name
+
+
 def _step_both_ways(make_student, teacher, batches, **settings):
     """(stats per micro-batch, gradients) with loss.fused_head on and off, same everything."""
     runs = []
