@@ -167,9 +167,11 @@ def _device_of(args) -> str:
     return args.device
 
 
-def _kd_options(args) -> dict:
-    return dict(divergence=args.divergence, beta=args.beta, skew=args.skew,
-                t2_scale=args.t2_scale)
+def _kd_spec(args) -> LossSpec:
+    """The KD term --temperature, --divergence, --beta, --skew and --t2-scale describe
+    (ValueError naming a bad one)."""
+    return LossSpec(temperature=args.temperature, divergence=args.divergence, beta=args.beta,
+                    skew=args.skew, t2_scale=args.t2_scale)
 
 
 def _checked_max_length(args, config, model_dir: str) -> int:
@@ -228,8 +230,7 @@ def evaluate_folder(model_dir: str, args, label: str, teacher=None) -> list[dict
                 pad_id=args.pad_id,
                 limit=args.limit,
                 teacher=teacher,
-                temperature=args.temperature,
-                kd_options=_kd_options(args),
+                spec=_kd_spec(args),
             )
         else:
             metrics = evaluate_ppl(
@@ -241,8 +242,7 @@ def evaluate_folder(model_dir: str, args, label: str, teacher=None) -> list[dict
                 stride=args.stride,
                 limit=args.limit,
                 teacher=teacher,
-                temperature=args.temperature,
-                kd_options=_kd_options(args),
+                spec=_kd_spec(args),
             )
         rows.append(
             {
@@ -300,8 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--temperature must be positive, got {args.temperature}")
         if (args.teacher or args.heldout) and set(args.task) != {"ppl"}:
             raise ValueError("--teacher and --heldout apply to the ppl task only")
-        # ValueError names a bad argument
-        divergence = LossSpec(temperature=args.temperature, **_kd_options(args)).divergence_label()
+        divergence = _kd_spec(args).divergence_label()  # ValueError names a bad argument
         teacher = None
         if args.teacher:
             teacher = load_pretrained(
