@@ -54,6 +54,7 @@ from engine.model.network import GPTNeoX
 from engine.precision import DTYPES, dtype_of
 from engine.teacher_cache import build_teacher_cache
 from engine.train.step import distill_micro_step
+from engine.train.teacher_signal import LiveTeacher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -156,8 +157,9 @@ def ours_micro_step(student, teacher, batch, valid_vocab, normalizer, *,
                     autocast_dtype=torch.bfloat16, fused_head=True):
     """Our micro-step (engine.train.step.distill_micro_step), under bf16 autocast by default;
     fused_head=False is the full-logits path (loss.fused_head = false)."""
+    signal = LiveTeacher(teacher) if isinstance(teacher, torch.nn.Module) else teacher
     return distill_micro_step(
-        student, teacher, batch, alpha=ALPHA, temperature=TEMPERATURE, valid_vocab=valid_vocab,
+        student, signal, batch, alpha=ALPHA, temperature=TEMPERATURE, valid_vocab=valid_vocab,
         normalizer=normalizer, autocast_dtype=autocast_dtype, fused_head=fused_head,
     )
 
@@ -504,13 +506,14 @@ def kernel_step_fn():
     """A callable like loss_step_fn's: the dense Triton kernel alone, its gradient written over
     the student logits (no autograd, no backward scaling pass): the 10 bytes per bf16 element
     that the >= 80%-of-copy target (issue 24) is about."""
+    from engine.kernels.dispatch import LossOptions
     from engine.kernels.kd_loss_triton import kd_loss_forward_triton
 
     def run(student, teacher, labels, valid_vocab):
         logits = student.detach()
-        kd_loss_forward_triton(logits, teacher, labels, logits, alpha=ALPHA,
-                               temperature=TEMPERATURE, ignore_index=IGNORE_INDEX,
-                               valid_vocab=valid_vocab,
+        kd_loss_forward_triton(logits, teacher, labels, logits,
+                               LossOptions(alpha=ALPHA, temperature=TEMPERATURE,
+                                           ignore_index=IGNORE_INDEX, valid_vocab=valid_vocab),
                                inv_norm=torch.ones((), device=logits.device))
     return run
 

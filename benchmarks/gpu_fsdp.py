@@ -48,21 +48,22 @@ from benchmarks.common import (
 )
 from engine import dist
 from engine.commands.ladder import ladder
+from engine.kernels.loss_spec import LossSpec
 from engine.memory import CUDA_CONTEXT_BYTES, parameter_count, plan_memory
 from engine.model.config import pythia_config
 from engine.model.network import GPTNeoX
 from engine.precision import precision_dtypes
 from engine.train import fsdp
 from engine.train.step import train_step
+from engine.train.teacher_signal import LiveTeacher
 
 CARD_BYTES = 12 * 2**30
 TARGET_RATIO = 0.9  # FSDP tokens/s against the plain step's, at world size 1
 TARGET_PLAN_ERROR = 0.05
 
 
-def _loss_settings(valid_vocab: int, autocast_dtype) -> dict[str, Any]:
-    return dict(alpha=0.5, temperature=2.0, valid_vocab=valid_vocab,
-                autocast_dtype=autocast_dtype, backend="auto")
+def _loss_spec(valid_vocab: int) -> LossSpec:
+    return LossSpec(alpha=0.5, temperature=2.0, valid_vocab=valid_vocab, backend="auto")
 
 
 def time_steps(student, teacher, sizes, device, *, autocast_dtype, micro_batch=None,
@@ -74,11 +75,13 @@ def time_steps(student, teacher, sizes, device, *, autocast_dtype, micro_batch=N
               for i in range(accum)]
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, **kwargs)
-    settings = _loss_settings(sizes["valid_vocab"], autocast_dtype)
+    spec = _loss_spec(sizes["valid_vocab"])
+    signal = LiveTeacher(teacher) if teacher is not None else None
 
     def step():
-        return train_step(student, student, teacher, optimizer, window, loss_settings=settings,
-                          max_grad_norm=1.0, lr=1e-4, stop_requested=False)
+        return train_step(student, student, signal, optimizer, window, spec=spec,
+                          autocast_dtype=autocast_dtype, max_grad_norm=1.0, lr=1e-4,
+                          stop_requested=False)
 
     for _ in range(max(1, sizes["warmup"] // accum)):
         step()

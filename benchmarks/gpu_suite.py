@@ -106,7 +106,7 @@ from engine.kernels.constants import IGNORE_INDEX
 from engine.memory import CUDA_CONTEXT_BYTES, largest_micro_batch, plan_memory
 from engine.metrics import mfu, peak_flops
 from engine.train.setup import CUDA_ALLOC_CONF
-from engine.train.teacher_source import CachedTeacher
+from engine.train.teacher_signal import CachedTeacher
 
 DEFAULT_SMOKE_OUT = REPO_ROOT / "runs" / "gpu_suite_smoke"
 CARD_BYTES = 12 * 2**30  # the user's RTX 3060

@@ -244,6 +244,7 @@ def print_divergence_table(div):
 def kernel_sweep(n_tokens, vocab, dtype, repeats):
     """Median kernel time over block sizes and warp counts (CUDA only): where launch_config
     comes from."""
+    from engine.kernels.dispatch import LossOptions
     from engine.kernels.kd_loss_torch import inverse_normalizer
     from engine.kernels.kd_loss_triton import kd_loss_forward_triton
 
@@ -257,9 +258,10 @@ def kernel_sweep(n_tokens, vocab, dtype, repeats):
     configs += [(b, w, st) for b in (512, 1024) for w in (4, 8) for st in (1, 2, 4)]
     for block, warps, stages in configs:
         fn = lambda b=block, w=warps, st=stages: kd_loss_forward_triton(
-            student, teacher, labels, grad, alpha=ALPHA, temperature=TEMPERATURE,
-            ignore_index=IGNORE_INDEX, valid_vocab=vocab - VALID_VOCAB_PAD, inv_norm=inv_norm,
-            block_size=b, num_warps=w, num_stages=st)
+            student, teacher, labels, grad,
+            LossOptions(alpha=ALPHA, temperature=TEMPERATURE, ignore_index=IGNORE_INDEX,
+                        valid_vocab=vocab - VALID_VOCAB_PAD),
+            inv_norm=inv_norm, block_size=b, num_warps=w, num_stages=st)
         seconds = timed(fn, repeats, dev)
         rows.append({"block": block, "warps": warps, "stages": stages,
                      "median_ms": seconds * 1e3,

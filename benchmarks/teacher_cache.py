@@ -68,7 +68,7 @@ from engine.teacher_cache import build_teacher_cache
 from engine.train.loop import run as train_run
 from engine.train.setup import build_optimizer
 from engine.train.step import distill_micro_step
-from engine.train.teacher_source import CachedTeacher
+from engine.train.teacher_signal import CachedTeacher, LiveTeacher
 
 DEFAULT_JSON = RESULTS_DIR / "teacher_cache.json"
 CACHES = {"top-8": dict(top_k=8), "top-64": dict(top_k=64), "sampled-8": dict(samples=8),
@@ -175,7 +175,7 @@ def _timed_step(student, source, batch, optimizer, valid_vocab):
 def step_ratio(make_student, teacher, batch, valid_vocab, config, steps: int) -> dict:
     """Online step vs cache step on the same batch (the batch carries the cache's targets),
     alternated one step at a time so both see the same machine load."""
-    sources = {"online": teacher, "cache": CachedTeacher(None)}
+    sources = {"online": LiveTeacher(teacher), "cache": CachedTeacher(None)}
     students = {name: make_student() for name in sources}
     optimizers = {name: build_optimizer(config, students[name], torch.device("cpu"))
                   for name in sources}

@@ -179,6 +179,81 @@ def test_functions_fit_on_a_screen():
     )
 
 
+TEACHER_MODULES = ("engine/train/teacher_signal.py", "engine/train/teacher_source.py",
+                   "engine/model/network.py")
+
+
+def teacher_type_checks(source: str, teacher_types: set[str]) -> list[str]:
+    """The isinstance / issubclass calls of `source` whose class argument names one of
+    `teacher_types` (or torch's Module), with their line numbers."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ("isinstance", "issubclass") and len(node.args) == 2):
+            names = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+            names |= {n.attr for n in ast.walk(node.args[1]) if isinstance(n, ast.Attribute)}
+            if names & (teacher_types | {"Module"}):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_step_never_asks_which_teacher_it_has():
+    """One path in the training step: the teacher signal (engine/train/teacher_signal.py)
+    computes its side and the loss, whatever the source (live, cache, none, on-policy)."""
+    teacher_types = {
+        node.name
+        for path in TEACHER_MODULES
+        for node in ast.walk(ast.parse((REPO_ROOT / path).read_text(encoding="utf-8")))
+        if isinstance(node, ast.ClassDef)
+    }
+    assert {"CachedTeacher", "LiveTeacher", "GPTNeoX"} <= teacher_types
+    step = (REPO_ROOT / "engine/train/step.py").read_text(encoding="utf-8")
+    found = teacher_type_checks(step, teacher_types)
+    assert not found, "engine/train/step.py branches on a teacher type: " + "; ".join(found)
+
+
+LOSS_KEYWORDS = {"alpha", "temperature", "divergence", "beta", "skew", "t2_scale"}
+MAX_LOSS_KEYWORD_FUNCTIONS = 2
+
+
+def exported_kernel_names() -> set[str]:
+    """The names engine/kernels/__init__.py lists in __all__: the kernels' public API."""
+    tree = ast.parse((REPO_ROOT / "engine/kernels/__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    raise AssertionError("engine/kernels/__init__.py has no __all__")
+
+
+def loss_keyword_functions(source: str, exempt: set[str]) -> list[str]:
+    """Functions of `source` (not named in `exempt`) taking three or more LOSS_KEYWORDS."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in exempt:
+            args = node.args
+            names = {a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)}
+            if len(names & LOSS_KEYWORDS) >= 3:
+                found.append(f"{node.name} ({', '.join(sorted(names & LOSS_KEYWORDS))})")
+    return found
+
+
+def test_the_loss_settings_travel_as_one_spec():
+    """Inside the engine the LossSpec travels (engine/kernels/loss_spec.py), not loose
+    keywords: outside the kernels' public API at most two functions take three or more of
+    them."""
+    exported = exported_kernel_names()
+    found = []
+    for path in sorted((REPO_ROOT / "engine").rglob("*.py")):
+        relative = path.relative_to(REPO_ROOT).as_posix()
+        exempt = exported if relative.startswith("engine/kernels/") else set()
+        found += [f"{relative}: {name}"
+                  for name in loss_keyword_functions(path.read_text(encoding="utf-8"), exempt)]
+    assert len(found) <= MAX_LOSS_KEYWORD_FUNCTIONS, (
+        f"{len(found)} functions take loose loss keywords (at most "
+        f"{MAX_LOSS_KEYWORD_FUNCTIONS}; pass a LossSpec): " + "; ".join(found))
+
+
 # --------------------------------------------------------------------------------------
 # The checkers themselves catch what they are for
 # --------------------------------------------------------------------------------------
@@ -212,3 +287,17 @@ def test_layer_names_the_installed_packages_floors():
     assert layer("engine.train.step") == "engine"
     assert layer("engine") == "engine"
     assert layer("benchmarks.common") == "benchmarks"
+
+
+def test_teacher_type_checks_sees_isinstance_on_a_teacher():
+    source = ("if isinstance(teacher, CachedTeacher):\n    pass\n"
+              "isinstance(x, (int, torch.nn.Module))\n")
+    assert len(teacher_type_checks(source, {"CachedTeacher"})) == 2
+    assert teacher_type_checks("isinstance(x, int)\n", {"CachedTeacher"}) == []
+
+
+def test_loss_keyword_functions_counts_every_kind_of_parameter():
+    source = ("def a(x, alpha, temperature, *, skew): pass\n"
+              "def b(alpha, beta): pass\n"
+              "def kd_loss(alpha, temperature, beta): pass\n")
+    assert loss_keyword_functions(source, {"kd_loss"}) == ["a (alpha, skew, temperature)"]

@@ -56,14 +56,15 @@ def _kd_launch(divergence: str):
     def launch(dtype):
         import torch
 
+        from engine.kernels.dispatch import LossOptions
         from engine.kernels.kd_loss_triton import kd_loss_forward_triton
 
         s = _meta((SEED_TOKENS, SEED_VOCAB), dtype)
         kd_loss_forward_triton(s, _meta((SEED_TOKENS, SEED_VOCAB), dtype),
-                               _meta((SEED_TOKENS,), torch.int64), s, alpha=0.5,
-                               temperature=2.0, ignore_index=-100,
-                               valid_vocab=SEED_VALID_VOCAB, inv_norm=_meta((), torch.float32),
-                               divergence=divergence)
+                               _meta((SEED_TOKENS,), torch.int64), s,
+                               LossOptions(alpha=0.5, temperature=2.0, ignore_index=-100,
+                                           valid_vocab=SEED_VALID_VOCAB, divergence=divergence),
+                               inv_norm=_meta((), torch.float32))
     return launch
 
 
@@ -73,6 +74,7 @@ def _sparse_launch(write_grad: bool):
     def launch(dtype):
         import torch
 
+        from engine.kernels.dispatch import LossOptions
         from engine.kernels.sparse_kd_triton import sparse_kd_forward_triton
         from engine.kernels.sparse_targets import SparseTargets
 
@@ -82,8 +84,9 @@ def _sparse_launch(write_grad: bool):
                                 _meta((n,), torch.float32))
         s = _meta((n, SEED_VOCAB), dtype)
         sparse_kd_forward_triton(s, targets, _meta((n,), torch.int64), s if write_grad else None,
-                                 alpha=0.5, temperature=2.0, ignore_index=-100,
-                                 valid_vocab=SEED_VALID_VOCAB, inv_norm=_meta((), torch.float32))
+                                 LossOptions(alpha=0.5, temperature=2.0, ignore_index=-100,
+                                             valid_vocab=SEED_VALID_VOCAB),
+                                 inv_norm=_meta((), torch.float32))
     return launch
 
 

@@ -21,7 +21,6 @@ from engine.data.atomic import write_text_atomic
 from engine.data.loader import DATASET_MODES
 from engine.eval.compare import is_our_chart, markdown_table, save_bar_chart
 from engine.eval.requests import EvalInputError, TextEncoder
-from engine.eval.scoring import divergence_label
 from engine.eval.tasks import (
     TASKS,
     ScoringSetup,
@@ -31,6 +30,7 @@ from engine.eval.tasks import (
     evaluate_ppl,
 )
 from engine.kernels.divergences import DIVERGENCES
+from engine.kernels.loss_spec import LossSpec
 from engine.model.hf_io import load_pretrained
 from engine.precision import DTYPE_NAMES, dtype_of
 
@@ -167,9 +167,11 @@ def _device_of(args) -> str:
     return args.device
 
 
-def _kd_options(args) -> dict:
-    return dict(divergence=args.divergence, beta=args.beta, skew=args.skew,
-                t2_scale=args.t2_scale)
+def _kd_spec(args) -> LossSpec:
+    """The KD term --temperature, --divergence, --beta, --skew and --t2-scale describe
+    (ValueError naming a bad one)."""
+    return LossSpec(temperature=args.temperature, divergence=args.divergence, beta=args.beta,
+                    skew=args.skew, t2_scale=args.t2_scale)
 
 
 def _checked_max_length(args, config, model_dir: str) -> int:
@@ -228,8 +230,7 @@ def evaluate_folder(model_dir: str, args, label: str, teacher=None) -> list[dict
                 pad_id=args.pad_id,
                 limit=args.limit,
                 teacher=teacher,
-                temperature=args.temperature,
-                kd_options=_kd_options(args),
+                spec=_kd_spec(args),
             )
         else:
             metrics = evaluate_ppl(
@@ -241,8 +242,7 @@ def evaluate_folder(model_dir: str, args, label: str, teacher=None) -> list[dict
                 stride=args.stride,
                 limit=args.limit,
                 teacher=teacher,
-                temperature=args.temperature,
-                kd_options=_kd_options(args),
+                spec=_kd_spec(args),
             )
         rows.append(
             {
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--temperature must be positive, got {args.temperature}")
         if (args.teacher or args.heldout) and set(args.task) != {"ppl"}:
             raise ValueError("--teacher and --heldout apply to the ppl task only")
-        divergence = divergence_label(**_kd_options(args))  # ValueError names a bad argument
+        divergence = _kd_spec(args).divergence_label()  # ValueError names a bad argument
         teacher = None
         if args.teacher:
             teacher = load_pretrained(

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from engine.data.teacher_cache import targets_of_batch
 from engine.kernels.constants import IGNORE_INDEX
-from engine.kernels.divergences import resolve_divergence
 from engine.kernels.kd_loss import ce_head_loss, kd_head_loss, kd_loss_reference
+from engine.kernels.loss_spec import LossSpec
 from engine.kernels.sparse_kd import sparse_kd_reference
 from engine.kernels.sparse_kd_head import sparse_kd_head_loss
 from engine.model.network import model_device, unwrap_model
@@ -182,41 +182,26 @@ def score_batch(
     return loglik.cpu(), (mismatches == 0).cpu(), counts.cpu()
 
 
-def divergence_label(divergence: str = "forward_kl", beta: float = 0.5, skew: float = 0.1,
-                     t2_scale: bool = True) -> str:
-    """The KD term's name as metrics report it: "forward_kl", "jsd(beta=0.3)",
-    "skew_reverse_kl(skew=0.1)", with ", no T^2" when t2_scale is off. Raises ValueError for
-    a bad combination, naming the argument."""
-    resolve_divergence(divergence, beta, skew)
-    args = {"jsd": f"beta={beta:g}", "skew_forward_kl": f"skew={skew:g}",
-            "skew_reverse_kl": f"skew={skew:g}"}.get(divergence, "")
-    if not t2_scale:
-        args = f"{args}, no T^2" if args else "no T^2"
-    return f"{divergence}({args})" if args else divergence
-
-
 def heldout_metrics(
     student: torch.nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     *,
     teacher: torch.nn.Module | None = None,
-    temperature: float = 2.0,
-    valid_vocab: int | None = None,
+    spec: LossSpec | None = None,
     autocast_dtype: torch.dtype | None = None,
     reduce_across_ranks: bool = False,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    t2_scale: bool = True,
     cached_kd: bool = False,
+    **spec_fields,
 ) -> dict[str, float | str]:
     """Token-level held-out metrics of `student` (and its distance to `teacher`) over `batches`.
 
     `batches` yields dicts with "input_ids" and "labels" ([B, T] int64; labels already shifted,
-    IGNORE_INDEX = not scored), e.g. engine.eval.heldout.heldout_batches. Logit columns
-    >= `valid_vocab` (the padded rows of Pythia's 50304-row head) are excluded from every
-    softmax and argmax, exactly as the training loss does.
+    IGNORE_INDEX = not scored), e.g. engine.eval.heldout.heldout_batches. `spec` (a LossSpec;
+    or its fields as keywords: temperature, divergence, beta, skew, t2_scale, valid_vocab)
+    defines the KD term as training does; logit columns >= its `valid_vocab` (the padded rows
+    of Pythia's 50304-row head) are excluded from every softmax and argmax, exactly as the
+    training loss does.
 
     Returns python numbers:
       "ce"          mean token cross-entropy (nats) of the student,
@@ -224,10 +209,10 @@ def heldout_metrics(
       "tokens"      number of scored tokens,
     and with a teacher also
       "kd"          mean per token of the training loss's KD term with these settings:
-                    (T^2 unless t2_scale=False) * D(softmax(t/T), softmax(s/T)), D the
-                    `divergence` (default forward KL, i.e. T^2 KL(teacher || student));
+                    (T^2 unless spec.t2_scale is off) * D(softmax(t/T), softmax(s/T)), D
+                    its divergence (default forward KL, i.e. T^2 KL(teacher || student));
                     docs/loss.md,
-      "divergence"  which D that was (divergence_label: e.g. "jsd(beta=0.5)"), a string,
+      "divergence"  which D that was (LossSpec.divergence_label: e.g. "jsd(beta=0.5)"), a string,
       "teacher_ce"  the teacher's mean token cross-entropy on the same tokens.
     With `cached_kd` and no teacher, the batches carry teacher-cache targets
     (engine.data.teacher_cache.CachedTargets) and "kd" is the training loss's KD term against them
@@ -242,11 +227,9 @@ def heldout_metrics(
     are all-reduced over the default torch.distributed group before the means, so ranks that
     each evaluate their share of a split validation set report the same global numbers.
     """
-    if temperature <= 0:
-        raise ValueError(f"heldout_metrics: temperature must be positive, got {temperature}")
-    kd_args = dict(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                   t2_scale=t2_scale)
-    label = divergence_label(divergence, beta, skew, t2_scale)
+    spec = spec if spec is not None else LossSpec(**spec_fields)
+    valid_vocab = spec.valid_vocab
+    label = spec.divergence_label()
     device = model_device(student)
     # ce, kd, teacher_ce, tokens
     sums = torch.zeros(4, dtype=torch.float64, device=device)
@@ -256,7 +239,7 @@ def heldout_metrics(
             cache = targets_of_batch(batch).to(device).flat() \
                 if cached_kd and teacher is None else None
             sums += _batch_sums(
-                student, teacher, input_ids, labels, number, kd_args=kd_args,
+                student, teacher, input_ids, labels, number, spec=spec,
                 valid_vocab=valid_vocab, autocast_dtype=autocast_dtype, chunk_rows=chunk_rows,
                 cache=cache,
             )
@@ -295,7 +278,7 @@ def _checked_batch(batch, number: int, device) -> tuple[torch.Tensor, torch.Tens
 
 
 def _batch_sums(
-    student, teacher, input_ids, labels, number: int, *, kd_args, valid_vocab,
+    student, teacher, input_ids, labels, number: int, *, spec, valid_vocab,
     autocast_dtype, chunk_rows, cache=None,
 ) -> torch.Tensor:
     """float64 [ce_sum, kd_sum, teacher_ce_sum, tokens] of one batch (`cache`: the batch's
@@ -312,7 +295,7 @@ def _batch_sums(
         columns = valid_vocab or student.embed_out.weight.shape[0]
         _check_targets(targets, columns, f"heldout_metrics batch {number}")
         scored = cache.select(positions) if cache is not None else None
-        sums[:3] = _fused_sums(student, teacher, input_ids, positions, targets, kd_args=kd_args,
+        sums[:3] = _fused_sums(student, teacher, input_ids, positions, targets, spec=spec,
                                valid_vocab=valid_vocab, autocast_dtype=autocast_dtype,
                                cache=scored)
         sums[3] = positions.numel()
@@ -331,15 +314,15 @@ def _batch_sums(
         if cache is not None:  # the KD against the batch's teacher-cache targets
             rows = cache.select(positions[offset : offset + s_logits.shape[0]])
             _, stats = sparse_kd_reference(s_logits, rows, chunk_targets,
-                                           temperature=kd_args["temperature"],
-                                           t2_scale=kd_args["t2_scale"])
+                                           temperature=spec.temperature,
+                                           t2_scale=spec.t2_scale)
             sums[:2] += torch.stack([stats["ce_sum"], stats["kd_sum"]]).double()
         elif teacher_chunks is None:
             ce = F.cross_entropy(s_logits, chunk_targets, reduction="sum")
             sums[0] += ce.double()
         else:
             t_logits = _restrict_vocab(next(teacher_chunks), valid_vocab)
-            sums[:3] += _distill_sums(s_logits, t_logits, chunk_targets, kd_args)
+            sums[:3] += _distill_sums(s_logits, t_logits, chunk_targets, spec)
         offset += s_logits.shape[0]
     sums[3] += positions.numel()
     return sums
@@ -353,11 +336,11 @@ def _check_shared_vocab(teacher_columns: int, student_columns: int) -> None:
         )
 
 
-def _distill_sums(s_logits, t_logits, targets, kd_args: dict) -> torch.Tensor:
+def _distill_sums(s_logits, t_logits, targets, spec: LossSpec) -> torch.Tensor:
     """float64 [student ce_sum, kd_sum, teacher ce_sum] of one chunk of scored rows."""
     _check_shared_vocab(t_logits.shape[-1], s_logits.shape[-1])
     # The loss's own reference computes the training loss's KD (and CE) terms: one definition.
-    _, stats = kd_loss_reference(s_logits, t_logits, targets, **kd_args)
+    _, stats = kd_loss_reference(s_logits, t_logits, targets, **spec.kd_keywords())
     teacher_ce = F.cross_entropy(t_logits, targets, reduction="sum")
     return torch.stack([stats["ce_sum"], stats["kd_sum"], teacher_ce]).double()
 
@@ -369,7 +352,7 @@ def _scored_hidden(model, input_ids, positions, autocast_dtype) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
 
 
-def _fused_sums(student, teacher, input_ids, positions, targets, *, kd_args, valid_vocab,
+def _fused_sums(student, teacher, input_ids, positions, targets, *, spec, valid_vocab,
                 autocast_dtype, cache=None) -> torch.Tensor:
     """float64 [ce_sum, kd_sum, teacher_ce_sum] through the training loss's fused heads,
     forward only (the caller holds no_grad). Rows >= valid_vocab of the heads take part in no
@@ -383,13 +366,13 @@ def _fused_sums(student, teacher, input_ids, positions, targets, *, kd_args, val
     with autocast_context(input_ids.device.type, autocast_dtype):
         if teacher is None and cache is not None:
             _, stats = sparse_kd_head_loss(s_hidden, weights[0], cache, targets, normalizer=1.0,
-                                           **kd_args)
+                                           **spec.kd_keywords())
             return torch.stack([stats["ce_sum"], stats["kd_sum"], stats["kd_sum"] * 0]).double()
         if teacher is None:
             _, stats = ce_head_loss(s_hidden, weights[0], targets, normalizer=1.0)
             return torch.stack([stats["ce_sum"], stats["kd_sum"], stats["kd_sum"]]).double()
         t_hidden = _scored_hidden(teacher, input_ids, positions, autocast_dtype)
         _, stats = kd_head_loss(s_hidden, weights[0], t_hidden, weights[1], targets,
-                                normalizer=1.0, **kd_args)
+                                normalizer=1.0, **spec.kd_keywords())
         _, teacher_stats = ce_head_loss(t_hidden, weights[1], targets, normalizer=1.0)
     return torch.stack([stats["ce_sum"], stats["kd_sum"], teacher_stats["ce_sum"]]).double()

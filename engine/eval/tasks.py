@@ -43,6 +43,7 @@ from engine.eval.requests import (
 )
 from engine.eval.scoring import eval_mode, heldout_metrics, perplexity, score_batch
 from engine.kernels.constants import IGNORE_INDEX
+from engine.kernels.loss_spec import LossSpec
 from engine.model.network import model_device
 from engine.token_ids import checked_batches
 
@@ -316,6 +317,11 @@ def _window_batches(
         progress.update(len(chosen), tokens=int(input_ids.numel()))
 
 
+def _scoring_spec(spec: LossSpec | None, setup: ScoringSetup) -> LossSpec:
+    """`spec` (default LossSpec()) over the setup's scored columns (setup.valid_vocab)."""
+    return (spec or LossSpec()).replace(valid_vocab=setup.valid_vocab)
+
+
 def evaluate_ppl(
     setup: ScoringSetup,
     encoder: TextEncoder | None,
@@ -326,11 +332,11 @@ def evaluate_ppl(
     stride: int | None = None,
     limit: int | None = None,
     teacher: torch.nn.Module | None = None,
-    temperature: float = 2.0, kd_options: dict | None = None,
+    spec: LossSpec | None = None,
 ) -> dict:
     """Token perplexity of a corpus, overall and per meta.pile_set_name when present.
 
-    Scored through heldout_metrics (kd_options: its divergence, beta, skew, t2_scale), one
+    Scored through heldout_metrics (`spec`: the KD term's LossSpec, default LossSpec()), one
     call per pile_set_name group and buffer of windows, so the KD comes out per group too.
     """
     path = Path(path)
@@ -353,9 +359,8 @@ def evaluate_ppl(
                 setup.model,
                 _window_batches(windows, setup.batch_size, device, progress),
                 teacher=teacher,
-                temperature=temperature,
-                valid_vocab=setup.valid_vocab,
-                autocast_dtype=setup.autocast_dtype, **(kd_options or {}),
+                spec=_scoring_spec(spec, setup),
+                autocast_dtype=setup.autocast_dtype,
             )
             overall.add(metrics)
             if name is not None:
@@ -407,15 +412,14 @@ def evaluate_heldout(
     pad_id: int = 1,
     limit: int | None = None,
     teacher: torch.nn.Module | None = None,
-    temperature: float = 2.0,
-    kd_options: dict | None = None,
+    spec: LossSpec | None = None,
 ) -> dict:
     """The training run's validation, reproduced: the loader's val split of a shard folder.
 
     Same dataset (packed windows or padded documents of max_length tokens), same held-out
     items (engine.data.loader.validation_indices), same heldout_metrics: with the run's seq_len,
-    val_fraction, valid_vocab and loss settings (temperature, `kd_options`: divergence, beta,
-    skew, t2_scale) this gives the numbers of its metrics.jsonl (val_*). `limit` counts
+    val_fraction, valid_vocab and loss settings (`spec`: temperature, divergence, beta, skew,
+    t2_scale) this gives the numbers of its metrics.jsonl (val_*). `limit` counts
     sequences.
     """
     path = Path(path)
@@ -445,10 +449,8 @@ def evaluate_heldout(
             setup.model,
             batches(),
             teacher=teacher,
-            temperature=temperature,
-            valid_vocab=setup.valid_vocab,
+            spec=_scoring_spec(spec, setup),
             autocast_dtype=setup.autocast_dtype,
-            **(kd_options or {}),
         )
     finally:
         progress.close()

@@ -13,16 +13,11 @@ import torch
 
 from engine.kernels.divergences import kernel_divergence, resolve_divergence
 from engine.kernels.kd_loss_torch import (
-    check_hyperparameters,
     check_labels_in_range,
     inverse_normalizer,
     kd_loss_forward_chunked,
 )
-
-# "epilogue": the Triton kernels, and for kd_head_loss the head whose matmul epilogue reduces
-# the logits (engine/kernels/head_epilogue.py) where it supports the call; on logits it is
-# "triton".
-BACKENDS = ("auto", "triton", "torch", "epilogue")
+from engine.kernels.loss_spec import BACKENDS, LossSpec
 
 
 def triton_available() -> bool:
@@ -54,38 +49,36 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class LossOptions:
-    """The loss's hyperparameters once checked; `divergence` is the one the kernels run."""
+    """A LossSpec as the kernels run it: numbers coerced, valid_vocab resolved against the
+    logits' columns, and `divergence` the one the kernels compute (kernel_divergence)."""
 
     alpha: float
     temperature: float
     ignore_index: int
     valid_vocab: int
-    divergence: str
-    beta: float
-    skew: float
-    t2_scale: bool
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    skew: float = 0.1
+    t2_scale: bool = True
 
     @classmethod
-    def checked(cls, *, alpha, temperature, ignore_index, valid_vocab, divergence, beta, skew,
-                t2_scale) -> LossOptions:
-        """Validate every argument (ValueError naming it) and resolve the divergence."""
-        check_hyperparameters(alpha, temperature)
-        if not isinstance(t2_scale, bool):
-            raise ValueError(f"t2_scale={t2_scale!r} must be True or False")
-        divergence = kernel_divergence(resolve_divergence(divergence, beta, skew), skew)
-        return cls(float(alpha), float(temperature), int(ignore_index), int(valid_vocab),
-                   divergence, float(beta), float(skew), t2_scale)
+    def of(cls, spec: LossSpec, valid_vocab: int) -> LossOptions:
+        """The kernels' view of `spec` (already checked) over `valid_vocab` columns."""
+        divergence = kernel_divergence(resolve_divergence(spec), spec.skew)
+        return cls(float(spec.alpha), float(spec.temperature), int(spec.ignore_index),
+                   int(valid_vocab), divergence, float(spec.beta), float(spec.skew),
+                   spec.t2_scale)
 
 
-def prepare_loss(flat_labels, device, *, backend, normalizer, **loss_kwargs):
+def prepare_loss(flat_labels, device, spec: LossSpec, *, valid_vocab: int, normalizer):
     """What kd_loss and kd_head_loss do before their autograd Function, in one place.
 
-    Checks every argument (LossOptions.checked takes loss_kwargs), resolves the backend, checks
-    labels on CPU (a GPU check would sync) and returns (options, backend, valid_count,
-    inv_norm), the last two 0-dim tensors on the labels' device.
+    `spec` was checked when built; this resolves the backend, checks labels on CPU (a GPU
+    check would sync) and returns (options, backend, valid_count, inv_norm), the last two 0-dim
+    tensors on the labels' device. `valid_vocab`: the spec's, resolved against the logits.
     """
-    options = LossOptions.checked(**loss_kwargs)
-    resolved = resolve_backend(backend, device)
+    options = LossOptions.of(spec, valid_vocab)
+    resolved = resolve_backend(spec.backend, device)
     if flat_labels.device.type == "cpu":
         check_labels_in_range(flat_labels, options.ignore_index, options.valid_vocab)
     valid_count = (flat_labels != options.ignore_index).sum()
@@ -109,10 +102,9 @@ def loss_and_grad(backend: str, s, t, labels, grad_out, inv_norm, options: LossO
     path), with no host synchronisation. Runs with autocast off whatever the caller's context:
     under autocast, row dot products (torch.linalg.vecdot) would drop to bf16.
     """
-    kwargs = dataclasses.asdict(options)
     with torch.autocast(s.device.type, enabled=False):
         if backend == "triton":
             from engine.kernels.kd_loss_triton import kd_loss_forward_triton
 
-            return kd_loss_forward_triton(s, t, labels, grad_out, inv_norm=inv_norm, **kwargs)
-        return kd_loss_forward_chunked(s, t, labels, grad_out, inv_norm=inv_norm, **kwargs)
+            return kd_loss_forward_triton(s, t, labels, grad_out, options, inv_norm=inv_norm)
+        return kd_loss_forward_chunked(s, t, labels, grad_out, options, inv_norm=inv_norm)

@@ -38,12 +38,14 @@ DIVERGENCES = (
 )
 
 
-def resolve_divergence(divergence: str, beta: float, skew: float) -> str:
-    """Check the arguments and return the divergence the definition computes.
+def resolve_divergence(choice) -> str:
+    """Check `choice`'s divergence, beta and skew (a LossSpec) and return the divergence the
+    definition computes.
 
     jsd at beta = 0 / 1 becomes forward_kl / reverse_kl (the convention above). Raises
     ValueError naming the bad argument.
     """
+    divergence, beta, skew = choice.divergence, choice.beta, choice.skew
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r} must be one of {DIVERGENCES}")
     for name, value in (("beta", beta), ("skew", skew)):

@@ -53,6 +53,7 @@ from engine.kernels.dispatch import loss_and_grad, loss_stats, prepare_loss
 from engine.kernels.head_epilogue import EpilogueHeadLoss, epilogue_fallback_reason
 from engine.kernels.head_rules import add_weight_grad, head_chunk_tokens
 from engine.kernels.kd_loss_torch import kd_loss_reference
+from engine.kernels.loss_spec import LossSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,12 +260,11 @@ def kd_head_loss(
     (engine/kernels/head_epilogue.py) for the forward KL with bf16 / fp32 heads, and the
     chunked Triton path for any other call (head_epilogue.epilogue_fallback_reason).
     """
-    return _head_loss(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-        backend=backend, normalizer=normalizer, chunk_tokens=chunk_tokens, alpha=alpha,
-        temperature=temperature, ignore_index=ignore_index, valid_vocab=valid_vocab,
-        divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale,
-    )
+    spec = LossSpec(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
+                    skew=skew, t2_scale=t2_scale, valid_vocab=valid_vocab,
+                    ignore_index=ignore_index, backend=backend)
+    return _head_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                      spec, normalizer=normalizer, chunk_tokens=chunk_tokens)
 
 
 def ce_head_loss(
@@ -283,32 +283,29 @@ def ce_head_loss(
     teacher (alpha 1), for CE-only training and a model's own CE in evaluation. Returns
     (loss, stats) like kd_head_loss, with stats["kd_sum"] = 0.
     """
-    return _head_loss(
-        hidden, weight, None, None, labels, backend=backend, normalizer=normalizer,
-        chunk_tokens=chunk_tokens, alpha=1.0, temperature=1.0, ignore_index=ignore_index,
-        valid_vocab=valid_vocab, divergence="forward_kl", beta=0.5, skew=0.1, t2_scale=True,
-    )
+    spec = LossSpec(alpha=1.0, temperature=1.0, valid_vocab=valid_vocab,
+                    ignore_index=ignore_index, backend=backend)
+    return _head_loss(hidden, weight, None, None, labels, spec, normalizer=normalizer,
+                      chunk_tokens=chunk_tokens)
 
 
-def _head_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
-               backend, normalizer, chunk_tokens, valid_vocab, **loss_kwargs):
+def _head_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+               spec: LossSpec, *, normalizer, chunk_tokens):
     """kd_head_loss and ce_head_loss (teacher None): check, plan, run the Function."""
     _check_head_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
     vocab = student_weight.shape[0]
-    valid_vocab = vocab if valid_vocab is None else int(valid_vocab)
+    valid_vocab = vocab if spec.valid_vocab is None else int(spec.valid_vocab)
     if not 1 <= valid_vocab <= vocab:
         raise ValueError(f"valid_vocab={valid_vocab} must be in [1, {vocab}] (the weights' rows)")
     flat_labels = labels.reshape(-1)
     options, resolved, valid_count, inv_norm = prepare_loss(
-        flat_labels, student_hidden.device, backend=backend, normalizer=normalizer,
-        valid_vocab=valid_vocab, **loss_kwargs,
-    )
+        flat_labels, student_hidden.device, spec, valid_vocab=valid_vocab, normalizer=normalizer)
     plan = head_plan(student_hidden, student_weight, teacher_hidden, teacher_weight,
                      chunk_tokens)
     if teacher_hidden is not None:
         teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
         teacher_weight = teacher_weight.detach()
-    if backend == "epilogue" and epilogue_fallback_reason(
+    if spec.backend == "epilogue" and epilogue_fallback_reason(
             options, plan, teacher_hidden is not None) is None:
         loss, ce_sum, kd_sum = EpilogueHeadLoss.apply(
             student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,

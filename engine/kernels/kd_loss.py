@@ -32,6 +32,7 @@ from engine.kernels.constants import IGNORE_INDEX
 from engine.kernels.dispatch import loss_and_grad, loss_stats, prepare_loss, triton_available
 from engine.kernels.kd_head import ce_head_loss, kd_head_loss, kd_head_loss_reference
 from engine.kernels.kd_loss_torch import flatten_inputs, kd_loss_reference
+from engine.kernels.loss_spec import LossSpec
 
 __all__ = [
     "LogitsLossFunction",
@@ -151,11 +152,11 @@ def kd_loss(
     s, _, flat_labels, valid_vocab = flatten_inputs(
         student_logits, teacher_logits, labels, valid_vocab
     )
+    spec = LossSpec(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
+                    skew=skew, t2_scale=t2_scale, valid_vocab=valid_vocab,
+                    ignore_index=ignore_index, backend=backend)
     options, resolved, valid_count, inv_norm = prepare_loss(
-        flat_labels, s.device, backend=backend, normalizer=normalizer, alpha=alpha,
-        temperature=temperature, ignore_index=ignore_index, valid_vocab=valid_vocab,
-        divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale,
-    )
+        flat_labels, s.device, spec, valid_vocab=valid_vocab, normalizer=normalizer)
     t = _rows(teacher_logits.detach())
     if t.stride(-1) != 1:
         t = t.contiguous()

@@ -27,6 +27,7 @@ import torch
 from engine.kernels.constants import IGNORE_INDEX
 from engine.kernels.divergence_blocks import divergence_block, pivot_log_ratio
 from engine.kernels.divergences import divergence_reference, mixture_weights, resolve_divergence
+from engine.kernels.loss_spec import LossSpec
 
 # Elements of fp32 scratch per row block: 1 MiB per temporary (5 rows of a 50k vocabulary), so
 # the handful of temporaries a block needs stay in cache between the passes over it. Measured on
@@ -95,13 +96,6 @@ def flatten_inputs(student_logits, teacher_logits, labels, valid_vocab):
     return s, t, labels.reshape(-1), valid_vocab
 
 
-def check_hyperparameters(alpha, temperature):
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha={alpha} must be in [0, 1]")
-    if not float(temperature) > 0.0:
-        raise ValueError(f"temperature={temperature} must be > 0")
-
-
 def check_labels_in_range(labels, ignore_index, valid_vocab):
     """Raise if a non-ignored label falls outside [0, valid_vocab).
 
@@ -158,8 +152,8 @@ def kd_loss_reference(
     Math runs in float64 when the student logits are float64, otherwise in fp32. Takes the
     arguments of `engine.kernels.kd_loss.kd_loss` and returns (loss, stats) exactly like it.
     """
-    check_hyperparameters(alpha, temperature)
-    divergence = resolve_divergence(divergence, beta, skew)
+    divergence = resolve_divergence(LossSpec(alpha=alpha, temperature=temperature,
+                                             divergence=divergence, beta=beta, skew=skew))
     s, t, labels, valid_vocab = flatten_inputs(student_logits, teacher_logits, labels, valid_vocab)
     compute = torch.float64 if s.dtype == torch.float64 else torch.float32
     s = s[:, :valid_vocab].to(compute)
@@ -203,18 +197,13 @@ def kd_loss_forward_chunked(
     t: torch.Tensor,
     labels: torch.Tensor,
     grad_out: torch.Tensor,
+    options,
     *,
-    alpha: float,
-    temperature: float,
-    ignore_index: int,
-    valid_vocab: int,
     inv_norm: torch.Tensor,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    t2_scale: bool = True,
 ):
     """Per-token CE and KD sums, and the gradient of the loss written into `grad_out`.
+
+    `options`: the loss as the kernels run it (engine.kernels.dispatch.LossOptions).
 
     s, t: [N, V] logits (any float dtype; fp32 math, float64 stays float64). grad_out: [N, V] of
     s's dtype; it may be `s` itself (the caller's in-place opt-in): each row block is read
@@ -225,11 +214,13 @@ def kd_loss_forward_chunked(
     Returns (ce_sum, kd_sum) as 0-dim tensors of the compute dtype (fp32; float64 for float64
     logits, so the float64 loss can be gradchecked).
     """
+    alpha, temperature, divergence = options.alpha, options.temperature, options.divergence
+    ignore_index, valid_vocab = options.ignore_index, options.valid_vocab
     n_rows, vocab = s.shape
     compute = torch.float64 if s.dtype == torch.float64 else torch.float32
     inv_t = 1.0 / temperature
-    kd_scale = temperature * temperature if t2_scale else 1.0
-    w_p, w_q = mixture_weights(divergence, beta, skew)
+    kd_scale = temperature * temperature if options.t2_scale else 1.0
+    w_p, w_q = mixture_weights(divergence, options.beta, options.skew)
     ce_sum = torch.zeros((), dtype=compute, device=s.device)
     kd_sum = torch.zeros((), dtype=compute, device=s.device)
     inv_norm = inv_norm.to(compute)

@@ -404,16 +404,9 @@ def kd_loss_forward_triton(
     t: torch.Tensor,
     labels: torch.Tensor,
     grad_out: torch.Tensor,
+    options,
     *,
-    alpha: float,
-    temperature: float,
-    ignore_index: int,
-    valid_vocab: int,
     inv_norm: torch.Tensor,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    t2_scale: bool = True,
     block_size: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -422,10 +415,12 @@ def kd_loss_forward_triton(
     """Launch the kernel over every row; return (ce_sum, kd_sum) as 0-dim fp32 tensors.
 
     s, t: [N, V] with unit column stride; grad_out: [N, V] (may alias s; t may alias s for a
-    CE-only caller), or None for the forward-only variant, which writes nothing. `divergence`
-    must be a kernel divergence (engine.kernels.divergences.kernel_divergence). programs: the
-    persistent grid's size (default `grid_size`). No host sync.
+    CE-only caller), or None for the forward-only variant, which writes nothing. `options`:
+    the loss as the kernels run it (engine.kernels.dispatch.LossOptions; its divergence a
+    kernel divergence). programs: the persistent grid's size (default `grid_size`). No host
+    sync.
     """
+    divergence, temperature = options.divergence, options.temperature
     n_rows, vocab = s.shape
     write_grad = grad_out is not None
     grad_out = s if grad_out is None else grad_out  # a pointer the forward-only kernel ignores
@@ -438,7 +433,7 @@ def kd_loss_forward_triton(
     inv_norm = inv_norm.reshape(1).to(device=s.device, dtype=torch.float32).contiguous()
     default_block, default_warps = launch_config(vocab, divergence)
     num_warps = num_warps or default_warps
-    w_p, w_q = mixture_weights(divergence, beta, skew)
+    w_p, w_q = mixture_weights(divergence, options.beta, options.skew)
     if n_rows > 0:
         grid = (min(n_rows, programs or grid_size(n_rows, s.device, num_warps)),)
         kd_loss_fwd_bwd_kernel[grid](
@@ -454,11 +449,11 @@ def kd_loss_forward_triton(
             grad_out.stride(0),
             n_rows,
             vocab,
-            valid_vocab,
-            int(ignore_index),
-            float(alpha),
+            options.valid_vocab,
+            int(options.ignore_index),
+            float(options.alpha),
             float(temperature),
-            float(temperature) ** 2 if t2_scale else 1.0,
+            float(temperature) ** 2 if options.t2_scale else 1.0,
             w_p,
             w_q,
             _log2_weight(w_p),

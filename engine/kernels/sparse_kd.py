@@ -23,6 +23,7 @@ from engine.kernels.constants import IGNORE_INDEX
 from engine.kernels.dispatch import LossOptions, loss_stats, prepare_loss
 from engine.kernels.kd_loss import LogitsLossFunction
 from engine.kernels.kd_loss_torch import check_student_dtype
+from engine.kernels.loss_spec import LossSpec
 from engine.kernels.sparse_kd_torch import sparse_kd_forward_chunked, sparse_kd_reference
 from engine.kernels.sparse_targets import SparseTargets, check_target_values, check_targets
 
@@ -31,15 +32,15 @@ __all__ = ["SUPPORTED_DIVERGENCES", "SparseTargets", "sparse_kd_loss", "sparse_k
 SUPPORTED_DIVERGENCES = ("forward_kl",)
 
 
-def sparse_options(flat_labels, device, targets: SparseTargets, *, backend, normalizer,
-                   divergence, **loss_kwargs):
+def sparse_options(flat_labels, device, targets: SparseTargets, spec: LossSpec, *,
+                   valid_vocab: int, normalizer):
     """prepare_loss for the sparse loss: the same checks, the divergence refused unless it is
     the forward KL, and on CPU the targets' values checked. Returns prepare_loss's tuple."""
-    prepared = prepare_loss(flat_labels, device, backend=backend, normalizer=normalizer,
-                            divergence=divergence, **loss_kwargs)
+    prepared = prepare_loss(flat_labels, device, spec, valid_vocab=valid_vocab,
+                            normalizer=normalizer)
     if prepared[0].divergence not in SUPPORTED_DIVERGENCES:
         raise ValueError(
-            f"divergence={divergence!r} cannot be computed from a teacher cache: it stores a "
+            f"divergence={spec.divergence!r} cannot be computed from a teacher cache: it stores a "
             "few columns of the teacher per position, and only the forward KL (linear in the "
             "teacher's probabilities, so a sampled cache estimates it without bias) needs no "
             f"more; supported: {SUPPORTED_DIVERGENCES}. Use an online teacher (teacher.path) "
@@ -53,15 +54,13 @@ def sparse_loss_and_grad(backend: str, s, targets: SparseTargets, labels, grad_o
                          options: LossOptions):
     """Run the resolved backend on [N, V] logits and flat targets; write d loss / d s into
     grad_out (may be s; None: forward only). (ce_sum, kd_sum), no host sync, autocast off."""
-    kwargs = dict(alpha=options.alpha, temperature=options.temperature,
-                  ignore_index=options.ignore_index, valid_vocab=options.valid_vocab,
-                  inv_norm=inv_norm, t2_scale=options.t2_scale)
     with torch.autocast(s.device.type, enabled=False):
         if backend == "triton":
             from engine.kernels.sparse_kd_triton import sparse_kd_forward_triton
 
-            return sparse_kd_forward_triton(s, targets, labels, grad_out, **kwargs)
-        return sparse_kd_forward_chunked(s, targets, labels, grad_out, **kwargs)
+            return sparse_kd_forward_triton(s, targets, labels, grad_out, options,
+                                            inv_norm=inv_norm)
+        return sparse_kd_forward_chunked(s, targets, labels, grad_out, options, inv_norm=inv_norm)
 
 
 def _flat_student(student_logits, labels, valid_vocab) -> tuple[int, torch.Tensor]:
@@ -113,10 +112,11 @@ def sparse_kd_loss(
     valid_vocab, flat_labels = _flat_student(student_logits, labels, valid_vocab)
     flat_targets = check_targets(targets, labels.shape, student_logits.device)
     options, resolved, valid_count, inv_norm = sparse_options(
-        flat_labels, student_logits.device, flat_targets, backend=backend,
-        normalizer=normalizer, divergence=divergence, alpha=alpha, temperature=temperature,
-        ignore_index=ignore_index, valid_vocab=valid_vocab, beta=beta, skew=skew,
-        t2_scale=t2_scale)
+        flat_labels, student_logits.device, flat_targets,
+        LossSpec(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
+                 skew=skew, t2_scale=t2_scale, valid_vocab=valid_vocab,
+                 ignore_index=ignore_index, backend=backend),
+        valid_vocab=valid_vocab, normalizer=normalizer)
     def run(s, grad):
         return sparse_loss_and_grad(resolved, s, flat_targets, flat_labels, grad, inv_norm,
                                     options)

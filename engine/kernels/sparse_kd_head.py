@@ -18,6 +18,7 @@ import torch
 from engine.kernels.constants import IGNORE_INDEX
 from engine.kernels.dispatch import loss_stats
 from engine.kernels.kd_head import HeadLossFunction, head_plan, student_head_chunks
+from engine.kernels.loss_spec import LossSpec
 from engine.kernels.sparse_kd import sparse_kd_reference, sparse_loss_and_grad, sparse_options
 from engine.kernels.sparse_targets import SparseTargets, check_targets
 
@@ -82,10 +83,11 @@ def sparse_kd_head_loss(
     flat_labels = labels.reshape(-1)
     flat_targets = check_targets(targets, labels.shape, student_hidden.device)
     options, resolved, valid_count, inv_norm = sparse_options(
-        flat_labels, student_hidden.device, flat_targets, backend=backend,
-        normalizer=normalizer, divergence=divergence, alpha=alpha, temperature=temperature,
-        ignore_index=ignore_index, valid_vocab=valid_vocab, beta=beta, skew=skew,
-        t2_scale=t2_scale)
+        flat_labels, student_hidden.device, flat_targets,
+        LossSpec(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
+                 skew=skew, t2_scale=t2_scale, valid_vocab=valid_vocab,
+                 ignore_index=ignore_index, backend=backend),
+        valid_vocab=valid_vocab, normalizer=normalizer)
     plan = head_plan(student_hidden, student_weight, None, None, chunk_tokens)
     chunks = functools.partial(_sparse_chunks, labels=flat_labels, targets=flat_targets,
                                inv_norm=inv_norm, options=options, backend=resolved, plan=plan)

@@ -29,11 +29,11 @@ import torch
 
 from engine.kernels.constants import IGNORE_INDEX
 from engine.kernels.kd_loss_torch import (
-    check_hyperparameters,
     check_labels_in_range,
     inverse_normalizer,
     rows_per_chunk,
 )
+from engine.kernels.loss_spec import check_hyperparameters
 from engine.kernels.sparse_targets import SparseTargets, check_target_values, check_targets
 
 
@@ -163,21 +163,21 @@ def sparse_kd_forward_chunked(
     targets: SparseTargets,
     labels: torch.Tensor,
     grad_out: torch.Tensor | None,
+    options,
     *,
-    alpha: float,
-    temperature: float,
-    ignore_index: int,
-    valid_vocab: int,
     inv_norm: torch.Tensor,
-    t2_scale: bool = True,
 ):
     """Per-position CE and KD sums, and the loss's gradient written into `grad_out`.
+
+    `options`: the loss as the kernels run it (engine.kernels.dispatch.LossOptions; alpha,
+    temperature, t2_scale, ignore_index and valid_vocab are read).
 
     s: [N, V] logits (fp32 math; float64 stays float64); targets: flat, N positions;
     grad_out: [N, V] of s's dtype, may be `s` itself (each row block is read completely into
     fp32 scratch before its gradient is written back), or None (forward only). Returns
     (ce_sum, kd_sum) as 0-dim tensors of the compute dtype.
     """
+    ignore_index, valid_vocab = options.ignore_index, options.valid_vocab
     compute = torch.float64 if s.dtype == torch.float64 else torch.float32
     sums = torch.zeros(2, dtype=compute, device=s.device)
     step = rows_per_chunk(s.shape[1])
@@ -190,8 +190,7 @@ def sparse_kd_forward_chunked(
         rows = None if grad_out is None else grad_out[start:stop, :valid_vocab]
         direct = rows is not None and rows.dtype == compute and rows.is_contiguous()
         ce, kd, grad = _block(s_shift, targets.rows(start, stop), labels[start:stop], valid,
-                              alpha=alpha, temperature=temperature, t2_scale=t2_scale,
-                              inv_norm=inv_norm, want_grad=grad_out is not None,
+                              options, inv_norm=inv_norm, want_grad=grad_out is not None,
                               out=rows if direct else None)
         sums += torch.stack([ce, kd])
         if grad is not None:
@@ -212,14 +211,14 @@ def _exp_at_one(s_shift, e_t, temperature, out):
     return torch.exp(s_shift, out=out)
 
 
-def _block(s_shift, targets, labels, valid, *, alpha, temperature, t2_scale, inv_norm,
-           want_grad, out=None):
+def _block(s_shift, targets, labels, valid, options, *, inv_norm, want_grad, out=None):
     """(ce_sum, kd_sum, gradient or None) of one row block of max-shifted logits (fp32 scratch
     this function may overwrite). The gradient is row_ce e1 / sum1 + row_kd (W - r / q_U)
     eT / sumT plus a correction at the K listed ids (module docstring's formula); it is formed
     in `out` when given (the caller's fp32 gradient rows; s_shift is already a copy)."""
+    alpha, temperature = options.alpha, options.temperature
     inv_t = 1.0 / temperature
-    kd_scale = temperature * temperature if t2_scale else 1.0
+    kd_scale = temperature * temperature if options.t2_scale else 1.0
     safe_labels = torch.where(valid, labels, 0)[:, None]
     e_t = s_shift.mul(inv_t).exp_()
     e1 = _exp_at_one(s_shift, e_t, temperature, out)

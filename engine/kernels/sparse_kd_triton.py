@@ -299,10 +299,10 @@ def list_block(width: int) -> int:
     return min(1024, triton.next_power_of_2(max(width, 16)))
 
 
-def sparse_kd_forward_triton(s, targets, labels, grad_out, *, alpha, temperature, ignore_index,
-                             valid_vocab, inv_norm, t2_scale=True, programs=None):
+def sparse_kd_forward_triton(s, targets, labels, grad_out, options, *, inv_norm, programs=None):
     """Launch the kernel over every row; return (ce_sum, kd_sum) as 0-dim fp32 tensors.
 
+    `options`: the loss as the kernels run it (engine.kernels.dispatch.LossOptions).
     s: [N, V] with unit column stride; targets: flat SparseTargets of N positions; grad_out:
     [N, V] (may alias s) or None (forward only, nothing written). programs: the persistent
     grid's size (default kd_loss's `grid_size`). No host sync.
@@ -328,8 +328,9 @@ def sparse_kd_forward_triton(s, targets, labels, grad_out, *, alpha, temperature
             targets.count.contiguous(), targets.log_tail.contiguous(),
             targets.entropy.contiguous(), saved, ce_rows, kd_rows, inv_norm,
             s.stride(0), grad_out.stride(0), targets.ids.stride(0), targets.log_mass.stride(0),
-            saved.stride(0), n_rows, vocab, valid_vocab, int(ignore_index), float(alpha),
-            float(temperature), float(temperature) ** 2 if t2_scale else 1.0,
+            saved.stride(0), n_rows, vocab, options.valid_vocab, int(options.ignore_index),
+            float(options.alpha), float(options.temperature),
+            float(options.temperature) ** 2 if options.t2_scale else 1.0,
             WRITE_GRAD=write_grad, BLOCK_SIZE=block_size, LIST_BLOCK=list_block(width),
             num_warps=num_warps,
         )

@@ -3,6 +3,7 @@
     config.py      the typed configuration (TOML presets + --section.key=value overrides)
     setup.py       builders: models, loader, optimizer, micro-batch plan, resume, DDP, compile
     step.py        one micro-step and one optimizer step (the normaliser, docs/loss.md)
+    teacher_signal.py  the teacher interface the step calls: none, a live teacher, a cache
     loop.py        the Trainer: setup, train_step(), and the validate/save/stop policy
     watch.py       eval.tasks scored while training, the regression alarm
     lost_updates.py  update_lost_frac: AdamW updates a bf16 weight rounded away

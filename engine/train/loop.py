@@ -31,7 +31,7 @@ from engine.metrics import MetricsWriter, mfu, peak_flops, peak_memory_bytes, re
 from engine.token_ids import check_batch, checked_batches
 from engine.train import checkpoint as ckpt
 from engine.train import fsdp
-from engine.train.config import Config, ConfigError, kd_settings, validate, write_resolved
+from engine.train.config import Config, ConfigError, validate, write_resolved
 from engine.train.export import export_student
 from engine.train.gathered_export import export_sharded_student
 from engine.train.lock import hold_run_lock
@@ -41,7 +41,9 @@ from engine.train.model_card import model_card_for, non_finite_metrics
 from engine.train.preflight import check_paths, export_dir_of
 from engine.train.run_folder import replace_earlier_results
 from engine.train.setup import (
+    build_loss_spec,
     build_optimizer,
+    build_signal,
     build_train_loader,
     check_compatible,
     configure_cuda_allocator,
@@ -112,9 +114,9 @@ class Trainer:
         self.dataset = build_dataset(config.data.path, config.data.mode, config.batch.seq_len,
                                      config.data.pad_id)
         check_data_fits(config, self.dataset.shards, self.vocab_rows)
-        self.cached_teacher = None  # teacher.cache: the targets ride in every batch
+        cached = None  # teacher.cache: the targets ride in every batch
         if config.teacher.cache:
-            self.cached_teacher, self.dataset = open_teacher_cache(
+            cached, self.dataset = open_teacher_cache(
                 config, self.dataset, self.teacher,
                 config.data.valid_vocab or self.student.config.vocab_size)
             teacher_cfg = None  # no teacher forward in a training step
@@ -137,17 +139,9 @@ class Trainer:
         self.model = wrap_model(self.student, config, info)
         # What gives the training step its teacher signal: the cache when there is one (a
         # teacher.path beside it only scores the held-out KD), else the (compiled) teacher.
-        self.teacher_model = self.cached_teacher or wrap_teacher(self.teacher, config,
-                                                                 self.device)
+        self.signal = cached or build_signal(wrap_teacher(self.teacher, config, self.device))
         self.writer.log_text(describe_runtime(config, self.device, self.optimizer, memory_note))
-        self.loss_settings = dict(
-            alpha=config.loss.alpha,
-            valid_vocab=config.data.valid_vocab or None,
-            autocast_dtype=autocast_dtype,
-            backend=config.loss.backend,
-            fused_head=config.loss.fused_head,
-            **kd_settings(config),
-        )
+        self.spec, self.autocast_dtype = build_loss_spec(config), autocast_dtype
         self.tokens_per_step = (self.micro_batch * self.accum_steps * config.batch.seq_len
                                 * info.world_size)
         self.flops_per_token = training_flops_per_token(self.student.config, teacher_cfg,
@@ -192,7 +186,7 @@ class Trainer:
 
     def _describe(self) -> str:
         teacher_params = self.teacher.num_parameters() if self.teacher is not None else 0
-        cache = f", {self.cached_teacher.describe()}" if self.cached_teacher else ""
+        cache = f", {self.signal.describe()}" if self.signal.from_cache else ""
         return (
             f"student {self.student.num_parameters():,} params ({self.config.student.init}), "
             f"teacher {teacher_params:,} params, device {self.device}, world "
@@ -211,11 +205,11 @@ class Trainer:
         window = list(itertools.islice(self.batches, self.accum_steps))
         for batch in window:  # the CPU copy: an id past the embedding never reaches the device
             check_batch(batch, self.vocab_rows, f"data.path={self.config.data.path}: a batch "
-                        f"of step {self.step + 1}", self.loss_settings["valid_vocab"])
+                        f"of step {self.step + 1}", self.spec.valid_vocab)
         lr = lr_at(self.config, self.step)
         result = train_step(
-            self.model, self.student, self.teacher_model, self.optimizer, window,
-            loss_settings=self.loss_settings,
+            self.model, self.student, self.signal, self.optimizer, window,
+            spec=self.spec, autocast_dtype=self.autocast_dtype,
             max_grad_norm=self.config.optim.grad_clip or float("inf"),
             lr=lr,
             stop_requested=stop_requested,
@@ -241,7 +235,7 @@ class Trainer:
             "tokens_seen": self.step * self.tokens_per_step,
             "loss": result.loss,
             "ce": result.ce_sum / valid,
-            "kd": result.kd_sum / valid if self.teacher_model is not None else None,
+            "kd": result.kd_sum / valid if self.signal.teaches else None,
             "lr": lr,
             "grad_norm": result.grad_norm,
             "valid_tokens": int(result.valid_tokens),
@@ -273,16 +267,15 @@ class Trainer:
             metrics = heldout_metrics(
                 self.student,
                 checked_batches(batches, self.vocab_rows, f"data.path={config.data.path}: "
-                                "validation", self.loss_settings["valid_vocab"]),
+                                "validation", self.spec.valid_vocab),
                 teacher=self.teacher,
-                valid_vocab=self.loss_settings["valid_vocab"],
-                autocast_dtype=self.loss_settings["autocast_dtype"],
+                spec=self.spec,
+                autocast_dtype=self.autocast_dtype,
                 reduce_across_ranks=self.info.distributed and not self.sharded,
-                cached_kd=self.cached_teacher is not None,
-                **kd_settings(config),
+                cached_kd=self.signal.from_cache,
             )  # restores the student's train mode
         result = {f"val_{key}": value for key, value in metrics.items()}
-        if self.cached_teacher is not None and "val_kd" in result:
+        if self.signal.from_cache and "val_kd" in result:
             # against the live teacher when teacher.path is also set, else against the cache
             result["val_kd_source"] = "teacher" if self.teacher is not None else "cache"
         self.writer.write({"kind": "val", "step": self.step, **result})

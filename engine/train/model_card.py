@@ -127,7 +127,7 @@ def run_facts(trainer) -> dict[str, Any]:
     teacher = trainer.teacher
     teacher_config = teacher.config if teacher is not None else None
     teacher_params = teacher.num_parameters() if teacher is not None else 0
-    cached = trainer.cached_teacher
+    cached = trainer.signal if trainer.signal.from_cache else None
     if cached is not None and teacher is None:  # the teacher as the cache recorded it
         teacher_config = GPTNeoXConfig.from_hf_dict(cached.manifest["teacher"]["config"],
                                                     source=f"{cached.cache.folder} manifest")

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from engine import dist
 from engine.data.loader import BatchLoader
 from engine.data.teacher_cache import CacheError, read_cache_manifest
+from engine.kernels.loss_spec import LossSpec
 from engine.memory import format_bytes, largest_micro_batch, plan_memory
 from engine.model.hf_io import load_pretrained
 from engine.model.network import GPTNeoX
@@ -26,6 +27,7 @@ from engine.train import checkpoint as ckpt
 from engine.train import fsdp
 from engine.train.config import AUTO, Config, ConfigError, memory_budget_bytes
 from engine.train.sharded_checkpoint import load_sharded_checkpoint
+from engine.train.teacher_signal import LiveTeacher, NoTeacher, TeacherSignal
 
 # --------------------------------------------------------------------------------------
 # The run folder
@@ -160,6 +162,22 @@ def wrap_teacher(teacher: GPTNeoX | None, config: Config, device) -> torch.nn.Mo
     if fsdp.is_sharded(teacher):
         return fsdp.compile_blocks(teacher)
     return torch.compile(teacher)
+
+
+def build_loss_spec(config: Config) -> LossSpec:
+    """The run's LossSpec: the `loss` section and data.valid_vocab (0: the whole head), built
+    once (config.validate has already checked every value, so a bad one never reaches here)."""
+    loss = config.loss
+    return LossSpec(alpha=loss.alpha, temperature=loss.temperature, divergence=loss.divergence,
+                    beta=loss.beta, skew=loss.skew, t2_scale=loss.t2_scale,
+                    valid_vocab=config.data.valid_vocab or None, backend=loss.backend,
+                    fused_head=loss.fused_head)
+
+
+def build_signal(teacher: torch.nn.Module | None) -> TeacherSignal:
+    """The training step's teacher signal without a cache: the (wrapped) teacher model, or
+    cross-entropy alone (the cache's signal comes from engine.train.teacher_source)."""
+    return LiveTeacher(teacher) if teacher is not None else NoTeacher()
 
 
 def wrap_model(student: GPTNeoX, config: Config, info: dist.DistInfo) -> torch.nn.Module:

@@ -1,10 +1,12 @@
 """One distillation micro-step, and the training step made of them.
 
-`distill_micro_step`: teacher forward, student forward, KD + CE loss, backward. A plain
-function, so the loop, the benchmarks and the GPU suite run exactly the same code. With
-`fused_head` (loss.fused_head, the default) both models stop at their final hidden states and
-engine.kernels.kd_head_loss runs both LM heads inside the loss, chunk by chunk, so neither model's
-[tokens x vocab] logits ever exist; without it the models return full logits for kd_loss.
+`distill_micro_step`: the teacher's side of the micro-batch, the student's forward, the loss
+the LossSpec describes, backward. One path whatever the teacher: the teacher signal
+(engine/train/teacher_signal.py: none, a live model, a cache) computes its side and the loss.
+A plain function, so the loop, the benchmarks and the GPU suite run exactly the same code.
+With `fused_head` (loss.fused_head, the default) the student stops at its final hidden states
+and the loss runs the LM heads chunk by chunk (engine.kernels.kd_head_loss), so no
+[tokens x vocab] logits ever exist; without it the student returns full logits.
 
 `train_step`: one optimizer step = one accumulation window of micro-batches per rank. The
 loss of every micro-batch is a *sum* over valid tokens divided by one normaliser, the valid
@@ -21,166 +23,69 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine import dist
 from engine.kernels.constants import IGNORE_INDEX
-from engine.kernels.kd_loss import ce_head_loss, kd_head_loss, kd_loss
-from engine.model.network import model_device, unwrap_model
+from engine.kernels.loss_spec import LossSpec
+from engine.model.network import model_device
 from engine.precision import autocast_context
-from engine.train.fsdp import clip_grad_norm, gathered_root, through_head
-from engine.train.teacher_source import CachedTeacher, cached_micro_loss
+from engine.train.fsdp import clip_grad_norm, through_head
+from engine.train.teacher_signal import NoTeacher, TeacherSignal
 
-
-def teacher_logits(
-    teacher: torch.nn.Module,
-    input_ids: torch.Tensor,
-    autocast_dtype: torch.dtype | None = None,
-    *,
-    return_hidden: bool = False,
-) -> torch.Tensor:
-    """Teacher logits (or final hidden states) with no autograd graph: nothing of the teacher
-    is kept for backward.
-
-    no_grad rather than inference_mode: the loss may save these tensors for its own backward,
-    and inference tensors cannot be saved by autograd. A teacher already stored in the
-    autocast dtype runs without autocast: the same bf16 matmuls with a third fewer kernels
-    (see benchmarks/README.md, step profile).
-    """
-    if autocast_dtype is not None and next(teacher.parameters()).dtype == autocast_dtype:
-        autocast_dtype = None
-    with torch.no_grad(), autocast_context(input_ids.device.type, autocast_dtype):
-        return teacher(input_ids, return_hidden=True) if return_hidden else teacher(input_ids)
-
-
-def cross_entropy_sum(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    valid_vocab: int | None,
-    ignore_index: int = IGNORE_INDEX,
-) -> torch.Tensor:
-    """Summed token cross-entropy in fp32 over the first `valid_vocab` logit columns."""
-    vocab = logits.shape[-1]
-    if valid_vocab is not None and valid_vocab < vocab:
-        logits = logits[..., :valid_vocab]
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        labels.reshape(-1),
-        ignore_index=ignore_index,
-        reduction="sum",
-    )
+CROSS_ENTROPY_ONLY = NoTeacher()
 
 
 def distill_micro_step(
     student: torch.nn.Module,
-    teacher: torch.nn.Module | None,
+    teacher: TeacherSignal | None,
     batch: dict[str, torch.Tensor],
+    spec: LossSpec | None = None,
     *,
-    alpha: float,
-    temperature: float,
-    valid_vocab: int | None,
     normalizer: float | torch.Tensor | None,
     autocast_dtype: torch.dtype | None = None,
-    backend: str = "auto",
     inplace_grad: bool = True,
-    fused_head: bool = True,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    t2_scale: bool = True,
     chunk_tokens: int | None = None,
+    **spec_fields,
 ) -> dict[str, torch.Tensor]:
     """Forward both models on `batch`, backpropagate the student's loss, return detached stats.
 
     `batch` holds "input_ids" and "labels" ([B, T] int64, labels already shifted,
-    IGNORE_INDEX = ignored). With `teacher=None` this is plain cross-entropy training with the
-    same normaliser semantics; with a CachedTeacher (teacher.cache) no teacher runs and the
-    batch carries the cached targets (engine/train/teacher_source.py), through the fused head
-    or the logits as for a live teacher. Gradients accumulate into the student's .grad; under
-    DDP wrap the call in `student.no_sync()` on all but the last micro-step of a window (the forward
-    too). `student` may be a DDP / torch.compile wrapper of a GPTNeoX: the forward runs through
-    it (`return_hidden=True` with the fused head); the head weight is the inner module's.
+    IGNORE_INDEX = ignored). `teacher` is the micro-step's teacher signal
+    (engine/train/teacher_signal.py: a LiveTeacher, a CachedTeacher whose targets ride in the
+    batch, ...); None is plain cross-entropy training with the same normaliser semantics.
+    `spec` says what the loss computes; callers outside the engine may give its fields as
+    keywords instead (`alpha=0.3, temperature=2.0, ...`). Gradients accumulate into the
+    student's .grad; under DDP wrap the call in `student.no_sync()` on all but the last
+    micro-step of a window (the forward too). `student` may be a DDP / torch.compile wrapper
+    of a GPTNeoX: the forward runs through it; the head weight is the inner module's.
 
-    `fused_head`: the loss runs both heads (engine.kernels.kd_head_loss, or ce_head_loss without a
-    teacher; `chunk_tokens` overrides its chunk rule). Otherwise `inplace_grad` lets kd_loss
-    write d loss / d logits into the student's logits buffer (nothing else here uses them:
-    the head's backward needs its input and weight, not its output), saving one
-    [tokens x vocab] buffer at the peak.
+    With spec.fused_head the student stops at its final hidden states and the signal's
+    head_loss runs the head inside the loss (`chunk_tokens` overrides its chunk rule), under
+    the student's autocast, so the head matmuls take the autocast dtype as F.linear would.
+    Otherwise the signal's logits_loss gets the student's full logits; `inplace_grad` lets it
+    write d loss / d logits into them (nothing else here uses them: the head's backward needs
+    its input and weight, not its output), saving one [tokens x vocab] buffer at the peak.
 
     Returns 0-dim fp32 tensors on the model's device, without a host sync: "loss" (this
     micro-batch's contribution to the window loss), "ce_sum", "kd_sum", "valid_tokens".
     """
+    spec = spec if spec is not None else LossSpec(**spec_fields)
+    signal = teacher if teacher is not None else CROSS_ENTROPY_ONLY
     input_ids, labels = _batch_on_device(batch, model_device(student))
-    loss_args = dict(alpha=alpha, temperature=temperature, valid_vocab=valid_vocab,
-                     normalizer=normalizer, autocast_dtype=autocast_dtype, backend=backend,
-                     divergence=divergence, beta=beta, skew=skew, t2_scale=t2_scale)
-    if isinstance(teacher, CachedTeacher):  # no teacher runs: its targets come with the batch
-        loss, stats = cached_micro_loss(student, batch, input_ids, labels, fused_head=fused_head,
-                                        inplace_grad=inplace_grad, chunk_tokens=chunk_tokens,
-                                        **loss_args)
-    elif fused_head:
-        loss, stats = _fused_head_loss(student, teacher, input_ids, labels,
-                                       chunk_tokens=chunk_tokens, **loss_args)
+    side = signal.teacher_side(batch, input_ids, spec, autocast_dtype)
+    autocast = autocast_context(input_ids.device.type, autocast_dtype)
+    if spec.fused_head:
+        with autocast:
+            loss, stats = through_head(student, input_ids, lambda hidden, head: signal.head_loss(
+                side, hidden, head, labels, spec, normalizer=normalizer,
+                chunk_tokens=chunk_tokens))
     else:
-        loss, stats = _logits_loss(student, teacher, input_ids, labels,
-                                   inplace_grad=inplace_grad, **loss_args)
+        with autocast:
+            s_logits = student(input_ids)
+        loss, stats = signal.logits_loss(side, s_logits, labels, spec, normalizer=normalizer,
+                                         inplace_grad=inplace_grad)
     loss.backward()
     return {**stats, "loss": loss.detach().float()}
-
-
-def _logits_loss(student, teacher, input_ids, labels, *, autocast_dtype, valid_vocab,
-                 normalizer, backend, inplace_grad, alpha, temperature, **divergence_args):
-    """(loss, stats) of the micro-batch from both models' full logits (loss.fused_head false):
-    kd_loss, or the cross-entropy alone without a teacher."""
-    device = input_ids.device
-    t_logits = None
-    if teacher is not None:
-        t_logits = teacher_logits(teacher, input_ids, autocast_dtype)
-    with autocast_context(device.type, autocast_dtype):
-        s_logits = student(input_ids)
-    if t_logits is not None:
-        t_logits = t_logits[..., : s_logits.shape[-1]]  # a padded teacher head: the shared rows
-        loss, stats = kd_loss(s_logits, t_logits, labels, alpha=alpha, temperature=temperature,
-                              valid_vocab=valid_vocab, normalizer=normalizer, backend=backend,
-                              inplace_grad=inplace_grad, **divergence_args)
-        return loss, dict(stats)
-    ce_sum = cross_entropy_sum(s_logits, labels, valid_vocab=valid_vocab)
-    valid = (labels != IGNORE_INDEX).sum().to(torch.float32)
-    divisor = normalizer if normalizer is not None else valid.clamp(min=1.0)
-    return ce_sum / divisor, {
-        "ce_sum": ce_sum.detach().float(),
-        "kd_sum": torch.zeros((), dtype=torch.float32, device=device),
-        "valid_tokens": valid,
-    }
-
-
-def _fused_head_loss(student, teacher, input_ids, labels, *, autocast_dtype, valid_vocab,
-                     normalizer, backend, chunk_tokens, alpha, temperature, **divergence_args):
-    """(loss, stats) of the micro-batch with both heads inside the loss: no logits tensor.
-
-    The loss runs under the student's autocast, so its head matmuls take the autocast dtype
-    as F.linear would; the loss math itself is fp32 whatever the context."""
-    t_hidden = None
-    if teacher is not None:
-        t_hidden = teacher_logits(teacher, input_ids, autocast_dtype, return_hidden=True)
-
-    def head_loss(s_hidden, head):
-        if t_hidden is None:
-            return ce_head_loss(s_hidden, head, labels, valid_vocab=valid_vocab,
-                                normalizer=normalizer, backend=backend, chunk_tokens=chunk_tokens)
-        with gathered_root(teacher):  # a sharded teacher's head, whole for the loss
-            # A teacher head padded to more rows than the student's teaches through the
-            # shared rows (engine.train.setup.check_compatible).
-            t_head = unwrap_model(teacher).embed_out.weight[: head.shape[0]]
-            return kd_head_loss(
-                s_hidden, head, t_hidden, t_head, labels,
-                alpha=alpha, temperature=temperature, valid_vocab=valid_vocab,
-                normalizer=normalizer, backend=backend, chunk_tokens=chunk_tokens,
-                **divergence_args)
-
-    with autocast_context(input_ids.device.type, autocast_dtype):
-        return through_head(student, input_ids, head_loss)
 
 
 def _batch_on_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,11 +129,12 @@ def window_normalizer(window: list[dict[str, torch.Tensor]], device) -> torch.Te
 def train_step(
     model: torch.nn.Module,
     student: torch.nn.Module,
-    teacher: torch.nn.Module | None,
+    teacher: TeacherSignal | None,
     optimizer: torch.optim.Optimizer,
     window: list[dict[str, torch.Tensor]],
     *,
-    loss_settings: dict,
+    spec: LossSpec,
+    autocast_dtype: torch.dtype | None,
     max_grad_norm: float,
     lr: float,
     stop_requested: bool,
@@ -236,10 +142,8 @@ def train_step(
     """Micro-steps over `window`, clip, one all-reduce, then the optimizer step at `lr`.
 
     `model` is what runs the forward (the student, or its DDP / compiled wrapper); `student`
-    owns the parameters. `loss_settings` are distill_micro_step's keyword arguments (alpha,
-    temperature, valid_vocab, autocast_dtype, backend, fused_head, divergence, beta, skew,
-    t2_scale). The update is skipped, and the
-    gradient dropped, when the loss or the gradient norm is not finite.
+    owns the parameters; `teacher` and `spec` as for distill_micro_step. The update is skipped,
+    and the gradient dropped, when the loss or the gradient norm is not finite.
     """
     device = model_device(student)
     normalizer = window_normalizer(window, device)
@@ -248,9 +152,8 @@ def train_step(
         # DDP all-reduces gradients only on the window's last micro-batch.
         skip_sync = hasattr(model, "no_sync") and i < len(window) - 1
         with model.no_sync() if skip_sync else contextlib.nullcontext():
-            stats = distill_micro_step(
-                model, teacher, batch, normalizer=normalizer, **loss_settings
-            )
+            stats = distill_micro_step(model, teacher, batch, spec, normalizer=normalizer,
+                                       autocast_dtype=autocast_dtype)
         sums += torch.stack(
             [stats["loss"], stats["ce_sum"], stats["kd_sum"], stats["valid_tokens"]]
         )

@@ -1,13 +1,12 @@
-"""Where a distillation run's teacher signal comes from: a live model, or a teacher cache.
+"""Opening a run's teacher cache: the CachedTeacher signal (engine/train/teacher_signal.py).
 
 `teacher.path` loads the teacher (engine/train/setup.build_teacher) and every micro-step runs
-it. `teacher.cache` (a folder written by `neox-distill cache-teacher`) loads no model: the
-dataset is wrapped so every batch carries the cached sparse targets
+it (a LiveTeacher). `teacher.cache` (a folder written by `neox-distill cache-teacher`) loads no
+model: the dataset is wrapped so every batch carries the cached sparse targets
 (engine.data.teacher_cache.CachedTargets) and the micro-step computes the sparse loss
-(engine.kernels.sparse_kd, engine.kernels.sparse_kd_head) from the student alone. With both set,
-the cache
-trains and the live teacher only scores the held-out KD (after its fingerprint is checked
-against the cache's).
+(engine.kernels.sparse_kd, engine.kernels.sparse_kd_head) from the student alone. With both
+set, the cache trains and the live teacher only scores the held-out KD (after its fingerprint
+is checked against the cache's).
 
 Opening a cache verifies every file of it against the sha256 its manifest recorded (as a
 checkpoint is verified before a resume) and checks it against the run: the same token shards
@@ -19,50 +18,17 @@ records are checked as they are read (engine.data.teacher_cache.record_problem).
 
 from __future__ import annotations
 
-import torch
-
 from engine.data.teacher_cache import (
     CachedTargets,
     CacheError,
     TeacherCache,
     check_cache_matches,
     model_fingerprint,
-    targets_of_batch,
 )
 from engine.data.tokenizer_file import read_tokenizer_file
-from engine.kernels.sparse_kd import SUPPORTED_DIVERGENCES, sparse_kd_loss
-from engine.kernels.sparse_kd_head import sparse_kd_head_loss
-from engine.precision import autocast_context
+from engine.kernels.sparse_kd import SUPPORTED_DIVERGENCES
 from engine.train.config import ConfigError
-from engine.train.fsdp import through_head
-
-
-class CachedTeacher:
-    """The teacher of a run trained from a cache: no model, targets in every batch."""
-
-    def __init__(self, cache: TeacherCache):
-        self.cache = cache
-
-    @property
-    def manifest(self) -> dict:
-        return self.cache.manifest
-
-    def describe(self) -> str:
-        m = self.manifest
-        size = f"top-{m['width']}" if m["kind"] == "top_k" else f"{m['width']} samples"
-        return (f"teacher cache {self.cache.folder} ({size} per position, T {m['temperature']}, "
-                f"{m['record']['bytes']} B/token; no teacher model loaded)")
-
-    @staticmethod
-    def targets(batch: dict, device: torch.device):
-        """The batch's SparseTargets on `device` (the loader may already have moved them)."""
-        try:
-            return targets_of_batch(batch).to(device)
-        except KeyError:
-            raise ValueError("training from a teacher cache needs batches from "
-                             "engine.data.teacher_cache.CachedTargets (they carry "
-                             "teacher_ids, ...); "
-                             f"this batch has keys {sorted(batch)}") from None
+from engine.train.teacher_signal import CachedTeacher
 
 
 def open_teacher_cache(config, dataset, teacher_model, valid_vocab: int):
@@ -86,21 +52,3 @@ def open_teacher_cache(config, dataset, teacher_model, valid_vocab: int):
     except CacheError as exc:
         raise ConfigError(f"teacher.cache={config.teacher.cache}: {exc}") from None
     return CachedTeacher(cache), CachedTargets(dataset, cache)
-
-
-def cached_micro_loss(student, batch, input_ids, labels, *, fused_head, inplace_grad,
-                      autocast_dtype=None, chunk_tokens=None, **loss_args):
-    """(loss, stats) of one micro-batch against the batch's cached targets.
-
-    fused_head: the student stops at its final hidden states and the sparse loss runs its head
-    chunk by chunk (engine.kernels.sparse_kd_head, as kd_head_loss does online); otherwise the
-    student's logits get the loss's gradient written over them (inplace_grad). `loss_args`:
-    alpha, temperature, valid_vocab, normalizer, backend, divergence, beta, skew, t2_scale.
-    The head and the loss run under the student's autocast, as on the online path."""
-    targets = CachedTeacher.targets(batch, input_ids.device)
-    with autocast_context(input_ids.device.type, autocast_dtype):
-        if fused_head:
-            return through_head(student, input_ids, lambda hidden, head: sparse_kd_head_loss(
-                hidden, head, targets, labels, chunk_tokens=chunk_tokens, **loss_args))
-        s_logits = student(input_ids)
-    return sparse_kd_loss(s_logits, targets, labels, inplace_grad=inplace_grad, **loss_args)

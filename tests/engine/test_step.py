@@ -8,12 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels.kd_loss import kd_loss_reference
+from engine.kernels.loss_spec import LossSpec
 from engine.model import GPTNeoX, GPTNeoXConfig
 from engine.train.step import distill_micro_step
+from engine.train.teacher_signal import LiveTeacher
 
 VOCAB = 97  # odd on purpose
 VALID_VOCAB = 90
 
+
+
+def live(teacher):
+    """The teacher model as the step's teacher signal (None: cross-entropy only)."""
+    return LiveTeacher(teacher) if teacher is not None else None
 
 def tiny_model(seed: int, hidden: int = 32, heads: int = 2) -> GPTNeoX:
     torch.manual_seed(seed)
@@ -57,7 +64,7 @@ def test_accumulation_equals_one_big_batch(with_teacher):
     kwargs = dict(alpha=0.3, temperature=1.7, valid_vocab=VALID_VOCAB)
 
     student = tiny_model(0)
-    whole = distill_micro_step(student, teacher, big, normalizer=None, **kwargs)
+    whole = distill_micro_step(student, live(teacher), big, normalizer=None, **kwargs)
     expected = grads(student)
 
     student.zero_grad(set_to_none=True)
@@ -65,7 +72,7 @@ def test_accumulation_equals_one_big_batch(with_teacher):
     sums = torch.zeros(4)
     for rows in ([0], [1, 2], [3]):  # uneven micro-batches, uneven valid counts
         part = {k: v[rows] for k, v in big.items()}
-        stats = distill_micro_step(student, teacher, part, normalizer=total_valid, **kwargs)
+        stats = distill_micro_step(student, live(teacher), part, normalizer=total_valid, **kwargs)
         sums += torch.stack(
             [stats["loss"], stats["ce_sum"], stats["kd_sum"], stats["valid_tokens"]]
         )
@@ -82,7 +89,7 @@ def test_loss_matches_float64_reference_and_teacher_stays_frozen():
     teacher.requires_grad_(False)
     batch = random_batch(3, rows=3, seq=9)
     stats = distill_micro_step(
-        student, teacher, batch, alpha=0.5, temperature=2.0, valid_vocab=VALID_VOCAB,
+        student, live(teacher), batch, alpha=0.5, temperature=2.0, valid_vocab=VALID_VOCAB,
         normalizer=17.0,
     )
     with torch.no_grad():
@@ -126,8 +133,9 @@ def test_bf16_autocast_runs_and_stays_close():
     teacher.requires_grad_(False)
     batch = random_batch(7)
     kwargs = dict(alpha=0.5, temperature=2.0, valid_vocab=None, normalizer=None)
-    fp32 = distill_micro_step(student, teacher, batch, **kwargs)
-    bf16 = distill_micro_step(student, teacher, batch, autocast_dtype=torch.bfloat16, **kwargs)
+    fp32 = distill_micro_step(student, live(teacher), batch, **kwargs)
+    bf16 = distill_micro_step(student, live(teacher), batch, autocast_dtype=torch.bfloat16,
+                              **kwargs)
     assert torch.isfinite(bf16["loss"])
     torch.testing.assert_close(bf16["loss"], fp32["loss"], rtol=0.05, atol=0.05)
     assert all(p.dtype == torch.float32 for p in student.parameters())
@@ -152,7 +160,7 @@ def test_in_place_logit_gradient_changes_nothing():
     results = []
     for inplace in (True, False):
         student = tiny_model(0)
-        stats = distill_micro_step(student, teacher, batch, alpha=0.5, temperature=2.0,
+        stats = distill_micro_step(student, live(teacher), batch, alpha=0.5, temperature=2.0,
                                    valid_vocab=VALID_VOCAB, normalizer=None, inplace_grad=inplace,
                                    fused_head=False)
         results.append((stats, grads(student)))
@@ -165,12 +173,57 @@ def test_in_place_logit_gradient_changes_nothing():
 # ------------------------------------------------------------------ fused head vs full logits
 
 
+class RecordingSignal:
+    """A teacher signal of a test's own, with no base class (as the on-policy source will be):
+    the step must run it through the protocol alone. Delegates to `inner`, noting each call."""
+
+    teaches, from_cache = True, False
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def describe(self) -> str:
+        return "recording " + self.inner.describe()
+
+    def teacher_side(self, batch, input_ids, spec, autocast_dtype):
+        self.calls.append("teacher_side")
+        return self.inner.teacher_side(batch, input_ids, spec, autocast_dtype)
+
+    def head_loss(self, side, *args, **kwargs):
+        self.calls.append("head_loss")
+        return self.inner.head_loss(side, *args, **kwargs)
+
+    def logits_loss(self, side, *args, **kwargs):
+        self.calls.append("logits_loss")
+        return self.inner.logits_loss(side, *args, **kwargs)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-head", "logits"])
+def test_a_new_teacher_signal_plugs_in_without_touching_the_step(fused):
+    """The step's one path: any object with the TeacherSignal methods is a teacher; it gets
+    the teacher's side before the student and the loss after, nothing else."""
+    teacher = tiny_model(1, hidden=48, heads=3).eval().requires_grad_(False)
+    batch = random_batch(5)
+    spec = LossSpec(alpha=0.3, temperature=1.7, valid_vocab=VALID_VOCAB, fused_head=fused)
+    student = tiny_model(0)
+    expected = distill_micro_step(student, LiveTeacher(teacher), batch, spec, normalizer=None)
+    expected_grads = grads(student)
+    student = tiny_model(0)
+    recording = RecordingSignal(LiveTeacher(teacher))
+    got = distill_micro_step(student, recording, batch, spec, normalizer=None)
+    assert recording.calls == ["teacher_side", "head_loss" if fused else "logits_loss"]
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    for name, grad in grads(student).items():
+        assert torch.equal(grad, expected_grads[name]), name
+
+
 def _step_both_ways(make_student, teacher, batches, **settings):
     """(stats per micro-batch, gradients) with loss.fused_head on and off, same everything."""
     runs = []
     for fused in (True, False):
         student = make_student()
-        stats = [distill_micro_step(student, teacher, batch, fused_head=fused, **settings)
+        stats = [distill_micro_step(student, live(teacher), batch, fused_head=fused, **settings)
                  for batch in batches]
         runs.append((stats, grads(student)))
     return runs
@@ -244,10 +297,10 @@ def test_fused_head_through_compile_and_ddp_wrappers(tmp_path):
     batch = random_batch(23)
     settings = dict(alpha=0.5, temperature=2.0, valid_vocab=VALID_VOCAB, normalizer=None)
     plain = tiny_model(0)
-    expected = distill_micro_step(plain, teacher, batch, **settings)
+    expected = distill_micro_step(plain, live(teacher), batch, **settings)
     compiled = tiny_model(0)
     got = distill_micro_step(torch.compile(compiled, backend="eager"),
-                             torch.compile(teacher, backend="eager"), batch, **settings)
+                             live(torch.compile(teacher, backend="eager")), batch, **settings)
     torch.testing.assert_close(got["loss"], expected["loss"], rtol=1e-6, atol=1e-6)
     for name, grad in grads(compiled).items():
         torch.testing.assert_close(grad, grads(plain)[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -265,7 +318,7 @@ def test_fused_head_through_compile_and_ddp_wrappers(tmp_path):
             return future
 
         wrapped.register_comm_hook(None, record_bucket)
-        distill_micro_step(wrapped, teacher, batch, **settings)
+        distill_micro_step(wrapped, live(teacher), batch, **settings)
     finally:
         dist.destroy_process_group()
     assert any(p is inner.embed_out.weight for p in seen), "DDP never reduced embed_out"
@@ -299,8 +352,9 @@ def test_a_whole_training_step_never_allocates_tokens_by_vocab():
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
         settings = dict(alpha=0.5, temperature=2.0, valid_vocab=50277, fused_head=fused)
         with AllocationRecorder() as recorder:
-            result = train_step(student, student, teacher, optimizer, window,
-                                loss_settings=settings, max_grad_norm=1.0, lr=1e-3,
+            result = train_step(student, student, live(teacher), optimizer, window,
+                                spec=LossSpec(**settings), autocast_dtype=None,
+                                max_grad_norm=1.0, lr=1e-3,
                                 stop_requested=False)
         assert result.applied
         recorded[fused] = recorder

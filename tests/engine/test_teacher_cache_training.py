@@ -21,7 +21,7 @@ from engine.train import run
 from engine.train.__main__ import main as train_main
 from engine.train.config import load_config
 from engine.train.step import distill_micro_step
-from engine.train.teacher_source import CachedTeacher
+from engine.train.teacher_signal import CachedTeacher, LiveTeacher
 from tests.cache_assets import SEQ_LEN, VALID_VOCAB, make_cache_assets
 from tests.engine.test_ddp import free_port
 from tests.engine.test_train import assert_weights_close, final_weights, train_records
@@ -75,7 +75,7 @@ def test_whole_vocabulary_cache_equals_online_distillation(assets, tmp_path):
     batch = CachedTargets(dataset, TeacherCache(assets["full"])).get_batch(np.arange(5))
     teacher = load_pretrained(assets["teacher"]).eval()
     grads = []
-    for source in (teacher, CachedTeacher(TeacherCache(assets["full"]))):
+    for source in (LiveTeacher(teacher), CachedTeacher(TeacherCache(assets["full"]))):
         student = load_pretrained(assets["student"])
         distill_micro_step(student, source, batch, alpha=0.5, temperature=2.0,
                            valid_vocab=VALID_VOCAB, normalizer=None)

@@ -72,6 +72,7 @@ def test_triton_extreme_inputs(divergence, kind):
 def test_rising_maximum_moves_the_reverse_kl_pivot():
     """Logits that grow along the row move the student's running max (and the reverse-KL
     pivot) in every block; 128-column blocks force many of them."""
+    from engine.kernels.dispatch import LossOptions
     from engine.kernels.kd_loss_torch import inverse_normalizer
     from engine.kernels.kd_loss_triton import kd_loss_forward_triton
     from tests.kernels.kd_cases import reference_loss_and_grad, rel_err
@@ -84,9 +85,9 @@ def test_rising_maximum_moves_the_reverse_kl_pivot():
                                                      divergence="reverse_kl", **kwargs)
     grad = torch.empty_like(student)
     inv_norm = inverse_normalizer(None, (labels != -100).sum())
-    _, kd_sum = kd_loss_forward_triton(student, teacher, labels, grad, ignore_index=-100,
-                                       inv_norm=inv_norm, divergence="reverse_kl",
-                                       block_size=128, **kwargs)
+    options = LossOptions(ignore_index=-100, divergence="reverse_kl", **kwargs)
+    _, kd_sum = kd_loss_forward_triton(student, teacher, labels, grad, options,
+                                       inv_norm=inv_norm, block_size=128)
     assert rel_err(kd_sum, ref_stats["kd_sum"]) <= 1e-5
     assert rel_err(grad, ref_grad) <= 1e-4
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from engine.kernels.dispatch import LossOptions, loss_and_grad
 from engine.kernels.kd_loss import ce_head_loss, kd_head_loss
+from engine.kernels.loss_spec import LossSpec
 from tests.kernels.alloc_tracking import AllocationRecorder
 from tests.kernels.kd_cases import make_inputs, rel_err, tolerances
 from tests.kernels.test_kd_head import head_inputs
@@ -25,7 +26,8 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.filterwarnings("ig
 def _options(**overrides):
     settings = dict(alpha=0.4, temperature=2.0, ignore_index=-100, valid_vocab=250,
                     divergence="jsd", beta=0.3, skew=0.1, t2_scale=True)
-    return LossOptions.checked(**{**settings, **overrides})
+    settings.update(overrides)
+    return LossOptions.of(LossSpec(**settings), settings["valid_vocab"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -65,6 +65,7 @@ def test_triton_against_float64_reference(n, vocab, valid_vocab, temperature, al
 def test_many_blocks_with_a_rising_maximum():
     """Small blocks and logits that grow along the row: the running max changes every block,
     so the online rescaling of all three sums is exercised, with a partial last block."""
+    from engine.kernels.dispatch import LossOptions
     from engine.kernels.kd_loss_triton import kd_loss_forward_triton
 
     student, teacher, labels = make_inputs(5, 1000, valid_vocab=990, seed=11)
@@ -75,9 +76,9 @@ def test_many_blocks_with_a_rising_maximum():
     grad = torch.empty_like(student)
     valid = labels != -100
     inv_norm = inverse_normalizer(None, valid.sum())
-    ce_sum, kd_sum = kd_loss_forward_triton(student, teacher, labels, grad, ignore_index=-100,
-                                            inv_norm=inv_norm, block_size=128, num_warps=4,
-                                            **kwargs)
+    ce_sum, kd_sum = kd_loss_forward_triton(student, teacher, labels, grad,
+                                            LossOptions(ignore_index=-100, **kwargs),
+                                            inv_norm=inv_norm, block_size=128, num_warps=4)
     assert rel_err(ce_sum, ref_stats["ce_sum"]) <= 1e-5
     assert rel_err(kd_sum, ref_stats["kd_sum"]) <= 1e-5
     assert rel_err(grad, ref_grad) <= 1e-4
@@ -85,14 +86,16 @@ def test_many_blocks_with_a_rising_maximum():
 
 def test_out_of_range_label_gives_nan_not_garbage():
     """On a GPU a bad label cannot raise without a host sync; the kernel makes its CE NaN."""
+    from engine.kernels.dispatch import LossOptions
     from engine.kernels.kd_loss_triton import kd_loss_forward_triton
 
     student, teacher, _ = make_inputs(3, 64, seed=2)
     labels = torch.tensor([5, 64, -100])
     grad = torch.empty_like(student)
     ce_sum, kd_sum = kd_loss_forward_triton(
-        student, teacher, labels, grad, alpha=0.5, temperature=2.0, ignore_index=-100,
-        valid_vocab=64, inv_norm=torch.tensor(0.5),
+        student, teacher, labels, grad,
+        LossOptions(alpha=0.5, temperature=2.0, ignore_index=-100, valid_vocab=64),
+        inv_norm=torch.tensor(0.5),
     )
     assert torch.isnan(ce_sum)
     assert torch.isfinite(kd_sum)
@@ -102,6 +105,7 @@ def test_out_of_range_label_gives_nan_not_garbage():
 def test_persistent_grid_and_in_place_match_the_reference(divergence):
     """Three programs over seven rows (each program loops over rows pid, pid + 3, ...), the
     gradient written over the student logits themselves, against float64."""
+    from engine.kernels.dispatch import LossOptions
     from engine.kernels.kd_loss_triton import kd_loss_forward_triton
 
     student, teacher, labels = make_inputs(7, 301, valid_vocab=297, seed=21)
@@ -109,9 +113,9 @@ def test_persistent_grid_and_in_place_match_the_reference(divergence):
     _, ref_grad, ref_stats = reference_loss_and_grad(student, teacher, labels, **kwargs)
     inv_norm = inverse_normalizer(None, (labels != -100).sum())
     logits = student.clone()
-    ce_sum, kd_sum = kd_loss_forward_triton(logits, teacher, labels, logits, ignore_index=-100,
-                                            inv_norm=inv_norm, block_size=64, programs=3,
-                                            **kwargs)
+    ce_sum, kd_sum = kd_loss_forward_triton(logits, teacher, labels, logits,
+                                            LossOptions(ignore_index=-100, **kwargs),
+                                            inv_norm=inv_norm, block_size=64, programs=3)
     assert rel_err(ce_sum, ref_stats["ce_sum"]) <= 1e-5
     assert rel_err(kd_sum, ref_stats["kd_sum"]) <= 1e-5
     assert rel_err(logits, ref_grad) <= 1e-4

@@ -195,6 +195,7 @@ def test_triton_persistent_in_place_with_easy_and_hard_tails(temperature):
     put their listed columns 30 above the rest (listed share ~1: the exact-tail pass), the
     others are random (log(1 - listed share)); top-k targets with a tail, ragged counts."""
     pytest.importorskip("triton")
+    from engine.kernels.dispatch import LossOptions
     from engine.kernels.kd_loss_torch import inverse_normalizer
     from engine.kernels.sparse_kd_triton import sparse_kd_forward_triton
 
@@ -209,8 +210,9 @@ def test_triton_persistent_in_place_with_easy_and_hard_tails(temperature):
     flat = as_float32(targets)
     logits = student.clone()
     inv_norm = inverse_normalizer(None, (labels != -100).sum())
-    ce_sum, kd_sum = sparse_kd_forward_triton(logits, flat, labels, logits, ignore_index=-100,
-                                              inv_norm=inv_norm, programs=4, **kwargs)
+    ce_sum, kd_sum = sparse_kd_forward_triton(logits, flat, labels, logits,
+                                              LossOptions(ignore_index=-100, **kwargs),
+                                              inv_norm=inv_norm, programs=4)
     assert close(ce_sum, ref_stats["ce_sum"], 1e-5)
     assert close(kd_sum, ref_stats["kd_sum"], 1e-5)
     assert close(logits, ref_grad, 1e-4)
@@ -220,6 +222,7 @@ def test_triton_duplicate_or_descending_ids_make_the_row_nan():
     """On a GPU the targets are not checked (a host sync); a repeated id must not be counted
     twice silently: that row's KD becomes NaN, the other rows stay finite."""
     pytest.importorskip("triton")
+    from engine.kernels.dispatch import LossOptions
     from engine.kernels.kd_loss_torch import inverse_normalizer
     from engine.kernels.sparse_kd_triton import sparse_kd_forward_triton
 
@@ -233,10 +236,10 @@ def test_triton_duplicate_or_descending_ids_make_the_row_nan():
         one = targets.select(torch.tensor([row]))
         if row == 1:
             one = replace(one, ids=ids[1:2])
-        _, kd = sparse_kd_forward_triton(student[row:row + 1], one, labels[row:row + 1], None,
-                                         alpha=0.5, temperature=2.0, ignore_index=-100,
-                                         valid_vocab=50, inv_norm=inverse_normalizer(None,
-                                                                                     labels[:1]))
+        _, kd = sparse_kd_forward_triton(
+            student[row:row + 1], one, labels[row:row + 1], None,
+            LossOptions(alpha=0.5, temperature=2.0, ignore_index=-100, valid_vocab=50),
+            inv_norm=inverse_normalizer(None, labels[:1]))
         kd_rows.append(kd)
     assert torch.isnan(kd_rows[1])
     assert all(torch.isfinite(kd_rows[row]) for row in (0, 2, 3))
