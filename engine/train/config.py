@@ -426,13 +426,6 @@ def validate(config: Config) -> Config:
     return config
 
 
-def kd_settings(config: Config) -> dict[str, Any]:
-    """The KD term's settings as keyword arguments of the step and of heldout_metrics."""
-    loss = config.loss
-    return dict(temperature=loss.temperature, divergence=loss.divergence, beta=loss.beta,
-                skew=loss.skew, t2_scale=loss.t2_scale)
-
-
 def memory_budget_bytes(config: Config, device_memory: int | None) -> int | None:
     """The budget batch.memory_budget names, in bytes: "auto" is `device_memory` (None on a
     CPU: no budget), "" or "none" is None, anything else is parsed ("12GiB")."""
