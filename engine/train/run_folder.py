@@ -25,7 +25,7 @@ from pathlib import Path
 
 from engine.data.atomic import temporary_leftovers, write_text_atomic
 from engine.data.owned_folder import shown_names
-from engine.train.checkpoint import CHECKPOINTS_DIR
+from engine.train.checkpoint import CHECKPOINTS_DIR, complete_checkpoints, done_info
 from engine.train.config import RESOLVED_TOML_HEADER, Config, ConfigError, tomllib
 from engine.train.lock import LOCK_NAME, is_lock_record_text
 from engine.train.loggers import TENSORBOARD_DIR, WANDB_DIR, engine_event_files
@@ -115,9 +115,12 @@ def _misplaced(folder: Path) -> list[str]:
 
 
 def _is_run_folder(folder: Path) -> bool:
-    """A run has been here: its lock record, or a configuration it wrote."""
+    """A run has been here: its lock record, a configuration it wrote, or a checkpoint whose
+    DONE marker reads as the engine's (a checkpoint copied into a new folder to continue,
+    e.g. on another number of ranks)."""
     return (_lock_is_ours(folder) or ((folder / CONFIG_TOML).is_file()
-            and config_toml_is_ours(folder / CONFIG_TOML)))
+            and config_toml_is_ours(folder / CONFIG_TOML))
+            or any(done_info(path) is not None for _, path in complete_checkpoints(folder)))
 
 
 def _own_temporaries(folder: Path) -> set[Path]:

@@ -36,6 +36,17 @@ def earlier_run(assets, tmp_path) -> Path:
 # --------------------------------------------------------------------------------------
 
 
+def test_a_checkpoint_copied_into_a_new_folder_continues(assets, tmp_path):
+    """A folder holding only a run's checkpoint (copied to continue elsewhere, or on another
+    number of ranks) is a run folder: the run resumes from it."""
+    first = tmp_path / "first"
+    assert train_main(base_overrides(assets, first, run__steps=1)) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(first / "checkpoints", moved / "checkpoints")
+    assert train_main(base_overrides(assets, moved, run__steps=2)) == 0
+    assert [r["step"] for r in train_records(moved)] == [2]
+
+
 def test_a_model_folder_as_out_dir_is_refused(assets, tmp_path, capsys):
     teacher = assets["teacher"]  # the run's own teacher.path
     before = every_file(teacher)
