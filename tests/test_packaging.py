@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -86,9 +87,15 @@ def assets(tmp_path_factory):
 def test_a_wheel_runs_every_command_from_an_empty_folder(tmp_path, assets):
     """pip wheel -> a fresh venv (system site-packages for torch & co, offline) -> the
     installed `neox-distill` from an empty folder: --help, every SUB --help, a tiny train."""
+    source = tmp_path / "source"  # a copy: setuptools writes build/ beside what it builds
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO_ROOT / name, source / name)
+    shutil.copytree(REPO_ROOT / "engine", source / "engine",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     wheels = tmp_path / "wheels"
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-                            "--no-build-isolation", "-w", str(wheels), str(REPO_ROOT)],
+                            "--no-build-isolation", "-w", str(wheels), str(source)],
                            capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr
     (wheel,) = wheels.glob("neox_distill-*.whl")
