@@ -91,7 +91,11 @@ def pause(name: str, *, step: int | None = None, folder: Path | None = None,
         return
     marker = None if folder is None else Path(folder) / "PAUSED"
     if marker is not None:
-        marker.write_text(f"paused by failpoint {name}\n")
+        try:  # exclusive: the file removed below is the one this call created
+            with open(marker, "x", encoding="utf-8") as handle:
+                handle.write(f"paused by failpoint {name}\n")
+        except FileExistsError:
+            marker = None
     print(f"pausing {FAILPOINTS[name].moment} for {seconds} s (failpoint {name})", flush=True)
     deadline = time.monotonic() + float(seconds)
     while time.monotonic() < deadline and not (until is not None and until()):

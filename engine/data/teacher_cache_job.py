@@ -301,9 +301,12 @@ def _pending_temporary(name: str, tag: str) -> str:
 def _is_pending_temporary(pending: dict) -> bool:
     """Whether a record's pending file is named as this tool names it (so a damaged or
     foreign record can never make a resume rename, truncate or append to another file)."""
-    pattern = re.escape(_pending_temporary(pending["name"], "TAG")).replace("TAG", "[0-9a-f]{8}")
-    return isinstance(pending["temporary"], str) and re.fullmatch(pattern,
-                                                                  pending["temporary"]) is not None
+    name, temporary = pending["name"], pending["temporary"]
+    if not (isinstance(name, str) and isinstance(temporary, str)
+            and Path(temporary).name == temporary):  # a bare name: a file in the cache folder
+        return False
+    pattern = re.escape(_pending_temporary(name, "TAG")).replace("TAG", "[0-9a-f]{8}")
+    return re.fullmatch(pattern, temporary) is not None
 
 
 class RowStream:

@@ -157,6 +157,27 @@ def test_a_record_naming_a_foreign_pending_file_is_refused_and_the_file_kept(ass
     assert victim.read_text() == "precious"
 
 
+def test_a_record_whose_pending_name_leaves_the_folder_is_refused_and_the_file_kept(
+        assets, tmp_path, capsys):
+    """A pending file named as the build names them, but through another folder
+    ("../victim.cache.<8 hex>.tmp"), is not the build's: nothing outside --out is touched,
+    by a resume or by discarding a build that made nothing durable."""
+    out = tmp_path / "cache"
+    killed_build(assets, out, ["--top-k", "8"], 7)
+    record = json.loads((out / ".progress.json").read_text())
+    victim = tmp_path / "victim.cache.0123abcd.tmp"
+    victim.write_text("precious")
+    record["state"]["pending"].update(name="../victim", temporary="../victim.cache.0123abcd.tmp",
+                                      rows=0)
+    record["state"]["shards"] = []
+    record["settings"]["width"] = 5  # other settings: a nothing-durable record is discarded
+    (out / ".progress.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(cli_args(assets, out, "--top-k", "8")) == 1
+    assert "is not one this tool writes" in capsys.readouterr().err
+    assert victim.read_text() == "precious"
+
+
 def test_an_unreadable_record_still_names_the_folder_unfinished(tmp_path):
     (tmp_path / ".progress.json").write_text("{torn")
     with pytest.raises(CacheError, match=r"unfinished neox-distill cache-teacher job"):

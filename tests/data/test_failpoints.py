@@ -86,6 +86,16 @@ def test_a_pause_fires_only_at_its_step_and_ends_when_told(effects, monkeypatch,
     assert len(effects) == 2 and time.monotonic() - started < 30
 
 
+def test_a_pause_removes_only_the_paused_file_it_created(monkeypatch, tmp_path):
+    """A PAUSED file already in the folder (not this pause's) is left as it was."""
+    monkeypatch.setenv(*fp.arm("checkpoint.save", "3:0").popitem())
+    fp.pause("checkpoint.save", step=3, folder=tmp_path)
+    assert not (tmp_path / "PAUSED").exists()  # its own, removed when it ended
+    (tmp_path / "PAUSED").write_text("someone else's")
+    fp.pause("checkpoint.save", step=3, folder=tmp_path)
+    assert (tmp_path / "PAUSED").read_text() == "someone else's"
+
+
 def test_a_kill_waits_for_its_count_or_text(effects, monkeypatch):
     monkeypatch.setenv(*fp.arm("teacher_cache.batches", 3).popitem())
     fp.kill_after("teacher_cache.batches", 2)
