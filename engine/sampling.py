@@ -165,10 +165,13 @@ def sample(
     valid_vocab: int | None = None,
     generator: torch.Generator | None = None,
     use_kv_cache: bool = True,
+    stop_early: bool = True,
 ) -> Samples:
     """Continue each row of prompts [B, P] by new_tokens positions (see the module docstring).
 
-    use_kv_cache=False recomputes the whole prefix at every step (slow; a cross-check)."""
+    use_kv_cache=False recomputes the whole prefix at every step (slow; a cross-check).
+    stop_early=False runs every decode step even once all rows have stopped: the same
+    tokens, a fixed number of forwards (ranks of a sharded model must run the same ones)."""
     check_sampling(temperature, top_k, top_p)
     columns = _check_request(model, prompts, new_tokens, valid_vocab)
     device = model_device(model)
@@ -200,7 +203,7 @@ def sample(
             mask[:, step] = running
             if stops is not None:
                 running &= token != stops
-                if step + 1 < new_tokens and not bool(running.any()):
+                if stop_early and step + 1 < new_tokens and not bool(running.any()):
                     tokens[:, step + 1:] = stops[:, None]
                     break
             if step + 1 < new_tokens:

@@ -53,6 +53,7 @@ def _rule(text: str, ok: Callable[[Any], bool], why: str = "") -> Callable[[Any]
 POSITIVE = _rule("> 0", lambda v: v > 0)
 NON_NEGATIVE = _rule(">= 0", lambda v: v >= 0)
 FRACTION = _rule("in [0, 1]", lambda v: 0 <= v <= 1)
+FINITE_NON_NEGATIVE = _rule("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
 # The checked types of the fields (pydantic's names for the same ideas).
 PositiveInt, PositiveFloat = Annotated[int, POSITIVE], Annotated[float, POSITIVE]
 NonNegativeInt, NonNegativeFloat = Annotated[int, NON_NEGATIVE], Annotated[float, NON_NEGATIVE]
@@ -222,6 +223,20 @@ class DistConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (docs/loss.md): the student continues prompts, the teacher grades."""
+
+    # GKD's lambda: the share of micro-batches the student writes (0: off-policy only; 1: all).
+    fraction: Fraction = 0.0
+    prompt_tokens: PositiveInt = 64  # the prompt: the first tokens of a training window
+    new_tokens: PositiveInt = 64  # tokens the student samples after it
+    temperature: Annotated[float, FINITE_NON_NEGATIVE] = 1.0  # 0 = greedy
+    top_p: Annotated[float, _rule("in (0, 1] (1 = no cut)", lambda v: 0 < v <= 1)] = 1.0
+    top_k: NonNegativeInt = 0  # 0 = no cut
+    stop_token: Annotated[int, _rule(">= -1", lambda v: v >= -1)] = 0  # -1: never stop early
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -234,6 +249,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     # bf16-autocast: fp32 master weights and AdamW state, bf16 compute (the default);
     # bf16-pure: bf16 weights and optimizer state, like the seed recipe; fp32: no autocast.
     precision: Literal[PRECISION_MODES] = "bf16-autocast"
@@ -421,6 +437,7 @@ def validate(config: Config) -> Config:
         problems.append("data.path: required (a folder written by neox-distill preprocess)")
     problems.extend(_eval_task_problems(config))
     problems.extend(_dist_problems(config))
+    problems.extend(_onpolicy_problems(config))
     if problems:
         raise ConfigError("; ".join(problems))
     return config
@@ -479,6 +496,25 @@ def _dist_problems(config: Config) -> list[str]:
                         "ddp every rank holds the whole teacher)")
     if config.dist.cpu_offload:
         problems.append("dist.cpu_offload=true needs dist.strategy=fsdp")
+    return problems
+
+
+def _onpolicy_problems(config: Config) -> list[str]:
+    """onpolicy.fraction > 0 needs a live teacher and room in the window for prompt + sample."""
+    on = config.onpolicy
+    if on.fraction == 0:
+        return []
+    problems = []
+    if config.teacher.cache:
+        problems.append(f"onpolicy.fraction={on.fraction} cannot train from teacher.cache: a "
+                        "cache holds the teacher's distribution over the corpus, not over the "
+                        "student's new samples (set teacher.path instead)")
+    elif not config.teacher.path:
+        problems.append(f"onpolicy.fraction={on.fraction} needs teacher.path: the teacher "
+                        "grades the student's samples")
+    if on.prompt_tokens + on.new_tokens > config.batch.seq_len:
+        problems.append(f"onpolicy.prompt_tokens ({on.prompt_tokens}) + onpolicy.new_tokens "
+                        f"({on.new_tokens}) exceeds batch.seq_len ({config.batch.seq_len})")
     return problems
 
 

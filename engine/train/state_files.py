@@ -8,7 +8,8 @@ a checkpoint holds tensors in safetensors files (data only) and everything else 
                                per-parameter state that is not a tensor
     trainer_state.json         step, counters, per-rank loader states, python and numpy RNG
     trainer_state.safetensors  per-rank torch RNG states (uint8), "rank<r>.torch",
-                               "rank<r>.cuda<i>"
+                               "rank<r>.cuda<i>", and an on-policy run's sampler
+                               generator, "rank<r>.sampler"
 
 Floats go through JSON as their shortest repr, which reads back to the same bits, so a
 resume stays bit-exact.
@@ -136,8 +137,9 @@ def _rng_to_files(rank: int, rng: dict[str, Any], tensors: dict) -> dict[str, An
         name, key, pos, has_gauss, cached = rng["numpy"]
         plain["numpy"] = {"bit_generator": name, "key": [int(k) for k in key], "pos": int(pos),
                           "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-    if "torch" in rng:
-        tensors[f"rank{rank}.torch"] = rng["torch"]
+    for name in ("torch", "sampler"):  # the sampler: an on-policy run's generator
+        if name in rng:
+            tensors[f"rank{rank}.{name}"] = rng[name]
     for device, state in enumerate(rng.get("cuda", [])):
         tensors[f"rank{rank}.cuda{device}"] = state
     plain["cuda_devices"] = len(rng.get("cuda", []))
@@ -154,8 +156,9 @@ def _rng_from_files(rank: int, plain: dict[str, Any], tensors: dict) -> dict[str
         rng["numpy"] = (numpy_state["bit_generator"],
                         np.asarray(numpy_state["key"], dtype=np.uint32), numpy_state["pos"],
                         numpy_state["has_gauss"], numpy_state["cached_gaussian"])
-    if f"rank{rank}.torch" in tensors:
-        rng["torch"] = tensors[f"rank{rank}.torch"]
+    for name in ("torch", "sampler"):
+        if f"rank{rank}.{name}" in tensors:
+            rng[name] = tensors[f"rank{rank}.{name}"]
     if plain.get("cuda_devices"):
         rng["cuda"] = [tensors[f"rank{rank}.cuda{d}"] for d in range(plain["cuda_devices"])]
     return rng

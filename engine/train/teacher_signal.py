@@ -13,9 +13,11 @@ described by the LossSpec:
   targets (engine.data.teacher_cache.CachedTargets) and sparse_kd_head_loss / sparse_kd_loss
   compare them with the student.
 
-A new source (on-policy distillation: the student samples a completion, the live teacher
-scores prompt + completion in one prefill) implements the same three methods; docs/
-architecture.md says how it plugs in.
+Before a window's normaliser is counted, the loop hands the window to `prepare_window`, which
+may replace micro-batches (on-policy distillation, engine/train/on_policy_signal.py: the
+student writes them, the live teacher grades them); `window_metrics` adds the source's own
+fields to the step's record, and `state_dict` / `load_state_dict` carry its random state in
+checkpoints. The three sources above take the window as it is (`OffPolicy`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,31 @@ class TeacherSignal(Protocol):
     def logits_loss(self, side: Any, logits: torch.Tensor, labels: torch.Tensor,
                     spec: LossSpec, *, normalizer, inplace_grad: bool) -> LossAndStats: ...
 
+    def prepare_window(self, window: list[dict], student: torch.nn.Module,
+                       step: int) -> list[dict]: ...
+
+    def window_metrics(self, step_seconds: float) -> dict[str, Any]: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class OffPolicy:
+    """The window as the loader gave it: no fields of its own, no state to checkpoint."""
+
+    def prepare_window(self, window, student, step):
+        return window
+
+    def window_metrics(self, step_seconds):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """Summed token cross-entropy in fp32 over the first `spec.valid_vocab` logit columns."""
@@ -79,7 +106,7 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, spec: LossSpec
                            ignore_index=spec.ignore_index, reduction="sum")
 
 
-class NoTeacher:
+class NoTeacher(OffPolicy):
     """Cross-entropy training: no teacher, the same normaliser semantics."""
 
     teaches = False
@@ -123,7 +150,7 @@ def teacher_logits(teacher: torch.nn.Module, input_ids: torch.Tensor,
         return teacher(input_ids, return_hidden=True) if return_hidden else teacher(input_ids)
 
 
-class LiveTeacher:
+class LiveTeacher(OffPolicy):
     """A teacher model run on every micro-batch. `model` may be a DDP / torch.compile / FSDP
     form of a GPTNeoX; a teacher head padded to more rows than the student's teaches through
     the shared rows (engine.train.setup.check_compatible)."""
@@ -155,7 +182,7 @@ class LiveTeacher:
         return loss, dict(stats)
 
 
-class CachedTeacher:
+class CachedTeacher(OffPolicy):
     """The teacher of a run trained from a cache: no model, targets in every batch."""
 
     teaches = True
