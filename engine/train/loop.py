@@ -122,9 +122,14 @@ class Trainer:
             teacher_cfg = None  # no teacher forward in a training step
         self.train_loader = build_train_loader(config, self.dataset, self.micro_batch, info)
         self.optimizer = build_optimizer(config, self.student, self.device)
+        # What gives the training step its teacher signal: the cache when there is one (a
+        # teacher.path beside it only scores the held-out KD), else the (compiled) teacher.
+        self.signal = cached or build_signal(wrap_teacher(self.teacher, config, self.device),
+                                             config, info, accum_steps=self.accum_steps,
+                                             autocast_dtype=autocast_dtype)
         self.resume_from, self.step, self.bad_steps = resume(
             candidates, log=self.writer.log_text, student=self.student,
-            optimizer=self.optimizer, loader=self.train_loader, info=info)
+            optimizer=self.optimizer, loader=self.train_loader, info=info, signal=self.signal)
         self.last_val: dict[str, Any] | None = None
         self.val_step: int | None = None  # the step last_val belongs to
         self.finite_steps: set[int] = set()  # steps whose update was applied (last good ckpt)
@@ -137,9 +142,6 @@ class Trainer:
                                autocast_dtype=autocast_dtype,
                                resumed_at=self.step if self.resume_from is not None else None)
         self.model = wrap_model(self.student, config, info)
-        # What gives the training step its teacher signal: the cache when there is one (a
-        # teacher.path beside it only scores the held-out KD), else the (compiled) teacher.
-        self.signal = cached or build_signal(wrap_teacher(self.teacher, config, self.device))
         self.writer.log_text(describe_runtime(config, self.device, self.optimizer, memory_note))
         self.spec, self.autocast_dtype = build_loss_spec(config), autocast_dtype
         self.tokens_per_step = (self.micro_batch * self.accum_steps * config.batch.seq_len
@@ -186,7 +188,8 @@ class Trainer:
 
     def _describe(self) -> str:
         teacher_params = self.teacher.num_parameters() if self.teacher is not None else 0
-        cache = f", {self.signal.describe()}" if self.signal.from_cache else ""
+        special = self.signal.from_cache or self.config.onpolicy.fraction > 0
+        cache = f", {self.signal.describe()}" if special else ""
         return (
             f"student {self.student.num_parameters():,} params ({self.config.student.init}), "
             f"teacher {teacher_params:,} params, device {self.device}, world "
@@ -206,6 +209,7 @@ class Trainer:
         for batch in window:  # the CPU copy: an id past the embedding never reaches the device
             check_batch(batch, self.vocab_rows, f"data.path={self.config.data.path}: a batch "
                         f"of step {self.step + 1}", self.spec.valid_vocab)
+        window = self.signal.prepare_window(window, self.student, self.step)
         lr = lr_at(self.config, self.step)
         result = train_step(
             self.model, self.student, self.signal, self.optimizer, window,
@@ -246,6 +250,7 @@ class Trainer:
             "eta_s": per_step * (self.config.run.steps - self.step),
             "skipped": not result.applied,
             **self.lost_updates.fields(self.step),
+            **self.signal.window_metrics(elapsed),
         }
 
     def validate(self) -> dict[str, Any] | None:
@@ -317,7 +322,8 @@ class Trainer:
                 f"{self._last_good_message()}"
             )
         loader_states = dist.all_gather_object(self.train_loader.state_dict())
-        rng_states = dist.all_gather_object(ckpt.capture_rng_state())
+        rng_states = dist.all_gather_object({**ckpt.capture_rng_state(),
+                                             **self.signal.state_dict()})
         path = None
         if self.sharded or self.info.is_main:  # FSDP: every rank writes its shards
             save = save_sharded_checkpoint if self.sharded else ckpt.save_checkpoint

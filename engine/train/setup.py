@@ -21,11 +21,13 @@ from engine.kernels.loss_spec import LossSpec
 from engine.memory import format_bytes, largest_micro_batch, plan_memory
 from engine.model.hf_io import load_pretrained
 from engine.model.network import GPTNeoX
+from engine.on_policy import SamplingSettings
 from engine.precision import dtype_bytes, dtype_of
 from engine.sharded_memory import plan_sharded_memory
 from engine.train import checkpoint as ckpt
 from engine.train import fsdp
 from engine.train.config import AUTO, Config, ConfigError, memory_budget_bytes
+from engine.train.on_policy_signal import OnPolicyTeacher
 from engine.train.sharded_checkpoint import load_sharded_checkpoint
 from engine.train.teacher_signal import LiveTeacher, NoTeacher, TeacherSignal
 
@@ -174,10 +176,20 @@ def build_loss_spec(config: Config) -> LossSpec:
                     fused_head=loss.fused_head)
 
 
-def build_signal(teacher: torch.nn.Module | None) -> TeacherSignal:
-    """The training step's teacher signal without a cache: the (wrapped) teacher model, or
-    cross-entropy alone (the cache's signal comes from engine.train.teacher_source)."""
-    return LiveTeacher(teacher) if teacher is not None else NoTeacher()
+def build_signal(teacher: torch.nn.Module | None, config: Config, info: dist.DistInfo, *,
+                 accum_steps: int, autocast_dtype: torch.dtype | None) -> TeacherSignal:
+    """The training step's teacher signal without a cache: the (wrapped) teacher model, with
+    a share onpolicy.fraction of micro-batches written by the student, or cross-entropy alone
+    (the cache's signal comes from engine.train.teacher_source)."""
+    if teacher is None:
+        return NoTeacher()
+    on = config.onpolicy
+    if on.fraction == 0:
+        return LiveTeacher(teacher)
+    return OnPolicyTeacher(LiveTeacher(teacher),
+                           SamplingSettings.of(on, config.data.valid_vocab or None),
+                           fraction=on.fraction, accum_steps=accum_steps, seed=config.run.seed,
+                           rank=info.rank, device=info.device, autocast_dtype=autocast_dtype)
 
 
 def wrap_model(student: GPTNeoX, config: Config, info: dist.DistInfo) -> torch.nn.Module:
@@ -369,9 +381,12 @@ def load_resume_state(
     optimizer: torch.optim.Optimizer,
     loader: BatchLoader,
     info: dist.DistInfo,
+    signal: TeacherSignal | None = None,
     log=print,
 ) -> tuple[int, int]:
-    """Load a checkpoint into the live student, optimizer, loader and RNGs; return
+    """Load a checkpoint into the live student, optimizer, loader, RNGs and the teacher
+    signal's sampler (an on-policy run's; a checkpoint of another number of ranks leaves
+    each rank's sampler at its seed); return
     (step, non-finite steps in a row) as they were when it was saved.
 
     An FSDP student loads a sharded checkpoint (engine/train/sharded_checkpoint.py), any
@@ -386,6 +401,8 @@ def load_resume_state(
     if len(saved) == info.world_size:
         loader.load_state_dict(saved[info.rank])
         ckpt.restore_rng_state(state["rng_states"][info.rank])
+        if signal is not None:
+            signal.load_state_dict(state["rng_states"][info.rank])
     else:
         loader.load_state_dict(rescaled_loader_state(saved, loader, folder))
         # No rank of the saved run is this one: every rank takes rank 0's RNG streams.

@@ -243,6 +243,9 @@ EVERY_KEY = {
     "eval.lost_updates": "false",
     "dist.strategy": "fsdp", "dist.reshard_after_forward": "false", "dist.teacher": "shard",
     "dist.cpu_offload": "true",
+    "onpolicy.fraction": "0.5", "onpolicy.prompt_tokens": "8", "onpolicy.new_tokens": "16",
+    "onpolicy.temperature": "0.7", "onpolicy.top_p": "0.9", "onpolicy.top_k": "40",
+    "onpolicy.stop_token": "-1",
     "precision": "fp32", "device": "cpu",
 }
 
