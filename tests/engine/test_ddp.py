@@ -71,6 +71,31 @@ def test_two_ranks_match_one_process(assets, tmp_path):
     assert_weights_close(ddp_weights, final_weights(single))
 
 
+def test_two_ranks_sample_their_own_and_match_one_process_on_policy(assets, tmp_path):
+    """onpolicy.fraction=1, greedy: each rank writes the completions of its own windows, and
+    the window-wide normaliser counts every rank's sampled tokens, so two ranks train as one
+    process does on the same global windows; the onpolicy_* fields are summed over ranks."""
+    on_policy = dict(onpolicy__fraction=1.0, onpolicy__prompt_tokens=4, onpolicy__new_tokens=6,
+                     onpolicy__temperature=0.0, onpolicy__stop_token=-1, run__steps=2)
+    single = run(make_config(assets, tmp_path / "single", batch__accum_steps=4, **on_policy))
+    out = tmp_path / "ddp"
+    overrides = base_overrides(assets, out, batch__accum_steps=2, **on_policy)
+    env = {**os.environ, **LOOPBACK_ENV, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "NEOX_DIST_TIMEOUT_S": "300"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "engine.train", *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for d, s in zip(train_records(out), train_records(single["out_dir"]), strict=True):
+        assert d["valid_tokens"] == s["valid_tokens"] == 4 * 2 * 6
+        assert d["loss"] == pytest.approx(s["loss"], rel=1e-5)
+        assert d["onpolicy_teacher_nll"] == pytest.approx(s["onpolicy_teacher_nll"], rel=1e-5)
+        assert d["onpolicy_token_share"] == 1.0
+    assert_weights_close(final_weights({"export_dir": out / "final"}), final_weights(single))
+
+
 def _rank_main(rank: int, port: int, result_dir: str) -> None:
     os.environ.update(LOOPBACK_ENV, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
