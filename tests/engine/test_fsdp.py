@@ -146,6 +146,25 @@ def test_two_fsdp_ranks_match_one_process(two_ranks, single):
 
 
 @pytest.mark.distributed
+def test_two_fsdp_ranks_sample_in_step_and_match_one_process_on_policy(assets, tmp_path):
+    """onpolicy.fraction=1 (greedy) on two FSDP ranks, student and teacher sharded: every
+    decode step of the sampler is a collective of the sharded student, so the ranks must run
+    the same number of them; the run equals one process on the same global windows."""
+    on_policy = dict(onpolicy__fraction=1.0, onpolicy__prompt_tokens=4, onpolicy__new_tokens=6,
+                     onpolicy__temperature=0.0, onpolicy__stop_token=-1)
+    out = tmp_path / "fsdp"
+    torchrun(two_rank_overrides(assets, out, **FSDP, **on_policy))
+    single = tmp_path / "single"
+    run(make_config(assets, single, batch__accum_steps=4, **SHARED, **on_policy))
+    reference = run_summary(single)
+    assert_runs_close(train_records(out), final_weights({"export_dir": out / "final"}),
+                      reference, rel=1e-5)
+    for mine, ref in zip(train_records(out), reference["records"], strict=True):
+        assert mine["onpolicy_teacher_nll"] == pytest.approx(ref["onpolicy_teacher_nll"],
+                                                             rel=1e-5)
+
+
+@pytest.mark.distributed
 def test_two_ranks_without_reshard_after_forward_match_one_process(assets, single, tmp_path):
     """dist.reshard_after_forward=false on two ranks: the same run as one process, saved
     after a validation (a forward without a backward) and exported (issue 22, B.7)."""

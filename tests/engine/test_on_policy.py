@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -101,3 +102,23 @@ def test_onpolicy_keys_out_of_range_are_errors_naming_the_key(overrides, message
     base = ["--data.path=d", "--student.path=s", "--teacher.path=t", "--batch.seq_len=128"]
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, base + overrides)
+
+
+def test_every_decode_step_runs_even_when_every_row_has_stopped(monkeypatch):
+    """Ranks of a sharded student must run the same forwards: student_batch never stops
+    early, even when every row draws its stop token at once (here: the greedy first token)."""
+    model = random_model(seed=3)
+    windows = torch.randint(2, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    greedy = SamplingSettings(prompt_tokens=4, new_tokens=5, temperature=0.0)
+    first = student_batch(model, windows, greedy)["input_ids"][:, 4]
+    if first[0] != first[1]:
+        windows[1] = windows[0]  # one stop id for both rows
+    stop = int(student_batch(model, windows, greedy)["input_ids"][0, 4])
+    calls = []
+    original = type(model).hidden_states
+    monkeypatch.setattr(type(model), "hidden_states",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    batch = student_batch(model, windows, replace(greedy, stop_token=stop))
+    assert batch["generated"].tolist() == [1, 1]
+    assert (batch["labels"][:, 4:] == IGNORE_INDEX).all()
+    assert len(calls) == 5  # the prefill and four decode steps
