@@ -91,6 +91,10 @@ def format_step_line(record: dict, total_steps: int) -> str:
     ]
     if record.get("update_lost_frac"):  # updates rounded away (bf16-pure; 0 otherwise)
         parts.append(f"lost {100 * record['update_lost_frac']:.1f}%")
+    if record.get("onpolicy_token_share") is not None:  # onpolicy.fraction > 0
+        parts.append(f"on-policy {100 * record['onpolicy_token_share']:.0f}% of tokens, "
+                     f"teacher nll {_fmt(record.get('onpolicy_teacher_nll'), '.3f')}, "
+                     f"sampling {_fmt(record.get('onpolicy_generation_share'), '.0%')} of step")
     if record.get("skipped"):
         parts.append("SKIPPED (non-finite)")
     return " | ".join(parts)

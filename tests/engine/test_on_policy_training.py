@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from engine.metrics import format_step_line
 from engine.train import run
 from tests.engine.test_train import (
     assert_same_run,
@@ -34,6 +35,8 @@ def straight_on_policy(assets, tmp_path_factory):
 
 def test_records_carry_the_onpolicy_fields(straight_on_policy):
     records = straight_on_policy["records"]
+    line = format_step_line(records[0], 4)
+    assert "on-policy " in line and "teacher nll " in line and "sampling " in line
     assert straight_on_policy["result"]["status"] == "completed"
     for record in records:
         # accumulation 2 at share 0.5: one micro-batch of two per step, 2 rows x 6 new tokens
