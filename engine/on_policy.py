@@ -72,10 +72,13 @@ def relabel(prompts: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> 
 def student_batch(student: torch.nn.Module, input_ids: torch.Tensor, settings: SamplingSettings,
                   *, generator: torch.Generator | None = None,
                   autocast_dtype: torch.dtype | None = None,
+                  labels: torch.Tensor | None = None,
                   gathered=contextlib.nullcontext) -> dict:
     """The on-policy batch of `input_ids` [B, T >= prompt_tokens] (module docstring), plus
     "generated": the tokens each row really wrote [B]. Every row runs all new_tokens decode
     steps (rows that stop are masked), so ranks that shard the student stay in step.
+    With the window's `labels`, a row whose prompt holds padding (an ignored label: a padded
+    document shorter than the prompt) is sampled but masked whole: it has no real prompt.
     `gathered(student)` is a context that makes the student's root weights whole (FSDP)."""
     if input_ids.shape[1] < settings.prompt_tokens:
         raise ValueError(f"prompt_tokens: {settings.prompt_tokens} is longer than the batch's "
@@ -86,8 +89,12 @@ def student_batch(student: torch.nn.Module, input_ids: torch.Tensor, settings: S
                        top_k=settings.top_k, top_p=settings.top_p,
                        stop_token=settings.stop_token, valid_vocab=settings.valid_vocab,
                        generator=generator, stop_early=False)
-    batch = relabel(prompts.to(drawn.tokens.device), drawn.tokens, drawn.mask)
-    return {**batch, "generated": drawn.lengths}
+    mask = drawn.mask
+    if labels is not None:
+        whole = (labels[:, : settings.prompt_tokens - 1] != IGNORE_INDEX).all(dim=1)
+        mask = mask & whole.to(mask.device)[:, None]
+    batch = relabel(prompts.to(drawn.tokens.device), drawn.tokens, mask)
+    return {**batch, "generated": mask.sum(dim=1)}
 
 
 def teacher_nll_sum(teacher_out: torch.Tensor, labels: torch.Tensor,

@@ -70,7 +70,7 @@ class OnPolicyTeacher:
             if is_on_policy(step * self.accum_steps + i, self.fraction):
                 device = self.generator.device
                 batch = student_batch(student, batch["input_ids"].to(device), self.settings,
-                                      generator=self.generator,
+                                      generator=self.generator, labels=batch["labels"],
                                       autocast_dtype=self.autocast_dtype, gathered=gathered_root)
                 batch["onpolicy"] = True
                 tokens = float((batch["labels"] != IGNORE_INDEX).sum())

@@ -122,3 +122,15 @@ def test_every_decode_step_runs_even_when_every_row_has_stopped(monkeypatch):
     assert batch["generated"].tolist() == [1, 1]
     assert (batch["labels"][:, 4:] == IGNORE_INDEX).all()
     assert len(calls) == 5  # the prefill and four decode steps
+
+
+def test_a_row_whose_prompt_holds_padding_is_masked_whole():
+    model = random_model(seed=3)
+    windows = torch.randint(2, VOCAB, (2, 8), generator=torch.Generator().manual_seed(2))
+    labels = windows.roll(-1, dims=1)
+    labels[1, 2:] = IGNORE_INDEX  # row 1: a document of 3 tokens, then padding
+    settings = SamplingSettings(prompt_tokens=4, new_tokens=3)
+    batch = student_batch(model, windows, settings, generator=new_generator(0), labels=labels)
+    assert batch["generated"].tolist() == [3, 0]
+    assert (batch["labels"][1] == IGNORE_INDEX).all()
+    assert (batch["labels"][0, 3:] != IGNORE_INDEX).all()
