@@ -38,6 +38,9 @@ Sections (each guarded: a failure is recorded with its traceback and the others 
   fsdp                dist.strategy=fsdp at world size 1 against the plain seed step (target
                       within 10% of its tokens/s), and the largest one-GPU ladder pair under a
                       12 GiB cap against its memory plan (target within 5%)
+  onpolicy_sampler_memory  the on-policy sampler of the seed student (bf16 autocast, micro-
+                      batch 8, 64-token prompts + 64 sampled): the allocated peak it adds on
+                      top of the weights, against the memory plan's sampling group (within 5%)
 Every configuration that trains records the memory plan beside its measured peaks (allocated,
 and reserved + memory outside the allocator). The summary table is printed last; everything is
 also written to DIR/gpu_suite.json, atomically after every section, so a failed or killed
@@ -103,7 +106,7 @@ from benchmarks.common import (
     write_json,
 )
 from engine.kernels.constants import IGNORE_INDEX
-from engine.memory import CUDA_CONTEXT_BYTES, largest_micro_batch, plan_memory
+from engine.memory import CUDA_CONTEXT_BYTES, format_bytes, largest_micro_batch, plan_memory
 from engine.metrics import mfu, peak_flops
 from engine.train.setup import CUDA_ALLOC_CONF
 from engine.train.teacher_signal import CachedTeacher
@@ -544,6 +547,63 @@ def _search_largest(attempt, sizes, seed_fits: bool) -> tuple[int, str]:
     return largest, "limit"
 
 
+def section_onpolicy_sampler_memory(sizes, smoke: bool) -> dict:
+    """What engine.sampling.sample allocates beyond the weights when the seed student writes
+    its on-policy completions, against the memory plan's sampling group (KV cache, prefill or
+    decode working set, autocast's block casts). Measured on CUDA only; elsewhere the plan
+    alone is recorded (the CPU tests check the group against every tensor sample allocates)."""
+    from engine.memory import SAMPLING
+    from engine.precision import autocast_context
+    from engine.sampling import new_generator, sample
+
+    device = current_device()
+    rows, prompt, new = (2, 8, 8) if smoke else (8, 64, 64)
+    cfg = model_config(sizes["student"], vocab=sizes["vocab"])
+    plan = plan_memory(None, cfg, micro_batch=rows, seq_len=prompt + new,
+                       precision="bf16-autocast", onpolicy=(prompt, new),
+                       device_type=device.type)
+    planned = sum(b for name, b in plan.components.items() if plan.groups[name] == SAMPLING)
+    out = {"micro_batch": rows, "prompt_tokens": prompt, "new_tokens": new,
+           "precision": "bf16-autocast", "plan_sampler_bytes": planned}
+    student = build_ours(sizes["student"], sizes["vocab"], 2048, device, seed=0)
+    prompts = torch.randint(0, sizes["valid_vocab"], (rows, prompt), device=device)
+
+    def draw(model):
+        with autocast_context(device.type, torch.bfloat16):
+            return sample(model, prompts, new, valid_vocab=sizes["valid_vocab"],
+                          generator=new_generator(0, device), stop_early=False)
+
+    draw(student)  # cuBLAS workspaces and kernels exist from here on, as in a running step
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        drawn = draw(student)
+        sync(device)
+        measured = torch.cuda.max_memory_allocated(device) - before
+        out.update(measured_sampler_bytes=measured, plan_over_measured=planned / measured)
+    else:
+        drawn = draw(student)
+    out["generated_tokens"] = int(drawn.lengths.sum())
+    del student, drawn
+    free_memory(device)
+    return out
+
+
+def _onpolicy_rows(sections: dict) -> list[tuple[str, str, str]]:
+    body = sections.get("onpolicy_sampler_memory", {})
+    if "plan_sampler_bytes" not in body:
+        return []
+    label = (f"memory plan / measured: on-policy sampler (mb {body['micro_batch']}, "
+             f"{body['prompt_tokens']} + {body['new_tokens']} tokens)")
+    if "plan_over_measured" not in body:
+        return [(label, f"not measured (no GPU; plan {format_bytes(body['plan_sampler_bytes'])})",
+                 "within 5%")]
+    return [(label, f"x{body['plan_over_measured']:.3f} (plan "
+             f"{format_bytes(body['plan_sampler_bytes'])}, measured "
+             f"{format_bytes(body['measured_sampler_bytes'])})", "within 5%")]
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -744,6 +804,7 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     sections = report["sections"]
     rows = _failures(sections) + _kernel_rows(sections) + _head_rows(sections)
     rows += _step_rows(sections) + _capped_rows(sections) + _fsdp_rows(sections)
+    rows += _onpolicy_rows(sections)
     configs = [(name, sections.get(name, {})) for name in
                ("seed_recipe", "seed_recipe_logits", "seed_recipe_compiled")]
     configs += [(f"capped mb {a['micro_batch']}{' compiled' if a.get('compiled') else ''}", a)
@@ -793,6 +854,7 @@ SECTIONS: dict[str, Section] = {
     "transformers": Section(_plain(section_transformers), 60),
     "capped_12gib": Section(section_capped, 200),
     "fsdp": Section(section_fsdp, 240),
+    "onpolicy_sampler_memory": Section(_plain(section_onpolicy_sampler_memory), 60),
 }
 
 

@@ -17,6 +17,14 @@ model. Where the peak is depends on the loss:
   * full logits: the start of the student's backward, with both models' [tokens x vocab]
     logits alive and the head's backward transients on top.
 
+With on-policy distillation (onpolicy.fraction > 0) the student first samples its
+completions (engine/sampling.py), before the step's forward, so the sampler's memory never
+meets the step's activations and loss buffers: the plan lists it as its own group
+("sampling": the student's KV cache, the larger of the prompt's prefill and a decode step's
+working set and, under autocast, the bf16 weight casts the sampler keeps) and its allocated
+peak is the larger of the step's peak and the sampling phase's (what persists: weights,
+gradients, optimizer moments, the teacher; plus the sampler).
+
 CUDA context and allocator slack are added on top because the user's card has to hold them
 too, although `torch.cuda.max_memory_allocated` never sees them.
 """
@@ -49,6 +57,12 @@ ALLOCATOR_SLACK_FRACTION = 0.10
 # on Hopper) and small buffers: the mean remainder of the H200 seed step (allocated peak minus
 # every itemised tensor, micro-batch 2 to 12; benchmarks/README.md).
 CUDA_WORKSPACE_BYTES = 40 * 2**20
+# The groups alive while the on-policy sampler runs (what persists, and the sampler's own);
+# the autocast casts of the step are not (the sampler makes and keeps its own).
+SAMPLING = "sampling"
+SAMPLING_PHASE_GROUPS = ("student", "teacher", SAMPLING)
+STUDENT_CASTS = "student bf16 weight casts (autocast)"
+CUDA_WORKSPACE = "cuBLAS workspaces and small buffers"
 # fp32 [rows x vocab] temporaries the CPU loss path (engine.kernels.kd_loss_torch) holds at once for
 # one row block, with the forward KL (measured through the allocation tracker of the tests).
 TORCH_LOSS_TEMPORARIES = 5
@@ -255,14 +269,32 @@ class MemoryPlan:
     flops_per_token: float = 0.0
 
     @property
+    def step_peak(self) -> int:
+        """The training micro-step's allocated peak (everything but overhead and sampling)."""
+        return sum(b for k, b in self.components.items()
+                   if self.groups[k] not in ("overhead", SAMPLING))
+
+    @property
+    def sampling_peak(self) -> int:
+        """The on-policy sampling phase's allocated peak (0 without on-policy sampling): what
+        persists between steps, the sampler's own memory and the cuBLAS workspaces."""
+        if SAMPLING not in self.groups.values():
+            return 0
+        return sum(b for k, b in self.components.items()
+                   if (self.groups[k] in SAMPLING_PHASE_GROUPS and k != STUDENT_CASTS)
+                   or k == CUDA_WORKSPACE)
+
+    @property
     def allocated_peak(self) -> int:
-        """What torch.cuda.max_memory_allocated should report (no context, no slack)."""
-        return sum(b for k, b in self.components.items() if self.groups[k] != "overhead")
+        """What torch.cuda.max_memory_allocated should report (no context, no slack): the
+        larger of the step's peak and the sampling phase's."""
+        return max(self.step_peak, self.sampling_peak)
 
     @property
     def total(self) -> int:
         """What the card must hold: allocated peak + allocator slack + CUDA context."""
-        return sum(self.components.values())
+        return self.allocated_peak + sum(b for k, b in self.components.items()
+                                         if self.groups[k] == "overhead")
 
     def add(self, name: str, nbytes: int, group: str) -> None:
         self.components[name] = int(nbytes)
@@ -289,6 +321,8 @@ class MemoryPlan:
             "allocated_peak_bytes": self.allocated_peak,
             "total_bytes": self.total,
             "flops_per_token": self.flops_per_token,
+            **({"step_peak_bytes": self.step_peak, "sampling_peak_bytes": self.sampling_peak}
+               if self.sampling_peak else {}),
         }
 
     def table(self, budget_bytes: int | None = None) -> str:
@@ -305,6 +339,12 @@ class MemoryPlan:
                 f"{name:<{width}}{self.groups[name]:<12}{nbytes:>16,}{'':>3}{format_bytes(nbytes):>12}"
             )
         lines.append("-" * (width + 43))
+        if self.sampling_peak:
+            for label, nbytes in (("training step peak", self.step_peak),
+                                  ("on-policy sampling peak (persistent + sampling)",
+                                   self.sampling_peak)):
+                lines.append(f"{label:<{width + 12}}{nbytes:>16,}{'':>3}"
+                             f"{format_bytes(nbytes):>12}")
         lines.append(
             f"{'allocated peak (torch max_memory_allocated)':<{width + 12}}"
             f"{self.allocated_peak:>16,}{'':>3}{format_bytes(self.allocated_peak):>12}"
@@ -332,7 +372,7 @@ def _student_state(cfg, precision: str, activation_checkpointing: bool,
         cast = head + blocks * _block_weights(cfg)
         return [
             ("student weights (fp32 master)", 4 * n),
-            ("student bf16 weight casts (autocast)", 2 * cast),
+            (STUDENT_CASTS, 2 * cast),
             ("student gradients (fp32)", 4 * n),
             ("AdamW moments m, v (fp32)", 8 * n),
         ]
@@ -434,6 +474,44 @@ def _teacher_hidden_bytes(w: _Widths) -> int:
     return 4 if w.autocast and w.t != w.a else w.t
 
 
+def kv_cache_bytes(cfg, micro_batch: int, positions: int, precision: str) -> int:
+    """The sampler's KV cache: keys and values of every layer for micro_batch rows of
+    `positions` (prompt + new tokens), in the dtype of the weights the sampler reads
+    (GPTNeoX.new_kv_cache: fp32 under bf16-autocast, whose weights are fp32 masters)."""
+    weight, _ = precision_dtypes(precision)
+    return 2 * cfg.num_layers * micro_batch * positions * cfg.hidden_size * weight.itemsize
+
+
+def sampler_components(cfg, *, micro_batch: int, prompt_tokens: int, new_tokens: int,
+                       precision: str) -> list[tuple[str, int]]:
+    """What the on-policy sampler holds on top of what persists, at its peak, as (name,
+    bytes): the KV cache; the larger of two working sets that never coexist, one block's
+    prefill over the prompt (no autograd: the MLP's [B,P,4H + 2I] or the attention's [B,P,9H]
+    transients; under autocast the block's fp32 LayerNorm output too) and a decode step (its
+    [B,V] logits with their fp32 scaled copy and softmax, plus under autocast the head
+    weight's bf16 cast); under autocast, the bf16 casts of every block's weights and biases,
+    which autocast caches for the whole sampling. Top-k / top-p cuts add [B,V] sorts on top.
+    Checked on the CPU against every tensor `sample` allocates (tests/engine/test_memory.py:
+    within 3%; up to 9% over where a decode step sets the peak under autocast)."""
+    if prompt_tokens < 1 or new_tokens < 1:
+        raise ValueError(f"onpolicy: prompt_tokens and new_tokens must be >= 1, got "
+                         f"{prompt_tokens}, {new_tokens}")
+    a, _ = _activation_bytes(precision)
+    autocast = precision_dtypes(precision)[1] is not None
+    h, i, v, b = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, micro_batch
+    positions = prompt_tokens + new_tokens
+    prefill = b * prompt_tokens * (max(4 * h + 2 * i, 9 * h) * a + (4 * h if autocast else 0))
+    decode = b * v * (a + 8) + (a * v * h if autocast else 0)
+    out = [(f"sampler: student KV cache [2 x L x B x {positions} x H]",
+            kv_cache_bytes(cfg, micro_batch, positions, precision)),
+           ("sampler: prefill over the prompt or a decode step's logits (the larger)",
+            max(prefill, decode))]
+    if autocast:
+        out.append(("sampler: bf16 casts of every block (autocast keeps them)",
+                    2 * cfg.num_layers * (_block_weights(cfg) + 5 * h + i)))
+    return out
+
+
 def _block_backward_bytes(cfg, tokens: int, w: _Widths) -> int:
     """Working set of the last block's backward beyond the saved activations: the residual
     stream's gradient twice and the MLP's two [tokens x intermediate] gradients."""
@@ -455,6 +533,7 @@ def plan_memory(
     chunk_tokens: int | None = None,
     device_type: str = "cuda",
     teacher_cache_width: int = 0,
+    onpolicy: tuple[int, int] | None = None,
 ) -> MemoryPlan:
     """Predict the peak of one micro-step (see the module docstring for where it is).
 
@@ -467,7 +546,9 @@ def plan_memory(
     allocates). `teacher_cache_width` > 0: the teacher signal is a teacher cache of that many
     entries per position (teacher.cache): no teacher forward, no teacher hidden states or
     logits, the batch's cached targets instead; a teacher_cfg beside it (teacher.path, kept
-    for the held-out KD) only holds its weights.
+    for the held-out KD) only holds its weights. `onpolicy` = (prompt_tokens, new_tokens):
+    the student samples before the step (onpolicy.fraction > 0); its sampler's memory is the
+    "sampling" group, and the peak the larger of the two phases (module docstring).
     """
     precision_dtypes(precision)  # an unknown mode raises here, naming the known ones
     if micro_batch < 1 or seq_len < 1:
@@ -505,8 +586,13 @@ def plan_memory(
             add(name, nbytes, "loss")
         if device_type != "cuda":
             add(*_cpu_loss_scratch(student_cfg.vocab_size, tokens), "loss")
+    if onpolicy is not None:
+        for name, nbytes in sampler_components(student_cfg, micro_batch=micro_batch,
+                                               prompt_tokens=onpolicy[0],
+                                               new_tokens=onpolicy[1], precision=precision):
+            add(name, nbytes, SAMPLING)
     if device_type == "cuda":
-        add("cuBLAS workspaces and small buffers", CUDA_WORKSPACE_BYTES, "loss")
+        add(CUDA_WORKSPACE, CUDA_WORKSPACE_BYTES, "loss")
         plan.add_card_overhead()
     plan.flops_per_token = training_flops_per_token(student_cfg, step_teacher, seq_len)
     return plan

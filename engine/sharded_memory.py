@@ -11,9 +11,10 @@ top the groups gathered at the peak:
   * one block's gradients in the reduce dtype, the reduce-scatter's input;
   * with a sharded teacher and the fused head, the teacher's head, gathered for the loss.
 
-Activations and loss buffers are the single-GPU plan's, in the dtype the step computes in:
-under bf16-autocast FSDP gathers bf16 weights and the step runs without autocast
-(MixedPrecisionPolicy does the casting), so those buffers are those of bf16-pure. On CUDA a
+Activations, loss buffers and the on-policy sampler's memory are the single-GPU plan's, in
+the dtype the step computes in: under bf16-autocast FSDP gathers bf16 weights and the step
+runs without autocast (MixedPrecisionPolicy does the casting), so those buffers are those of
+bf16-pure (the sampler's KV cache too: it takes the gathered weights' dtype). On CUDA a
 multi-GPU run adds NCCL's own buffers, outside the caching allocator.
 
 This is a plan, checked on the CPU against the shards a 2-rank gloo run holds; no multi-GPU
@@ -25,6 +26,7 @@ from __future__ import annotations
 import math
 
 from engine.memory import (
+    SAMPLING,
     MemoryPlan,
     parameter_count,
     plan_memory,
@@ -131,7 +133,7 @@ def plan_sharded_memory(
                 teacher_bytes=teacher_bytes, fused_head=single.fused_head):
             add(name, nbytes, "teacher")
     for name, nbytes in single.components.items():
-        if single.groups[name] in ("activations", "loss"):
+        if single.groups[name] in ("activations", "loss", SAMPLING):
             add(name, nbytes, single.groups[name])
     if plan_kwargs.get("device_type", "cuda") == "cuda":
         plan.add_card_overhead()

@@ -4,6 +4,7 @@
     heldout.py   the held-out split of a token dataset (training, quickstart, --heldout)
     requests.py  data files -> token requests and windows (harness tokenisation)
     tasks.py     lambada / multiple choice / perplexity metrics
+    samples.py   the samples task: a teacher's NLL of the model's own samples (on-policy)
     compare.py   the --compare table and chart
     __main__.py  python -m engine.eval
 """

@@ -2,6 +2,10 @@
 
     python -m engine.eval --model DIR --task lambada mc --data lambada.jsonl piqa.jsonl
     python -m engine.eval --model DIR --compare BASE --task ppl --data SHARDS --heldout packed
+    python -m engine.eval --model DIR --teacher T --task samples --data SHARDS --heldout packed
+
+`samples` (engine/eval/samples.py) samples continuations of held-out prompts from each model
+and reports the teacher's NLL of them: the quantity on-policy distillation lowers.
 
 Prints the results JSON (or writes it with --json); with --compare, one Markdown table of
 every model (engine/eval/compare.py), optionally a PNG chart.
@@ -21,6 +25,7 @@ from engine.data.atomic import write_text_atomic
 from engine.data.loader import DATASET_MODES
 from engine.eval.compare import is_our_chart, markdown_table, save_bar_chart
 from engine.eval.requests import EvalInputError, TextEncoder
+from engine.eval.samples import SAMPLES_TASK, evaluate_samples
 from engine.eval.tasks import (
     TASKS,
     ScoringSetup,
@@ -32,10 +37,13 @@ from engine.eval.tasks import (
 from engine.kernels.divergences import DIVERGENCES
 from engine.kernels.loss_spec import LossSpec
 from engine.model.hf_io import load_pretrained
+from engine.on_policy import SamplingSettings
 from engine.precision import DTYPE_NAMES, dtype_of
 
 # The harness tasks share one signature: (setup, encoder, data file, limit, samples).
 HARNESS_TASKS = {"lambada": evaluate_lambada, "mc": evaluate_mc}
+# The tasks of this command: the training loop's watched tasks (TASKS) and `samples`.
+CLI_TASKS = (*TASKS, SAMPLES_TASK)
 
 
 def _build_parser():
@@ -57,13 +65,14 @@ def _build_parser():
         "--tokenizer", help="tokenizer.json (default: the model folder's tokenizer.json)"
     )
     parser.add_argument(
-        "--task", nargs="+", required=True, choices=TASKS, help="one task per --data file"
+        "--task", nargs="+", required=True, choices=CLI_TASKS, help="one task per --data file"
     )
     parser.add_argument(
         "--data",
         nargs="+",
         required=True,
-        help="jsonl(.zst) file per task; for ppl also a shard folder or .idx/.bin prefix",
+        help="jsonl(.zst) file per task; for ppl and samples also a shard folder or "
+        ".idx/.bin prefix",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
@@ -82,14 +91,17 @@ def _build_parser():
     parser.add_argument(
         "--teacher",
         help="ppl: also report KD (T^2 D(teacher, model), D per --divergence, default the "
-        "forward KL) and the teacher's CE on the tokens",
+        "forward KL) and the teacher's CE on the tokens; samples: the model that scores the "
+        "samples (required)",
     )
     _add_kd_arguments(parser)
+    _add_sampling_arguments(parser)
     parser.add_argument(
         "--heldout",
         choices=DATASET_MODES,
         help="ppl over shards: score the training loader's val split (packed windows or "
-        "padded documents of max-length tokens), exactly as the training validation does",
+        "padded documents of max-length tokens), exactly as the training validation does; "
+        "samples: prompt with that split's sequences",
     )
     parser.add_argument(
         "--val-fraction", type=float, default=0.01, help="--heldout: the run's data.val_fraction"
@@ -131,6 +143,42 @@ def _add_kd_arguments(parser) -> None:
         default=True,
         help="multiply the KD term by T^2 (loss.t2_scale; default on)",
     )
+
+
+def _add_sampling_arguments(parser) -> None:
+    """The samples task's settings, named as the run's [onpolicy] keys where they exist."""
+    parser.add_argument("--prompt-tokens", type=int, default=32,
+                        help="samples: prompt length, the first N tokens of each document "
+                        "holding more (shorter ones are skipped and counted; default 32)")
+    parser.add_argument("--new-tokens", type=int, default=32,
+                        help="samples: tokens sampled after each prompt (default 32)")
+    parser.add_argument("--sample-temperature", type=float, default=1.0,
+                        help="samples: sampling temperature, 0 greedy (default 1.0)")
+    parser.add_argument("--top-k", type=int, help="samples: keep the k most likely tokens")
+    parser.add_argument("--top-p", type=float, help="samples: nucleus mass in (0, 1]")
+    parser.add_argument("--stop-token", type=int,
+                        help="samples: a token id that ends a row (default: none)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="samples: the sampler's seed (same seed, same numbers on the CPU)")
+
+
+# SamplingSettings' names of its fields -> the flags that set them.
+SAMPLING_FLAGS = {"prompt_tokens": "--prompt-tokens", "new_tokens": "--new-tokens",
+                  "temperature": "--sample-temperature", "top_k": "--top-k", "top_p": "--top-p"}
+
+
+def _sampling_settings(args) -> SamplingSettings | None:
+    """The samples task's SamplingSettings (ValueError naming a bad one), None without it."""
+    if SAMPLES_TASK not in args.task:
+        return None
+    try:
+        return SamplingSettings(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                temperature=args.sample_temperature, top_k=args.top_k,
+                                top_p=args.top_p, stop_token=args.stop_token,
+                                valid_vocab=args.valid_vocab)
+    except ValueError as error:  # "top_k: must be ..." -> "--top-k: must be ..."
+        key, _, reason = str(error).partition(":")
+        raise ValueError(f"{SAMPLING_FLAGS.get(key, key)}:{reason}") from None
 
 
 def _data_name(path: str) -> str:
@@ -221,6 +269,12 @@ def evaluate_folder(model_dir: str, args, label: str, teacher=None) -> list[dict
             )
         if task in HARNESS_TASKS:
             metrics = HARNESS_TASKS[task](setup, encoder, data, args.limit, args.samples)
+        elif task == SAMPLES_TASK:
+            metrics = evaluate_samples(
+                setup, encoder, data, teacher=teacher, settings=_sampling_settings(args),
+                seed=args.seed, limit=args.limit, model_vocab=config.vocab_size,
+                eos_id=encoder.eos_id if encoder is not None else config.eos_token_id,
+                heldout=args.heldout, val_fraction=args.val_fraction, pad_id=args.pad_id)
         elif args.heldout:
             metrics = evaluate_heldout(
                 setup,
@@ -283,6 +337,28 @@ def check_outputs(args) -> None:
                              "overwriting it (give a new file path)")
 
 
+def _check_task_arguments(args) -> str:
+    """ValueError naming a bad flag for the tasks asked, before any model is loaded; returns
+    the KD term's label."""
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be positive, got {args.temperature}")
+    if (args.teacher or args.heldout) and not set(args.task) <= {"ppl", SAMPLES_TASK}:
+        raise ValueError("--teacher and --heldout apply to the ppl and samples tasks only")
+    if SAMPLES_TASK in args.task and not args.teacher:
+        raise ValueError("--task samples needs --teacher: the model that scores the samples")
+    _sampling_settings(args)  # ValueError names a bad sampling flag
+    return _kd_spec(args).divergence_label()  # ValueError names a bad argument
+
+
+def _sampling_summary(args) -> dict:
+    """The samples task's settings for the results JSON (nothing without the task)."""
+    if SAMPLES_TASK not in args.task:
+        return {}
+    return {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+            "sample_temperature": args.sample_temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "stop_token": args.stop_token, "seed": args.seed}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
@@ -296,11 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        if args.temperature <= 0:
-            raise ValueError(f"--temperature must be positive, got {args.temperature}")
-        if (args.teacher or args.heldout) and set(args.task) != {"ppl"}:
-            raise ValueError("--teacher and --heldout apply to the ppl task only")
-        divergence = _kd_spec(args).divergence_label()  # ValueError names a bad argument
+        divergence = _check_task_arguments(args)
         teacher = None
         if args.teacher:
             teacher = load_pretrained(
@@ -322,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             "divergence": divergence if args.teacher else None,
             "heldout": args.heldout,
             "val_fraction": args.val_fraction if args.heldout else None,
+            **_sampling_summary(args),
         }
         document = _json_safe({"settings": settings, "results": rows})
         text = json.dumps(document, indent=2, allow_nan=False) + "\n"

@@ -19,6 +19,7 @@ TASK_METRICS = {
     "ppl": [("ppl", True)],
     "lambada": [("ppl", True), ("acc", False)],
     "mc": [("acc", False), ("acc_norm", False)],
+    "samples": [("teacher_nll", True)],
 }
 
 

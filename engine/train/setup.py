@@ -246,6 +246,8 @@ def memory_plan_args(config: Config) -> dict[str, Any]:
         in_place_loss_gradient=config.loss.backend != "torch",
         fused_head=config.loss.fused_head,
         teacher_cache_width=teacher_cache_width(config),
+        onpolicy=((config.onpolicy.prompt_tokens, config.onpolicy.new_tokens)
+                  if config.onpolicy.fraction > 0 else None),
     )
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +32,7 @@ def test_smoke_suite_runs_every_section(tmp_path):
                              "divergences", "head",
                              "seed_recipe", "seed_recipe_logits", "seed_recipe_compiled",
                              "teacher_cache", "teacher_cache_build", "transformers",
-                             "capped_12gib", "fsdp"}
+                             "capped_12gib", "fsdp", "onpolicy_sampler_memory"}
     for name, body in sections.items():
         assert "error" not in body, (name, body.get("traceback"))
     assert sections["kernel_correctness"]["passed"]
@@ -72,10 +73,29 @@ def test_smoke_suite_runs_every_section(tmp_path):
     assert fsdp["seed"]["fsdp"]["finite"] and fsdp["seed"]["fsdp_over_plain_tokens_per_s"] > 0
     assert fsdp["capped"]["finite"] and fsdp["capped"]["plan_allocated_peak_bytes"] > 0
     assert "FSDP x1 / plain seed step tokens/s" in proc.stdout
+    sampler = sections["onpolicy_sampler_memory"]
+    assert sampler["plan_sampler_bytes"] > 0 and sampler["generated_tokens"] == 2 * 8
+    assert "memory plan / measured: on-policy sampler" in proc.stdout
     # The summary table comes last.
     tail = proc.stdout.strip().splitlines()
     assert any(line.startswith("GPU suite summary") for line in tail[-40:])
     assert "JSON:" in tail[-1]
+
+
+def test_onpolicy_sampler_row_plans_and_stays_unmeasured_without_a_gpu():
+    """The sampler's plan / measured row: the plan's sampling group always, a measurement only
+    where CUDA measured one (never faked on the CPU)."""
+    from benchmarks.common import SMOKE
+    from benchmarks.gpu_suite import section_onpolicy_sampler_memory, summary_rows
+
+    body = section_onpolicy_sampler_memory(SMOKE, True)
+    assert body["plan_sampler_bytes"] > 0 and body["generated_tokens"] == 2 * 8
+    report = {"sections": {"onpolicy_sampler_memory": body}}
+    (row,) = [r for r in summary_rows(report) if "on-policy sampler" in r[0]]
+    if torch.cuda.is_available():
+        assert row[1].startswith("x") and "measured_sampler_bytes" in body
+    else:
+        assert row[1].startswith("not measured (no GPU") and "plan_over_measured" not in body
 
 
 def test_summary_reports_a_failed_section_and_keeps_the_rest():

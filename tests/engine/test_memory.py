@@ -332,3 +332,136 @@ def test_fused_head_extra_memory_at_the_seed_shapes():
     loss = {name: n for name, n in plan.components.items() if plan.groups[name] == "loss"}
     assert sum(loss.values()) <= 0.45 * 2**30, loss
     assert loss["fused head: student logit block [chunk,V]"] == 2 * 1024 * 50304
+
+
+# ----------------------------------------------------------------------------- on-policy sampling
+
+
+def _kv_line(plan) -> int:
+    (kv,) = [b for name, b in plan.components.items() if "KV cache" in name]
+    return kv
+
+
+@pytest.mark.parametrize("precision, kv_bytes", [("fp32", 4), ("bf16-autocast", 4),
+                                                  ("bf16-pure", 2)])
+def test_onpolicy_kv_cache_term_equals_the_formula_and_the_cache_allocated(precision, kv_bytes):
+    """2 x layers x micro_batch x (prompt + new tokens) x hidden x the bytes of the weights the
+    sampler reads (fp32 masters under autocast), and exactly what GPTNeoX.new_kv_cache holds."""
+    teacher, student = pythia_config("pythia-160m"), pythia_config("pythia-70m")
+    plan = plan_memory(teacher, student, micro_batch=6, seq_len=2048, precision=precision,
+                       onpolicy=(64, 192))
+    assert _kv_line(plan) == 2 * 6 * 6 * (64 + 192) * 512 * kv_bytes
+    assert plan.groups[next(n for n in plan.components if "KV cache" in n)] == "sampling"
+    tiny = GPTNeoX(GPTNeoXConfig(**TINY))
+    if precision == "bf16-pure":
+        tiny = tiny.to(torch.bfloat16)
+    cache = tiny.new_kv_cache(3, 20 + 9)
+    held = sum(t.numel() * t.element_size() for t in (*cache.keys, *cache.values))
+    small = plan_memory(None, tiny.config, micro_batch=3, seq_len=64, precision=precision,
+                        device_type="cpu", onpolicy=(20, 9))
+    assert _kv_line(small) == held
+
+
+def test_onpolicy_fraction_zero_changes_nothing(tmp_path):
+    """fraction 0 (whatever the other onpolicy keys say) plans exactly what no on-policy
+    section plans: same components, bytes, table and JSON, single GPU and FSDP."""
+    from engine.train.config import load_config
+    from engine.train.setup import memory_planner
+
+    config = _write_toml(tmp_path / "c.toml", teacher={"path": "EleutherAI/pythia-160m"},
+                         student={"path": "EleutherAI/pythia-70m"},
+                         batch={"micro_batch": 4, "seq_len": 2048})
+    teacher, student = pythia_config("pythia-160m"), pythia_config("pythia-70m")
+    for strategy in ("ddp", "fsdp"):
+        plans = []
+        for extra in ([], ["--onpolicy.fraction=0", "--onpolicy.new_tokens=500"],
+                      ["--onpolicy.fraction=0.5"]):
+            loaded = load_config(config, [f"--dist.strategy={strategy}", *extra], check=False)
+            planner, args = memory_planner(loaded, world_size=2)
+            plans.append(planner(teacher, student, micro_batch=4, **args))
+        bare, zero, on = plans
+        assert zero.to_dict() == bare.to_dict() and zero.table() == bare.table()
+        assert "sampling" not in bare.groups.values() and bare.sampling_peak == 0
+        assert "sampling" in on.groups.values() and on.to_dict() != bare.to_dict()
+        # The training step itself is the same; only the sampling phase is new.
+        assert on.step_peak == bare.step_peak
+
+
+def test_onpolicy_peak_is_the_larger_of_the_step_and_the_sampling_phase():
+    teacher = pythia_config("pythia-160m")
+    seen = set()
+    # 70m without checkpointing: its activations set the peak; 410m (24 layers) with
+    # checkpointing and a whole 2048-token window sampled: its fp32 KV cache does.
+    for name, checkpointing, new_tokens in (("pythia-70m", False, 64),
+                                            ("pythia-410m", True, 1984)):
+        student = pythia_config(name)
+        plan = plan_memory(teacher, student, micro_batch=8, seq_len=2048,
+                           activation_checkpointing=checkpointing, onpolicy=(64, new_tokens))
+        bare = plan_memory(teacher, student, micro_batch=8, seq_len=2048,
+                           activation_checkpointing=checkpointing)
+        persistent = sum(b for name, b in plan.components.items()
+                         if plan.groups[name] in ("student", "teacher")
+                         and "casts" not in name)
+        sampling = sum(b for name, b in plan.components.items()
+                       if plan.groups[name] == "sampling")
+        workspace = plan.components["cuBLAS workspaces and small buffers"]
+        assert plan.step_peak == bare.allocated_peak
+        assert plan.sampling_peak == persistent + sampling + workspace
+        assert plan.allocated_peak == max(bare.allocated_peak, plan.sampling_peak)
+        overhead = sum(b for name, b in plan.components.items()
+                       if plan.groups[name] == "overhead")
+        assert plan.total == plan.allocated_peak + overhead
+        seen.add("sampling" if plan.sampling_peak > plan.step_peak else "step")
+        table = plan.table()
+        assert "sampler: student KV cache" in table and "on-policy sampling peak" in table
+        assert plan.to_dict()["sampling_peak_bytes"] == plan.sampling_peak
+    assert seen == {"sampling", "step"}  # each side of the max really wins once
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-pure"])
+def test_sampler_components_match_every_tensor_sample_allocates(precision):
+    """The sampling group against the peak of every tensor engine.sampling.sample keeps alive
+    at once (measured through the dispatcher on the CPU), prefill-bound and decode-bound."""
+    from engine.memory import sampler_components
+    from engine.precision import autocast_context
+    from engine.sampling import new_generator, sample
+    from tests.engine.live_memory import LiveBytes
+
+    # Prefill-bound by the MLP, prefill-bound by the attention (9H > 4H + 2I), decode-bound.
+    for shape, (batch, prompt, new) in (((96, 376), (4, 40, 3)), ((128, 200), (3, 20, 8)),
+                                        ((64, 400), (2, 1, 8))):
+        torch.manual_seed(0)
+        cfg = GPTNeoXConfig(**{**TINY, "hidden_size": shape[0], "intermediate_size": shape[1],
+                               "vocab_size": 1003})
+        model = GPTNeoX(cfg)
+        if precision == "bf16-pure":
+            model = model.to(torch.bfloat16)
+        prompts = torch.randint(0, cfg.vocab_size, (batch, prompt),
+                                generator=torch.Generator().manual_seed(1))
+        dtype = torch.bfloat16 if precision == "bf16-autocast" else None
+        with LiveBytes() as live, autocast_context("cpu", dtype):
+            sample(model, prompts, new, generator=new_generator(0), stop_early=False)
+        predicted = sum(b for _, b in sampler_components(
+            cfg, micro_batch=batch, prompt_tokens=prompt, new_tokens=new, precision=precision))
+        assert predicted == pytest.approx(live.peak, rel=0.05), shape
+
+
+def test_memplan_shows_the_sampler_when_onpolicy_is_on(tmp_path, capsys):
+    from engine.commands.memplan import main
+
+    config = _write_toml(tmp_path / "seed.toml", teacher={"path": "EleutherAI/pythia-160m"},
+                         student={"path": "EleutherAI/pythia-70m"},
+                         batch={"micro_batch": 2, "seq_len": 2048})
+    assert main(["--config", str(config)]) == 0
+    assert "sampler" not in capsys.readouterr().out
+    out_json = tmp_path / "plan.json"
+    assert main(["--config", str(config), "--onpolicy.fraction=1", "--onpolicy.prompt_tokens=64",
+                 "--onpolicy.new_tokens=128", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    kv = 2 * 6 * 2 * (64 + 128) * 512 * 4
+    assert "sampler: student KV cache [2 x L x B x 192 x H]" in text and f"{kv:,}" in text
+    assert "training step peak" in text and "on-policy sampling peak" in text
+    saved = json.loads(out_json.read_text())["plan"]
+    assert saved["groups"]["sampler: student KV cache [2 x L x B x 192 x H]"] == "sampling"
+    assert saved["allocated_peak_bytes"] == max(saved["step_peak_bytes"],
+                                                saved["sampling_peak_bytes"])
