@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
+from engine.kernels.divergences import rows_per_chunk
 from engine.kernels.kd_head import head_chunk_tokens
-from engine.kernels.kd_loss_torch import rows_per_chunk
 from engine.precision import compute_dtype, precision_dtypes
 
 ATTENTION_IMPLS = ("flash", "math")
@@ -49,7 +49,7 @@ ALLOCATOR_SLACK_FRACTION = 0.10
 # on Hopper) and small buffers: the mean remainder of the H200 seed step (allocated peak minus
 # every itemised tensor, micro-batch 2 to 12; benchmarks/README.md).
 CUDA_WORKSPACE_BYTES = 40 * 2**20
-# fp32 [rows x vocab] temporaries the CPU loss path (engine.kernels.kd_loss_torch) holds at once for
+# fp32 [rows x vocab] temporaries the CPU loss path (engine.kernels.divergences) holds at once for
 # one row block, with the forward KL (measured through the allocation tracker of the tests).
 TORCH_LOSS_TEMPORARIES = 5
 

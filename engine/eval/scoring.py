@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from engine.data.teacher_cache import targets_of_batch
 from engine.kernels.constants import IGNORE_INDEX
-from engine.kernels.kd_loss import ce_head_loss, kd_head_loss, kd_loss_reference
+from engine.kernels.kd_head import ce_head_loss, kd_head_loss
+from engine.kernels.kd_loss import kd_loss_reference
 from engine.kernels.loss_spec import LossSpec
 from engine.kernels.sparse_kd import sparse_kd_reference
 from engine.kernels.sparse_kd_head import sparse_kd_head_loss
