@@ -43,7 +43,8 @@ from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.scoring import heldout_metrics
 from engine.kernels.constants import IGNORE_INDEX
 from engine.kernels.divergences import DIVERGENCES
-from engine.kernels.kd_loss import kd_head_loss, kd_loss, kd_loss_reference
+from engine.kernels.kd_head import kd_head_loss
+from engine.kernels.kd_loss import kd_loss, kd_loss_reference
 from engine.kernels.sparse_kd import sparse_kd_loss, sparse_kd_reference
 from engine.kernels.sparse_kd_head import sparse_kd_head_loss
 from engine.kernels.sparse_targets import SparseTargets
@@ -506,8 +507,8 @@ def kernel_step_fn():
     """A callable like loss_step_fn's: the dense Triton kernel alone, its gradient written over
     the student logits (no autograd, no backward scaling pass): the 10 bytes per bf16 element
     that the >= 80%-of-copy target (issue 24) is about."""
-    from engine.kernels.dispatch import LossOptions
     from engine.kernels.kd_loss_triton import kd_loss_forward_triton
+    from engine.kernels.loss_spec import LossOptions
 
     def run(student, teacher, labels, valid_vocab):
         logits = student.detach()

@@ -244,9 +244,8 @@ def print_divergence_table(div):
 def kernel_sweep(n_tokens, vocab, dtype, repeats):
     """Median kernel time over block sizes and warp counts (CUDA only): where launch_config
     comes from."""
-    from engine.kernels.dispatch import LossOptions
-    from engine.kernels.kd_loss_torch import inverse_normalizer
     from engine.kernels.kd_loss_triton import kd_loss_forward_triton
+    from engine.kernels.loss_spec import LossOptions, inverse_normalizer
 
     dev = current_device()
     student, teacher, labels = make_inputs(n_tokens, vocab, dtype, dev)

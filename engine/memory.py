@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
+from engine.kernels.divergences import rows_per_chunk
 from engine.kernels.kd_head import head_chunk_tokens
-from engine.kernels.kd_loss_torch import rows_per_chunk
 from engine.precision import compute_dtype, precision_dtypes
 
 ATTENTION_IMPLS = ("flash", "math")
@@ -63,7 +63,7 @@ SAMPLING = "sampling"
 SAMPLING_PHASE_GROUPS = ("student", "teacher", SAMPLING)
 STUDENT_CASTS = "student bf16 weight casts (autocast)"
 CUDA_WORKSPACE = "cuBLAS workspaces and small buffers"
-# fp32 [rows x vocab] temporaries the CPU loss path (engine.kernels.kd_loss_torch) holds at once for
+# fp32 [rows x vocab] temporaries the CPU loss path (engine.kernels.divergences) holds at once for
 # one row block, with the forward KL (measured through the allocation tracker of the tests).
 TORCH_LOSS_TEMPORARIES = 5
 

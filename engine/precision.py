@@ -13,8 +13,6 @@ A precision *mode* says how the student trains:
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 DTYPES: dict[str, torch.dtype] = {
@@ -66,20 +64,12 @@ def compute_dtype(mode: str) -> torch.dtype:
     return autocast or weight
 
 
-def autocast_context(device_type: str, dtype: torch.dtype | None):
-    """torch.autocast for `dtype`, or a no-op context when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=dtype)
-
-
 __all__ = [
     "ALIASES",
     "DTYPES",
     "DTYPE_NAMES",
     "MODES",
     "PRECISION_MODES",
-    "autocast_context",
     "canonical_name",
     "compute_dtype",
     "dtype_bytes",

@@ -1,4 +1,5 @@
-"""The shape of the code base, checked from its source: layers, import cycles, function length.
+"""The shape of the code base, checked from its source: layers, import cycles, function length;
+and how far one optimizer step reaches (the files it runs, the modules it imports).
 
 Layers, ground floor first (docs/architecture.md):
     engine/kernels/   pure compute                        imports nothing else of ours
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import sys
 from pathlib import Path
 
 import pytest
@@ -254,6 +256,85 @@ def test_the_loss_settings_travel_as_one_spec():
         f"{MAX_LOSS_KEYWORD_FUNCTIONS}; pass a LossSpec): " + "; ".join(found))
 
 
+# One optimizer step reads in few files: the code it runs and the modules it imports.
+MAX_STEP_FILES = 10
+MAX_STEP_IMPORTS = 20
+STEP_MODULE = "engine.train.step"
+
+
+def transitive_imports(graph: dict[str, list[tuple[str, int]]], root: str) -> set[str]:
+    """The project modules importing `root` loads, `root` aside: every import statement of
+    every module reached (inside functions too), and the package __init__ of each module
+    reached, which Python runs before the module itself."""
+    seen, todo = set(), [root]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        packages = [".".join(parts[:end]) for end in range(1, len(parts))]
+        todo += [target for target, _ in graph.get(module, []) if target in graph]
+        todo += [package for package in packages if package in graph]
+    return seen - {root}
+
+
+def traced_files(function) -> set[str]:
+    """The files under engine/ whose code runs while `function()` runs, relative to the
+    checkout (sys.setprofile sees every Python function call of this thread)."""
+    engine_dir = REPO_ROOT / "engine"
+    files = set()
+
+    def profile(frame, event, arg):
+        path = Path(frame.f_code.co_filename)
+        if path.is_relative_to(engine_dir):
+            files.add(path.relative_to(REPO_ROOT).as_posix())
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        function()
+    finally:
+        sys.setprofile(previous)
+    return files
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=False, reason=(
+    "15 files today: the loop/step rewrite (a parallelism strategy in place of fsdp.py and "
+    "dist.py in the step; lr and logging moves) is still to land (issue 23)"))
+def test_one_optimizer_step_runs_code_in_few_files(tmp_path):
+    """Traced from the first call of Trainer.train_step to its return, on the tiny training
+    assets (tests/engine/test_train.py), after one untraced step (first-step set-up)."""
+    from engine import dist
+    from engine.train.loop import Trainer
+    from tests.engine.test_train import make_assets, make_config
+
+    config = make_config(make_assets(tmp_path / "assets"), tmp_path / "out")
+    trainer = Trainer(config, dist.init_distributed(config.device))
+    try:
+        trainer.train_step()
+        files = traced_files(trainer.train_step)
+    finally:
+        trainer.writer.close()
+    if "engine/train/step.py" not in files:  # not an AssertionError: never an expected failure
+        pytest.fail(f"the tracer did not see the step: {sorted(files)}")
+    assert len(files) <= MAX_STEP_FILES, (
+        f"one optimizer step runs code in {len(files)} files (at most {MAX_STEP_FILES}): "
+        + ", ".join(sorted(files)))
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=False, reason=(
+    "31 modules today: step.py imports teacher_signal.py, which reaches every loss kernel "
+    "(engine/kernels/__init__.py imports them all) and the teacher cache's reader with its "
+    "data modules (issue 23)"))
+def test_the_step_module_imports_few_modules():
+    """Package __init__s and imports inside functions count (transitive_imports)."""
+    found = transitive_imports(import_graph(), STEP_MODULE)
+    assert len(found) <= MAX_STEP_IMPORTS, (
+        f"{STEP_MODULE} imports {len(found)} project modules (at most {MAX_STEP_IMPORTS}): "
+        + ", ".join(sorted(found)))
+
+
 # --------------------------------------------------------------------------------------
 # The checkers themselves catch what they are for
 # --------------------------------------------------------------------------------------
@@ -301,3 +382,26 @@ def test_loss_keyword_functions_counts_every_kind_of_parameter():
               "def b(alpha, beta): pass\n"
               "def kd_loss(alpha, temperature, beta): pass\n")
     assert loss_keyword_functions(source, {"kd_loss"}) == ["a (alpha, skew, temperature)"]
+
+
+def test_transitive_imports_count_packages_and_imports_in_functions():
+    graph = {
+        "engine": [],
+        "engine.train": [],
+        "engine.train.step": [("engine.kernels.loss_spec", 3), ("os", 1)],
+        "engine.kernels": [("engine.kernels.kd_head", 1)],
+        "engine.kernels.loss_spec": [("engine.kernels.kd_loss_triton", 40)],  # in a function
+        "engine.kernels.kd_head": [],
+        "engine.kernels.kd_loss_triton": [],
+        "engine.unrelated": [],
+    }
+    assert transitive_imports(graph, "engine.train.step") == {
+        "engine", "engine.train", "engine.kernels", "engine.kernels.loss_spec",
+        "engine.kernels.kd_head", "engine.kernels.kd_loss_triton"}
+
+
+def test_traced_files_sees_the_engine_files_a_call_runs():
+    from engine.precision import canonical_name
+
+    assert traced_files(lambda: canonical_name("bfloat16")) == {"engine/precision.py"}
+    assert traced_files(lambda: sorted([3, 1])) == set()

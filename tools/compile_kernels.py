@@ -56,8 +56,8 @@ def _kd_launch(divergence: str):
     def launch(dtype):
         import torch
 
-        from engine.kernels.dispatch import LossOptions
         from engine.kernels.kd_loss_triton import kd_loss_forward_triton
+        from engine.kernels.loss_spec import LossOptions
 
         s = _meta((SEED_TOKENS, SEED_VOCAB), dtype)
         kd_loss_forward_triton(s, _meta((SEED_TOKENS, SEED_VOCAB), dtype),
@@ -74,7 +74,7 @@ def _sparse_launch(write_grad: bool):
     def launch(dtype):
         import torch
 
-        from engine.kernels.dispatch import LossOptions
+        from engine.kernels.loss_spec import LossOptions
         from engine.kernels.sparse_kd_triton import sparse_kd_forward_triton
         from engine.kernels.sparse_targets import SparseTargets
 

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 
 from engine.data.teacher_cache import targets_of_batch
 from engine.kernels.constants import IGNORE_INDEX
-from engine.kernels.kd_loss import ce_head_loss, kd_head_loss, kd_loss_reference
+from engine.kernels.kd_head import ce_head_loss, kd_head_loss
+from engine.kernels.kd_loss import kd_loss_reference
 from engine.kernels.loss_spec import LossSpec
 from engine.kernels.sparse_kd import sparse_kd_reference
 from engine.kernels.sparse_kd_head import sparse_kd_head_loss
-from engine.model.network import model_device, unwrap_model
-from engine.precision import autocast_context
+from engine.model.network import autocast_context, model_device, unwrap_model
 
 # Rows of logits turned into log-probabilities at once: 1024 x 50304 x 4 B = 206 MB per tensor.
 DEFAULT_CHUNK_ROWS = 1024

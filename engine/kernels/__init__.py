@@ -18,8 +18,7 @@ when a Triton path runs.
 from engine.kernels.constants import IGNORE_INDEX
 from engine.kernels.divergences import DIVERGENCES
 from engine.kernels.kd_head import ce_head_loss, kd_head_loss, kd_head_loss_reference
-from engine.kernels.kd_loss import kd_loss
-from engine.kernels.kd_loss_torch import kd_loss_reference
+from engine.kernels.kd_loss import kd_loss, kd_loss_reference
 from engine.kernels.loss_spec import LossSpec
 from engine.kernels.sparse_kd import sparse_kd_loss
 from engine.kernels.sparse_kd_head import sparse_kd_head_loss, sparse_kd_head_loss_reference

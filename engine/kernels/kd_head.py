@@ -30,14 +30,23 @@ has the same size (4096 tokens in chunks of at most 1280 run as 4 x 1024, never 
 256: a short last chunk re-reads both weights for little work). The budget:
   * CPU: the two fp32 logit blocks take CPU_LOGIT_BLOCK_BYTES (measured, see the constant);
     without a teacher head (ce_head_loss, the teacher cache's sparse head) the one block does.
-  * CUDA (designed, not yet measured): the blocks take GPU_LOGIT_BLOCK_BYTES, which keeps the
-    fused head's extra memory at the seed shapes (4096 tokens, V 50304, Hs 512, Ht 768, bf16)
-    under 0.45 GiB: 4 chunks of 1024 tokens, two blocks of ~100 MiB. Each chunk re-reads both
-    head weights and reads and writes the fp32 d weight accumulator, ~V ((2 Hs + Ht) e +
-    8 Hs) bytes = ~390 MB (~0.12 ms on an H100) against its matmuls' 2 V (3 Hs + Ht) flops
-    per token (~240 GFLOP, ~0.35 ms): about a third of the matmul time before any overlap.
-    The GPU suite's chunk sweep decides whether a larger budget pays for its memory.
+  * CUDA (designed, not yet measured): the blocks take GPU_LOGIT_BLOCK_BYTES: at the seed
+    shapes (4096 tokens, V 50304, Hs 512, Ht 768, bf16) 4 chunks of 1024 tokens, under 0.45 GiB
+    extra. Each chunk re-reads both head weights and the fp32 d weight accumulator, about a
+    third of its matmuls' time before any overlap; the GPU suite's chunk sweep decides whether
+    a larger budget pays for its memory.
 `chunk_tokens=` overrides the budget (the largest chunk; it is evened out the same way).
+
+backend="epilogue" (EpilogueHeadLoss): no logit is written. The forward runs one Triton
+matmul over both heads whose epilogue reduces every logit tile to per-row statistics
+(engine/kernels/head_epilogue_triton.py) and merges them per row here: no [tokens x vocab]
+tensor and no chunk block exists in the forward. The backward recomputes the logit tiles once,
+chunk by chunk, writing d loss / d student logits (the incoming gradient folded in) into one
+[chunk x V] block, which two matmuls turn into d hidden and d weight (add_weight_grad). The
+gradient is thus formed in the backward: under torch.no_grad only the statistics kernel runs,
+and a second backward through a retained graph runs it again. Supported: the forward KL with
+a teacher head, bf16 or fp32 matmuls; `epilogue_fallback_reason` names what is not, and
+kd_head_loss then runs the chunked path with the Triton loss kernel instead (docs/loss.md).
 """
 
 from __future__ import annotations
@@ -49,11 +58,55 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from engine.kernels.constants import IGNORE_INDEX
-from engine.kernels.dispatch import loss_and_grad, loss_stats, prepare_loss
-from engine.kernels.head_epilogue import EpilogueHeadLoss, epilogue_fallback_reason
-from engine.kernels.head_rules import add_weight_grad, head_chunk_tokens
-from engine.kernels.kd_loss_torch import kd_loss_reference
-from engine.kernels.loss_spec import LossSpec
+from engine.kernels.kd_loss import kd_loss_reference
+from engine.kernels.loss_spec import LossSpec, loss_and_grad, loss_stats, prepare_loss
+
+# Both fp32 logit blocks of a chunk on the CPU: 100 MiB, i.e. 256 tokens at V = 50304: the
+# largest chunk whose extra peak memory stays within 1/8 of the unfused head + loss in both of
+# kd_loss's modes, at a few percent of time over larger chunks (benchmarks/README.md).
+CPU_LOGIT_BLOCK_BYTES = 100 << 20
+# CUDA: both logit blocks of a chunk (the matmul dtype) at most 256 MiB (module docstring).
+GPU_LOGIT_BLOCK_BYTES = 256 << 20
+
+
+def _round_down(value: int, multiple: int) -> int:
+    return max(multiple, value // multiple * multiple)
+
+
+def head_chunk_tokens(n_tokens, vocab, with_teacher, element_size, device, requested=None):
+    """Tokens per chunk by the rule of the module docstring: the largest chunk the budget
+    (or `requested`) allows, evened out over ceil(n_tokens / largest) equal chunks (the last
+    at most one token per chunk shorter). At least 1, at most n_tokens."""
+    blocks = 2 if with_teacher else 1  # CE only and the sparse (cached) loss: no teacher block
+    if requested is not None:
+        largest = requested
+    elif device.type == "cuda":
+        largest = _round_down(GPU_LOGIT_BLOCK_BYTES // (blocks * element_size * vocab), 64)
+    else:
+        largest = _round_down(CPU_LOGIT_BLOCK_BYTES // (blocks * 4 * vocab), 32)
+    n_tokens = max(n_tokens, 1)
+    n_chunks = -(-n_tokens // largest)
+    return -(-n_tokens // n_chunks)
+
+
+# torch >= 2.8: addmm with bf16 / fp16 operands and an fp32 output (CUDA only, cuBLAS).
+_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def add_weight_grad(grad_w: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor):
+    """grad_w += grad_logits^T @ hidden, accumulated in grad_w's dtype (fp32 / float64).
+
+    The product is never rounded to the operands' dtype: with bf16 operands the matmul's own
+    fp32 accumulator goes straight into grad_w (cuBLAS's fp32-output GEMM on CUDA, beta = 1,
+    in place), so a sum over many chunks is rounded once, when the caller converts grad_w.
+    On the CPU, which has no mixed-dtype GEMM, the chunk's operands are upcast instead.
+    """
+    if grad_logits.dtype == grad_w.dtype:
+        grad_w.addmm_(grad_logits.t(), hidden)
+    elif grad_w.is_cuda and _ADDMM_OUT_DTYPE:
+        torch.addmm(grad_w, grad_logits.t(), hidden, out_dtype=grad_w.dtype, out=grad_w)
+    else:
+        grad_w.addmm_(grad_logits.t().to(grad_w.dtype), hidden.to(grad_w.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +282,119 @@ def head_plan(student_hidden, student_weight, teacher_hidden, teacher_weight, ch
                     grad_on and student_weight.requires_grad)
 
 
+# --------------------------------------------------------------------------------------
+# The epilogue head (backend="epilogue", module docstring)
+# --------------------------------------------------------------------------------------
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def epilogue_fallback_reason(options, plan, has_teacher: bool) -> str | None:
+    """Why backend="epilogue" cannot run this call (None: it can). plan: the call's HeadPlan
+    (its matmul dtypes); the chunk of the backward's gradient block is decided there."""
+    if not has_teacher:
+        return "CE only (no teacher head) runs the chunked path"
+    if options.divergence != "forward_kl":
+        return (f"divergence {options.divergence!r}: the epilogue reduces the forward KL's "
+                "statistics only")
+    if plan.student_dtype not in SUPPORTED_DTYPES or plan.teacher_dtype != plan.student_dtype:
+        return (f"matmul dtypes {plan.student_dtype} / {plan.teacher_dtype}: the epilogue runs "
+                "bf16 or fp32 heads of one dtype")
+    return None
+
+
+def merge_statistics(partials: torch.Tensor, inv_t: float):
+    """Per-row statistics from the kernel's [7, n_splits, N] partials (online-softmax merge):
+    (m_s, log Z1, log ZsT, m_t, log Zt, KL(p || q), student label logit), each [N] fp32.
+
+    Sums are rescaled to the row's global maxima; the cross term moves with both maxima
+    (head_epilogue_triton.py). Splits that saw no valid column hold m = -1e30 and zero sums,
+    which the rescaling turns into exact zeros (no inf is formed)."""
+    m_s, sum_s1, sum_st, m_t, sum_tt, cross, s_label = partials.unbind(0)
+    top_s, top_t = m_s.amax(0), m_t.amax(0)
+    d_s, d_t = m_s - top_s, m_t - top_t
+    z1 = (sum_s1 * d_s.exp()).sum(0)
+    zs = (sum_st * (d_s * inv_t).exp()).sum(0)
+    scale_t = (d_t * inv_t).exp()
+    zt = (sum_tt * scale_t).sum(0)
+    cross = (scale_t * (cross + sum_tt * (d_t - d_s) * inv_t)).sum(0)
+    log_zt, log_zs = zt.log(), zs.log()
+    kl = cross / zt - log_zt + log_zs
+    return top_s, z1.log(), log_zs, top_t, log_zt, kl, s_label.sum(0)
+
+
+def _row_losses(h_s, w_s, h_t, w_t, labels, options, plan):
+    """(ce_sum, kd_sum, stats [5, N]) of the forward: the statistics kernel and the merge."""
+    from engine.kernels.head_epilogue_triton import head_statistics
+
+    inv_t = 1.0 / options.temperature
+    partials = head_statistics(h_s, w_s, h_t, w_t, labels, valid_vocab=options.valid_vocab,
+                               temperature=options.temperature)
+    m_s, log_z1, log_zs, m_t, log_zt, kl, s_label = merge_statistics(partials, inv_t)
+    valid = labels != options.ignore_index
+    in_range = (labels >= 0) & (labels < options.valid_vocab)
+    ce = torch.where(in_range, m_s + log_z1 - s_label, torch.nan)  # NaN: as the loss kernel
+    ce_sum = torch.where(valid, ce, 0.0).sum()
+    kd_scale = options.temperature**2 if options.t2_scale else 1.0
+    kd_sum = torch.where(valid, kl, 0.0).sum() * kd_scale
+    return ce_sum, kd_sum, torch.stack((m_s, log_z1, log_zs, m_t, log_zt))
+
+
+def _gradients(ctx, grad_loss):
+    """d hidden and d weight (as asked for) from one recompute of the logit tiles per chunk."""
+    from engine.kernels.head_epilogue_triton import head_logit_grad
+
+    h_s, w_s, h_t, w_t, labels, inv_norm, stats = ctx.saved_tensors
+    options, plan = ctx.options, ctx.plan
+    hs, ws = h_s.to(plan.student_dtype), w_s.to(plan.student_dtype)
+    ht, wt = h_t.to(plan.teacher_dtype), w_t.to(plan.teacher_dtype)
+    scale = (inv_norm.float() * grad_loss.float()).reshape(())
+    kd_scale = options.temperature**2 if options.t2_scale else 1.0
+    coefs = torch.stack((scale * ((1.0 - options.alpha) * kd_scale / options.temperature),
+                         scale * options.alpha)).contiguous()
+    n_tokens, vocab = hs.shape[0], ws.shape[0]
+    chunk = head_chunk_tokens(n_tokens, vocab, False, hs.element_size(), hs.device,
+                              ctx.requested_chunk)
+    block = torch.empty(min(chunk, max(n_tokens, 1)), vocab, dtype=hs.dtype, device=hs.device)
+    grad_h = torch.empty_like(h_s) if ctx.needs_input_grad[0] else None
+    grad_w = (torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device)
+              if ctx.needs_input_grad[1] else None)
+    for start in range(0, n_tokens, chunk):
+        g = block[: min(chunk, n_tokens - start)]
+        head_logit_grad(hs, ws, ht, wt, labels, stats, coefs, g, start,
+                        valid_vocab=options.valid_vocab, temperature=options.temperature,
+                        ignore_index=options.ignore_index)
+        if grad_h is not None:
+            grad_h[start:start + g.shape[0]] = torch.mm(g, ws)
+        if grad_w is not None:
+            add_weight_grad(grad_w, g, hs[start:start + g.shape[0]])
+    return grad_h, None if grad_w is None else grad_w.to(w_s.dtype)
+
+
+class EpilogueHeadLoss(torch.autograd.Function):
+    """Forward: statistics kernel + merge -> (loss, ce_sum, kd_sum); backward: one recompute
+    of the logit tiles per chunk, gradients to the student's hidden states and weight only."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, inv_norm, options, plan, requested_chunk):
+        with torch.autocast(h_s.device.type, enabled=False):
+            hs, ws = h_s.to(plan.student_dtype), w_s.to(plan.student_dtype)
+            ht, wt = h_t.to(plan.teacher_dtype), w_t.to(plan.teacher_dtype)
+            ce_sum, kd_sum, stats = _row_losses(hs, ws, ht, wt, labels, options, plan)
+        loss = ((1.0 - options.alpha) * kd_sum + options.alpha * ce_sum) * inv_norm
+        ctx.save_for_backward(h_s, w_s, h_t, w_t, labels, inv_norm, stats)
+        ctx.options, ctx.plan, ctx.requested_chunk = options, plan, requested_chunk
+        ctx.mark_non_differentiable(ce_sum, kd_sum)
+        return loss, ce_sum, kd_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            grad_h, grad_w = _gradients(ctx, grad_loss)
+        return grad_h, grad_w, None, None, None, None, None, None, None
+
+
 def kd_head_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -257,8 +423,8 @@ def kd_head_loss(
     kd_loss. Gradients flow to student_hidden and student_weight (in their own dtypes), never
     to the teacher. No host synchronisation on CUDA. backend="epilogue" (Triton; not the
     default until a GPU run shows it faster) runs the head that never writes logits
-    (engine/kernels/head_epilogue.py) for the forward KL with bf16 / fp32 heads, and the
-    chunked Triton path for any other call (head_epilogue.epilogue_fallback_reason).
+    (EpilogueHeadLoss) for the forward KL with bf16 / fp32 heads, and the chunked Triton
+    path for any other call (epilogue_fallback_reason).
     """
     spec = LossSpec(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
                     skew=skew, t2_scale=t2_scale, valid_vocab=valid_vocab,

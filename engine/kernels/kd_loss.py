@@ -5,8 +5,18 @@ divergences of engine/kernels/divergences.py). The loss and the gradient with re
 logits are produced together in the forward (by the Triton kernel on CUDA, by the chunked
 PyTorch path elsewhere), so no [tokens x vocab] fp32 intermediate is kept for autograd; backward
 only scales the stored gradient by the incoming one. `kd_head_loss` (engine/kernels/kd_head.py,
-re-exported here, with its CE-only sibling `ce_head_loss`) goes one step further and never
-forms the logits at all.
+with its CE-only sibling `ce_head_loss`) goes one step further and never forms the logits at
+all. `kd_loss_reference` is the same loss written as directly as PyTorch allows (log_softmax,
+the divergence's definition, cross entropy, autograd): what every other path is checked
+against, float64-capable so tests can compare against a result whose own rounding is
+negligible. `flatten_inputs` checks the inputs for every backend, so the same bad input gets
+the same message everywhere.
+
+The definitions (per token whose label is not ignore_index, over the columns < valid_vocab
+only; D one of the divergences of engine/kernels/divergences.py, default forward KL):
+    KD  = (T^2 if t2_scale else 1) * D(softmax(t / T), softmax(s / T))
+    CE  = -log softmax(s)[label]
+    loss_token = (1 - alpha) * KD + alpha * CE
 
 Where the gradient lives (the in-place decision):
   * default (`inplace_grad=False`): a new buffer of the student's dtype and shape. The first
@@ -29,20 +39,75 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from engine.kernels.constants import IGNORE_INDEX
-from engine.kernels.dispatch import loss_and_grad, loss_stats, prepare_loss, triton_available
-from engine.kernels.kd_head import ce_head_loss, kd_head_loss, kd_head_loss_reference
-from engine.kernels.kd_loss_torch import flatten_inputs, kd_loss_reference
-from engine.kernels.loss_spec import LossSpec
+from engine.kernels.divergences import divergence_reference, resolve_divergence
+from engine.kernels.loss_spec import (
+    LossSpec,
+    check_labels_in_range,
+    inverse_normalizer,
+    loss_and_grad,
+    loss_stats,
+    prepare_loss,
+)
 
-__all__ = [
-    "LogitsLossFunction",
-    "ce_head_loss",
-    "kd_head_loss",
-    "kd_head_loss_reference",
-    "kd_loss",
-    "kd_loss_reference",
-    "triton_available",
-]
+
+def check_student_dtype(student_logits: torch.Tensor) -> None:
+    """Refuse float16 student logits (ValueError naming the tensor).
+
+    The gradient is stored in the student logits' dtype with the 1 / normalizer folded in:
+    at 4096 tokens a typical entry (~1e-5 / 4096 ~ 2e-9) is below float16's smallest
+    subnormal (6e-8) and flushes to zero. bf16 has float32's exponent range.
+    """
+    if student_logits.dtype == torch.float16:
+        raise ValueError(
+            "student_logits are float16: the loss stores their gradient in that dtype with "
+            "1/normalizer folded in, which underflows in float16; pass bfloat16 or float32 "
+            "logits (e.g. student_logits.float())"
+        )
+
+
+def flatten_inputs(student_logits, teacher_logits, labels, valid_vocab):
+    """Check shapes and flatten [B, T, V] inputs to [N, V] / [N]; return (s, t, labels, vv).
+
+    Shared by every backend so the same bad input gets the same message everywhere.
+    """
+    if student_logits.dim() not in (2, 3):
+        raise ValueError(
+            f"student_logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}"
+        )
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape "
+            f"{tuple(student_logits.shape)}"
+        )
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal the logits' leading dims "
+            f"{tuple(student_logits.shape[:-1])}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if not student_logits.dtype.is_floating_point or not teacher_logits.dtype.is_floating_point:
+        raise ValueError(
+            f"logits must be floating point, got student {student_logits.dtype} and "
+            f"teacher {teacher_logits.dtype}"
+        )
+    check_student_dtype(student_logits)
+    if student_logits.device != teacher_logits.device or labels.device != student_logits.device:
+        raise ValueError(
+            f"student_logits ({student_logits.device}), teacher_logits ({teacher_logits.device}) "
+            f"and labels ({labels.device}) must be on one device"
+        )
+    vocab = student_logits.shape[-1]
+    if vocab == 0:
+        raise ValueError("logits have an empty vocabulary dimension")
+    if valid_vocab is None:
+        valid_vocab = vocab
+    valid_vocab = int(valid_vocab)
+    if not 1 <= valid_vocab <= vocab:
+        raise ValueError(f"valid_vocab={valid_vocab} must be in [1, {vocab}] (logits last dim)")
+    s = student_logits.reshape(-1, vocab)
+    t = teacher_logits.reshape(-1, vocab)
+    return s, t, labels.reshape(-1), valid_vocab
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
@@ -168,3 +233,58 @@ def kd_loss(
         student_logits, inv_norm, options.alpha, resolved == "triton", bool(inplace_grad), run,
         "kd_loss")
     return loss, loss_stats(ce_sum, kd_sum, valid_count)
+
+
+def kd_loss_reference(
+    student_logits,
+    teacher_logits,
+    labels,
+    *,
+    alpha=0.5,
+    temperature=2.0,
+    ignore_index=IGNORE_INDEX,
+    valid_vocab=None,
+    normalizer=None,
+    divergence="forward_kl",
+    beta=0.5,
+    skew=0.1,
+    t2_scale=True,
+):
+    """The loss written as plainly as possible; differentiable by autograd; float64-capable.
+
+    Math runs in float64 when the student logits are float64, otherwise in fp32. Takes the
+    arguments of `engine.kernels.kd_loss.kd_loss` and returns (loss, stats) exactly like it.
+    """
+    divergence = resolve_divergence(LossSpec(alpha=alpha, temperature=temperature,
+                                             divergence=divergence, beta=beta, skew=skew))
+    s, t, labels, valid_vocab = flatten_inputs(student_logits, teacher_logits, labels, valid_vocab)
+    compute = torch.float64 if s.dtype == torch.float64 else torch.float32
+    s = s[:, :valid_vocab].to(compute)
+    t = t[:, :valid_vocab].detach().to(compute)
+    valid = labels != ignore_index
+    if s.device.type == "cpu":
+        check_labels_in_range(labels, ignore_index, valid_vocab)
+
+    log_q = torch.log_softmax(s / temperature, dim=-1)
+    log_p = torch.log_softmax(t / temperature, dim=-1)
+    kd_scale = temperature**2 if t2_scale else 1.0
+    kd_token = kd_scale * divergence_reference(divergence, log_p, log_q, beta=beta, skew=skew)
+
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    log_p_student = torch.log_softmax(s, dim=-1)
+    ce_token = -log_p_student.gather(1, safe_labels[:, None]).squeeze(1)
+
+    zero = torch.zeros((), dtype=compute, device=s.device)
+    kd_token = torch.where(valid, kd_token, zero)
+    ce_token = torch.where(valid, ce_token, zero)
+    kd_sum = kd_token.sum()
+    ce_sum = ce_token.sum()
+    valid_count = valid.sum()
+    inv_norm = inverse_normalizer(normalizer, valid_count).to(compute)
+    loss = ((1.0 - alpha) * kd_sum + alpha * ce_sum) * inv_norm
+    stats = {
+        "ce_sum": ce_sum.detach().float(),
+        "kd_sum": kd_sum.detach().float(),
+        "valid_tokens": valid_count.detach().float(),
+    }
+    return loss, stats

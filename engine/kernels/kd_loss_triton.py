@@ -43,7 +43,7 @@ reverse_kl's gradient q_j (log q_j - log p_j - KL(q || p)) subtracts numbers tha
 apart from the teacher's own maximum at |logit| 1e4, where fp32 keeps ~0.004; so its teacher
 term is measured from the teacher's logit at the student's argmax (the pivot; each lane
 tracks its own, merged with the maxima), where the values that matter are small differences
-of raw logits (engine/kernels/divergence_blocks.py).
+of raw logits (engine/kernels/divergences.py).
 
 All math is fp32 whatever the input dtype; masked columns are loaded as 0 and replaced with a
 large finite negative or the row maximum, or excluded with `tl.where`, before any `exp`; zero
@@ -165,7 +165,7 @@ def _log2_add_exp2(a, b):
 @triton.jit
 def _divergence_terms(lp, lq, ratio, w_p, w_q, lw_p, lw_q, DIVERGENCE: tl.constexpr):
     """Per column: (the divergence's summand, q_k g_k, q_k); see
-    engine/kernels/divergence_blocks.py.
+    engine/kernels/divergences.py.
 
     lp, lq: log2 of p and q; lw_p, lw_q: log2 of the mixture weights. The summand is in base-2
     log units (the caller scales the row's sum by ln 2, TVD's by 1); q_g is natural. m =
@@ -416,7 +416,7 @@ def kd_loss_forward_triton(
 
     s, t: [N, V] with unit column stride; grad_out: [N, V] (may alias s; t may alias s for a
     CE-only caller), or None for the forward-only variant, which writes nothing. `options`:
-    the loss as the kernels run it (engine.kernels.dispatch.LossOptions; its divergence a
+    the loss as the kernels run it (engine.kernels.loss_spec.LossOptions; its divergence a
     kernel divergence). programs: the persistent grid's size (default `grid_size`). No host
     sync.
     """

@@ -20,10 +20,8 @@ from __future__ import annotations
 import torch
 
 from engine.kernels.constants import IGNORE_INDEX
-from engine.kernels.dispatch import LossOptions, loss_stats, prepare_loss
-from engine.kernels.kd_loss import LogitsLossFunction
-from engine.kernels.kd_loss_torch import check_student_dtype
-from engine.kernels.loss_spec import LossSpec
+from engine.kernels.kd_loss import LogitsLossFunction, check_student_dtype
+from engine.kernels.loss_spec import LossOptions, LossSpec, loss_stats, prepare_loss
 from engine.kernels.sparse_kd_torch import sparse_kd_forward_chunked, sparse_kd_reference
 from engine.kernels.sparse_targets import SparseTargets, check_target_values, check_targets
 

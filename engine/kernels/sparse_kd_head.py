@@ -16,9 +16,8 @@ import functools
 import torch
 
 from engine.kernels.constants import IGNORE_INDEX
-from engine.kernels.dispatch import loss_stats
 from engine.kernels.kd_head import HeadLossFunction, head_plan, student_head_chunks
-from engine.kernels.loss_spec import LossSpec
+from engine.kernels.loss_spec import LossSpec, loss_stats
 from engine.kernels.sparse_kd import sparse_kd_reference, sparse_loss_and_grad, sparse_options
 from engine.kernels.sparse_targets import SparseTargets, check_targets
 

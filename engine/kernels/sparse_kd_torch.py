@@ -28,12 +28,12 @@ from __future__ import annotations
 import torch
 
 from engine.kernels.constants import IGNORE_INDEX
-from engine.kernels.kd_loss_torch import (
+from engine.kernels.divergences import rows_per_chunk
+from engine.kernels.loss_spec import (
+    check_hyperparameters,
     check_labels_in_range,
     inverse_normalizer,
-    rows_per_chunk,
 )
-from engine.kernels.loss_spec import check_hyperparameters
 from engine.kernels.sparse_targets import SparseTargets, check_target_values, check_targets
 
 
@@ -169,7 +169,7 @@ def sparse_kd_forward_chunked(
 ):
     """Per-position CE and KD sums, and the loss's gradient written into `grad_out`.
 
-    `options`: the loss as the kernels run it (engine.kernels.dispatch.LossOptions; alpha,
+    `options`: the loss as the kernels run it (engine.kernels.loss_spec.LossOptions; alpha,
     temperature, t2_scale, ignore_index and valid_vocab are read).
 
     s: [N, V] logits (fp32 math; float64 stays float64); targets: flat, N positions;

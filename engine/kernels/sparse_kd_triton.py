@@ -302,7 +302,7 @@ def list_block(width: int) -> int:
 def sparse_kd_forward_triton(s, targets, labels, grad_out, options, *, inv_norm, programs=None):
     """Launch the kernel over every row; return (ce_sum, kd_sum) as 0-dim fp32 tensors.
 
-    `options`: the loss as the kernels run it (engine.kernels.dispatch.LossOptions).
+    `options`: the loss as the kernels run it (engine.kernels.loss_spec.LossOptions).
     s: [N, V] with unit column stride; targets: flat SparseTargets of N positions; grad_out:
     [N, V] (may alias s) or None (forward only, nothing written). programs: the persistent
     grid's size (default kd_loss's `grid_size`). No host sync.

@@ -1,4 +1,5 @@
-"""GPT-NeoX (Pythia) in plain PyTorch: the network only, readable top to bottom.
+"""GPT-NeoX (Pythia) in plain PyTorch: the network, readable top to bottom, and at the end the
+three helpers every caller runs it with (model_device, unwrap_model, autocast_context).
 
 The module tree mirrors transformers' GPTNeoXForCausalLM (`gpt_neox.embed_in`,
 `gpt_neox.layers.{i}.attention.query_key_value`, ..., `embed_out`), so our state_dict names
@@ -7,6 +8,8 @@ could drift.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -287,4 +290,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-__all__ = ["GPTNeoX", "KVCache", "RotaryCache", "apply_rotary", "model_device", "unwrap_model"]
+def autocast_context(device_type: str, dtype: torch.dtype | None):
+    """torch.autocast for `dtype` (a precision mode's autocast dtype, engine/precision.py),
+    or a no-op context when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+__all__ = ["GPTNeoX", "KVCache", "RotaryCache", "apply_rotary", "autocast_context", "model_device",
+           "unwrap_model"]

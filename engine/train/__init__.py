@@ -1,4 +1,5 @@
-"""Training: `python -m engine.train` (engine/train/__main__.py) and `run(config)` from code.
+"""Training: `python -m engine.train` (engine/train/__main__.py) and `run(config)` from code
+(`from engine.train.loop import run`).
 
     config.py      the typed configuration (TOML presets + --section.key=value overrides)
     setup.py       builders: models, loader, optimizer, micro-batch plan, resume, DDP, compile
@@ -9,8 +10,7 @@
     lost_updates.py  update_lost_frac: AdamW updates a bf16 weight rounded away
     checkpoint.py  atomic, resumable checkpoints; export.py the final Hugging Face folder
     signals.py     SIGTERM/SIGINT -> finish the step, save, exit
+
+This file imports nothing, so importing one module of the package (the training step, say)
+loads that module's imports only, not the whole loop (tests/test_architecture.py counts them).
 """
-
-from engine.train.loop import Trainer, TrainingDiverged, run
-
-__all__ = ["Trainer", "TrainingDiverged", "run"]

@@ -27,8 +27,7 @@ import torch
 from engine import dist
 from engine.kernels.constants import IGNORE_INDEX
 from engine.kernels.loss_spec import LossSpec
-from engine.model.network import model_device
-from engine.precision import autocast_context
+from engine.model.network import autocast_context, model_device
 from engine.train.fsdp import clip_grad_norm, through_head
 from engine.train.teacher_signal import NoTeacher, TeacherSignal
 

@@ -36,8 +36,7 @@ from engine.kernels import (
     sparse_kd_loss,
 )
 from engine.kernels.loss_spec import LossSpec
-from engine.model.network import unwrap_model
-from engine.precision import autocast_context
+from engine.model.network import autocast_context, unwrap_model
 from engine.train.fsdp import gathered_root
 
 LossAndStats = tuple[torch.Tensor, dict[str, torch.Tensor]]

@@ -19,8 +19,8 @@ import torch
 
 from engine.metrics import DamagedLines, read_numbered
 from engine.train import checkpoint as ckpt
-from engine.train import run
 from engine.train.__main__ import main as train_main
+from engine.train.loop import run
 from tests.engine.test_train import assert_same_run, base_overrides, make_config, poison_steps
 
 REPO = Path(__file__).resolve().parents[2]
@@ -174,7 +174,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(assets, tmp_path, str
 
 
 def run_quietly(config):
-    from engine.train import run
+    from engine.train.loop import run
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

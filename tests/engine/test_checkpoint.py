@@ -18,8 +18,8 @@ import torch
 from engine.data import failpoints
 from engine.model import GPTNeoX, GPTNeoXConfig, load_pretrained
 from engine.train import checkpoint as ckpt
-from engine.train import run
 from engine.train.export import export_student
+from engine.train.loop import run
 from tests.engine.test_train import (
     assert_same_run,
     base_overrides,

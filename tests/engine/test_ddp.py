@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from engine.train import checkpoint as ckpt
-from engine.train import run
+from engine.train.loop import run
 from tests.dist_helpers import LOOPBACK_ENV, free_port
 from tests.engine.test_train import (
     assert_weights_close,

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from engine.metrics import MetricsWriter, read_records, record_scalars
-from engine.train import run
 from engine.train.__main__ import main as train_main
 from engine.train.config import ConfigError
-from engine.train.loop import Trainer
+from engine.train.loop import Trainer, run
 from tests.engine.test_train import base_overrides, make_assets, make_config
 
 

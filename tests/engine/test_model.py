@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.model import CheckpointError, GPTNeoX, GPTNeoXConfig, KVCache
+from engine.model.network import autocast_context
 from tests.hf_models import random_pythia
 
 FP32_TOLERANCE = 1e-4
@@ -309,3 +310,11 @@ def test_config_names_a_missing_field(key):
     with pytest.raises(CheckpointError, match=key) as info:
         GPTNeoXConfig.from_hf_dict(bad, source="some/config.json")
     assert "some/config.json" in str(info.value)
+
+
+def test_autocast_context_runs_matmuls_in_the_given_dtype():
+    a = torch.randn(4, 4)
+    with autocast_context("cpu", torch.bfloat16):
+        assert (a @ a).dtype is torch.bfloat16
+    with autocast_context("cpu", None):
+        assert (a @ a).dtype is torch.float32

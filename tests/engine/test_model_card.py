@@ -18,8 +18,8 @@ from engine.model import GPTNeoXConfig, load_pretrained
 from engine.model.config import pythia_config
 from engine.quickstart.corpus import train_bpe_tokenizer
 from engine.train import model_card as card
-from engine.train import run
 from engine.train.export import export_student
+from engine.train.loop import run
 from tests.data.common import random_texts
 from tests.engine.test_train import VALID_VOCAB, make_assets, make_config
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.metrics import format_step_line
-from engine.train import run
+from engine.train.loop import run
 from tests.engine.test_train import (
     assert_same_run,
     final_weights,

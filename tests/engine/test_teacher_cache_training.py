@@ -17,9 +17,9 @@ from engine.data.loader import build_dataset
 from engine.data.teacher_cache import CachedTargets, TeacherCache
 from engine.model import load_pretrained
 from engine.teacher_cache import build_teacher_cache
-from engine.train import run
 from engine.train.__main__ import main as train_main
 from engine.train.config import load_config
+from engine.train.loop import run
 from engine.train.step import distill_micro_step
 from engine.train.teacher_signal import CachedTeacher, LiveTeacher
 from tests.cache_assets import SEQ_LEN, VALID_VOCAB, make_cache_assets

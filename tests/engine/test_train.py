@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from engine.data.loader import build_dataset
 from engine.data.shards import ShardWriter
 from engine.model import GPTNeoX, GPTNeoXConfig, load_pretrained, save_pretrained
-from engine.train import TrainingDiverged, run
 from engine.train import checkpoint as ckpt
 from engine.train import step as step_module
 from engine.train.__main__ import main as train_main
 from engine.train.config import ConfigError, load_config
+from engine.train.loop import TrainingDiverged, run
 
 VOCAB = 320  # not a power of two
 VALID_VOCAB = 300

@@ -23,9 +23,9 @@ from engine.eval.__main__ import main as eval_main
 from engine.eval.requests import EvalInputError
 from engine.quickstart.corpus import train_bpe_tokenizer
 from engine.train import checkpoint as ckpt
-from engine.train import run
 from engine.train.__main__ import main as train_main
 from engine.train.config import ConfigError, load_config, parse_task_spec
+from engine.train.loop import run
 from engine.train.watch import TaskRegression, read_task_history
 from tests.engine.test_train import base_overrides, make_assets, make_config, train_records
 

@@ -10,9 +10,8 @@ import warnings
 import pytest
 
 from engine.train import checkpoint as ckpt
-from engine.train import run
 from engine.train.__main__ import main as train_main
-from engine.train.loop import Trainer
+from engine.train.loop import Trainer, run
 from tests.engine import test_watch
 from tests.engine.test_train import base_overrides
 from tests.engine.test_watch import records, watch_config

@@ -15,7 +15,8 @@ import json
 import torch
 
 from engine.kernels.divergences import DIVERGENCES
-from engine.kernels.kd_loss import kd_head_loss, kd_head_loss_reference, kd_loss, kd_loss_reference
+from engine.kernels.kd_head import kd_head_loss, kd_head_loss_reference
+from engine.kernels.kd_loss import kd_loss, kd_loss_reference
 from tests.kernels.kd_cases import make_inputs, rel_err, tolerances
 
 EXTRA = {"jsd": {"beta": 0.3}, "skew_forward_kl": {"skew": 0.2}, "skew_reverse_kl": {"skew": 0.6}}

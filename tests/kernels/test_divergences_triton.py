@@ -72,9 +72,8 @@ def test_triton_extreme_inputs(divergence, kind):
 def test_rising_maximum_moves_the_reverse_kl_pivot():
     """Logits that grow along the row move the student's running max (and the reverse-KL
     pivot) in every block; 128-column blocks force many of them."""
-    from engine.kernels.dispatch import LossOptions
-    from engine.kernels.kd_loss_torch import inverse_normalizer
     from engine.kernels.kd_loss_triton import kd_loss_forward_triton
+    from engine.kernels.loss_spec import LossOptions, inverse_normalizer
     from tests.kernels.kd_cases import reference_loss_and_grad, rel_err
 
     student, teacher, labels = make_inputs(4, 1000, valid_vocab=990, seed=9)

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from engine.kernels import head_epilogue_triton
-from engine.kernels.head_epilogue import merge_statistics
-from engine.kernels.kd_head import kd_head_loss
+from engine.kernels.kd_head import kd_head_loss, merge_statistics
 from tests.kernels.kd_cases import ALPHAS, TEMPERATURES, rel_err
 from tests.kernels.test_kd_head import fused_grads, head_inputs, reference_grads
 

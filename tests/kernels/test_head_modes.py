@@ -11,9 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.dispatch import LossOptions, loss_and_grad
-from engine.kernels.kd_loss import ce_head_loss, kd_head_loss
-from engine.kernels.loss_spec import LossSpec
+from engine.kernels.kd_head import ce_head_loss, kd_head_loss
+from engine.kernels.loss_spec import LossOptions, LossSpec, loss_and_grad
 from tests.kernels.alloc_tracking import AllocationRecorder
 from tests.kernels.kd_cases import make_inputs, rel_err, tolerances
 from tests.kernels.test_kd_head import head_inputs

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from engine.kernels.divergences import DIVERGENCES
-from engine.kernels.kd_head import head_chunk_tokens
-from engine.kernels.kd_loss import kd_head_loss, kd_head_loss_reference, kd_loss, kd_loss_reference
+from engine.kernels.kd_head import head_chunk_tokens, kd_head_loss, kd_head_loss_reference
+from engine.kernels.kd_loss import kd_loss, kd_loss_reference
 from tests.kernels.alloc_tracking import AllocationRecorder
 from tests.kernels.kd_cases import ALPHAS, TEMPERATURES, rel_err, tolerances
 

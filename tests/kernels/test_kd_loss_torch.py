@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine.kernels.kd_loss_torch as kd_torch
+import engine.kernels.divergences as divergences
 from engine.kernels.kd_loss import kd_loss_reference
 from tests.kernels.kd_cases import (
     make_inputs,
@@ -93,7 +93,7 @@ def test_extreme_and_onehot_inputs(kind, temperature):
 
 def test_row_chunks_with_a_remainder(monkeypatch):
     """Small chunks force several row blocks plus a short last one through the same code."""
-    monkeypatch.setattr(kd_torch, "CHUNK_ELEMENTS", 3 * 1000)
+    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 3 * 1000)
     student, teacher, labels = make_inputs(11, 1000, valid_vocab=997, seed=5)
     kwargs = dict(alpha=0.3, temperature=1.5, valid_vocab=997)
     ref_loss, ref_grad, _ = reference_loss_and_grad(student, teacher, labels, **kwargs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels.kd_loss_torch import inverse_normalizer
+from engine.kernels.loss_spec import inverse_normalizer
 from tests.kernels.kd_cases import (
     make_inputs,
     ours_loss_and_grad,
@@ -65,8 +65,8 @@ def test_triton_against_float64_reference(n, vocab, valid_vocab, temperature, al
 def test_many_blocks_with_a_rising_maximum():
     """Small blocks and logits that grow along the row: the running max changes every block,
     so the online rescaling of all three sums is exercised, with a partial last block."""
-    from engine.kernels.dispatch import LossOptions
     from engine.kernels.kd_loss_triton import kd_loss_forward_triton
+    from engine.kernels.loss_spec import LossOptions
 
     student, teacher, labels = make_inputs(5, 1000, valid_vocab=990, seed=11)
     student += torch.linspace(0, 40, 1000)
@@ -86,8 +86,8 @@ def test_many_blocks_with_a_rising_maximum():
 
 def test_out_of_range_label_gives_nan_not_garbage():
     """On a GPU a bad label cannot raise without a host sync; the kernel makes its CE NaN."""
-    from engine.kernels.dispatch import LossOptions
     from engine.kernels.kd_loss_triton import kd_loss_forward_triton
+    from engine.kernels.loss_spec import LossOptions
 
     student, teacher, _ = make_inputs(3, 64, seed=2)
     labels = torch.tensor([5, 64, -100])
@@ -105,8 +105,8 @@ def test_out_of_range_label_gives_nan_not_garbage():
 def test_persistent_grid_and_in_place_match_the_reference(divergence):
     """Three programs over seven rows (each program loops over rows pid, pid + 3, ...), the
     gradient written over the student logits themselves, against float64."""
-    from engine.kernels.dispatch import LossOptions
     from engine.kernels.kd_loss_triton import kd_loss_forward_triton
+    from engine.kernels.loss_spec import LossOptions
 
     student, teacher, labels = make_inputs(7, 301, valid_vocab=297, seed=21)
     kwargs = dict(alpha=0.5, temperature=0.5, valid_vocab=297, divergence=divergence)

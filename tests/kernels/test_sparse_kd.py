@@ -195,8 +195,7 @@ def test_triton_persistent_in_place_with_easy_and_hard_tails(temperature):
     put their listed columns 30 above the rest (listed share ~1: the exact-tail pass), the
     others are random (log(1 - listed share)); top-k targets with a tail, ragged counts."""
     pytest.importorskip("triton")
-    from engine.kernels.dispatch import LossOptions
-    from engine.kernels.kd_loss_torch import inverse_normalizer
+    from engine.kernels.loss_spec import LossOptions, inverse_normalizer
     from engine.kernels.sparse_kd_triton import sparse_kd_forward_triton
 
     student, teacher, labels = make_inputs(9, 331, valid_vocab=300, seed=31)
@@ -222,8 +221,7 @@ def test_triton_duplicate_or_descending_ids_make_the_row_nan():
     """On a GPU the targets are not checked (a host sync); a repeated id must not be counted
     twice silently: that row's KD becomes NaN, the other rows stay finite."""
     pytest.importorskip("triton")
-    from engine.kernels.dispatch import LossOptions
-    from engine.kernels.kd_loss_torch import inverse_normalizer
+    from engine.kernels.loss_spec import LossOptions, inverse_normalizer
     from engine.kernels.sparse_kd_triton import sparse_kd_forward_triton
 
     student, teacher, labels = make_inputs(4, 50, seed=32)
