@@ -553,7 +553,7 @@ def section_onpolicy_sampler_memory(sizes, smoke: bool) -> dict:
     decode working set, autocast's block casts). Measured on CUDA only; elsewhere the plan
     alone is recorded (the CPU tests check the group against every tensor sample allocates)."""
     from engine.memory import SAMPLING
-    from engine.precision import autocast_context
+    from engine.model.network import autocast_context
     from engine.sampling import new_generator, sample
 
     device = current_device()

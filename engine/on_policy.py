@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels.constants import IGNORE_INDEX
-from engine.precision import autocast_context
+from engine.model.network import autocast_context
 from engine.sampling import check_sampling, sample
 
 

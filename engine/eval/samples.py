@@ -27,9 +27,8 @@ from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.eval.requests import EvalInputError, TextEncoder, corpus_documents
 from engine.eval.scoring import eval_mode
 from engine.kernels.constants import IGNORE_INDEX
-from engine.model.network import model_device
+from engine.model.network import autocast_context, model_device
 from engine.on_policy import SamplingSettings, student_batch, teacher_nll_sum
-from engine.precision import autocast_context
 from engine.sampling import new_generator
 
 SAMPLES_TASK = "samples"

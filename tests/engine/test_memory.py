@@ -423,7 +423,7 @@ def test_sampler_components_match_every_tensor_sample_allocates(precision):
     """The sampling group against the peak of every tensor engine.sampling.sample keeps alive
     at once (measured through the dispatcher on the CPU), prefill-bound and decode-bound."""
     from engine.memory import sampler_components
-    from engine.precision import autocast_context
+    from engine.model.network import autocast_context
     from engine.sampling import new_generator, sample
     from tests.engine.live_memory import LiveBytes
 
