@@ -1,16 +1,13 @@
-"""The run's checkpoint manager: which folder a run starts from, when it saves, what it keeps.
+"""The run's checkpoint manager: where a run starts from, when it saves, what it keeps.
 
     checkpointer = Checkpointer(config, info, strategy, log)   # checks out_dir, clears debris
     step = checkpointer.resume(student, optimizer, loader)    # the newest intact checkpoint
     checkpointer.record(step, applied)                         # after every optimizer step
     checkpointer.save(step, last_step=...)                     # every run.save_every, and last
 
-It also keeps the run's health ledger, which decides what a save may write and what pruning
-keeps: the non-finite steps in a row (no save during such a streak: it would hold the suspect
-weights again) and the steps whose update was applied (the last good checkpoint is the newest
-whose next step was finite; it is kept beside the newest run.keep_last). The layout on disk
-and who writes it are the strategy's (engine/train/strategy.py); the files are
-engine/train/checkpoint.py's (whole model) or engine/train/sharded_checkpoint.py's (FSDP).
+record() keeps what saving depends on: the non-finite steps in a row (no save during such a
+streak) and the finite ones (the last good checkpoint, kept beside the newest run.keep_last).
+The layout on disk and who writes it are the strategy's (engine/train/strategy.py).
 """
 
 from __future__ import annotations
@@ -25,17 +22,6 @@ from engine.train.config import Config, ConfigError
 
 class TrainingDiverged(RuntimeError):
     """Non-finite steps or weights; nothing was saved or exported from the broken state."""
-
-
-def earlier_results(out_dir: Path) -> list[str]:
-    """What an earlier run left in out_dir besides checkpoints: its export, its metrics."""
-    found = []
-    if (out_dir / "final").exists():
-        found.append(str(out_dir / "final"))
-    metrics = out_dir / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size > 0:
-        found.append(str(metrics))
-    return found
 
 
 def prepare_run_folder(config: Config, info: dist.DistInfo) -> tuple[list[Path], bool]:
@@ -54,7 +40,12 @@ def prepare_run_folder(config: Config, info: dist.DistInfo) -> tuple[list[Path],
             f"run.resume=none: {ckpt.checkpoint_root(out_dir)} holds checkpoints; "
             "use run.resume=auto to continue, or another run.out_dir"
         )
-    earlier = earlier_results(out_dir) if not candidates else []
+    earlier = []  # what an earlier run left besides checkpoints: its export, its metrics
+    if not candidates and (out_dir / "final").exists():
+        earlier.append(str(out_dir / "final"))
+    metrics = out_dir / "metrics.jsonl"
+    if not candidates and metrics.is_file() and metrics.stat().st_size > 0:
+        earlier.append(str(metrics))
     if earlier and not config.run.overwrite:
         raise ConfigError(
             f"run.out_dir: {out_dir} holds an earlier run ({', '.join(earlier)}) and no "
@@ -141,9 +132,7 @@ class Checkpointer:
 
     def _load(self, folder: Path) -> int:
         """Load a checkpoint into the live student, optimizer, loader and RNGs; return its
-        step (and take its non-finite-step counter). A checkpoint of another number of
-        ranks continues on this one (the loader's position converted: rescaled_loader_state).
-        """
+        step. One of another number of ranks continues on this one (rescaled_loader_state)."""
         info = self.info
         state = self.strategy.load_checkpoint(folder, student=self.student,
                                               optimizer=self.optimizer)
@@ -191,14 +180,11 @@ class Checkpointer:
         return self._save(step)
 
     def _save(self, step: int) -> Path | None:
-        """A checkpoint of this step (every rank's loader and RNG go in it); the strategy
-        writes it (rank 0, or every rank its shards).
-
-        Never from non-finite weights (TrainingDiverged instead), and none during a streak of
-        skipped (non-finite) steps: it would hold the suspect weights again (logged, None).
-        Pruning keeps the last good checkpoint (ckpt.last_good_checkpoint) beside the newest
-        run.keep_last: the newest are not known good until the step after them is finite.
-        """
+        """A checkpoint of this step (every rank's loader and RNG in it), written per the
+        strategy. Never from non-finite weights (TrainingDiverged instead), and none during a
+        streak of skipped steps: it would hold the suspect weights again (logged, None).
+        Pruning keeps the last good checkpoint beside the newest run.keep_last: the newest
+        are not known good until the step after them is finite."""
         if self.bad_steps:
             self.log(f"step {step}: no checkpoint saved: the last {self.bad_steps} step(s) "
                      "were non-finite")

@@ -1,21 +1,18 @@
 """dist.strategy, applied once: the object that says how this run is spread over its ranks.
 
-`build_strategy(config, info)` picks one of three kinds at setup, and the loop and the step
-only ever call its methods, never ask which kind it is:
+`build_strategy(config, info)` picks one of three kinds at setup; the loop and the step only
+call its methods, never ask which kind it is:
 
-    Strategy  one process: the models as built, torch's clipping, whole-model checkpoints and
-              export (engine/train/checkpoint.py, export.py).
-    DDP       every rank loads the whole student and teacher; the student's forward runs under
-              DistributedDataParallel (gradients summed over ranks); rank 0 writes the
-              checkpoints and the export, every rank validates its share of the val split.
-    FSDP      the student is sharded with FSDP2 as it is loaded (engine/train/fsdp.py); the
-              teacher is sharded too or replicated, per dist.teacher ("auto": replicated when
-              the per-GPU memory plan with a replicated teacher fits the budget, else sharded;
-              the choice and its reason are logged). MixedPrecisionPolicy casts the weights,
-              so the step runs without autocast. The head loss runs inside the root's forward,
-              the clip and the finite check are collective, every rank writes its shards of a
-              checkpoint (engine/train/sharded_checkpoint.py) and gathers the export
-              (engine/train/gathered_export.py), and every rank scores the same val batches.
+    Strategy  one process: the models as built, whole-model checkpoints and export
+              (engine/train/checkpoint.py, export.py).
+    DDP       whole replicas on every rank, the student's forward under DDP (gradients summed
+              over ranks); rank 0 writes; every rank validates its share of the val split.
+    FSDP      the student sharded with FSDP2 as it is loaded, the teacher sharded or
+              replicated per dist.teacher (engine/train/fsdp.py; "auto" asks the per-GPU
+              memory plan and logs why); no autocast (MixedPrecisionPolicy casts); the head
+              loss inside the root's forward; every rank writes its checkpoint shards
+              (sharded_checkpoint.py), gathers the export (gathered_export.py) and scores the
+              same val batches.
 """
 
 from __future__ import annotations
@@ -57,7 +54,6 @@ class Strategy:
         self.config, self.info = config, info
         self.weight_dtype, self.autocast_dtype = precision_dtypes(config.precision)
 
-    # models ---------------------------------------------------------------------------
     def build_models(self, log) -> tuple[GPTNeoX, GPTNeoX | None]:
         """(student, teacher or None) as this rank holds them."""
         device = self.info.device
@@ -65,8 +61,7 @@ class Strategy:
                 build_teacher(self.config, device))
 
     def plan_micro_batch(self, teacher_cfg, student_cfg) -> tuple[int, int, int | None, str]:
-        """setup.plan_micro_batch for this rank's memory: the models as this strategy holds
-        them (call after build_models)."""
+        """setup.plan_micro_batch for the models as this rank holds them (after build_models)."""
         return plan_micro_batch(self.config, teacher_cfg, student_cfg, self.info.device,
                                 world_size=self.info.world_size,
                                 teacher_sharded=self.teacher_sharded)
@@ -84,31 +79,22 @@ class Strategy:
         """What runs the teacher's forward: the teacher, compiled when the student is."""
         return None if teacher is None else self._compile(teacher, self.teacher_sharded)
 
-    # the step -------------------------------------------------------------------------
+    # The step's head loss and clip; the first non-finite weight (same verdict on every rank);
+    # a checkpoint's loading into the live student and optimizer (every rank).
     head_loss = staticmethod(plain_head_loss)
     clip_grad_norm = staticmethod(plain_clip_grad_norm)
+    first_non_finite = staticmethod(ckpt.first_non_finite)
+    load_checkpoint = staticmethod(ckpt.load_checkpoint)
 
-    def first_non_finite(self, student: torch.nn.Module) -> str | None:
-        """The first weight holding a NaN or inf (the same verdict on every rank), or None."""
-        return ckpt.first_non_finite(student)
-
-    # checkpoints and export -----------------------------------------------------------
     def save_checkpoint(self, out_dir: Path, step: int, **state) -> Path | None:
-        """Write checkpoint `step` (call on every rank); the writer returns its path."""
-        if not self.info.is_main:  # DDP: the same weights on every rank, rank 0 writes
-            return None
-        return ckpt.save_checkpoint(out_dir, step, **state)
+        """Write checkpoint `step` (call on every rank); the writer returns its path. Rank 0
+        writes: under DDP every rank holds the same weights."""
+        return ckpt.save_checkpoint(out_dir, step, **state) if self.info.is_main else None
 
-    def load_checkpoint(self, folder: Path, *, student, optimizer) -> dict:
-        """Verify `folder` and load it into the live student and optimizer (every rank)."""
-        return ckpt.load_checkpoint(folder, student=student, optimizer=optimizer)
-
-    def export(self, student: GPTNeoX, export_dir: Path, **kwargs) -> None:
+    def export(self, student: GPTNeoX, export_dir: Path, **kwargs) -> Path | None:
         """The student as a Hugging Face folder (call on every rank; rank 0 writes)."""
-        if self.info.is_main:
-            export_student(student, export_dir, **kwargs)
+        return export_student(student, export_dir, **kwargs) if self.info.is_main else None
 
-    # evaluation -----------------------------------------------------------------------
     def validation_share(self) -> tuple[int, int, bool]:
         """(rank, world size) splitting the val batches, and whether to sum over ranks."""
         return self.info.rank, self.info.world_size, self.info.distributed
@@ -172,28 +158,20 @@ class FSDP(Strategy):
     def wrap_student(self, student: GPTNeoX) -> torch.nn.Module:
         return self._compile(student, sharded=True)
 
+    # The head loss inside the root's forward; collective clip and finite check; every rank
+    # writes its shards of a checkpoint and gathers the export (rank 0 writes that).
     head_loss = staticmethod(fsdp.head_loss)
     clip_grad_norm = staticmethod(fsdp.clip_grad_norm)
-
-    def first_non_finite(self, student: torch.nn.Module) -> str | None:
-        return fsdp.first_non_finite(student)  # every rank checks its shards
-
-    def save_checkpoint(self, out_dir: Path, step: int, **state) -> Path | None:
-        return save_sharded_checkpoint(out_dir, step, **state)  # every rank writes its shards
-
-    def load_checkpoint(self, folder: Path, *, student, optimizer) -> dict:
-        return load_sharded_checkpoint(folder, student=student, optimizer=optimizer)
-
-    def export(self, student: GPTNeoX, export_dir: Path, **kwargs) -> None:
-        export_sharded_student(student, export_dir, **kwargs)  # every rank gathers
+    first_non_finite = staticmethod(fsdp.first_non_finite)
+    save_checkpoint = staticmethod(save_sharded_checkpoint)
+    load_checkpoint = staticmethod(load_sharded_checkpoint)
+    export = staticmethod(export_sharded_student)
+    gathered_root = staticmethod(fsdp.gathered_root)
 
     def validation_share(self) -> tuple[int, int, bool]:
         # Every rank scores the same batches (the ones DDP's ranks share out), so their
         # forwards, and the collectives inside them, stay in step.
         return 0, 1, False
-
-    def gathered_root(self, *models):
-        return fsdp.gathered_root(*models)
 
 
 def init_distributed(config: Config) -> dist.DistInfo:
