@@ -97,17 +97,12 @@ class Checkpointer:
         self.finite_steps: set[int] = set()  # steps whose update was applied
         self.student = self.optimizer = self.loader = None
 
-    # ---------------------------------------------------------------------------- resume
     def resume(self, student, optimizer, loader: BatchLoader) -> int:
-        """Take the live state the checkpoints hold and load the first candidate that loads
-        into it; return its step (0 for a fresh start).
-
-        A damaged one (a file whose sha256 changed, non-finite weights, an unreadable state
-        file) is skipped with a warning naming it and why, so resume=auto falls back to the
-        newest intact checkpoint; when none is intact the run stops rather than start afresh
-        over them. Every load overwrites all of the live state, so a failed attempt leaves
-        nothing behind.
-        """
+        """Load the first candidate that loads into the live state (kept for saving); return
+        its step (0 for a fresh start). A damaged one (a sha256 changed, non-finite weights, an
+        unreadable state file) is skipped with a warning naming it and why, so resume=auto
+        falls back to the newest intact checkpoint; when none is intact the run stops rather
+        than start afresh over them. Every load overwrites all of the live state."""
         self.student, self.optimizer, self.loader = student, optimizer, loader
         failures = []
         for folder in self.candidates:
@@ -150,7 +145,6 @@ class Checkpointer:
         self.bad_steps = int(state.get("bad_steps", 0))
         return int(state["step"])
 
-    # ---------------------------------------------------------------------------- ledger
     def record(self, step: int, applied: bool) -> None:
         """Note whether optimizer step `step` applied its update (finite) or skipped it."""
         self.bad_steps = 0 if applied else self.bad_steps + 1
@@ -168,7 +162,6 @@ class Checkpointer:
         return (f"Last good checkpoint (the step after it was finite): {good}; "
                 f"resume from it with run.resume={good} and a lower optim.lr")
 
-    # ---------------------------------------------------------------------------- saving
     def save(self, step: int, *, last_step: bool = False) -> Path | None:
         """Save checkpoint `step` when run.save_every says so, or when it is the last step of
         this session (`last_step`) and not saved yet; returns the path on the writing rank."""

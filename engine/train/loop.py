@@ -203,7 +203,7 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------------------------
-    # One step, one validation, one checkpoint
+    # One step, one validation, the watched tasks
     # ----------------------------------------------------------------------------------
 
     def train_step(self, stop_requested: bool = False) -> StepResult:

@@ -35,16 +35,15 @@ CROSS_ENTROPY_ONLY = NoTeacher()
 
 
 def plain_head_loss(model: torch.nn.Module, input_ids: torch.Tensor, loss_fn):
-    """loss_fn(final hidden states, head weight) for a student that is not sharded: the
-    forward (through its DDP / compile wrapper) stops at the hidden states, then the loss runs
-    the head. One graph for torch.compile, and no new function per call for it to guard on.
-    (Under FSDP the strategy runs the loss inside the forward instead: fsdp.head_loss.)"""
+    """loss_fn(final hidden states, head weight): the forward (through its DDP / compile
+    wrapper) stops at the hidden states, then the loss runs the head: one graph for
+    torch.compile, no new function per call to guard on. (FSDP's: fsdp.head_loss.)"""
     return loss_fn(model(input_ids, return_hidden=True), unwrap_model(model).embed_out.weight)
 
 
 def plain_clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ for whole gradients; with max_norm inf (optim.grad_clip
-    0) only the norm, no pass over the gradients. (FSDP's: fsdp.clip_grad_norm.)"""
+    """torch's clip_grad_norm_; with max_norm inf (optim.grad_clip 0) only the norm, no pass
+    over the gradients. (FSDP's: fsdp.clip_grad_norm.)"""
     parameters = list(parameters)
     if math.isfinite(max_norm):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
