@@ -67,8 +67,9 @@ def _loss_spec(valid_vocab: int) -> LossSpec:
 
 
 def time_steps(student, teacher, sizes, device, *, autocast_dtype, micro_batch=None,
-               windows=None) -> dict[str, Any]:
-    """Warm-up windows, then timed optimizer steps of the engine's train_step."""
+               windows=None, sharded=False) -> dict[str, Any]:
+    """Warm-up windows, then timed optimizer steps of the engine's train_step (`sharded`:
+    with the FSDP strategy's head loss and clip, as a dist.strategy=fsdp run steps)."""
     mb = micro_batch or sizes["micro_batch"]
     accum = sizes["accum"]
     window = [make_batch(mb, sizes["seq_len"], sizes["valid_vocab"], device, seed=i)
@@ -77,11 +78,12 @@ def time_steps(student, teacher, sizes, device, *, autocast_dtype, micro_batch=N
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, **kwargs)
     spec = _loss_spec(sizes["valid_vocab"])
     signal = LiveTeacher(teacher) if teacher is not None else None
+    hooks = dict(head_loss=fsdp.head_loss, clip_grad_norm=fsdp.clip_grad_norm) if sharded else {}
 
     def step():
         return train_step(student, student, signal, optimizer, window, spec=spec,
                           autocast_dtype=autocast_dtype, max_grad_norm=1.0, lr=1e-4,
-                          stop_requested=False)
+                          stop_requested=False, **hooks)
 
     for _ in range(max(1, sizes["warmup"] // accum)):
         step()
@@ -113,7 +115,7 @@ def seed_part(sizes, smoke: bool) -> dict[str, Any]:
     _, student = build_pair(build_ours, sizes, device)  # the same seeds: the same weights
     fsdp.shard_model(student, dist.device_mesh(info),
                      mp_policy=fsdp.mixed_precision_policy("bf16-autocast"))
-    sharded = time_steps(student, teacher, sizes, device, autocast_dtype=None)
+    sharded = time_steps(student, teacher, sizes, device, autocast_dtype=None, sharded=True)
     dist.teardown()
     ratio = sharded["tokens_per_s"] / plain["tokens_per_s"]
     return {"device": device_name(device), "plain": plain, "fsdp": sharded,

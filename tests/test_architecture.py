@@ -214,6 +214,47 @@ def test_the_step_never_asks_which_teacher_it_has():
     assert not found, "engine/train/step.py branches on a teacher type: " + "; ".join(found)
 
 
+STRATEGY_FREE = ("engine/train/loop.py", "engine/train/step.py")
+KIND_WORDS = {"fsdp", "ddp", "single"}
+
+
+def parallelism_branches(source: str) -> list[str]:
+    """Where `source` asks which parallelism it runs under: a name or attribute containing
+    "sharded" (self.sharded, fsdp.is_sharded(...)), a comparison with "fsdp" / "ddp" or
+    with a `strategy` / `kind` value, an isinstance on a DDP / FSDP class."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        name = (node.id if isinstance(node, ast.Name) else
+                node.attr if isinstance(node, ast.Attribute) else None)
+        if name is not None and "sharded" in name.lower():
+            found.append(f"line {node.lineno}: {name}")
+        if isinstance(node, ast.Compare):
+            parts = [node.left, *node.comparators]
+            words = {p.value.lower() for p in parts
+                     if isinstance(p, ast.Constant) and isinstance(p.value, str)}
+            named = {p.id if isinstance(p, ast.Name) else p.attr for p in parts
+                     if isinstance(p, (ast.Name, ast.Attribute))}
+            if words & KIND_WORDS or named & {"strategy", "kind"}:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == "isinstance" and len(node.args) == 2):
+            classes = {n.id if isinstance(n, ast.Name) else n.attr
+                       for n in ast.walk(node.args[1])
+                       if isinstance(n, (ast.Name, ast.Attribute))}
+            if any(c in ("FSDP", "DDP", "DistributedDataParallel", "FSDPModule")
+                   for c in classes):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_loop_and_the_step_never_ask_which_parallelism_runs():
+    """Parallelism is applied once (engine/train/strategy.py): the loop and the step call the
+    strategy's methods and never branch on one process / DDP / FSDP themselves."""
+    for path in STRATEGY_FREE:
+        found = parallelism_branches((REPO_ROOT / path).read_text(encoding="utf-8"))
+        assert not found, f"{path} branches on the parallelism kind: " + "; ".join(found)
+
+
 LOSS_KEYWORDS = {"alpha", "temperature", "divergence", "beta", "skew", "t2_scale"}
 MAX_LOSS_KEYWORD_FUNCTIONS = 2
 
@@ -405,3 +446,14 @@ def test_traced_files_sees_the_engine_files_a_call_runs():
 
     assert traced_files(lambda: canonical_name("bfloat16")) == {"engine/precision.py"}
     assert traced_files(lambda: sorted([3, 1])) == set()
+
+
+def test_parallelism_branches_sees_each_kind_of_branch():
+    source = ("if self.sharded:\n    pass\n"
+              "x = fsdp.is_sharded(model)\n"
+              "y = config.dist.strategy == 'ddp'\n"
+              "z = self.parallel.kind != other\n"
+              "isinstance(m, DistributedDataParallel)\n")
+    assert len(parallelism_branches(source)) == 5
+    assert parallelism_branches("self.parallel.export(student, where)\nif a == 'b':\n"
+                                "    pass\n") == []

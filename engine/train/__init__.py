@@ -2,7 +2,9 @@
 (`from engine.train.loop import run`).
 
     config.py      the typed configuration (TOML presets + --section.key=value overrides)
-    setup.py       builders: models, loader, optimizer, micro-batch plan, resume, DDP, compile
+    setup.py       builders: models, loader, optimizer, micro-batch plan, loss spec
+    strategy.py    one process, DDP or FSDP, built once: wrapping, clip, checkpoint layout
+    checkpointer.py  resume, save every run.save_every, prune, the last good checkpoint
     step.py        one micro-step and one optimizer step (the normaliser, docs/loss.md)
     teacher_signal.py  the teacher interface the step calls: none, a live teacher, a cache
     loop.py        the Trainer: setup, train_step(), and the validate/save/stop policy

@@ -100,15 +100,11 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def through_head(student, input_ids, loss_fn):
-    """loss_fn(final hidden states, head weight) of the student's forward on input_ids.
-
-    Under FSDP inside the forward (the head weight is whole only there, and its gradient then
-    takes FSDP's reduce-scatter); elsewhere after a forward that stops at the hidden states:
-    one graph for torch.compile, and no new function per call for it to guard on."""
-    if is_sharded(unwrap_model(student)):
-        return student(input_ids, head_loss=loss_fn)
-    return loss_fn(student(input_ids, return_hidden=True), unwrap_model(student).embed_out.weight)
+def head_loss(student, input_ids, loss_fn):
+    """loss_fn(final hidden states, head weight) of a sharded student's forward on input_ids,
+    run inside the root's forward: the head weight is whole only there, and its gradient then
+    takes FSDP's reduce-scatter."""
+    return student(input_ids, head_loss=loss_fn)
 
 
 def compile_blocks(model: GPTNeoX) -> GPTNeoX:

@@ -1,13 +1,15 @@
 """The training loop: a Trainer in torchtitan's shape.
 
-    trainer = Trainer(config, dist_info)   # setup: models, loader, optimizer, resume, DDP
+    trainer = Trainer(config, dist_info)   # setup: strategy, models, data, optimizer, resume
     trainer.train_step()                   # one optimizer step (engine/train/step.py)
     trainer.train()                        # the loop and its policy: validate, save, stop
 
 The policy lives in `train()` alone, so what happens at a step boundary reads in one place:
 log the step, stop on repeated non-finite steps, validate every run.val_every steps, save
-every run.save_every steps, and on SIGTERM/SIGINT save and leave. At the end the student is
-validated, saved and exported. New work hooks in at those points: a metrics sink in
+(the checkpointer: every run.save_every steps), and on SIGTERM/SIGINT save and leave. At the
+end the student is validated, saved and exported. How the run is spread over its ranks
+(one process, DDP, FSDP) is the strategy's (engine/train/strategy.py), built once at setup:
+nothing here asks which it is. New work hooks in at those points: a metrics sink in
 MetricsWriter, an evaluation in `validate()`, a new artefact in `_finish()`.
 """
 
@@ -30,10 +32,8 @@ from engine.memory import training_flops_per_token
 from engine.metrics import MetricsWriter, mfu, peak_flops, peak_memory_bytes, read_records
 from engine.token_ids import check_batch, checked_batches
 from engine.train import checkpoint as ckpt
-from engine.train import fsdp
+from engine.train.checkpointer import Checkpointer, TrainingDiverged
 from engine.train.config import Config, ConfigError, validate, write_resolved
-from engine.train.export import export_student
-from engine.train.gathered_export import export_sharded_student
 from engine.train.lock import hold_run_lock
 from engine.train.loggers import TENSORBOARD_DIR, build_sinks
 from engine.train.lost_updates import build_meter
@@ -49,23 +49,15 @@ from engine.train.setup import (
     configure_cuda_allocator,
     describe_runtime,
     lr_at,
-    plan_micro_batch,
-    prepare_run_folder,
-    resume,
-    wrap_model,
-    wrap_teacher,
 )
-from engine.train.sharded_checkpoint import save_sharded_checkpoint
 from engine.train.signals import StopRequest
 from engine.train.step import StepResult, train_step
-from engine.train.strategy import build_models, step_dtypes
+from engine.train.strategy import build_strategy, init_distributed
 from engine.train.teacher_source import open_teacher_cache
 from engine.train.vocab_checks import check_data_fits
 from engine.train.watch import TaskRegression, TaskWatch
 
-
-class TrainingDiverged(RuntimeError):
-    """Non-finite steps or weights; nothing was saved or exported from the broken state."""
+__all__ = ["Trainer", "TrainingDiverged", "run"]
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -80,7 +72,7 @@ def run(config: Config) -> dict[str, Any]:
     validate(config)
     check_paths(config)
     configure_cuda_allocator(config)
-    info = dist.init_distributed(config.device, group_of_one=config.dist.strategy == "fsdp")
+    info = init_distributed(config)
     try:
         with dist.collective_errors(), hold_run_lock(config.run.out_dir, info) as lock:
             trainer = Trainer(config, info)
@@ -100,17 +92,50 @@ class Trainer:
         self.writer = MetricsWriter(self.out_dir, enabled=info.is_main,
                                     total_steps=config.run.steps,
                                     sinks=build_sinks(config, enabled=info.is_main))
-        candidates, replacing = prepare_run_folder(config, info)
-        _, autocast_dtype = step_dtypes(config)
-        self.student, self.teacher = build_models(config, info, self.writer.log_text)
-        self.sharded = fsdp.is_sharded(self.student)  # dist.strategy=fsdp
+        self.parallel = build_strategy(config, info)  # one process, DDP or FSDP
+        self.checkpointer = Checkpointer(config, info, self.parallel, self.writer.log_text)
+        self.student, self.teacher = self.parallel.build_models(self.writer.log_text)
+        cached, memory_note = self._build_data()
+        self.optimizer = build_optimizer(config, self.student, self.device)
+        self.spec, self.autocast_dtype = build_loss_spec(config), self.parallel.autocast_dtype
+        # What gives the training step its teacher signal: the cache when there is one (a
+        # teacher.path beside it only scores the held-out KD), else the (compiled) teacher.
+        self.signal = cached or build_signal(self.parallel.wrap_teacher(self.teacher), config,
+                                             info, accum_steps=self.accum_steps,
+                                             autocast_dtype=self.autocast_dtype)
+        self.step = self.checkpointer.resume(self.student, self.optimizer, self.train_loader,
+                                             self.signal)
+        self.last_val: dict[str, Any] | None = None
+        self.val_step: int | None = None  # the step last_val belongs to
+        resumed = self.checkpointer.resumed_from is not None
+        if resumed:
+            self._continue_records()
+        self.lost_updates = build_meter(self.optimizer, self.student, precision=config.precision,
+                                        enabled=config.eval.lost_updates, lr=config.optim.lr,
+                                        beta1=config.optim.betas[0], is_main=info.is_main)
+        self.watch = TaskWatch(config, self.student, self.writer, info,
+                               autocast_dtype=self.autocast_dtype,
+                               resumed_at=self.step if resumed else None)
+        self.model = self.parallel.wrap_student(self.student)
+        self.writer.log_text(describe_runtime(config, self.device, self.optimizer, memory_note))
+        self._build_throughput()
+        self.batches = iter(self.train_loader)
+        self.last_record: dict[str, Any] = {}
+        self._session_start, self._session_steps = time.perf_counter(), 0  # for the ETA
+        self.writer.log_text(self._describe())
+        if info.is_main:  # only now: a failed launch leaves an earlier run's record alone
+            self._take_over_run_folder()
+
+    def _build_data(self):
+        """Check the models against the settings, plan the micro-batch, open the data (and
+        teacher.cache) and this rank's loader; return (the cache's signal or None, the memory
+        plan's note)."""
+        config = self.config
         check_compatible(config, self.student, self.teacher)
         self.vocab_rows = self.student.config.vocab_size
         teacher_cfg = self.teacher.config if self.teacher is not None else None
-        self.micro_batch, self.accum_steps, self.predicted_peak, memory_note = plan_micro_batch(
-            config, teacher_cfg, self.student.config, self.device,
-            world_size=info.world_size, teacher_sharded=fsdp.is_sharded(self.teacher)
-        )
+        self.micro_batch, self.accum_steps, self.predicted_peak, memory_note = (
+            self.parallel.plan_micro_batch(teacher_cfg, self.student.config))
         self.dataset = build_dataset(config.data.path, config.data.mode, config.batch.seq_len,
                                      config.data.pad_id)
         check_data_fits(config, self.dataset.shards, self.vocab_rows)
@@ -119,60 +144,42 @@ class Trainer:
             cached, self.dataset = open_teacher_cache(
                 config, self.dataset, self.teacher,
                 config.data.valid_vocab or self.student.config.vocab_size)
-            teacher_cfg = None  # no teacher forward in a training step
-        self.train_loader = build_train_loader(config, self.dataset, self.micro_batch, info)
-        self.optimizer = build_optimizer(config, self.student, self.device)
-        # What gives the training step its teacher signal: the cache when there is one (a
-        # teacher.path beside it only scores the held-out KD), else the (compiled) teacher.
-        self.signal = cached or build_signal(wrap_teacher(self.teacher, config, self.device),
-                                             config, info, accum_steps=self.accum_steps,
-                                             autocast_dtype=autocast_dtype)
-        self.resume_from, self.step, self.bad_steps = resume(
-            candidates, log=self.writer.log_text, student=self.student,
-            optimizer=self.optimizer, loader=self.train_loader, info=info, signal=self.signal)
-        self.last_val: dict[str, Any] | None = None
-        self.val_step: int | None = None  # the step last_val belongs to
-        self.finite_steps: set[int] = set()  # steps whose update was applied (last good ckpt)
-        if self.resume_from is not None:
-            self._continue_records()
-        self.lost_updates = build_meter(self.optimizer, self.student, precision=config.precision,
-                                        enabled=config.eval.lost_updates, lr=config.optim.lr,
-                                        beta1=config.optim.betas[0], is_main=info.is_main)
-        self.watch = TaskWatch(config, self.student, self.writer, info,
-                               autocast_dtype=autocast_dtype,
-                               resumed_at=self.step if self.resume_from is not None else None)
-        self.model = wrap_model(self.student, config, info)
-        self.writer.log_text(describe_runtime(config, self.device, self.optimizer, memory_note))
-        self.spec, self.autocast_dtype = build_loss_spec(config), autocast_dtype
-        self.tokens_per_step = (self.micro_batch * self.accum_steps * config.batch.seq_len
-                                * info.world_size)
-        self.flops_per_token = training_flops_per_token(self.student.config, teacher_cfg,
+        self.train_loader = build_train_loader(config, self.dataset, self.micro_batch, self.info)
+        return cached, memory_note
+
+    def _build_throughput(self) -> None:
+        """Tokens per optimizer step, FLOPs per token and the ranks' peak FLOP/s (for MFU)."""
+        config, world = self.config, self.info.world_size
+        self.tokens_per_step = self.micro_batch * self.accum_steps * config.batch.seq_len * world
+        # with teacher.cache no teacher forward runs in a training step
+        stepped = self.teacher.config if self.teacher is not None and not config.teacher.cache \
+            else None
+        self.flops_per_token = training_flops_per_token(self.student.config, stepped,
                                                         config.batch.seq_len)
         peak = peak_flops(self.device)
-        self.peak_flops_total = peak * info.world_size if peak is not None else None
-        self.batches = iter(self.train_loader)
-        self.last_record: dict[str, Any] = {}
-        self._session_start, self._session_steps = time.perf_counter(), 0  # for the ETA
-        self.writer.log_text(self._describe())
-        if info.is_main:  # only now: a failed launch leaves an earlier run's record alone
-            if replacing:  # run.overwrite=true
-                left = replace_earlier_results(self.out_dir)
-                if left:
-                    self.writer.log_text(f"warning: {self.out_dir / TENSORBOARD_DIR} keeps "
-                                         f"{', '.join(left)}, not written by this engine")
-            write_resolved(config, self.out_dir)
+        self.peak_flops_total = peak * world if peak is not None else None
+
+    def _take_over_run_folder(self) -> None:
+        """Replace an earlier run's results (run.overwrite=true) and write config.toml."""
+        if self.checkpointer.replacing:
+            left = replace_earlier_results(self.out_dir)
+            if left:
+                self.writer.log_text(f"warning: {self.out_dir / TENSORBOARD_DIR} keeps "
+                                     f"{', '.join(left)}, not written by this engine")
+        write_resolved(self.config, self.out_dir)
 
     def _continue_records(self) -> None:
         """A resumed run: refuse run.steps below the checkpoint, and take back a validation
         already recorded at its step (none is logged twice). writer.start() later drops the
         records after the step; nothing is changed here, the launch may still fail."""
+        resumed_from = self.checkpointer.resumed_from
         if self.step > self.config.run.steps:
             raise ConfigError(
                 f"run.steps={self.config.run.steps} is below step {self.step} of the checkpoint "
-                f"{self.resume_from}; raise run.steps to continue, or resume an earlier "
+                f"{resumed_from}; raise run.steps to continue, or resume an earlier "
                 "checkpoint with run.resume=<folder>"
             )
-        self.writer.log_text(f"resumed from {self.resume_from} at step {self.step}")
+        self.writer.log_text(f"resumed from {resumed_from} at step {self.step}")
         recorded, finite = None, set()
         if self.info.is_main and self.writer.path.is_file():
             for record in read_records(self.writer.path):
@@ -182,7 +189,8 @@ class Trainer:
                         and isinstance(record.get("step"), int) and record["step"] <= self.step):
                     finite.add(record["step"])
         # every rank validates, or none; every rank names the same last good checkpoint
-        self.last_val, self.finite_steps = dist.all_gather_object((recorded, finite))[0]
+        shared = dist.all_gather_object((recorded, finite))[0]
+        self.last_val, self.checkpointer.finite_steps = shared
         if self.last_val is not None:
             self.val_step = self.step
 
@@ -199,7 +207,7 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------------------------
-    # One step, one validation, one checkpoint
+    # One step, one validation, the watched tasks
     # ----------------------------------------------------------------------------------
 
     def train_step(self, stop_requested: bool = False) -> StepResult:
@@ -217,11 +225,11 @@ class Trainer:
             max_grad_norm=self.config.optim.grad_clip or float("inf"),
             lr=lr,
             stop_requested=stop_requested,
+            head_loss=self.parallel.head_loss,
+            clip_grad_norm=self.parallel.clip_grad_norm,
         )
         self.step += 1
-        self.bad_steps = 0 if result.applied else self.bad_steps + 1
-        if result.applied:
-            self.finite_steps.add(self.step)
+        self.checkpointer.record(self.step, result.applied)
         self.last_record = self._step_record(result, lr, time.perf_counter() - started)
         every = self.config.run.log_every
         self.writer.log_step(self.last_record, print_line=self.step % every == 0
@@ -259,16 +267,14 @@ class Trainer:
         config = self.config
         if config.data.val_fraction <= 0:
             return None
-        # Under FSDP every rank scores the same batches (the ones DDP's ranks share out), so
-        # their forwards, and the collectives inside them, stay in step.
-        rank, world = (0, 1) if self.sharded else (self.info.rank, self.info.world_size)
+        rank, world, reduce = self.parallel.validation_share()
         loader = heldout_loader(self.dataset, self.micro_batch,
                                 val_fraction=config.data.val_fraction,
                                 rank=rank, world_size=world)
         per_rank = config.run.val_batches
         batches = heldout_batches(loader, max_batches=per_rank * self.info.world_size // world
                                   or None)
-        with fsdp.gathered_root(self.student, self.teacher):
+        with self.parallel.gathered_root(self.student, self.teacher):
             metrics = heldout_metrics(
                 self.student,
                 checked_batches(batches, self.vocab_rows, f"data.path={config.data.path}: "
@@ -276,7 +282,7 @@ class Trainer:
                 teacher=self.teacher,
                 spec=self.spec,
                 autocast_dtype=self.autocast_dtype,
-                reduce_across_ranks=self.info.distributed and not self.sharded,
+                reduce_across_ranks=reduce,
                 cached_kd=self.signal.from_cache,
             )  # restores the student's train mode
         result = {f"val_{key}": value for key, value in metrics.items()}
@@ -296,56 +302,11 @@ class Trainer:
         eval.alarm_action is "stop", save a checkpoint and raise TaskRegression."""
         reason = self.watch.score(self.step)
         if reason is not None:
-            self.save()
-            saved = self.bad_steps == 0  # save() saves nothing during a non-finite streak
+            self.checkpointer.save(self.step, last_step=True)
+            saved = self.checkpointer.bad_steps == 0  # none saved in a non-finite streak
             where = (f"checkpoint saved at step {self.step}" if saved else
                      "no checkpoint saved (non-finite steps pending)")
             raise TaskRegression(f"{reason}; stopped by eval.alarm_action=stop, {where}")
-
-    def save(self) -> Path | None:
-        """A checkpoint of this step (rank 0 writes; every rank's loader and RNG go in it).
-
-        Never from non-finite weights (TrainingDiverged instead), and none during a streak of
-        skipped (non-finite) steps: it would hold the suspect weights again (logged, None).
-        Pruning keeps the last good checkpoint (ckpt.last_good_checkpoint) beside the newest
-        run.keep_last: the newest are not known good until the step after them is finite.
-        """
-        if self.bad_steps:
-            self.writer.log_text(f"step {self.step}: no checkpoint saved: the last "
-                                 f"{self.bad_steps} step(s) were non-finite")
-            return None
-        # Same weights on every rank (DDP), or every rank's shards checked (FSDP): same verdict.
-        bad = (fsdp.first_non_finite if self.sharded else ckpt.first_non_finite)(self.student)
-        if bad is not None:
-            raise TrainingDiverged(
-                f"step {self.step}: the student's weight {bad} is not finite; nothing saved. "
-                f"{self._last_good_message()}"
-            )
-        loader_states = dist.all_gather_object(self.train_loader.state_dict())
-        rng_states = dist.all_gather_object({**ckpt.capture_rng_state(),
-                                             **self.signal.state_dict()})
-        path = None
-        if self.sharded or self.info.is_main:  # FSDP: every rank writes its shards
-            save = save_sharded_checkpoint if self.sharded else ckpt.save_checkpoint
-            path = save(
-                self.out_dir,
-                self.step,
-                student=self.student,
-                optimizer=self.optimizer,
-                trainer_state={
-                    "loader_states": loader_states,
-                    "rng_states": rng_states,
-                    "bad_steps": self.bad_steps,
-                    "world_size": self.info.world_size,
-                },
-                config=self.config.to_dict(),
-                keep_last=self.config.run.keep_last,
-                keep=ckpt.last_good_checkpoint(self.out_dir, self.finite_steps),
-            )
-        if self.info.is_main:
-            self.writer.log_text(f"saved checkpoint {path}")
-        dist.barrier()
-        return path
 
     # ----------------------------------------------------------------------------------
     # The loop and its policy
@@ -359,7 +320,6 @@ class Trainer:
         """
         stop = stop or StopRequest()
         run_cfg = self.config.run
-        last_saved = self.step if self.resume_from is not None else None
         status = "completed"
         self._session_start, self._session_steps = time.perf_counter(), 0
         if self.device.type == "cuda":
@@ -378,13 +338,11 @@ class Trainer:
                     self.last_val, self.val_step = self.validate(), self.step
                 if self.watch.due(self.step):
                     self.watch_tasks()
-                if run_cfg.save_every and self.step % run_cfg.save_every == 0:
-                    self.save()
-                    last_saved = self.step
+                self.checkpointer.save(self.step)  # every run.save_every steps
                 if result.stop_votes > 0:
                     status = "interrupted"
                     break
-            return self._finish(status, last_saved, stop)
+            return self._finish(status, stop)
         finally:
             self.writer.close()
 
@@ -396,29 +354,18 @@ class Trainer:
         measured = self.last_record["peak_memory_bytes"] / 2**30
         self.writer.log_text(f"peak memory: {predicted}measured {measured:.2f} GiB")
 
-    def _last_good_message(self) -> str:
-        """Names the last good checkpoint: the newest whose next step was finite (so its
-        weights gave a finite loss), or says that none is. Checkpoints at the failing step
-        or later hold the weights that failed and are never named."""
-        good = ckpt.last_good_checkpoint(self.out_dir, self.finite_steps, below=self.step)
-        if good is None:
-            return ("No checkpoint is known good (good: the step after it was finite); "
-                    "start again with a lower optim.lr")
-        return (f"Last good checkpoint (the step after it was finite): {good}; "
-                f"resume from it with run.resume={good} and a lower optim.lr")
-
     def _on_non_finite(self, result: StepResult) -> None:
         """Warn about a skipped update; stop after run.max_bad_steps of them in a row."""
-        limit = self.config.run.max_bad_steps
+        limit, bad_steps = self.config.run.max_bad_steps, self.checkpointer.bad_steps
         message = (
             f"step {self.step}: non-finite loss {result.loss} or grad norm {result.grad_norm}; "
-            f"update skipped ({self.bad_steps} in a row, limit {limit})"
+            f"update skipped ({bad_steps} in a row, limit {limit})"
         )
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-        if self.bad_steps >= limit:
+        if bad_steps >= limit:
             raise TrainingDiverged(
-                f"{self.bad_steps} non-finite steps in a row (last at step {self.step}); "
-                f"stopped. {self._last_good_message()}"
+                f"{bad_steps} non-finite steps in a row (last at step {self.step}); "
+                f"stopped. {self.checkpointer.last_good_message(self.step)}"
             )
 
     def _stop_voted(self, stop: StopRequest) -> bool:
@@ -429,22 +376,21 @@ class Trainer:
     def _check_final_state(self) -> None:
         """A run ends in success only from a finite state: last step, weights, and every
         metric of the final validation the model card would publish (not only val_ce)."""
-        bad_metrics = non_finite_metrics(self.last_val)
-        if self.bad_steps or bad_metrics:
+        bad_metrics, bad_steps = non_finite_metrics(self.last_val), self.checkpointer.bad_steps
+        if bad_steps or bad_metrics:
             shown = ", ".join(f"{key} {value}" for key, value in bad_metrics.items())
-            what = (f"its last {self.bad_steps} step(s) were non-finite" if self.bad_steps
+            what = (f"its last {bad_steps} step(s) were non-finite" if bad_steps
                     else f"the final validation gave {shown}")
             raise TrainingDiverged(
                 f"the run ended in a non-finite state ({what}); nothing exported. "
-                f"{self._last_good_message()}"
+                f"{self.checkpointer.last_good_message(self.step)}"
             )
 
-    def _finish(self, status: str, last_saved: int | None, stop: StopRequest) -> dict[str, Any]:
+    def _finish(self, status: str, stop: StopRequest) -> dict[str, Any]:
         """Save first (the weights are durable before anything else can go wrong); then,
         unless a signal came, validate, check the final state, score the watched tasks and
         export the student."""
-        if last_saved != self.step:
-            self.save()
+        self.checkpointer.save(self.step, last_step=True)
         failpoints.pause("train.finish", until=lambda: stop.requested)
         if status == "completed" and not self._stop_voted(stop):
             if self.val_step != self.step:
@@ -460,13 +406,12 @@ class Trainer:
 
     def _export(self) -> Path:
         export_dir = export_dir_of(self.config)
-        if self.sharded or self.info.is_main:  # FSDP: every rank gathers, rank 0 writes
-            export = export_sharded_student if self.sharded else export_student
-            export(self.student, export_dir,
-                   tokenizer_path=self.config.run.tokenizer or None,
-                   model_card=model_card_for(self, export_dir) if self.info.is_main else None,
-                   pad_id=self.config.data.pad_id,
-                   source={"run_dir": str(self.out_dir), "step": self.step})
+        self.parallel.export(  # the writer is rank 0; under FSDP every rank gathers
+            self.student, export_dir,
+            tokenizer_path=self.config.run.tokenizer or None,
+            model_card=model_card_for(self, export_dir) if self.info.is_main else None,
+            pad_id=self.config.data.pad_id,
+            source={"run_dir": str(self.out_dir), "step": self.step})
         if self.info.is_main:
             self.writer.log_text(f"exported the student to {export_dir}")
         dist.barrier()

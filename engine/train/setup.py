@@ -1,4 +1,4 @@
-"""Builders for a training run: models, loader, optimizer, micro-batch plan, resume, wrapping.
+"""Builders for a training run: models, loader, optimizer, micro-batch plan, loss spec.
 
 Each builder takes the typed configuration and returns one ready piece, so the Trainer's
 __init__ (engine/train/loop.py) reads as the list of what a run is made of.
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from engine import dist
 from engine.data.loader import BatchLoader
@@ -24,57 +23,9 @@ from engine.model.network import GPTNeoX
 from engine.on_policy import SamplingSettings
 from engine.precision import dtype_bytes, dtype_of
 from engine.sharded_memory import plan_sharded_memory
-from engine.train import checkpoint as ckpt
-from engine.train import fsdp
 from engine.train.config import AUTO, Config, ConfigError, memory_budget_bytes
 from engine.train.on_policy_signal import OnPolicyTeacher
-from engine.train.sharded_checkpoint import load_sharded_checkpoint
 from engine.train.teacher_signal import LiveTeacher, NoTeacher, TeacherSignal
-
-# --------------------------------------------------------------------------------------
-# The run folder
-# --------------------------------------------------------------------------------------
-
-
-def earlier_results(out_dir: Path) -> list[str]:
-    """What an earlier run left in out_dir besides checkpoints: its export, its metrics."""
-    found = []
-    if (out_dir / "final").exists():
-        found.append(str(out_dir / "final"))
-    metrics = out_dir / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size > 0:
-        found.append(str(metrics))
-    return found
-
-
-def prepare_run_folder(config: Config, info: dist.DistInfo) -> tuple[list[Path], bool]:
-    """Check out_dir against run.resume and run.overwrite, clear debris of killed saves;
-    return (the checkpoints to try resuming from, best first (empty: a fresh start), whether
-    an earlier run's results are to be replaced).
-
-    Call with the run lock held. A fresh start refuses a folder holding an earlier run's
-    results unless run.overwrite is set; the caller replaces them (run_folder
-    .replace_earlier_results) only once every other start-up check has passed.
-    """
-    out_dir = Path(config.run.out_dir)
-    candidates = ckpt.resume_candidates(config.run.resume, out_dir)
-    if config.run.resume == "none" and ckpt.latest_checkpoint(out_dir) is not None:
-        raise ConfigError(
-            f"run.resume=none: {ckpt.checkpoint_root(out_dir)} holds checkpoints; "
-            "use run.resume=auto to continue, or another run.out_dir"
-        )
-    earlier = earlier_results(out_dir) if not candidates else []
-    if earlier and not config.run.overwrite:
-        raise ConfigError(
-            f"run.out_dir: {out_dir} holds an earlier run ({', '.join(earlier)}) and no "
-            "checkpoint to resume from; choose another run.out_dir, or set "
-            "run.overwrite=true to replace its results"
-        )
-    if info.is_main:
-        ckpt.clean_incomplete(out_dir)  # a killed save's own debris, nothing else
-    dist.barrier()
-    return candidates, bool(earlier)
-
 
 # --------------------------------------------------------------------------------------
 # Models
@@ -157,15 +108,6 @@ def compile_choice(config: Config, device: torch.device) -> tuple[bool, str]:
     return False, "auto: off on the CPU"
 
 
-def wrap_teacher(teacher: GPTNeoX | None, config: Config, device) -> torch.nn.Module | None:
-    """What runs the teacher's forward: the teacher, compiled when the student is."""
-    if teacher is None or not compile_choice(config, device)[0]:
-        return teacher
-    if fsdp.is_sharded(teacher):
-        return fsdp.compile_blocks(teacher)
-    return torch.compile(teacher)
-
-
 def build_loss_spec(config: Config) -> LossSpec:
     """The run's LossSpec: the `loss` section and data.valid_vocab (0: the whole head), built
     once (config.validate has already checked every value, so a bad one never reaches here)."""
@@ -190,24 +132,6 @@ def build_signal(teacher: torch.nn.Module | None, config: Config, info: dist.Dis
                            SamplingSettings.of(on, config.data.valid_vocab or None),
                            fraction=on.fraction, accum_steps=accum_steps, seed=config.run.seed,
                            rank=info.rank, device=info.device, autocast_dtype=autocast_dtype)
-
-
-def wrap_model(student: GPTNeoX, config: Config, info: dist.DistInfo) -> torch.nn.Module:
-    """What runs the forward: the student, under DDP across ranks, compiled when asked."""
-    model: torch.nn.Module = student
-    if info.distributed and config.dist.strategy == "ddp":  # fsdp: sharded when built
-        model = DistributedDataParallel(
-            student,
-            device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            broadcast_buffers=False,
-            gradient_as_bucket_view=True,
-        )
-        # Each rank's loss is already divided by the global token count, so gradients must
-        # be summed over ranks, not averaged (DDP's default divides by the world size).
-        model.register_comm_hook(state=None, hook=dist.allreduce_sum_hook)
-    if compile_choice(config, info.device)[0]:
-        model = fsdp.compile_blocks(model) if fsdp.is_sharded(model) else torch.compile(model)
-    return model
 
 
 def describe_runtime(config: Config, device: torch.device, optimizer, memory_note: str) -> str:
@@ -369,102 +293,3 @@ def lr_at(config: Config, step: int) -> float:
     decay_steps = max(1, config.run.steps - optim.warmup_steps - 1)
     progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
     return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-# --------------------------------------------------------------------------------------
-# Resume
-# --------------------------------------------------------------------------------------
-
-
-def load_resume_state(
-    folder: Path,
-    *,
-    student: GPTNeoX,
-    optimizer: torch.optim.Optimizer,
-    loader: BatchLoader,
-    info: dist.DistInfo,
-    signal: TeacherSignal | None = None,
-    log=print,
-) -> tuple[int, int]:
-    """Load a checkpoint into the live student, optimizer, loader, RNGs and the teacher
-    signal's sampler (an on-policy run's; a checkpoint of another number of ranks leaves
-    each rank's sampler at its seed); return
-    (step, non-finite steps in a row) as they were when it was saved.
-
-    An FSDP student loads a sharded checkpoint (engine/train/sharded_checkpoint.py), any
-    other a whole-model one. A checkpoint of another number of ranks continues on this one
-    (the loader's position converted, see rescaled_loader_state).
-    """
-    if fsdp.is_sharded(student):
-        state = load_sharded_checkpoint(folder, student=student, optimizer=optimizer)
-    else:
-        state = ckpt.load_checkpoint(folder, student=student, optimizer=optimizer)
-    saved = state["loader_states"]
-    if len(saved) == info.world_size:
-        loader.load_state_dict(saved[info.rank])
-        ckpt.restore_rng_state(state["rng_states"][info.rank])
-        if signal is not None:
-            signal.load_state_dict(state["rng_states"][info.rank])
-    else:
-        loader.load_state_dict(rescaled_loader_state(saved, loader, folder))
-        # No rank of the saved run is this one: every rank takes rank 0's RNG streams.
-        ckpt.restore_rng_state(state["rng_states"][0])
-        log(f"{folder}: saved by {len(saved)} rank(s), continuing on {info.world_size}: the "
-            "data continues where the saved ranks stopped (not bit-exact across world sizes)")
-    return int(state["step"]), int(state.get("bad_steps", 0))
-
-
-def rescaled_loader_state(states: list[dict], loader: BatchLoader, folder: Path) -> dict:
-    """This rank's loader state for a checkpoint written by another number of ranks.
-
-    The ranks deal each epoch's permutation out round-robin, micro-batch by micro-batch, so
-    after `position` micro-batches each, N ranks have together consumed exactly the first
-    position x micro_batch x N items of it, whatever N is. M ranks continue from the same
-    item when that count is a whole number of their micro_batch x M items (always so when
-    the sequences per optimizer step stay the same); otherwise the resume is refused.
-    """
-    first = states[0]
-    if any((s["epoch"], s["position"]) != (first["epoch"], first["position"]) for s in states):
-        raise ckpt.CheckpointLoadError(
-            f"{folder}: its ranks' data loaders stopped at different positions; it can only "
-            f"continue on {len(states)} ranks")
-    consumed = first["position"] * first["micro_batch"] * len(states)
-    per_batch = loader.micro_batch * loader.world_size
-    if consumed % per_batch:
-        raise ckpt.CheckpointLoadError(
-            f"{folder}: {len(states)} rank(s) consumed {consumed} sequences of epoch "
-            f"{first['epoch']}, not a multiple of this run's {loader.micro_batch} x "
-            f"{loader.world_size} per micro-batch; resume on {len(states)} rank(s), or keep "
-            "micro_batch x world size a divisor of that count")
-    return {**first, "world_size": loader.world_size, "micro_batch": loader.micro_batch,
-            "position": consumed // per_batch}
-
-
-def resume(candidates: list[Path], *, log, **live) -> tuple[Path | None, int, int]:
-    """(checkpoint, step, non-finite steps in a row) of the first candidate that loads.
-
-    A damaged one (a file whose sha256 changed, non-finite weights, an unreadable state
-    file) is skipped with a warning naming it and why, so resume=auto falls back to the
-    newest intact checkpoint; when none is intact the run stops rather than start afresh
-    over them. Every load overwrites all of the live state, so a failed attempt leaves
-    nothing behind.
-    """
-    if not candidates:
-        return None, 0, 0
-    failures = []
-    for folder in candidates:
-        try:
-            step, bad_steps = load_resume_state(folder, log=log, **live)
-        except ckpt.CheckpointLoadError as exc:
-            failures.append(str(exc))
-            log(f"warning: not resuming from {folder}: {exc}")
-            continue
-        if failures:
-            log(f"warning: resuming from {folder}, the newest intact checkpoint")
-        return folder, step, bad_steps
-    if len(candidates) == 1:
-        raise ckpt.CheckpointLoadError(failures[0])
-    raise ckpt.CheckpointLoadError(
-        f"no intact checkpoint to resume from ({'; '.join(failures)}); move the damaged "
-        "ones away to start afresh, or choose another run.out_dir"
-    )

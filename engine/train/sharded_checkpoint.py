@@ -16,7 +16,8 @@ Layout of <out_dir>/checkpoints/step-00000010/ under dist.strategy=fsdp (docs/fo
 No pickle anywhere: DCP's default FileSystemWriter would write a pickled .metadata file (and
 its reader unpickle it); the Hugging Face storage writer keeps everything in safetensors
 headers, and its reader rebuilds the metadata from them. Loading reshards: a checkpoint
-written by N ranks loads onto M (the loader's position is converted by engine.train.setup).
+written by N ranks loads onto M (the loader's position is converted by
+engine.train.checkpointer).
 
 Atomicity is the single-file layout's: rank 0 stages a hidden folder, every rank writes into
 it, the files are hashed (each rank a share), rank 0 fsyncs and renames it, then writes DONE.

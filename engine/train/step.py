@@ -27,11 +27,26 @@ import torch
 from engine import dist
 from engine.kernels.constants import IGNORE_INDEX
 from engine.kernels.loss_spec import LossSpec
-from engine.model.network import autocast_context, model_device
-from engine.train.fsdp import clip_grad_norm, through_head
+from engine.model.network import autocast_context, model_device, unwrap_model
 from engine.train.teacher_signal import NoTeacher, TeacherSignal
 
 CROSS_ENTROPY_ONLY = NoTeacher()
+
+
+def plain_head_loss(model: torch.nn.Module, input_ids: torch.Tensor, loss_fn):
+    """loss_fn(final hidden states, head weight): the forward (through its DDP / compile
+    wrapper) stops at the hidden states, then the loss runs the head: one graph for
+    torch.compile, no new function per call to guard on. (FSDP's: fsdp.head_loss.)"""
+    return loss_fn(model(input_ids, return_hidden=True), unwrap_model(model).embed_out.weight)
+
+
+def plain_clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_; with max_norm inf (optim.grad_clip 0) only the norm, no pass
+    over the gradients. (FSDP's: fsdp.clip_grad_norm.)"""
+    parameters = list(parameters)
+    if math.isfinite(max_norm):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
 
 
 def distill_micro_step(
@@ -44,6 +59,7 @@ def distill_micro_step(
     autocast_dtype: torch.dtype | None = None,
     inplace_grad: bool = True,
     chunk_tokens: int | None = None,
+    head_loss=plain_head_loss,
     **spec_fields,
 ) -> dict[str, torch.Tensor]:
     """Forward both models on `batch`, backpropagate the student's loss, return detached stats.
@@ -57,6 +73,8 @@ def distill_micro_step(
     student's .grad; under DDP wrap the call in `student.no_sync()` on all but the last
     micro-step of a window (the forward too). `student` may be a DDP / torch.compile wrapper
     of a GPTNeoX: the forward runs through it; the head weight is the inner module's.
+    `head_loss(student, input_ids, loss_fn)` runs the fused head + loss through the student
+    (the run's strategy gives it: plain_head_loss, or under FSDP fsdp.head_loss).
 
     With spec.fused_head the student stops at its final hidden states and the signal's
     head_loss runs the head inside the loss (`chunk_tokens` overrides its chunk rule), under
@@ -75,7 +93,7 @@ def distill_micro_step(
     autocast = autocast_context(input_ids.device.type, autocast_dtype)
     if spec.fused_head:
         with autocast:
-            loss, stats = through_head(student, input_ids, lambda hidden, head: signal.head_loss(
+            loss, stats = head_loss(student, input_ids, lambda hidden, head: signal.head_loss(
                 side, hidden, head, labels, spec, normalizer=normalizer,
                 chunk_tokens=chunk_tokens))
     else:
@@ -137,11 +155,15 @@ def train_step(
     max_grad_norm: float,
     lr: float,
     stop_requested: bool,
+    head_loss=plain_head_loss,
+    clip_grad_norm=plain_clip_grad_norm,
 ) -> StepResult:
     """Micro-steps over `window`, clip, one all-reduce, then the optimizer step at `lr`.
 
     `model` is what runs the forward (the student, or its DDP / compiled wrapper); `student`
-    owns the parameters; `teacher` and `spec` as for distill_micro_step. The update is skipped,
+    owns the parameters; `teacher` and `spec` as for distill_micro_step. `head_loss` and
+    `clip_grad_norm` come from the run's strategy (engine/train/strategy.py; the defaults are
+    one process's and DDP's). The update is skipped,
     and the gradient dropped, when the loss or the gradient norm is not finite.
     """
     device = model_device(student)
@@ -152,11 +174,11 @@ def train_step(
         skip_sync = hasattr(model, "no_sync") and i < len(window) - 1
         with model.no_sync() if skip_sync else contextlib.nullcontext():
             stats = distill_micro_step(model, teacher, batch, spec, normalizer=normalizer,
-                                       autocast_dtype=autocast_dtype)
+                                       autocast_dtype=autocast_dtype, head_loss=head_loss)
         sums += torch.stack(
             [stats["loss"], stats["ce_sum"], stats["kd_sum"], stats["valid_tokens"]]
         )
-    grad_norm = clip_grad_norm(student.parameters(), max_grad_norm)  # DTensors too (FSDP)
+    grad_norm = clip_grad_norm(student.parameters(), max_grad_norm)
     flag = torch.tensor([1.0 if stop_requested else 0.0], device=device)
     totals = dist.all_reduce_sum(torch.cat([sums, flag]))
     # One host sync per step: the grad norm (already global after DDP's all-reduce) rides

@@ -52,7 +52,7 @@ class TeacherSignal(Protocol):
     states, logits, targets or None); it runs before the student's forward and keeps no
     autograd graph. The two loss methods return (loss, stats) as the kernels do: the loss
     divided by `normalizer`, stats the detached fp32 sums "ce_sum", "kd_sum", "valid_tokens".
-    `head_loss` runs inside the student's forward under FSDP (engine.train.fsdp.through_head).
+    `head_loss` runs inside the student's forward under FSDP (engine.train.fsdp.head_loss).
     """
 
     teaches: bool

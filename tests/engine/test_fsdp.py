@@ -36,9 +36,10 @@ from engine.quickstart.corpus import train_bpe_tokenizer
 from engine.sharded_memory import plan_sharded_memory
 from engine.train import checkpoint as ckpt
 from engine.train import strategy
+from engine.train.checkpointer import rescaled_loader_state
 from engine.train.config import ConfigError
 from engine.train.loop import run
-from engine.train.setup import memory_plan_args, plan_micro_batch, rescaled_loader_state
+from engine.train.setup import memory_plan_args, plan_micro_batch
 from engine.train.sharded_checkpoint import OPTIMIZER_SHARDS, STUDENT_SHARDS
 from tests.dist_helpers import LOOPBACK_ENV
 from tests.engine.test_train import (

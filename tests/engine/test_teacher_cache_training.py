@@ -118,7 +118,7 @@ def test_resume_from_a_cache_is_bit_exact(assets, tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_ranks_match_one_process(assets, tmp_path, strategy):
     """Rank splits of the cached targets; under FSDP the sparse head loss runs inside the
-    sharded student's forward (engine.train.fsdp.through_head)."""
+    sharded student's forward (engine.train.fsdp.head_loss)."""
     common = dict(data__mode="padded", teacher__cache=assets["sampled"], optim__lr=3e-4)
     single = run(config(assets, tmp_path / "single", batch__accum_steps=4, **common))
     out = tmp_path / strategy
