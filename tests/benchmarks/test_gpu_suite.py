@@ -31,7 +31,7 @@ def test_smoke_suite_runs_every_section(tmp_path):
                              "divergences", "head",
                              "seed_recipe", "seed_recipe_logits", "seed_recipe_compiled",
                              "teacher_cache", "teacher_cache_build", "transformers",
-                             "capped_12gib", "fsdp"}
+                             "on_policy_step", "capped_12gib", "fsdp"}
     for name, body in sections.items():
         assert "error" not in body, (name, body.get("traceback"))
     assert sections["kernel_correctness"]["passed"]
@@ -63,6 +63,10 @@ def test_smoke_suite_runs_every_section(tmp_path):
     assert all(b["seconds"] > 0 and b["bytes_per_token"] == b["target_bytes_per_token"]
                for b in builds.values())
     assert "teacher cache build, top-64 / teacher forward" in proc.stdout
+    onpolicy = sections["on_policy_step"]
+    assert onpolicy["on_policy"]["finite"] and onpolicy["off_policy"]["finite"]
+    assert onpolicy["on_over_off_step_time"] > 0 and 0 < onpolicy["sampling_share"] < 1
+    assert "on-policy / off-policy step time (2 x 32)" in proc.stdout
     capped = sections["capped_12gib"]
     assert capped["seed_micro_batch_fits"] and capped["measured_largest_micro_batch"] >= 2
     assert capped["best_compiled_micro_batch"] == capped["measured_largest_micro_batch"]
