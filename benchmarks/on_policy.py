@@ -8,20 +8,25 @@ settings (teacher.dtype fp32: a CPU has no bf16 units) at onpolicy.fraction (GKD
 0, 0.5 and 1, one divergence for all (DIVERGENCE), prompt + new tokens = half the window each.
 
 (a) Equal optimizer steps: every lambda runs the quickstart's distill steps.
-(b) Equal time: the time budget is the on-policy run's summed step_time_s (the records'
-    own step times, not the process clock, so neighbours between steps matter less). Lambda
-    0 and 0.5 are run again, afresh, for round(steps x budget / their own (a) total) steps, so
-    each run's cosine schedule still ends at its last step; the table gives the step time
-    each really summed.
+(b) Equal time: time is CPU time, not the clock. On a shared 2-core machine the records'
+    step_time_s of one and the same lambda-0 step swung 3x between runs (the neighbours'
+    load), more than the lambda 0 / 1 difference itself. So `step_costs` first times an
+    off-policy (lambda 0) and an on-policy (lambda 1) optimizer step of the run's own models
+    and settings in CPU seconds of this single-threaded process, interleaved, through the
+    trainer's own pieces (OnPolicyTeacher.prepare_window, distill_micro_step, fused AdamW);
+    a mixed step costs their mean (every other step samples). The budget is the on-policy
+    run's steps x its step cost; lambda 0 and 0.5 are run again, afresh, for round(budget /
+    their step cost) steps, so each run's cosine schedule still ends at its last step. The
+    records' summed step_time_s is reported beside it, as measured.
 
 Every run reports: held-out ppl and the last-word task of its export (the quickstart's
 held_out), the teacher's NLL of the student's own samples on held-out prompts (the same
 prompts and sampling seed for every model), the median step time and the records' mean
 onpolicy_generation_share. Checkpoints every quarter of a run give the chart (held-out ppl from
-the val records, sample NLL from each checkpoint, both against cumulative step time).
-`step_cost` splits the step of lambda 0 and 1 (same window, seq_len = prompt + new tokens):
-sampling (the records' generation share), teacher prefill (timed here on the same models and
-shapes) and the rest (student forward + backward, loss, optimizer).
+the val records, sample NLL from each checkpoint, both against steps x step cost). The step
+costs also say where the time goes (same windows, seq_len = prompt + new tokens): sampling,
+teacher prefill (the teacher's forward alone, timed beside each step) and the rest (student
+forward + backward with the loss, the teacher NLL of the samples, the optimizer).
 
 --quickstart reuses a finished quickstart folder (read only: everything is written under
 --out); without it the quickstart runs first under --out. CPU only; numbers in
@@ -45,6 +50,7 @@ from benchmarks.common import RESULTS_DIR, write_json
 from engine.data.loader import build_dataset
 from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.kernels.constants import IGNORE_INDEX
+from engine.kernels.loss_spec import LossSpec
 from engine.metrics import read_records
 from engine.model.hf_io import load_pretrained
 from engine.on_policy import SamplingSettings, student_batch, teacher_nll_sum
@@ -52,6 +58,9 @@ from engine.quickstart import pipeline as quickstart
 from engine.sampling import new_generator
 from engine.train.checkpoint import complete_checkpoints
 from engine.train.loop import run as train_run
+from engine.train.on_policy_signal import OnPolicyTeacher
+from engine.train.step import distill_micro_step
+from engine.train.teacher_signal import LiveTeacher
 
 FRACTIONS = (0.0, 0.5, 1.0)
 NAMES = {0.0: "off-policy", 0.5: "mixed", 1.0: "on-policy"}
@@ -61,7 +70,7 @@ NAMES = {0.0: "off-policy", 0.5: "mixed", 1.0: "on-policy"}
 DIVERGENCE = "reverse_kl"
 PROMPT_BATCHES = 8  # held-out micro-batches whose prefixes prompt the sample-NLL measure
 NLL_SEED = 1234  # the sampler seed of that measure, the same for every model
-PREFILL_REPEATS = 5
+COST_REPEATS = 8  # interleaved off- and on-policy steps timed, after one warm-up of each
 
 
 def _rebased(path: str, old_root: Path, folder: Path) -> str:
@@ -122,12 +131,13 @@ def sampling_settings(config) -> SamplingSettings:
     return SamplingSettings.of(config.onpolicy, config.data.valid_vocab or None)
 
 
-def heldout_prompts(config) -> list[torch.Tensor]:
-    """PROMPT_BATCHES held-out windows (val split): their prefixes are the measure's prompts."""
+def heldout_windows(config) -> list[dict]:
+    """PROMPT_BATCHES held-out micro-batches (val split): their prefixes are the sample-NLL
+    measure's prompts, and the step costs are timed on them."""
     dataset = build_dataset(Path(config.data.path), "packed", config.batch.seq_len)
     loader = heldout_loader(dataset, config.batch.micro_batch,
                             val_fraction=config.data.val_fraction)
-    return [b["input_ids"] for b in heldout_batches(loader, max_batches=PROMPT_BATCHES)]
+    return list(heldout_batches(loader, max_batches=PROMPT_BATCHES))
 
 
 @torch.no_grad()
@@ -137,8 +147,8 @@ def sample_nll(model_dir, teacher, prompts, settings: SamplingSettings) -> float
     model = load_pretrained(model_dir, dtype=torch.float32, device="cpu").eval()
     generator = new_generator(NLL_SEED)
     total, count = 0.0, 0
-    for ids in prompts:
-        batch = student_batch(model, ids, settings, generator=generator)
+    for window in prompts:
+        batch = student_batch(model, window["input_ids"], settings, generator=generator)
         logits = teacher(batch["input_ids"])[..., : settings.valid_vocab or None]
         total += float(teacher_nll_sum(logits, batch["labels"]))
         count += int((batch["labels"] != IGNORE_INDEX).sum())
@@ -167,11 +177,11 @@ def run_timeline(metrics_path: Path) -> dict[str, Any]:
 
 
 def chart_points(result: dict, timeline: dict, teacher, prompts, settings, base: dict) -> list:
-    """(cumulative step s, held-out ppl, sample NLL) at step 0 (the base) and each checkpoint."""
-    points = [(0.0, base["ppl"], base["sample_nll"])]
+    """(step, held-out ppl, sample NLL) at step 0 (the base) and at each checkpoint."""
+    points = [(0, base["ppl"], base["sample_nll"])]
     for step, folder in complete_checkpoints(result["out_dir"]):
         if step in timeline["val_ppl"]:
-            points.append((timeline["cumulative_s"][step], timeline["val_ppl"][step],
+            points.append((step, timeline["val_ppl"][step],
                            sample_nll(folder / "student", teacher, prompts, settings)))
     return points
 
@@ -194,7 +204,9 @@ def study_run(ctx: dict, fraction: float, steps: int, label: str) -> dict:
     timeline = run_timeline(Path(result["metrics_path"]))
     points = chart_points(result, timeline, ctx["teacher"], ctx["prompts"], ctx["sampling"],
                           ctx["base"])
+    step_cost = ctx["costs"]["per_step_s"][fraction]
     return {"run": label, "fraction": fraction, "steps": steps,
+            "step_cost_s": round(step_cost, 4), "cpu_time_s": round(steps * step_cost, 2),
             "step_time_s": round(timeline["step_time_s"], 2),
             "median_step_s": round(timeline["median_step_s"], 4),
             "generation_share": round(timeline["generation_share"], 4),
@@ -206,45 +218,70 @@ def study_run(ctx: dict, fraction: float, steps: int, label: str) -> dict:
 
 @torch.no_grad()
 def prefill_seconds(teacher, ids: torch.Tensor) -> float:
-    """Median time of the teacher's no-grad forward to its final hidden states (what the
-    fused head reads), PREFILL_REPEATS times after one warm-up."""
+    """CPU seconds of the teacher's no-grad forward to its final hidden states (what the fused
+    head reads): the prefill inside a step, timed alone on the same positions."""
+    t0 = time.process_time()
     teacher(ids, return_hidden=True)
-    times = []
-    for _ in range(PREFILL_REPEATS):
-        t0 = time.perf_counter()
-        teacher(ids, return_hidden=True)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time.process_time() - t0
 
 
-def step_cost(rows: dict, teacher, prompts, settings: SamplingSettings) -> dict:
-    """Where the time of an off-policy (lambda 0) and an on-policy (lambda 1) step goes, both
-    on the same windows of prompt + new tokens: sampling = the records' generation share of the
-    median step, teacher prefill timed here, the rest = student forward + backward, loss and
-    optimizer (the step's time less both)."""
-    off, on = rows["off-policy"], rows["on-policy"]
-    window = prompts[0][:, : settings.length]
+def timed_step(student, optimizer, signal, window: dict, spec, step: int, teacher) -> dict:
+    """One optimizer step as the trainer runs it (signal.prepare_window writes an on-policy
+    micro-batch, distill_micro_step, the optimizer), in CPU seconds, split."""
+    t0 = time.process_time()
+    batch = signal.prepare_window([window], student, step)[0]
+    t1 = time.process_time()
+    normalizer = float((batch["labels"] != IGNORE_INDEX).sum())
+    distill_micro_step(student, signal, batch, spec, normalizer=normalizer)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    t2 = time.process_time()
+    return {"step_s": t2 - t0, "sampling_s": t1 - t0,
+            "teacher_prefill_s": prefill_seconds(teacher, batch["input_ids"]),
+            "positions": list(batch["input_ids"].shape)}
+
+
+def step_costs(ctx: dict, config) -> dict:
+    """Median CPU seconds of an off-policy and an on-policy optimizer step (module docstring,
+    (b)), COST_REPEATS of each, interleaved so that a neighbour's burst hits both alike."""
+    student = load_pretrained(ctx["summary"]["runs"]["student_base"]["export_dir"],
+                              dtype=torch.float32, device="cpu").train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.optim.lr,
+                                  betas=tuple(config.optim.betas), fused=True)
+    live = LiveTeacher(ctx["teacher"])
+    signals = {name: OnPolicyTeacher(live, ctx["sampling"], fraction=fraction, accum_steps=1,
+                                     seed=0, rank=0, device=torch.device("cpu"))
+               for name, fraction in (("off-policy", 0.0), ("on-policy", 1.0))}
+    spec = LossSpec(alpha=config.loss.alpha, temperature=config.loss.temperature,
+                    divergence=DIVERGENCE, valid_vocab=config.data.valid_vocab or None)
+    window = {k: v[:, : ctx["sampling"].length] for k, v in ctx["prompts"][0].items()}
+    times: dict[str, list[dict]] = {name: [] for name in signals}
+    for repeat in range(COST_REPEATS + 1):
+        for name, signal in signals.items():
+            timed = timed_step(student, optimizer, signal, window, spec, repeat, ctx["teacher"])
+            if repeat:  # the first of each is the warm-up
+                times[name].append(timed)
     split = {}
-    for name, row, ids in (("off-policy", off, window), ("on-policy", on, window[:, :-1])):
-        step = row["median_step_s"]
-        sampling = row["generation_share"] * step
-        prefill = prefill_seconds(teacher, ids)
-        split[name] = {"step_s": step, "sampling_s": round(sampling, 4),
-                       "teacher_prefill_s": round(prefill, 4),
-                       "student_and_rest_s": round(step - sampling - prefill, 4),
-                       "positions": list(ids.shape)}
-    split["ratio"] = round(on["median_step_s"] / off["median_step_s"], 3)
-    return split
+    for name, runs in times.items():
+        median = {key: statistics.median(r[key] for r in runs)
+                  for key in ("step_s", "sampling_s", "teacher_prefill_s")}
+        median["student_and_rest_s"] = (median["step_s"] - median["sampling_s"]
+                                        - median["teacher_prefill_s"])
+        split[name] = {**{k: round(v, 4) for k, v in median.items()},
+                       "positions": runs[0]["positions"]}
+    off, on = split["off-policy"]["step_s"], split["on-policy"]["step_s"]
+    return {**split, "ratio": round(on / off, 3), "clock": "process CPU seconds, 1 thread",
+            "per_step_s": {0.0: off, 0.5: (off + on) / 2, 1.0: on}}
 
 
-def equal_time_steps(steps: int, budget_s: float, own_total_s: float) -> int:
-    """Steps of a run whose steps cost like its equal-step run's, to sum about budget_s."""
-    return max(1, round(steps * budget_s / own_total_s))
+def equal_time_steps(budget_s: float, step_cost_s: float) -> int:
+    """Steps of `step_cost_s` each that fill budget_s (at least one)."""
+    return max(1, round(budget_s / step_cost_s))
 
 
 def draw_chart(rows: list[dict], path: Path) -> str | None:
-    """Held-out ppl and sample NLL against cumulative step time: solid lines the on-policy run
-    and the equal-time runs, dashed the equal-step runs (None without matplotlib)."""
+    """Held-out ppl and sample NLL against steps x step cost (CPU s): solid lines the on-policy
+    run and the equal-time runs, dashed the equal-step runs (None without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -255,7 +292,8 @@ def draw_chart(rows: list[dict], path: Path) -> str | None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = {0.0: "tab:blue", 0.5: "tab:orange", 1.0: "tab:green"}
     for row in rows:
-        times, ppls, nlls = zip(*row["points"], strict=True)
+        steps, ppls, nlls = zip(*row["points"], strict=True)
+        times = [step * row["step_cost_s"] for step in steps]
         style = "--" if row["run"].endswith("equal steps") and row["fraction"] < 1 else "-"
         for ax, values in zip(axes, (ppls, nlls), strict=True):
             ax.plot(times, values, style, marker="o", markersize=3,
@@ -263,7 +301,7 @@ def draw_chart(rows: list[dict], path: Path) -> str | None:
     axes[0].set_ylabel("held-out perplexity")
     axes[1].set_ylabel("teacher NLL of the student's samples (nats/token)")
     for ax in axes:
-        ax.set_xlabel("cumulative step time (s)")
+        ax.set_xlabel("steps x step cost (CPU s, 1 thread)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.suptitle(f"on-policy distillation at quickstart scale ({DIVERGENCE})")
@@ -277,19 +315,21 @@ def draw_chart(rows: list[dict], path: Path) -> str | None:
 
 
 def markdown(rows: list[dict], base: dict, cost: dict) -> str:
-    lines = ["| run | lambda | steps | summed step time (s) | median step (s) | generation share "
-             "| held-out ppl | last-word ppl | last-word acc | teacher NLL of own samples |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-             f"| student base | - | 0 | - | - | - | {base['ppl']:.2f} | "
+    lines = ["| run | lambda | steps | CPU time (s) | records' step time (s) | median step (s) "
+             "| generation share | held-out ppl | last-word ppl | last-word acc "
+             "| teacher NLL of own samples |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| student base | - | 0 | - | - | - | - | {base['ppl']:.2f} | "
              f"{base['last_word_ppl']:.1f} | {base['last_word_acc']:.3f} | "
              f"{base['sample_nll']:.3f} |"]
     for r in rows:
         lines.append(
-            f"| {r['run']} | {r['fraction']} | {r['steps']} | {r['step_time_s']:.1f} | "
+            f"| {r['run']} | {r['fraction']} | {r['steps']} | {r['cpu_time_s']:.1f} | "
+            f"{r['step_time_s']:.1f} | "
             f"{r['median_step_s']:.3f} | {r['generation_share']:.1%} | {r['ppl']:.2f} | "
             f"{r['last_word_ppl']:.1f} | {r['last_word_acc']:.3f} | {r['sample_nll']:.3f} |")
-    lines += ["", "| step (median) | total (s) | sampling (s) | teacher prefill (s) "
-              "| student fwd+bwd, loss, optimizer (s) |", "|---|---:|---:|---:|---:|"]
+    lines += ["", "| step (median CPU s) | total | sampling | teacher prefill "
+              "| student fwd+bwd, loss, optimizer |", "|---|---:|---:|---:|---:|"]
     for name in ("off-policy", "on-policy"):
         c = cost[name]
         lines.append(f"| {name} ({c['positions'][0]} x {c['positions'][1]}) | {c['step_s']:.3f} "
@@ -300,12 +340,12 @@ def markdown(rows: list[dict], base: dict, cost: dict) -> str:
 
 
 def study(ctx: dict, steps: int) -> list[dict]:
-    """(a) every lambda at `steps`; (b) lambda 0 and 0.5 again at the on-policy run's time."""
-    equal_steps = {f: study_run(ctx, f, steps, f"{NAMES[f]}, equal steps") for f in FRACTIONS}
-    budget = equal_steps[1.0]["step_time_s"]
-    rows = list(equal_steps.values())
+    """(a) every lambda at `steps`; (b) lambda 0 and 0.5 again at the on-policy run's CPU
+    time (steps x its step cost)."""
+    rows = [study_run(ctx, f, steps, f"{NAMES[f]}, equal steps") for f in FRACTIONS]
+    cost = ctx["costs"]["per_step_s"]
     for fraction in FRACTIONS[:-1]:
-        n = equal_time_steps(steps, budget, equal_steps[fraction]["step_time_s"])
+        n = equal_time_steps(steps * cost[1.0], cost[fraction])
         rows.append(study_run(ctx, fraction, n, f"{NAMES[fraction]}, equal time"))
     return rows
 
@@ -330,14 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     teacher = load_pretrained(summary["runs"]["teacher_pretrain"]["export_dir"],
                               dtype=torch.float32, device="cpu").eval()
     ctx = {"settings": settings, "summary": summary, "out": Path(args.out), "teacher": teacher,
-           "prompts": heldout_prompts(reference), "sampling": sampling_settings(reference)}
+           "prompts": heldout_windows(reference), "sampling": sampling_settings(reference)}
     base = next(r for r in summary["rows"] if r["stage"] == "student_base")
     base["sample_nll"] = sample_nll(summary["runs"]["student_base"]["export_dir"], teacher,
                                     ctx["prompts"], ctx["sampling"])
     ctx["base"] = base
+    ctx["costs"] = cost = step_costs(ctx, reference)
+    print(f"[on_policy] step costs (CPU s): off-policy {cost['off-policy']['step_s']:.3f}, "
+          f"on-policy {cost['on-policy']['step_s']:.3f} (x{cost['ratio']:.2f})", flush=True)
     rows = study(ctx, steps)
-    cost = step_cost({r["run"].split(",")[0]: r for r in rows[:3]}, teacher, ctx["prompts"],
-                     ctx["sampling"])
     chart = draw_chart(rows, Path(args.chart or Path(args.json).with_suffix(".png")))
     table = markdown(rows, base, cost)
     print(table)
@@ -348,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                     "torch_threads": torch.get_num_threads()},
         "divergence": DIVERGENCE, "prompt_tokens": ctx["sampling"].prompt_tokens,
         "new_tokens": ctx["sampling"].new_tokens, "steps": steps,
-        "time_budget_s": rows[2]["step_time_s"], "base": base, "rows": rows,
+        "time_budget_s": rows[2]["cpu_time_s"], "base": base, "rows": rows,
         "step_cost": cost, "chart": chart, "table": table, "tiny": args.tiny,
     })
     print(f"results written to {args.json}" + (f", chart {chart}" if chart else ""))

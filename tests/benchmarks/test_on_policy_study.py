@@ -14,8 +14,9 @@ import pytest
 from benchmarks import on_policy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ROW_KEYS = {"run", "fraction", "steps", "step_time_s", "median_step_s", "generation_share",
-            "ppl", "last_word_ppl", "last_word_acc", "sample_nll", "points"}
+ROW_KEYS = {"run", "fraction", "steps", "step_cost_s", "cpu_time_s", "step_time_s",
+            "median_step_s", "generation_share", "ppl", "last_word_ppl", "last_word_acc",
+            "sample_nll", "points"}
 
 
 def test_reused_quickstart_paths_point_into_its_folder(tmp_path):
@@ -38,10 +39,10 @@ def test_reused_quickstart_paths_point_into_its_folder(tmp_path):
         folder / "teacher_pretrain" / "final")
 
 
-def test_equal_time_steps_scale_with_the_budget():
-    assert on_policy.equal_time_steps(80, 150.0, 100.0) == 120
-    assert on_policy.equal_time_steps(80, 50.0, 100.0) == 40
-    assert on_policy.equal_time_steps(4, 0.01, 100.0) == 1
+def test_equal_time_steps_fill_the_budget():
+    assert on_policy.equal_time_steps(80 * 1.5, 1.0) == 120
+    assert on_policy.equal_time_steps(80 * 1.5, 1.25) == 96
+    assert on_policy.equal_time_steps(0.01, 1.0) == 1
 
 
 @pytest.mark.slow
@@ -62,16 +63,19 @@ def test_on_policy_study_tiny(tmp_path):
     assert [r["fraction"] for r in rows] == [0.0, 0.5, 1.0, 0.0, 0.5]
     steps = report["steps"]
     assert all(r["steps"] == steps for r in rows[:3])
-    assert report["time_budget_s"] == rows[2]["step_time_s"]
+    cost = report["step_cost"]
+    on, off = cost["on-policy"]["step_s"], cost["off-policy"]["step_s"]
+    assert cost["ratio"] == pytest.approx(on / off, rel=1e-2)
+    assert report["time_budget_s"] == rows[2]["cpu_time_s"]
+    for row in rows[3:]:  # the equal-time runs fill the on-policy run's CPU time
+        assert abs(row["cpu_time_s"] - report["time_budget_s"]) <= row["step_cost_s"]
     assert report["prompt_tokens"] + report["new_tokens"] == 64  # --tiny's seq_len
     assert rows[0]["generation_share"] == 0.0 < rows[1]["generation_share"]
     assert rows[1]["generation_share"] < rows[2]["generation_share"] < 1.0
     for row in rows:
-        assert row["points"][0][0] == 0.0
-        assert row["points"][-1][0] == pytest.approx(row["step_time_s"], abs=0.01)
+        assert row["points"][0][0] == 0 and row["points"][-1][0] == row["steps"]
         assert row["sample_nll"] > 0 and row["ppl"] > 0
-    cost = report["step_cost"]
-    assert cost["ratio"] == round(rows[2]["median_step_s"] / rows[0]["median_step_s"], 3)
     assert cost["off-policy"]["sampling_s"] == 0.0 < cost["on-policy"]["sampling_s"]
+    assert cost["off-policy"]["positions"] == [4, 64] and cost["on-policy"]["positions"] == [4, 63]
     assert "| on-policy, equal steps |" in proc.stdout and "teacher prefill" in report["table"]
     assert Path(report["chart"]).stat().st_size > 0
