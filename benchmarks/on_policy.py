@@ -8,9 +8,9 @@ settings (teacher.dtype fp32: a CPU has no bf16 units) at onpolicy.fraction (GKD
 0, 0.5 and 1, one divergence for all (DIVERGENCE), prompt + new tokens = half the window each.
 
 (a) Equal optimizer steps: every lambda runs the quickstart's distill steps.
-(b) Equal time: time is CPU time, not the clock. On a shared 2-core machine the records'
-    step_time_s of one and the same lambda-0 step swung 3x between runs (the neighbours'
-    load), more than the lambda 0 / 1 difference itself. So `step_costs` first times an
+(b) Equal time: time is CPU time, not the clock: on a shared machine the wall clock of a step
+    (the records' step_time_s) measures the neighbours' load as much as the step, and can
+    swamp the lambda 0 / 1 difference (benchmarks/README.md). So `step_costs` first times an
     off-policy (lambda 0) and an on-policy (lambda 1) optimizer step of the run's own models
     and settings in CPU seconds of this single-threaded process, interleaved, through the
     trainer's own pieces (OnPolicyTeacher.prepare_window, distill_micro_step, fused AdamW);
@@ -227,7 +227,8 @@ def prefill_seconds(teacher, ids: torch.Tensor) -> float:
 
 def timed_step(student, optimizer, signal, window: dict, spec, step: int, teacher) -> dict:
     """One optimizer step as the trainer runs it (signal.prepare_window writes an on-policy
-    micro-batch, distill_micro_step, the optimizer), in CPU seconds, split."""
+    micro-batch, distill_micro_step, the optimizer), in CPU seconds, split: "sampling_s" is
+    prepare_window's time (at lambda 0 only its bookkeeping, counting the labels)."""
     t0 = time.process_time()
     batch = signal.prepare_window([window], student, step)[0]
     t1 = time.process_time()
@@ -316,10 +317,10 @@ def draw_chart(rows: list[dict], path: Path) -> str | None:
 
 def markdown(rows: list[dict], base: dict, cost: dict) -> str:
     lines = ["| run | lambda | steps | CPU time (s) | records' step time (s) | median step (s) "
-             "| generation share | held-out ppl | last-word ppl | last-word acc "
+             "| generation share | held-out ppl | held-out KD | last-word ppl | last-word acc "
              "| teacher NLL of own samples |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-             f"| student base | - | 0 | - | - | - | - | {base['ppl']:.2f} | "
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| student base | - | 0 | - | - | - | - | {base['ppl']:.2f} | {base['kd']:.3f} | "
              f"{base['last_word_ppl']:.1f} | {base['last_word_acc']:.3f} | "
              f"{base['sample_nll']:.3f} |"]
     for r in rows:
@@ -327,6 +328,7 @@ def markdown(rows: list[dict], base: dict, cost: dict) -> str:
             f"| {r['run']} | {r['fraction']} | {r['steps']} | {r['cpu_time_s']:.1f} | "
             f"{r['step_time_s']:.1f} | "
             f"{r['median_step_s']:.3f} | {r['generation_share']:.1%} | {r['ppl']:.2f} | "
+            f"{r['kd']:.3f} | "
             f"{r['last_word_ppl']:.1f} | {r['last_word_acc']:.3f} | {r['sample_nll']:.3f} |")
     lines += ["", "| step (median CPU s) | total | sampling | teacher prefill "
               "| student fwd+bwd, loss, optimizer |", "|---|---:|---:|---:|---:|"]

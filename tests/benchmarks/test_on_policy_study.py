@@ -16,7 +16,7 @@ from benchmarks import on_policy
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ROW_KEYS = {"run", "fraction", "steps", "step_cost_s", "cpu_time_s", "step_time_s",
             "median_step_s", "generation_share", "ppl", "last_word_ppl", "last_word_acc",
-            "sample_nll", "points"}
+            "sample_nll", "points", "kd"}
 
 
 def test_reused_quickstart_paths_point_into_its_folder(tmp_path):
@@ -75,7 +75,8 @@ def test_on_policy_study_tiny(tmp_path):
     for row in rows:
         assert row["points"][0][0] == 0 and row["points"][-1][0] == row["steps"]
         assert row["sample_nll"] > 0 and row["ppl"] > 0
-    assert cost["off-policy"]["sampling_s"] == 0.0 < cost["on-policy"]["sampling_s"]
+    # lambda 0's prepare_window only counts labels; lambda 1's samples
+    assert cost["off-policy"]["sampling_s"] < 0.05 * off < cost["on-policy"]["sampling_s"]
     assert cost["off-policy"]["positions"] == [4, 64] and cost["on-policy"]["positions"] == [4, 63]
     assert "| on-policy, equal steps |" in proc.stdout and "teacher prefill" in report["table"]
     assert Path(report["chart"]).stat().st_size > 0
