@@ -32,6 +32,10 @@ Sections (each guarded: a failure is recorded with its traceback and the others 
                       its own forward, steady state (target >= 0.9x)
   transformers        the step through GPTNeoXForCausalLM + the naive loss (target: ours eager
                       >= 1.5x)
+  on_policy_step      the distillation step at onpolicy.fraction 1 (the student samples 64
+                      tokens after 64-token prompts, the teacher scores them) against the
+                      off-policy step of the same 8 x 128-token windows (pythia shapes, bf16
+                      autocast): tokens/s of each, their ratio, sampling's share of the step
   capped_12gib        a fresh process capped to a 12 GiB card: the seed step, the largest
                       micro-batch that runs (target >= 24), and that micro-batch compiled, the
                       best configuration that fits (target >= 500k tokens/s, MFU >= 35%)
@@ -77,6 +81,7 @@ from benchmarks.common import (
     RESULTS_DIR,
     SEED_HEAD,
     SMOKE,
+    TEMPERATURE,
     build_ours,
     build_pair,
     build_transformers,
@@ -108,8 +113,11 @@ from benchmarks.common import (
 from engine.kernels.constants import IGNORE_INDEX
 from engine.memory import CUDA_CONTEXT_BYTES, format_bytes, largest_micro_batch, plan_memory
 from engine.metrics import mfu, peak_flops
+from engine.on_policy import SamplingSettings, student_batch
+from engine.sampling import new_generator
 from engine.train.setup import CUDA_ALLOC_CONF
-from engine.train.teacher_signal import CachedTeacher
+from engine.train.step import distill_micro_step
+from engine.train.teacher_signal import CachedTeacher, LiveTeacher
 
 DEFAULT_SMOKE_OUT = REPO_ROOT / "runs" / "gpu_suite_smoke"
 CARD_BYTES = 12 * 2**30  # the user's RTX 3060
@@ -412,6 +420,58 @@ def section_transformers(sizes, smoke: bool) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------- on-policy step
+
+# (prompt tokens, new tokens, micro-batch) of the on-policy row: the study's 64 + 64 window
+# (benchmarks/on_policy.py) at pythia shapes; smoke mode shrinks it.
+ONPOLICY_SHAPE = {"full": (64, 64, 8), "smoke": (16, 16, 2)}
+
+
+def onpolicy_micro_step(settings: SamplingSettings, device, sampling_seconds: list[float]):
+    """A micro-step as the trainer runs an on-policy micro-batch (engine/train/
+    on_policy_signal.py): the student continues the window's prompt (no gradient, bf16
+    autocast), the teacher scores prompt + completion, the divergence alone (alpha 0) runs over
+    the completion. Each call's sampling time is appended to `sampling_seconds`."""
+    generator = new_generator(0, device)
+
+    def step(student, teacher, batch, valid_vocab, normalizer):
+        sync(device)
+        t0 = time.perf_counter()
+        drawn = student_batch(student, batch["input_ids"], settings, generator=generator,
+                              autocast_dtype=torch.bfloat16)
+        sync(device)
+        sampling_seconds.append(time.perf_counter() - t0)
+        on_batch = {"input_ids": drawn["input_ids"], "labels": drawn["labels"]}
+        return distill_micro_step(student, LiveTeacher(teacher), on_batch, alpha=0.0,
+                                  temperature=TEMPERATURE, valid_vocab=valid_vocab,
+                                  normalizer=settings.new_tokens * batch["input_ids"].shape[0],
+                                  autocast_dtype=torch.bfloat16, fused_head=True)
+
+    return step
+
+
+def section_on_policy_step(sizes, smoke: bool) -> dict:
+    """Lambda 1 against lambda 0 on the same prompt + new-token windows: tokens (window
+    positions) per second of each, the ratio of their step times, sampling's share."""
+    device = current_device()
+    prompt, new, micro_batch = ONPOLICY_SHAPE["smoke" if smoke else "full"]
+    shape = {**sizes, "seq_len": prompt + new, "micro_batch": micro_batch, "accum": 1}
+    teacher, student = build_pair(build_ours, sizes, device)
+    settings = SamplingSettings(prompt_tokens=prompt, new_tokens=new,
+                                valid_vocab=sizes["valid_vocab"])
+    off = time_training(student, teacher, ours_micro_step, shape, device)
+    sampling: list[float] = []
+    on = time_training(student, teacher, onpolicy_micro_step(settings, device, sampling),
+                       shape, device)
+    timed_sampling = sum(sampling[-on["micro_steps"]:])
+    del teacher, student
+    free_memory(device)
+    return {"device": device_name(device), "prompt_tokens": prompt, "new_tokens": new,
+            "off_policy": off, "on_policy": on,
+            "on_over_off_step_time": off["tokens_per_s"] / on["tokens_per_s"],
+            "sampling_share": timed_sampling / on["seconds"]}
+
+
 def section_capped(sizes, smoke: bool, out_dir: Path) -> dict:
     """Run the capped measurements in a fresh process so the cap and allocator start clean.
     The device memory this process still holds is passed along, so the child's own memory
@@ -590,7 +650,7 @@ def section_onpolicy_sampler_memory(sizes, smoke: bool) -> dict:
     return out
 
 
-def _onpolicy_rows(sections: dict) -> list[tuple[str, str, str]]:
+def _sampler_memory_rows(sections: dict) -> list[tuple[str, str, str]]:
     body = sections.get("onpolicy_sampler_memory", {})
     if "plan_sampler_bytes" not in body:
         return []
@@ -799,12 +859,23 @@ def _fsdp_rows(sections: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _onpolicy_rows(sections: dict) -> list[tuple[str, str, str]]:
+    body = sections.get("on_policy_step", {})
+    if "on_over_off_step_time" not in body:
+        return []
+    window = f"{body['off_policy']['micro_batch']} x {body['off_policy']['seq_len']}"
+    return [(f"on-policy / off-policy step time ({window})",
+             f"x{body['on_over_off_step_time']:.2f} ({body['on_policy']['tokens_per_s']:,.0f} "
+             f"vs {body['off_policy']['tokens_per_s']:,.0f} tokens/s, sampling "
+             f"{body['sampling_share']:.0%} of the step)", "-")]
+
+
 def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     """(check, measured, target) rows for the final table."""
     sections = report["sections"]
     rows = _failures(sections) + _kernel_rows(sections) + _head_rows(sections)
-    rows += _step_rows(sections) + _capped_rows(sections) + _fsdp_rows(sections)
-    rows += _onpolicy_rows(sections)
+    rows += _step_rows(sections) + _onpolicy_rows(sections) + _capped_rows(sections)
+    rows += _fsdp_rows(sections) + _sampler_memory_rows(sections)
     configs = [(name, sections.get(name, {})) for name in
                ("seed_recipe", "seed_recipe_logits", "seed_recipe_compiled")]
     configs += [(f"capped mb {a['micro_batch']}{' compiled' if a.get('compiled') else ''}", a)
@@ -852,6 +923,7 @@ SECTIONS: dict[str, Section] = {
     "teacher_cache": Section(_plain(section_teacher_cache), 90),
     "teacher_cache_build": Section(_plain(section_teacher_cache_build), 120),
     "transformers": Section(_plain(section_transformers), 60),
+    "on_policy_step": Section(_plain(section_on_policy_step), 90),
     "capped_12gib": Section(section_capped, 200),
     "fsdp": Section(section_fsdp, 240),
     "onpolicy_sampler_memory": Section(_plain(section_onpolicy_sampler_memory), 60),

@@ -32,7 +32,8 @@ def test_smoke_suite_runs_every_section(tmp_path):
                              "divergences", "head",
                              "seed_recipe", "seed_recipe_logits", "seed_recipe_compiled",
                              "teacher_cache", "teacher_cache_build", "transformers",
-                             "capped_12gib", "fsdp", "onpolicy_sampler_memory"}
+                             "on_policy_step", "capped_12gib", "fsdp",
+                             "onpolicy_sampler_memory"}
     for name, body in sections.items():
         assert "error" not in body, (name, body.get("traceback"))
     assert sections["kernel_correctness"]["passed"]
@@ -64,6 +65,7 @@ def test_smoke_suite_runs_every_section(tmp_path):
     assert all(b["seconds"] > 0 and b["bytes_per_token"] == b["target_bytes_per_token"]
                for b in builds.values())
     assert "teacher cache build, top-64 / teacher forward" in proc.stdout
+    check_on_policy_sections(sections, proc.stdout)
     capped = sections["capped_12gib"]
     assert capped["seed_micro_batch_fits"] and capped["measured_largest_micro_batch"] >= 2
     assert capped["best_compiled_micro_batch"] == capped["measured_largest_micro_batch"]
@@ -73,13 +75,20 @@ def test_smoke_suite_runs_every_section(tmp_path):
     assert fsdp["seed"]["fsdp"]["finite"] and fsdp["seed"]["fsdp_over_plain_tokens_per_s"] > 0
     assert fsdp["capped"]["finite"] and fsdp["capped"]["plan_allocated_peak_bytes"] > 0
     assert "FSDP x1 / plain seed step tokens/s" in proc.stdout
-    sampler = sections["onpolicy_sampler_memory"]
-    assert sampler["plan_sampler_bytes"] > 0 and sampler["generated_tokens"] == 2 * 8
-    assert "memory plan / measured: on-policy sampler" in proc.stdout
     # The summary table comes last.
     tail = proc.stdout.strip().splitlines()
     assert any(line.startswith("GPU suite summary") for line in tail[-40:])
     assert "JSON:" in tail[-1]
+
+
+def check_on_policy_sections(sections: dict, stdout: str) -> None:
+    onpolicy = sections["on_policy_step"]
+    assert onpolicy["on_policy"]["finite"] and onpolicy["off_policy"]["finite"]
+    assert onpolicy["on_over_off_step_time"] > 0 and 0 < onpolicy["sampling_share"] < 1
+    assert "on-policy / off-policy step time (2 x 32)" in stdout
+    sampler = sections["onpolicy_sampler_memory"]
+    assert sampler["plan_sampler_bytes"] > 0 and sampler["generated_tokens"] == 2 * 8
+    assert "memory plan / measured: on-policy sampler" in stdout
 
 
 def test_onpolicy_sampler_row_plans_and_stays_unmeasured_without_a_gpu():
