@@ -45,6 +45,7 @@ from engine.kernels.constants import IGNORE_INDEX
 from engine.kernels.divergences import DIVERGENCES
 from engine.kernels.kd_head import kd_head_loss
 from engine.kernels.kd_loss import kd_loss, kd_loss_reference
+from engine.kernels.loss_spec import LossSpec
 from engine.kernels.sparse_kd import sparse_kd_loss, sparse_kd_reference
 from engine.kernels.sparse_kd_head import sparse_kd_head_loss
 from engine.kernels.sparse_targets import SparseTargets
@@ -159,10 +160,10 @@ def ours_micro_step(student, teacher, batch, valid_vocab, normalizer, *,
     """Our micro-step (engine.train.step.distill_micro_step), under bf16 autocast by default;
     fused_head=False is the full-logits path (loss.fused_head = false)."""
     signal = LiveTeacher(teacher) if isinstance(teacher, torch.nn.Module) else teacher
-    return distill_micro_step(
-        student, signal, batch, alpha=ALPHA, temperature=TEMPERATURE, valid_vocab=valid_vocab,
-        normalizer=normalizer, autocast_dtype=autocast_dtype, fused_head=fused_head,
-    )
+    spec = LossSpec(alpha=ALPHA, temperature=TEMPERATURE, valid_vocab=valid_vocab,
+                    fused_head=fused_head)
+    return distill_micro_step(student, signal, batch, spec, normalizer=normalizer,
+                              autocast_dtype=autocast_dtype)
 
 
 def logits_micro_step(student, teacher, batch, valid_vocab, normalizer, **kwargs):

@@ -54,8 +54,8 @@ from engine.model.config import pythia_config
 from engine.model.network import GPTNeoX
 from engine.precision import precision_dtypes
 from engine.train import fsdp
-from engine.train.step import train_step
-from engine.train.teacher_signal import LiveTeacher
+from engine.train.step import ONE_PROCESS, StepHooks, train_step
+from engine.train.teacher_signal import LiveTeacher, NoTeacher
 
 CARD_BYTES = 12 * 2**30
 TARGET_RATIO = 0.9  # FSDP tokens/s against the plain step's, at world size 1
@@ -77,13 +77,15 @@ def time_steps(student, teacher, sizes, device, *, autocast_dtype, micro_batch=N
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, **kwargs)
     spec = _loss_spec(sizes["valid_vocab"])
-    signal = LiveTeacher(teacher) if teacher is not None else None
-    hooks = dict(head_loss=fsdp.head_loss, clip_grad_norm=fsdp.clip_grad_norm) if sharded else {}
+    gathered = fsdp.gathered_root if sharded else None
+    signal = LiveTeacher(teacher, gathered) if teacher is not None else NoTeacher()
+    hooks = StepHooks(head_loss=fsdp.head_loss, clip_grad_norm=fsdp.clip_grad_norm,
+                      all_reduce_sum=dist.all_reduce_sum) if sharded else ONE_PROCESS
 
     def step():
         return train_step(student, student, signal, optimizer, window, spec=spec,
                           autocast_dtype=autocast_dtype, max_grad_norm=1.0, lr=1e-4,
-                          stop_requested=False, **hooks)
+                          stop_requested=False, hooks=hooks)
 
     for _ in range(max(1, sizes["warmup"] // accum)):
         step()

@@ -111,6 +111,7 @@ from benchmarks.common import (
     write_json,
 )
 from engine.kernels.constants import IGNORE_INDEX
+from engine.kernels.loss_spec import LossSpec
 from engine.memory import CUDA_CONTEXT_BYTES, format_bytes, largest_micro_batch, plan_memory
 from engine.metrics import mfu, peak_flops
 from engine.on_policy import SamplingSettings, student_batch
@@ -442,10 +443,10 @@ def onpolicy_micro_step(settings: SamplingSettings, device, sampling_seconds: li
         sync(device)
         sampling_seconds.append(time.perf_counter() - t0)
         on_batch = {"input_ids": drawn["input_ids"], "labels": drawn["labels"]}
-        return distill_micro_step(student, LiveTeacher(teacher), on_batch, alpha=0.0,
-                                  temperature=TEMPERATURE, valid_vocab=valid_vocab,
+        spec = LossSpec(alpha=0.0, temperature=TEMPERATURE, valid_vocab=valid_vocab)
+        return distill_micro_step(student, LiveTeacher(teacher), on_batch, spec,
                                   normalizer=settings.new_tokens * batch["input_ids"].shape[0],
-                                  autocast_dtype=torch.bfloat16, fused_head=True)
+                                  autocast_dtype=torch.bfloat16)
 
     return step
 

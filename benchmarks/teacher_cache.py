@@ -61,6 +61,7 @@ from benchmarks.common import (
 )
 from engine.data.loader import build_dataset
 from engine.data.teacher_cache import CachedTargets, TeacherCache
+from engine.kernels.loss_spec import LossSpec
 from engine.model.hf_io import load_pretrained
 from engine.precision import dtype_of
 from engine.quickstart import pipeline as quickstart
@@ -165,8 +166,8 @@ def contrast_rows(settings, base, root: Path, config) -> dict:
 def _timed_step(student, source, batch, optimizer, valid_vocab):
     """(CPU seconds, wall seconds) of one training step: micro-step + AdamW."""
     c0, w0 = time.process_time(), time.perf_counter()
-    distill_micro_step(student, source, batch, alpha=ALPHA, temperature=TEMPERATURE,
-                       valid_vocab=valid_vocab, normalizer=None)
+    spec = LossSpec(alpha=ALPHA, temperature=TEMPERATURE, valid_vocab=valid_vocab)
+    distill_micro_step(student, source, batch, spec, normalizer=None)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.process_time() - c0, time.perf_counter() - w0

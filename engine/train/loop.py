@@ -16,6 +16,7 @@ MetricsWriter, an evaluation in `validate()`, a new artefact in `_finish()`.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 import warnings
 from pathlib import Path
@@ -48,7 +49,6 @@ from engine.train.setup import (
     check_compatible,
     configure_cuda_allocator,
     describe_runtime,
-    lr_at,
 )
 from engine.train.signals import StopRequest
 from engine.train.step import StepResult, train_step
@@ -83,6 +83,19 @@ def run(config: Config) -> dict[str, Any]:
         dist.teardown()
 
 
+def lr_at(config: Config, step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then constant/cosine."""
+    optim = config.optim
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return optim.lr
+    # The last step (index steps - 1) trains at min_lr.
+    decay_steps = max(1, config.run.steps - optim.warmup_steps - 1)
+    progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
 class Trainer:
     """One distillation run: built in __init__, stepped by train_step(), driven by train()."""
 
@@ -102,7 +115,8 @@ class Trainer:
         # teacher.path beside it only scores the held-out KD), else the (compiled) teacher.
         self.signal = cached or build_signal(self.parallel.wrap_teacher(self.teacher), config,
                                              info, accum_steps=self.accum_steps,
-                                             autocast_dtype=self.autocast_dtype)
+                                             autocast_dtype=self.autocast_dtype,
+                                             gathered=self.parallel.head_gathered)
         self.step = self.checkpointer.resume(self.student, self.optimizer, self.train_loader,
                                              self.signal)
         self.last_val: dict[str, Any] | None = None
@@ -211,30 +225,31 @@ class Trainer:
     # ----------------------------------------------------------------------------------
 
     def train_step(self, stop_requested: bool = False) -> StepResult:
-        """One optimizer step over the next accumulation window; logs its record."""
-        started = time.perf_counter()
+        """One optimizer step over the next accumulation window (train() then logs it)."""
         window = list(itertools.islice(self.batches, self.accum_steps))
         for batch in window:  # the CPU copy: an id past the embedding never reaches the device
             check_batch(batch, self.vocab_rows, f"data.path={self.config.data.path}: a batch "
                         f"of step {self.step + 1}", self.spec.valid_vocab)
         window = self.signal.prepare_window(window, self.student, self.step)
-        lr = lr_at(self.config, self.step)
         result = train_step(
             self.model, self.student, self.signal, self.optimizer, window,
             spec=self.spec, autocast_dtype=self.autocast_dtype,
             max_grad_norm=self.config.optim.grad_clip or float("inf"),
-            lr=lr,
+            lr=lr_at(self.config, self.step),
             stop_requested=stop_requested,
-            head_loss=self.parallel.head_loss,
-            clip_grad_norm=self.parallel.clip_grad_norm,
+            hooks=self.parallel.step_hooks,
         )
         self.step += 1
+        return result
+
+    def log_step(self, result: StepResult, seconds: float) -> None:
+        """The step's health (the checkpointer's ledger of finite steps) and its record."""
         self.checkpointer.record(self.step, result.applied)
-        self.last_record = self._step_record(result, lr, time.perf_counter() - started)
+        lr = lr_at(self.config, self.step - 1)
+        self.last_record = self._step_record(result, lr, seconds)
         every = self.config.run.log_every
         self.writer.log_step(self.last_record, print_line=self.step % every == 0
                              or self.step == self.config.run.steps)
-        return result
 
     def _step_record(self, result: StepResult, lr: float, elapsed: float) -> dict[str, Any]:
         self._session_steps += 1
@@ -329,7 +344,9 @@ class Trainer:
             if self.watch.due(self.step):  # step 0: the untouched student
                 self.watch_tasks()
             while self.step < run_cfg.steps:
+                started = time.perf_counter()
                 result = self.train_step(stop.requested)
+                self.log_step(result, time.perf_counter() - started)
                 if self._session_steps == 1:
                     self._log_peak_memory()
                 if not result.applied:

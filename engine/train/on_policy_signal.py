@@ -28,7 +28,6 @@ from engine.kernels.constants import IGNORE_INDEX
 from engine.model.network import unwrap_model
 from engine.on_policy import SamplingSettings, student_batch, teacher_nll_sum
 from engine.sampling import new_generator, restore_generator_state
-from engine.train.fsdp import gathered_root
 from engine.train.teacher_signal import LiveTeacher
 
 
@@ -71,7 +70,8 @@ class OnPolicyTeacher:
                 device = self.generator.device
                 batch = student_batch(student, batch["input_ids"].to(device), self.settings,
                                       generator=self.generator, labels=batch["labels"],
-                                      autocast_dtype=self.autocast_dtype, gathered=gathered_root)
+                                      autocast_dtype=self.autocast_dtype,
+                                      gathered=self.live.gathered)
                 batch["onpolicy"] = True
                 tokens = float((batch["labels"] != IGNORE_INDEX).sum())
                 self._sums[0] += tokens
@@ -88,7 +88,7 @@ class OnPolicyTeacher:
         if on:
             labels = batch["labels"].to(input_ids.device)
             head = None
-            with gathered_root(self.live.model), torch.no_grad():
+            with self.live.gathered(self.live.model), torch.no_grad():
                 if spec.fused_head:
                     head = unwrap_model(self.live.model).embed_out.weight
                     head = head[: spec.valid_vocab or unwrap_model(self.live.model).config

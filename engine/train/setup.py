@@ -6,7 +6,6 @@ __init__ (engine/train/loop.py) reads as the list of what a run is made of.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -119,16 +118,19 @@ def build_loss_spec(config: Config) -> LossSpec:
 
 
 def build_signal(teacher: torch.nn.Module | None, config: Config, info: dist.DistInfo, *,
-                 accum_steps: int, autocast_dtype: torch.dtype | None) -> TeacherSignal:
+                 accum_steps: int, autocast_dtype: torch.dtype | None,
+                 gathered) -> TeacherSignal:
     """The training step's teacher signal without a cache: the (wrapped) teacher model, with
     a share onpolicy.fraction of micro-batches written by the student, or cross-entropy alone
-    (the cache's signal comes from engine.train.teacher_source)."""
+    (the cache's signal comes from engine.train.teacher_source). `gathered` is the
+    strategy's gathered_root (a sharded model's head made whole)."""
     if teacher is None:
         return NoTeacher()
+    live = LiveTeacher(teacher, gathered)
     on = config.onpolicy
     if on.fraction == 0:
-        return LiveTeacher(teacher)
-    return OnPolicyTeacher(LiveTeacher(teacher),
+        return live
+    return OnPolicyTeacher(live,
                            SamplingSettings.of(on, config.data.valid_vocab or None),
                            fraction=on.fraction, accum_steps=accum_steps, seed=config.run.seed,
                            rank=info.rank, device=info.device, autocast_dtype=autocast_dtype)
@@ -280,16 +282,3 @@ def build_optimizer(config: Config, model: torch.nn.Module, device: torch.device
         except (RuntimeError, ValueError, TypeError):
             pass  # no fused kernel for this device/dtype in this torch build
     return torch.optim.AdamW(groups, **kwargs)
-
-
-def lr_at(config: Config, step: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then constant/cosine."""
-    optim = config.optim
-    if optim.warmup_steps and step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    if optim.schedule == "constant":
-        return optim.lr
-    # The last step (index steps - 1) trains at min_lr.
-    decay_steps = max(1, config.run.steps - optim.warmup_steps - 1)
-    progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
-    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))

@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine import dist
-from engine.kernels.constants import IGNORE_INDEX
-from engine.kernels.loss_spec import LossSpec
 from engine.model.network import autocast_context, model_device, unwrap_model
-from engine.train.teacher_signal import NoTeacher, TeacherSignal
 
-CROSS_ENTROPY_ONLY = NoTeacher()
+if TYPE_CHECKING:  # annotations only: the step runs whatever signal and spec it is given
+    from engine.kernels.loss_spec import LossSpec
+    from engine.train.teacher_signal import TeacherSignal
 
 
 def plain_head_loss(model: torch.nn.Module, input_ids: torch.Tensor, loss_fn):
@@ -49,27 +49,44 @@ def plain_clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
 
 
+def one_process_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of one process: the tensor itself."""
+    return tensor
+
+
+@dataclass(frozen=True)
+class StepHooks:
+    """Where a step meets the run's parallelism (engine/train/strategy.py gives them): the
+    head loss through the wrapped student, gradient clipping, and the sum over ranks. The
+    defaults are one process's, so the step itself never asks how the run is spread."""
+
+    head_loss: Callable = plain_head_loss
+    clip_grad_norm: Callable = plain_clip_grad_norm
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = one_process_sum
+
+
+ONE_PROCESS = StepHooks()
+
+
 def distill_micro_step(
     student: torch.nn.Module,
-    teacher: TeacherSignal | None,
+    teacher: TeacherSignal,
     batch: dict[str, torch.Tensor],
-    spec: LossSpec | None = None,
+    spec: LossSpec,
     *,
     normalizer: float | torch.Tensor | None,
     autocast_dtype: torch.dtype | None = None,
     inplace_grad: bool = True,
     chunk_tokens: int | None = None,
     head_loss=plain_head_loss,
-    **spec_fields,
 ) -> dict[str, torch.Tensor]:
     """Forward both models on `batch`, backpropagate the student's loss, return detached stats.
 
     `batch` holds "input_ids" and "labels" ([B, T] int64, labels already shifted,
     IGNORE_INDEX = ignored). `teacher` is the micro-step's teacher signal
-    (engine/train/teacher_signal.py: a LiveTeacher, a CachedTeacher whose targets ride in the
-    batch, ...); None is plain cross-entropy training with the same normaliser semantics.
-    `spec` says what the loss computes; callers outside the engine may give its fields as
-    keywords instead (`alpha=0.3, temperature=2.0, ...`). Gradients accumulate into the
+    (engine/train/teacher_signal.py: NoTeacher for cross-entropy alone, a LiveTeacher, a
+    CachedTeacher whose targets ride in the batch, ...); `spec` (engine.kernels.LossSpec)
+    says what the loss computes. Gradients accumulate into the
     student's .grad; under DDP wrap the call in `student.no_sync()` on all but the last
     micro-step of a window (the forward too). `student` may be a DDP / torch.compile wrapper
     of a GPTNeoX: the forward runs through it; the head weight is the inner module's.
@@ -86,20 +103,18 @@ def distill_micro_step(
     Returns 0-dim fp32 tensors on the model's device, without a host sync: "loss" (this
     micro-batch's contribution to the window loss), "ce_sum", "kd_sum", "valid_tokens".
     """
-    spec = spec if spec is not None else LossSpec(**spec_fields)
-    signal = teacher if teacher is not None else CROSS_ENTROPY_ONLY
     input_ids, labels = _batch_on_device(batch, model_device(student))
-    side = signal.teacher_side(batch, input_ids, spec, autocast_dtype)
+    side = teacher.teacher_side(batch, input_ids, spec, autocast_dtype)
     autocast = autocast_context(input_ids.device.type, autocast_dtype)
     if spec.fused_head:
         with autocast:
-            loss, stats = head_loss(student, input_ids, lambda hidden, head: signal.head_loss(
+            loss, stats = head_loss(student, input_ids, lambda hidden, head: teacher.head_loss(
                 side, hidden, head, labels, spec, normalizer=normalizer,
                 chunk_tokens=chunk_tokens))
     else:
         with autocast:
             s_logits = student(input_ids)
-        loss, stats = signal.logits_loss(side, s_logits, labels, spec, normalizer=normalizer,
+        loss, stats = teacher.logits_loss(side, s_logits, labels, spec, normalizer=normalizer,
                                          inplace_grad=inplace_grad)
     loss.backward()
     return {**stats, "loss": loss.detach().float()}
@@ -136,17 +151,18 @@ class StepResult:
     applied: bool  # False when the loss or gradient was non-finite and the update skipped
 
 
-def window_normalizer(window: list[dict[str, torch.Tensor]], device) -> torch.Tensor:
+def window_normalizer(window: list[dict[str, torch.Tensor]], device, ignore_index: int,
+                      all_reduce_sum=one_process_sum) -> torch.Tensor:
     """Valid label tokens of the whole accumulation window, summed over ranks (at least 1)."""
-    local_valid = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window)
+    local_valid = sum(int((b["labels"] != ignore_index).sum()) for b in window)
     total = torch.tensor(float(local_valid), dtype=torch.float32, device=device)
-    return dist.all_reduce_sum(total).clamp(min=1.0)
+    return all_reduce_sum(total).clamp(min=1.0)
 
 
 def train_step(
     model: torch.nn.Module,
     student: torch.nn.Module,
-    teacher: TeacherSignal | None,
+    teacher: TeacherSignal,
     optimizer: torch.optim.Optimizer,
     window: list[dict[str, torch.Tensor]],
     *,
@@ -155,32 +171,31 @@ def train_step(
     max_grad_norm: float,
     lr: float,
     stop_requested: bool,
-    head_loss=plain_head_loss,
-    clip_grad_norm=plain_clip_grad_norm,
+    hooks: StepHooks = ONE_PROCESS,
 ) -> StepResult:
     """Micro-steps over `window`, clip, one all-reduce, then the optimizer step at `lr`.
 
     `model` is what runs the forward (the student, or its DDP / compiled wrapper); `student`
-    owns the parameters; `teacher` and `spec` as for distill_micro_step. `head_loss` and
-    `clip_grad_norm` come from the run's strategy (engine/train/strategy.py; the defaults are
-    one process's and DDP's). The update is skipped,
-    and the gradient dropped, when the loss or the gradient norm is not finite.
+    owns the parameters; `teacher` and `spec` as for distill_micro_step; `hooks` come from
+    the run's strategy (one process's by default). The update is skipped, and the gradient
+    dropped, when the loss or the gradient norm is not finite.
     """
     device = model_device(student)
-    normalizer = window_normalizer(window, device)
+    normalizer = window_normalizer(window, device, spec.ignore_index, hooks.all_reduce_sum)
     sums = torch.zeros(4, dtype=torch.float32, device=device)  # loss, ce, kd, valid
     for i, batch in enumerate(window):
         # DDP all-reduces gradients only on the window's last micro-batch.
         skip_sync = hasattr(model, "no_sync") and i < len(window) - 1
         with model.no_sync() if skip_sync else contextlib.nullcontext():
             stats = distill_micro_step(model, teacher, batch, spec, normalizer=normalizer,
-                                       autocast_dtype=autocast_dtype, head_loss=head_loss)
+                                       autocast_dtype=autocast_dtype,
+                                       head_loss=hooks.head_loss)
         sums += torch.stack(
             [stats["loss"], stats["ce_sum"], stats["kd_sum"], stats["valid_tokens"]]
         )
-    grad_norm = clip_grad_norm(student.parameters(), max_grad_norm)
+    grad_norm = hooks.clip_grad_norm(student.parameters(), max_grad_norm)
     flag = torch.tensor([1.0 if stop_requested else 0.0], device=device)
-    totals = dist.all_reduce_sum(torch.cat([sums, flag]))
+    totals = hooks.all_reduce_sum(torch.cat([sums, flag]))
     # One host sync per step: the grad norm (already global after DDP's all-reduce) rides
     # along with the summed stats instead of taking a sync of its own.
     loss, ce_sum, kd_sum, valid, stop_votes, norm = torch.cat(

@@ -42,7 +42,7 @@ from engine.train.setup import (
     plan_micro_batch,
 )
 from engine.train.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
-from engine.train.step import plain_clip_grad_norm, plain_head_loss
+from engine.train.step import ONE_PROCESS, StepHooks
 
 
 class Strategy:
@@ -79,10 +79,9 @@ class Strategy:
         """What runs the teacher's forward: the teacher, compiled when the student is."""
         return None if teacher is None else self._compile(teacher, self.teacher_sharded)
 
-    # The step's head loss and clip; the first non-finite weight (same verdict on every rank);
-    # a checkpoint's loading into the live student and optimizer (every rank).
-    head_loss = staticmethod(plain_head_loss)
-    clip_grad_norm = staticmethod(plain_clip_grad_norm)
+    # The step's head loss, clip and sum over ranks; the first non-finite weight (same
+    # verdict on every rank); a checkpoint's loading into the live student and optimizer.
+    step_hooks = ONE_PROCESS
     first_non_finite = staticmethod(ckpt.first_non_finite)
     load_checkpoint = staticmethod(ckpt.load_checkpoint)
 
@@ -103,9 +102,14 @@ class Strategy:
         """A context with the heads of sharded models whole (nothing to do unsharded)."""
         return contextlib.nullcontext()
 
+    # What a teacher signal wraps a model's head use in: none where nothing is sharded.
+    head_gathered = None
+
 
 class DDP(Strategy):
     """Whole replicas on every rank; the student's forward under DistributedDataParallel."""
+
+    step_hooks = StepHooks(all_reduce_sum=dist.all_reduce_sum)
 
     def wrap_student(self, student: GPTNeoX) -> torch.nn.Module:
         info = self.info
@@ -160,13 +164,13 @@ class FSDP(Strategy):
 
     # The head loss inside the root's forward; collective clip and finite check; every rank
     # writes its shards of a checkpoint and gathers the export (rank 0 writes that).
-    head_loss = staticmethod(fsdp.head_loss)
-    clip_grad_norm = staticmethod(fsdp.clip_grad_norm)
+    step_hooks = StepHooks(head_loss=fsdp.head_loss, clip_grad_norm=fsdp.clip_grad_norm,
+                           all_reduce_sum=dist.all_reduce_sum)
     first_non_finite = staticmethod(fsdp.first_non_finite)
     save_checkpoint = staticmethod(save_sharded_checkpoint)
     load_checkpoint = staticmethod(load_sharded_checkpoint)
     export = staticmethod(export_sharded_student)
-    gathered_root = staticmethod(fsdp.gathered_root)
+    gathered_root = head_gathered = staticmethod(fsdp.gathered_root)
 
     def validation_share(self) -> tuple[int, int, bool]:
         # Every rank scores the same batches (the ones DDP's ranks share out), so their

@@ -22,6 +22,7 @@ checkpoints. The three sources above take the window as it is (`OffPolicy`).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol
 
 import torch
@@ -37,7 +38,6 @@ from engine.kernels import (
 )
 from engine.kernels.loss_spec import LossSpec
 from engine.model.network import autocast_context, unwrap_model
-from engine.train.fsdp import gathered_root
 
 LossAndStats = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -152,13 +152,14 @@ def teacher_logits(teacher: torch.nn.Module, input_ids: torch.Tensor,
 class LiveTeacher(OffPolicy):
     """A teacher model run on every micro-batch. `model` may be a DDP / torch.compile / FSDP
     form of a GPTNeoX; a teacher head padded to more rows than the student's teaches through
-    the shared rows (engine.train.setup.check_compatible)."""
+    the shared rows (engine.train.setup.check_compatible). `gathered(model)` is a context that
+    makes a sharded model's head whole (the strategy's head_gathered; None unsharded)."""
 
     teaches = True
     from_cache = False
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, gathered=None):
+        self.model, self.gathered = model, gathered or contextlib.nullcontext
 
     def describe(self) -> str:
         return "a live teacher model run on every micro-batch"
@@ -169,7 +170,7 @@ class LiveTeacher(OffPolicy):
                               return_hidden=spec.fused_head)
 
     def head_loss(self, side, hidden, head, labels, spec, *, normalizer, chunk_tokens):
-        with gathered_root(self.model):  # a sharded teacher's head, whole for the loss
+        with self.gathered(self.model):  # a sharded teacher's head, whole for the loss
             t_head = unwrap_model(self.model).embed_out.weight[: head.shape[0]]
             return kd_head_loss(hidden, head, side, t_head, labels, normalizer=normalizer,
                                 chunk_tokens=chunk_tokens, **spec.keywords())

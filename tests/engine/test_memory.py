@@ -269,22 +269,23 @@ def test_fused_head_plan_matches_every_tensor_a_step_allocates(precision, with_t
     tensor a whole micro-step (forward, fused head + loss, backward) keeps alive at once,
     measured through the dispatcher on the CPU (where the loss runs on its torch path); with
     several chunks (an fp32 d weight accumulator) and with one (its product is d weight)."""
+    from engine.kernels.loss_spec import LossSpec
     from engine.train.step import distill_micro_step
-    from engine.train.teacher_signal import LiveTeacher
+    from engine.train.teacher_signal import LiveTeacher, NoTeacher
     from tests.engine.live_memory import LiveBytes
 
     student, teacher = _tiny_pair(precision, with_teacher, checkpointing)
-    signal = LiveTeacher(teacher) if teacher is not None else None
+    signal = LiveTeacher(teacher) if teacher is not None else NoTeacher()
     micro_batch, seq_len = 3, 100
     gen = torch.Generator().manual_seed(1)
     batch = {name: torch.randint(0, PLAN_VOCAB, (micro_batch, seq_len), generator=gen)
              for name in ("input_ids", "labels")}
-    settings = dict(alpha=0.5, temperature=2.0, valid_vocab=None, normalizer=None,
-                    autocast_dtype=torch.bfloat16 if precision == "bf16-autocast" else None,
-                    fused_head=True, chunk_tokens=chunk, backend="torch")
-    distill_micro_step(student, signal, batch, **settings)  # gradients exist from here on
+    spec = LossSpec(alpha=0.5, temperature=2.0, fused_head=True, backend="torch")
+    settings = dict(normalizer=None, chunk_tokens=chunk,
+                    autocast_dtype=torch.bfloat16 if precision == "bf16-autocast" else None)
+    distill_micro_step(student, signal, batch, spec, **settings)  # gradients exist from here on
     with LiveBytes() as live:
-        distill_micro_step(student, signal, batch, **settings)
+        distill_micro_step(student, signal, batch, spec, **settings)
     plan = plan_memory(teacher.config if teacher else None, student.config,
                        micro_batch=micro_batch, seq_len=seq_len, precision=precision,
                        activation_checkpointing=checkpointing, fused_head=True,

@@ -11,7 +11,7 @@ from engine.kernels.kd_loss import kd_loss_reference
 from engine.kernels.loss_spec import LossSpec
 from engine.model import GPTNeoX, GPTNeoXConfig
 from engine.train.step import distill_micro_step
-from engine.train.teacher_signal import LiveTeacher
+from engine.train.teacher_signal import LiveTeacher, NoTeacher
 
 VOCAB = 97  # odd on purpose
 VALID_VOCAB = 90
@@ -20,7 +20,16 @@ VALID_VOCAB = 90
 
 def live(teacher):
     """The teacher model as the step's teacher signal (None: cross-entropy only)."""
-    return LiveTeacher(teacher) if teacher is not None else None
+    return LiveTeacher(teacher) if teacher is not None else NoTeacher()
+
+
+def micro_step(student, signal, batch, *, normalizer, autocast_dtype=None, inplace_grad=True,
+               chunk_tokens=None, **spec_fields):
+    """distill_micro_step with the LossSpec's fields as keywords (None: CE only)."""
+    return distill_micro_step(student, signal if signal is not None else NoTeacher(), batch,
+                              LossSpec(**spec_fields), normalizer=normalizer,
+                              autocast_dtype=autocast_dtype, inplace_grad=inplace_grad,
+                              chunk_tokens=chunk_tokens)
 
 def tiny_model(seed: int, hidden: int = 32, heads: int = 2) -> GPTNeoX:
     torch.manual_seed(seed)
@@ -64,7 +73,7 @@ def test_accumulation_equals_one_big_batch(with_teacher):
     kwargs = dict(alpha=0.3, temperature=1.7, valid_vocab=VALID_VOCAB)
 
     student = tiny_model(0)
-    whole = distill_micro_step(student, live(teacher), big, normalizer=None, **kwargs)
+    whole = micro_step(student, live(teacher), big, normalizer=None, **kwargs)
     expected = grads(student)
 
     student.zero_grad(set_to_none=True)
@@ -72,7 +81,7 @@ def test_accumulation_equals_one_big_batch(with_teacher):
     sums = torch.zeros(4)
     for rows in ([0], [1, 2], [3]):  # uneven micro-batches, uneven valid counts
         part = {k: v[rows] for k, v in big.items()}
-        stats = distill_micro_step(student, live(teacher), part, normalizer=total_valid, **kwargs)
+        stats = micro_step(student, live(teacher), part, normalizer=total_valid, **kwargs)
         sums += torch.stack(
             [stats["loss"], stats["ce_sum"], stats["kd_sum"], stats["valid_tokens"]]
         )
@@ -88,7 +97,7 @@ def test_loss_matches_float64_reference_and_teacher_stays_frozen():
     student, teacher = tiny_model(0), tiny_model(1, hidden=48, heads=3).eval()
     teacher.requires_grad_(False)
     batch = random_batch(3, rows=3, seq=9)
-    stats = distill_micro_step(
+    stats = micro_step(
         student, live(teacher), batch, alpha=0.5, temperature=2.0, valid_vocab=VALID_VOCAB,
         normalizer=17.0,
     )
@@ -114,7 +123,7 @@ def test_loss_matches_float64_reference_and_teacher_stays_frozen():
 def test_without_teacher_it_is_plain_cross_entropy():
     student = tiny_model(0)
     batch = random_batch(5)
-    stats = distill_micro_step(
+    stats = micro_step(
         student, None, batch, alpha=0.5, temperature=2.0, valid_vocab=VALID_VOCAB, normalizer=None
     )
     expected_grads = grads(student)
@@ -133,8 +142,8 @@ def test_bf16_autocast_runs_and_stays_close():
     teacher.requires_grad_(False)
     batch = random_batch(7)
     kwargs = dict(alpha=0.5, temperature=2.0, valid_vocab=None, normalizer=None)
-    fp32 = distill_micro_step(student, live(teacher), batch, **kwargs)
-    bf16 = distill_micro_step(student, live(teacher), batch, autocast_dtype=torch.bfloat16,
+    fp32 = micro_step(student, live(teacher), batch, **kwargs)
+    bf16 = micro_step(student, live(teacher), batch, autocast_dtype=torch.bfloat16,
                               **kwargs)
     assert torch.isfinite(bf16["loss"])
     torch.testing.assert_close(bf16["loss"], fp32["loss"], rtol=0.05, atol=0.05)
@@ -145,12 +154,12 @@ def test_bad_batches_are_named():
     student = tiny_model(0)
     kwargs = dict(alpha=0.5, temperature=2.0, valid_vocab=None, normalizer=None)
     with pytest.raises(ValueError, match="'input_ids' and 'labels'"):
-        distill_micro_step(student, None, {"input_ids": torch.zeros(1, 3, dtype=torch.long)},
+        micro_step(student, None, {"input_ids": torch.zeros(1, 3, dtype=torch.long)},
                            **kwargs)
     bad = {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.ones(2, 4,
                                                                                   dtype=torch.long)}
     with pytest.raises(ValueError, match=r"must both be \[B, T\]"):
-        distill_micro_step(student, None, bad, **kwargs)
+        micro_step(student, None, bad, **kwargs)
 
 
 def test_in_place_logit_gradient_changes_nothing():
@@ -160,7 +169,7 @@ def test_in_place_logit_gradient_changes_nothing():
     results = []
     for inplace in (True, False):
         student = tiny_model(0)
-        stats = distill_micro_step(student, live(teacher), batch, alpha=0.5, temperature=2.0,
+        stats = micro_step(student, live(teacher), batch, alpha=0.5, temperature=2.0,
                                    valid_vocab=VALID_VOCAB, normalizer=None, inplace_grad=inplace,
                                    fused_head=False)
         results.append((stats, grads(student)))
@@ -223,7 +232,7 @@ def _step_both_ways(make_student, teacher, batches, **settings):
     runs = []
     for fused in (True, False):
         student = make_student()
-        stats = [distill_micro_step(student, live(teacher), batch, fused_head=fused, **settings)
+        stats = [micro_step(student, live(teacher), batch, fused_head=fused, **settings)
                  for batch in batches]
         runs.append((stats, grads(student)))
     return runs
@@ -297,9 +306,9 @@ def test_fused_head_through_compile_and_ddp_wrappers(tmp_path):
     batch = random_batch(23)
     settings = dict(alpha=0.5, temperature=2.0, valid_vocab=VALID_VOCAB, normalizer=None)
     plain = tiny_model(0)
-    expected = distill_micro_step(plain, live(teacher), batch, **settings)
+    expected = micro_step(plain, live(teacher), batch, **settings)
     compiled = tiny_model(0)
-    got = distill_micro_step(torch.compile(compiled, backend="eager"),
+    got = micro_step(torch.compile(compiled, backend="eager"),
                              live(torch.compile(teacher, backend="eager")), batch, **settings)
     torch.testing.assert_close(got["loss"], expected["loss"], rtol=1e-6, atol=1e-6)
     for name, grad in grads(compiled).items():
@@ -318,7 +327,7 @@ def test_fused_head_through_compile_and_ddp_wrappers(tmp_path):
             return future
 
         wrapped.register_comm_hook(None, record_bucket)
-        distill_micro_step(wrapped, live(teacher), batch, **settings)
+        micro_step(wrapped, live(teacher), batch, **settings)
     finally:
         dist.destroy_process_group()
     assert any(p is inner.embed_out.weight for p in seen), "DDP never reduced embed_out"

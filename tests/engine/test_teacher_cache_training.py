@@ -15,6 +15,7 @@ import torch
 
 from engine.data.loader import build_dataset
 from engine.data.teacher_cache import CachedTargets, TeacherCache
+from engine.kernels.loss_spec import LossSpec
 from engine.model import load_pretrained
 from engine.teacher_cache import build_teacher_cache
 from engine.train.__main__ import main as train_main
@@ -77,8 +78,8 @@ def test_whole_vocabulary_cache_equals_online_distillation(assets, tmp_path):
     grads = []
     for source in (LiveTeacher(teacher), CachedTeacher(TeacherCache(assets["full"]))):
         student = load_pretrained(assets["student"])
-        distill_micro_step(student, source, batch, alpha=0.5, temperature=2.0,
-                           valid_vocab=VALID_VOCAB, normalizer=None)
+        spec = LossSpec(alpha=0.5, temperature=2.0, valid_vocab=VALID_VOCAB)
+        distill_micro_step(student, source, batch, spec, normalizer=None)
         grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
     assert (grads[1] - grads[0]).norm() <= 1e-3 * grads[0].norm()
 
