@@ -32,6 +32,9 @@ Sections (each guarded: a failure is recorded with its traceback and the others 
                       its own forward, steady state (target >= 0.9x)
   transformers        the step through GPTNeoXForCausalLM + the naive loss (target: ours eager
                       >= 1.5x)
+  sampling            batched greedy sampling tokens/s, engine.sampling against transformers'
+                      generate with its KV cache (benchmarks/sampling.py --device cuda, in a
+                      fresh process): pythia-70m shape, batch 32, prompt 64, 64 new tokens, fp32
   capped_12gib        a fresh process capped to a 12 GiB card: the seed step, the largest
                       micro-batch that runs (target >= 24), and that micro-batch compiled, the
                       best configuration that fits (target >= 500k tokens/s, MFU >= 35%)
@@ -409,6 +412,18 @@ def section_transformers(sizes, smoke: bool) -> dict:
     return result
 
 
+def section_sampling(sizes, smoke: bool, out_dir: Path) -> dict:
+    """benchmarks/sampling.py on this device in a fresh process: our sampler's tokens/s against
+    transformers' generate, same weights and prompts, greedy (the CPU target is 1.5x)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return {"skipped": "transformers is not installed"}
+    args = ["benchmarks.sampling", "--device", current_device().type, "--repeats", "3",
+            "--json"]
+    return run_worker("sampling benchmark", args, sizes, smoke, out_dir)
+
+
 def section_capped(sizes, smoke: bool, out_dir: Path) -> dict:
     """Run the capped measurements in a fresh process so the cap and allocator start clean.
     The device memory this process still holds is passed along, so the child's own memory
@@ -646,6 +661,19 @@ def _plan_row(name: str, body: dict) -> tuple[str, str, str] | None:
             f"{body['reserved_over_allocated']:.2f}", "within 5%")
 
 
+def _sampling_rows(body: dict) -> list[tuple[str, str, str]]:
+    """Our sampler against transformers' generate: tokens/s (medians) and their ratio."""
+    if "skipped" in body:
+        return [("sampling: ours / transformers generate", "skipped: " + body["skipped"], "-")]
+    if "ratio_of_medians" not in body:
+        return []
+    med = body["median_tokens_per_s"]
+    return [("sampling: ours / transformers generate",
+             f"x{body['ratio_of_medians']:.2f} ({med['ours']:,.0f} vs "
+             f"{med['transformers']:,.0f} tokens/s, greedy equal in "
+             f"{100 * body['greedy_token_agreement']:.0f}%)", "- (CPU: >= 1.5x)")]
+
+
 def _cache_rows(body: dict) -> list[tuple[str, str, str]]:
     """The teacher cache's rows: its kernel's correctness, its step against the online one."""
     if "correctness" not in body:
@@ -686,6 +714,7 @@ def _step_rows(sections: dict) -> list[tuple[str, str, str]]:
         rows.append(("largest mb in 12 GiB (plan)",
                      f"{seed['plan_largest_micro_batch_12gib']} (checkpointing: "
                      f"{seed['plan_largest_micro_batch_12gib_checkpointing']})", ">= 24"))
+    rows += _sampling_rows(sections.get("sampling", {}))
     rows += _cache_rows(sections.get("teacher_cache", {}))
     rows += _cache_build_rows(sections.get("teacher_cache_build", {}))
     hf = sections.get("transformers", {})
@@ -791,6 +820,7 @@ SECTIONS: dict[str, Section] = {
     "teacher_cache": Section(_plain(section_teacher_cache), 90),
     "teacher_cache_build": Section(_plain(section_teacher_cache_build), 120),
     "transformers": Section(_plain(section_transformers), 60),
+    "sampling": Section(section_sampling, 90),
     "capped_12gib": Section(section_capped, 200),
     "fsdp": Section(section_fsdp, 240),
 }
