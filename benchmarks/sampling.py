@@ -3,17 +3,18 @@
     python -m benchmarks.sampling [--repeats 5] [--json benchmarks/results/sampling.json]
                                   [--device cpu|cuda]
 
-Both engines get the same random pythia-70m-shaped weights (ours saved as a checkpoint and loaded by
-transformers' GPTNeoXForCausalLM.from_pretrained), the same batch of 32 random
-prompts of 64 tokens, and decode 64 new tokens greedily in fp32 on the CPU (or --device cuda,
-what the GPU suite's sampling section runs): ours through
-engine.sampling.sample, transformers through `generate(do_sample=False, use_cache=True)` with
-its default cache and no end-of-sequence stop (every row writes all 64 tokens in both).
-Rounds alternate the order of the two engines (a busy minute of a shared machine hits both
-alike); the report is the median tokens/s of each, the ratio of the medians and the per-round
-ratios. Generated tokens per second count the new tokens only (B x new_tokens per call, the
-prefill included in the time). The greedy tokens of the two engines are compared too.
---smoke runs tiny shapes once (the test does). Every timed call ends with a device sync.
+Both engines get the same random pythia-70m-shaped weights (ours saved as a checkpoint and
+loaded by transformers' GPTNeoXForCausalLM.from_pretrained), the same batch of 32 random prompts
+of 64 tokens, and decode 64 new tokens greedily in fp32 on the CPU (or --device cuda, what the
+GPU suite's sampling section runs): ours through engine.sampling.sample, transformers through
+`generate(do_sample=False, use_cache=True)` with its default cache and no end-of-sequence stop
+(every row writes all 64 tokens in both). Rounds alternate the order of the two engines (a busy
+minute of a shared machine hits both alike); the report is the median tokens/s of each, the
+ratio of the medians and the per-round ratios, and the same from the process's CPU time
+(time.process_time: with one thread, the time the engine really ran, which a busy machine's
+waits do not inflate). Generated tokens per second count the new tokens only (B x new_tokens
+per call, the prefill included in the time). The greedy tokens of the two engines are compared
+too. --smoke runs tiny shapes once (the test does). Every timed call ends with a device sync.
 """
 
 from __future__ import annotations
@@ -76,22 +77,28 @@ def measure(sizes: dict, repeats: int, seed: int = 0, device="cpu") -> dict:
     tokens = {name: run(prompts) for name, run in runs.items()}  # warm-up, and the outputs
     agree = (tokens["ours"] == tokens["transformers"]).float().mean().item()
     seconds: dict[str, list[float]] = {name: [] for name in runs}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(repeats):
         order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
         for name in order:
             sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             runs[name](prompts)
             sync(device)
             seconds[name].append(time.perf_counter() - start)
+            cpu_seconds[name].append(time.process_time() - cpu_start)
     generated = sizes["batch"] * sizes["new_tokens"]
     rates = {name: [generated / s for s in values] for name, values in seconds.items()}
     medians = {name: statistics.median(values) for name, values in rates.items()}
     per_round = [a / b for a, b in zip(rates["ours"], rates["transformers"], strict=True)]
+    cpu_medians = {name: generated / statistics.median(values)
+                   for name, values in cpu_seconds.items()}
     return {"shapes": sizes, "repeats": repeats, "seconds": seconds,
             "tokens_per_s": rates, "median_tokens_per_s": medians,
             "ratio_of_medians": medians["ours"] / medians["transformers"],
-            "per_round_ratio": per_round, "greedy_token_agreement": agree}
+            "per_round_ratio": per_round, "greedy_token_agreement": agree,
+            "cpu_seconds": cpu_seconds, "median_tokens_per_cpu_s": cpu_medians,
+            "cpu_ratio_of_medians": cpu_medians["ours"] / cpu_medians["transformers"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<13} {med[name]:8.1f} tokens/s (median; rounds {rounds})")
     print(f"  ours / transformers: x{result['ratio_of_medians']:.2f} (per round: "
           + " / ".join(f"{r:.2f}" for r in result["per_round_ratio"]) + ")")
+    cpu = result["median_tokens_per_cpu_s"]
+    print(f"  per second of this process's CPU time (steadier on a shared machine): ours "
+          f"{cpu['ours']:.1f}, transformers {cpu['transformers']:.1f}, "
+          f"x{result['cpu_ratio_of_medians']:.2f}")
     print(f"  greedy tokens equal in {100 * result['greedy_token_agreement']:.1f}% of places")
     write_json(args.json, result)
     print(f"wrote {args.json}")
