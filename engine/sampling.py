@@ -15,11 +15,13 @@ restore it as a plain uint8 tensor (no pickle), so a resumed run samples what th
 one would have. Columns at or past `valid_vocab` (Pythia's padded embedding rows) never take
 part: the head multiplies only the first `valid_vocab` rows of its weight.
 
-Only the last position's logits are ever formed (the prefill runs the network over the prompt
-and the head over its last position alone), keys and values are written in place into the
-preallocated cache, and everything runs under torch.no_grad (not inference_mode: the returned
-tokens must be usable as inputs of a later forward that is differentiated). The model's
-train/eval mode is restored on return.
+Only the last position's logits are ever formed (the prefill runs the network over the prompt,
+the last block's attention output and MLP and the head over its last position alone), keys and
+values are written in place into the preallocated cache, and on the CPU, for plain fp32 weights
+outside autocast, the blocks' linears and the head run from copies packed once per call for
+oneDNN (engine.model.network.PackedLinears). Everything runs under torch.no_grad (not
+inference_mode: the returned tokens must be usable as inputs of a later forward that is
+differentiated). The model's train/eval mode is restored on return.
 """
 
 from __future__ import annotations
