@@ -36,6 +36,9 @@ Sections (each guarded: a failure is recorded with its traceback and the others 
                       tokens after 64-token prompts, the teacher scores them) against the
                       off-policy step of the same 8 x 128-token windows (pythia shapes, bf16
                       autocast): tokens/s of each, their ratio, sampling's share of the step
+  sampling            batched greedy sampling tokens/s, engine.sampling against transformers'
+                      generate with its KV cache (benchmarks/sampling.py --device cuda, in a
+                      fresh process): pythia-70m shape, batch 32, prompt 64, 64 new tokens, fp32
   capped_12gib        a fresh process capped to a 12 GiB card: the seed step, the largest
                       micro-batch that runs (target >= 24), and that micro-batch compiled, the
                       best configuration that fits (target >= 500k tokens/s, MFU >= 35%)
@@ -471,6 +474,16 @@ def section_on_policy_step(sizes, smoke: bool) -> dict:
             "off_policy": off, "on_policy": on,
             "on_over_off_step_time": off["tokens_per_s"] / on["tokens_per_s"],
             "sampling_share": timed_sampling / on["seconds"]}
+def section_sampling(sizes, smoke: bool, out_dir: Path) -> dict:
+    """benchmarks/sampling.py on this device in a fresh process: our sampler's tokens/s against
+    transformers' generate, same weights and prompts, greedy (the CPU target is 1.5x)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return {"skipped": "transformers is not installed"}
+    args = ["benchmarks.sampling", "--device", current_device().type, "--repeats", "3",
+            "--json"]
+    return run_worker("sampling benchmark", args, sizes, smoke, out_dir)
 
 
 def section_capped(sizes, smoke: bool, out_dir: Path) -> dict:
@@ -767,6 +780,19 @@ def _plan_row(name: str, body: dict) -> tuple[str, str, str] | None:
             f"{body['reserved_over_allocated']:.2f}", "within 5%")
 
 
+def _sampling_rows(body: dict) -> list[tuple[str, str, str]]:
+    """Our sampler against transformers' generate: tokens/s (medians) and their ratio."""
+    if "skipped" in body:
+        return [("sampling: ours / transformers generate", "skipped: " + body["skipped"], "-")]
+    if "ratio_of_medians" not in body:
+        return []
+    med = body["median_tokens_per_s"]
+    return [("sampling: ours / transformers generate",
+             f"x{body['ratio_of_medians']:.2f} ({med['ours']:,.0f} vs "
+             f"{med['transformers']:,.0f} tokens/s, greedy equal in "
+             f"{100 * body['greedy_token_agreement']:.0f}%)", "- (CPU: >= 1.5x)")]
+
+
 def _cache_rows(body: dict) -> list[tuple[str, str, str]]:
     """The teacher cache's rows: its kernel's correctness, its step against the online one."""
     if "correctness" not in body:
@@ -807,6 +833,7 @@ def _step_rows(sections: dict) -> list[tuple[str, str, str]]:
         rows.append(("largest mb in 12 GiB (plan)",
                      f"{seed['plan_largest_micro_batch_12gib']} (checkpointing: "
                      f"{seed['plan_largest_micro_batch_12gib_checkpointing']})", ">= 24"))
+    rows += _sampling_rows(sections.get("sampling", {}))
     rows += _cache_rows(sections.get("teacher_cache", {}))
     rows += _cache_build_rows(sections.get("teacher_cache_build", {}))
     hf = sections.get("transformers", {})
@@ -925,6 +952,7 @@ SECTIONS: dict[str, Section] = {
     "teacher_cache_build": Section(_plain(section_teacher_cache_build), 120),
     "transformers": Section(_plain(section_transformers), 60),
     "on_policy_step": Section(_plain(section_on_policy_step), 90),
+    "sampling": Section(section_sampling, 90),
     "capped_12gib": Section(section_capped, 200),
     "fsdp": Section(section_fsdp, 240),
     "onpolicy_sampler_memory": Section(_plain(section_onpolicy_sampler_memory), 60),

@@ -70,10 +70,65 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((rotated.to(x.dtype), x[..., rot:]), dim=-1)
 
 
+def _onednn_linear_available() -> bool:
+    """Whether this torch build has oneDNN's prepacked CPU linear (mkldnn._linear_pointwise)."""
+    try:
+        return torch.backends.mkldnn.is_available() and (
+            torch.ops.mkldnn._linear_pointwise is not None
+            and torch.ops.mkldnn._reorder_linear_weight is not None
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedLinears:
+    """Inference copies of a model's Linear weights in oneDNN's blocked layout (CPU, fp32).
+
+    Decoding multiplies small batches of rows by fixed weights many times; oneDNN runs that
+    product faster from a weight it has reordered once than MKL runs F.linear (the same fp32
+    product, rounded differently in the last bits). The copies are taken once per sampling call
+    (the weights may change between calls), cost one more copy of the weights in memory while
+    they live, and carry no gradient. `usable(model)` says when they apply: plain fp32 CPU
+    parameters (not FSDP's sharded DTensors), a torch built with oneDNN, no autocast (whose
+    lower-precision product they would silently skip).
+    """
+
+    def __init__(self, model: nn.Module, head_rows: int, batch_hint: int):
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        self._packed = {
+            module: reorder(module.weight.detach(), batch_hint)
+            for module in model.gpt_neox.layers.modules()
+            if isinstance(module, nn.Linear)
+        }
+        self._head = reorder(model.embed_out.weight.detach()[:head_rows], batch_hint)
+
+    @staticmethod
+    def usable(model: nn.Module) -> bool:
+        params = list(model.parameters())
+        return (
+            _onednn_linear_available()
+            and not torch.is_autocast_enabled("cpu")
+            and all(type(p) is nn.Parameter and p.device.type == "cpu" for p in params)
+            and all(p.dtype == torch.float32 for p in params)
+        )
+
+    def linear(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """module(x) through the packed weight."""
+        return torch.ops.mkldnn._linear_pointwise(
+            x, self._packed[module], module.bias, "none", [], ""
+        )
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, head_rows] of hidden [N, H]: the first head_rows rows of the head."""
+        return torch.ops.mkldnn._linear_pointwise(hidden, self._head, None, "none", [], "")
+
+
 class KVCache:
-    """Preallocated keys/values per layer for incremental decoding.
+    """Preallocated keys/values per layer for incremental decoding, written in place.
 
     Only the sampler uses it; training and evaluation run the plain full-sequence forward.
+    `linears`, when set (the sampler sets it on the CPU), routes the blocks' linears through
+    packed weights (PackedLinears).
     """
 
     def __init__(self, config: GPTNeoXConfig, batch_size: int, max_len: int, *, dtype, device):
@@ -83,9 +138,15 @@ class KVCache:
             )
         shape = (batch_size, config.num_heads, max_len, config.head_dim)
         layers = range(config.num_layers)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        # Uninitialised: attention reads only the positions update() has written.
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in layers]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in layers]
         self.max_len = max_len
+        self.linears: PackedLinears | None = None
+
+    def linear(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """module(x), through the packed weights when there are some."""
+        return module(x) if self.linears is None else self.linears.linear(module, x)
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         end = start_pos + k.shape[2]
@@ -105,28 +166,36 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0,
+                last_only: bool = False):
+        """Attention output [B, T, H]; with a cache, keys and values of the T new positions are
+        written into it first, and last_only returns the last position's output alone [B, 1, H]
+        (a prefill needs the keys of every position but the output of the last)."""
         batch, seq, hidden = x.shape
         # The fused projection is interleaved per head: (heads, [q k v], head_dim).
-        qkv = self.query_key_value(x).view(batch, seq, self.num_heads, 3, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each [B, heads, T, hd]
+        qkv = self.query_key_value(x) if kv_cache is None else kv_cache.linear(
+            self.query_key_value, x)
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(
+            batch, seq, self.num_heads, 3, self.head_dim).unbind(dim=3))  # [B, heads, T, hd]
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if kv_cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.dense(out.transpose(1, 2).reshape(batch, seq, hidden))
+        k, v = kv_cache.update(self.layer_index, start_pos, k, v)
+        if last_only and seq > 1:
+            q, seq = q[:, :, -1:], 1
+        if seq == 1:
+            out = F.scaled_dot_product_attention(q, k, v)  # one new token sees everything
+        elif start_pos == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            k, v = kv_cache.update(self.layer_index, start_pos, k, v)
-            if start_pos == 0:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            elif seq == 1:
-                out = F.scaled_dot_product_attention(q, k, v)  # one new token sees everything
-            else:
-                # New chunk after a prefix: is_causal would align the mask top-left, so say it.
-                keys_at = torch.arange(k.shape[2], device=x.device)
-                queries_at = torch.arange(start_pos, start_pos + seq, device=x.device)
-                mask = keys_at[None, :] <= queries_at[:, None]
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.dense(out.transpose(1, 2).reshape(batch, seq, hidden))
+            # New chunk after a prefix: is_causal would align the mask top-left, so say it.
+            keys_at = torch.arange(k.shape[2], device=x.device)
+            queries_at = torch.arange(start_pos, start_pos + seq, device=x.device)
+            mask = keys_at[None, :] <= queries_at[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return kv_cache.linear(self.dense, out.transpose(1, 2).reshape(batch, seq, hidden))
 
 
 class MLP(nn.Module):
@@ -135,7 +204,10 @@ class MLP(nn.Module):
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
         self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x):
+    def forward(self, x, kv_cache: KVCache | None = None):
+        if kv_cache is not None:  # the decode path: the cache may hold packed weights
+            inner = F.gelu(kv_cache.linear(self.dense_h_to_4h, x))
+            return kv_cache.linear(self.dense_4h_to_h, inner)
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))  # exact erf GELU, as HF
 
 
@@ -148,12 +220,16 @@ class Block(nn.Module):
         self.attention = Attention(config, layer_index)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0):
-        attn = self.attention(self.input_layernorm(x), cos, sin, kv_cache, start_pos)
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0,
+                last_only: bool = False):
+        """x + attention + MLP; last_only (with a cache): the last position's output alone."""
+        attn = self.attention(self.input_layernorm(x), cos, sin, kv_cache, start_pos, last_only)
+        if kv_cache is not None and last_only:
+            x = x[:, -1:]
         if self.use_parallel_residual:
-            return x + attn + self.mlp(self.post_attention_layernorm(x))
+            return x + attn + self.mlp(self.post_attention_layernorm(x), kv_cache)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), kv_cache)
 
 
 class Backbone(nn.Module):
@@ -207,9 +283,18 @@ class GPTNeoX(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def hidden_states(
-        self, input_ids: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0
+        self,
+        input_ids: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Final-LayerNorm output [B, T, H]: what a fused head+loss consumes instead of logits."""
+        """Final-LayerNorm output [B, T, H]: what a fused head+loss consumes instead of logits.
+
+        last_only (with a cache only): the last position's [B, 1, H]; every position's keys
+        and values still enter the cache, but the last block's attention output, MLP and
+        the final LayerNorm run for the last position alone (what a sampler's prefill needs).
+        """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"input_ids must be an int64/int32 tensor [B, T], got {input_ids.dtype} "
@@ -221,18 +306,54 @@ class GPTNeoX(nn.Module):
                 f"positions {start_pos}..{start_pos + seq - 1} exceed max_positions="
                 f"{self.config.max_positions}"
             )
+        if kv_cache is not None and kv_cache.linears is not None and seq == 1:
+            return self._decode_packed(input_ids, kv_cache, start_pos)
         cos = self.rotary.cos[start_pos : start_pos + seq]
         sin = self.rotary.sin[start_pos : start_pos + seq]
         x = self.gpt_neox.embed_in(input_ids)
         recompute = (
             self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
         )
-        for block in self.gpt_neox.layers:
+        if last_only and kv_cache is None:
+            raise ValueError("last_only needs a kv_cache (the full forward returns every position)")
+        last = len(self.gpt_neox.layers) - 1
+        for index, block in enumerate(self.gpt_neox.layers):
             if recompute:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x = block(x, cos, sin, kv_cache, start_pos)
+                x = block(x, cos, sin, kv_cache, start_pos, last_only and index == last)
         return self.gpt_neox.final_layer_norm(x)
+
+    def _decode_packed(self, input_ids: torch.Tensor, kv_cache: KVCache, position: int):
+        """hidden_states of one new position per row [B, 1, H] through the cache's packed
+        weights: the blocks' cache path, op for op the same arithmetic, in fewer tensor
+        operations (the rotation of q and k in one in-place pass, no per-head transposes), since
+        a one-token decode step on the CPU is short enough for their overhead to show."""
+        batch = input_ids.shape[0]
+        heads, head_dim, rot = self.config.num_heads, self.config.head_dim, self.config.rotary_dims
+        cos, sin = self.rotary.cos[position], self.rotary.sin[position]
+        linear = kv_cache.linears.linear
+        x = self.gpt_neox.embed_in(input_ids[:, 0])  # [B, H]
+        for block in self.gpt_neox.layers:
+            attention, mlp = block.attention, block.mlp
+            qkv = linear(attention.query_key_value, block.input_layernorm(x))
+            qkv = qkv.view(batch, heads, 3, head_dim)  # interleaved per head, as in Attention
+            if rot:
+                qk = qkv[:, :, :2, :rot]  # q and k's rotated dims, rotated in place
+                first, second = qk.chunk(2, dim=-1)
+                qk.copy_(qk * cos + torch.cat((-second, first), dim=-1) * sin)
+            q, k, v = (t.unsqueeze(2) for t in qkv.unbind(dim=2))  # each [B, heads, 1, hd]
+            keys, values = kv_cache.update(attention.layer_index, position, k, v)
+            out = F.scaled_dot_product_attention(q, keys, values)  # sees every cached key
+            attn = linear(attention.dense, out.reshape(batch, heads * head_dim))
+            if block.use_parallel_residual:
+                inner = block.post_attention_layernorm(x)
+                x = x + attn
+            else:
+                x = x + attn
+                inner = block.post_attention_layernorm(x)
+            x = x + linear(mlp.dense_4h_to_h, F.gelu(linear(mlp.dense_h_to_4h, inner)))
+        return self.gpt_neox.final_layer_norm(x)[:, None]
 
     def forward(
         self,
@@ -298,5 +419,5 @@ def autocast_context(device_type: str, dtype: torch.dtype | None):
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
-__all__ = ["GPTNeoX", "KVCache", "RotaryCache", "apply_rotary", "autocast_context", "model_device",
-           "unwrap_model"]
+__all__ = ["GPTNeoX", "KVCache", "PackedLinears", "RotaryCache", "apply_rotary", "autocast_context",
+           "model_device", "unwrap_model"]

@@ -32,7 +32,7 @@ def test_smoke_suite_runs_every_section(tmp_path):
                              "divergences", "head",
                              "seed_recipe", "seed_recipe_logits", "seed_recipe_compiled",
                              "teacher_cache", "teacher_cache_build", "transformers",
-                             "on_policy_step", "capped_12gib", "fsdp",
+                             "on_policy_step", "sampling", "capped_12gib", "fsdp",
                              "onpolicy_sampler_memory"}
     for name, body in sections.items():
         assert "error" not in body, (name, body.get("traceback"))
@@ -59,6 +59,9 @@ def test_smoke_suite_runs_every_section(tmp_path):
     assert cache["passed"] and len(cache["correctness"]) == 4
     assert cache["cache"]["finite"] and cache["online"]["finite"] and cache["speedup"] > 0
     assert "seed step from a top-64 cache / online step" in proc.stdout
+    sampled = sections["sampling"]  # benchmarks/sampling.py in a worker, at smoke size
+    assert sampled["greedy_token_agreement"] == 1.0 and sampled["ratio_of_medians"] > 0
+    assert "sampling: ours / transformers generate" in proc.stdout
     builds = sections["teacher_cache_build"]["builds"]
     assert set(builds) == {"top-64", "sampled-32"}
     # (at smoke sizes the steady rate is noise: only the plumbing and the record are checked)

@@ -16,6 +16,8 @@ def test_smoke_compares_ours_with_transformers_generate(tmp_path, capsys):
     assert set(saved["median_tokens_per_s"]) == {"ours", "transformers"}
     assert all(rate > 0 for rate in saved["median_tokens_per_s"].values())
     assert saved["ratio_of_medians"] > 0 and len(saved["per_round_ratio"]) == 1
+    assert saved["cpu_ratio_of_medians"] > 0 and saved["device"].startswith("cpu")
+    assert all(len(times) == 1 for times in saved["cpu_seconds"].values())
     assert saved["greedy_token_agreement"] == 1.0  # same weights, same greedy tokens
     assert "load_average_before" in saved and saved["threads"] == 1
     assert "ours / transformers: x" in capsys.readouterr().out

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.model import CheckpointError, GPTNeoX, GPTNeoXConfig, KVCache
-from engine.model.network import autocast_context
+from engine.model.network import PackedLinears, autocast_context
 from tests.hf_models import random_pythia
 
 FP32_TOLERANCE = 1e-4
@@ -237,6 +237,38 @@ def test_kv_cache_chunks_match_the_full_forward():
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="overflow"):
         model(input_ids[:, :1], kv_cache=cache, start_pos=21)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_packed_decode_and_last_only_prefill_match_the_full_forward(parallel):
+    model = perturbed(tiny_config(use_parallel_residual=parallel), seed=11)
+    input_ids = torch.randint(0, 211, (2, 21), generator=torch.Generator().manual_seed(3))
+    assert PackedLinears.usable(model)
+    packed = PackedLinears(model, head_rows=200, batch_hint=2)
+    cache = model.new_kv_cache(batch_size=2, max_len=21)
+    cache.linears = packed
+    with torch.no_grad():
+        full = model.hidden_states(input_ids)
+        prefill = model.hidden_states(input_ids[:, :10], cache, 0, last_only=True)
+        steps = [model.hidden_states(input_ids[:, pos : pos + 1], cache, pos)
+                 for pos in range(10, 21)]
+        logits = packed.head(steps[-1][:, 0])
+    assert prefill.shape == (2, 1, 64)  # the last position alone
+    torch.testing.assert_close(prefill[:, 0], full[:, 9], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 10:], rtol=1e-5, atol=1e-5)
+    reference = full[:, 20] @ model.embed_out.weight[:200].t()
+    assert logits.shape == (2, 200)
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="last_only needs a kv_cache"):
+        model.hidden_states(input_ids, last_only=True)
+
+
+def test_packed_linears_apply_only_to_plain_fp32_cpu_weights_without_autocast():
+    model = perturbed(tiny_config(), seed=1)
+    assert PackedLinears.usable(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # its bf16 product must not be skipped
+        assert not PackedLinears.usable(model)
+    assert not PackedLinears.usable(copy.deepcopy(model).to(torch.bfloat16))
 
 
 def test_forward_rejects_bad_input():
