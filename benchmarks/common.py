@@ -16,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
+import json
 import os
 import platform
 import statistics
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,6 +56,7 @@ from engine.model.config import PYTHIA_COMMON, PYTHIA_SHAPES, GPTNeoXConfig
 from engine.model.hf_io import load_pretrained, save_pretrained
 from engine.model.network import GPTNeoX
 from engine.precision import DTYPES, dtype_of
+from engine.quickstart import pipeline as quickstart
 from engine.teacher_cache import build_teacher_cache
 from engine.train.step import distill_micro_step
 from engine.train.teacher_signal import LiveTeacher
@@ -865,3 +868,53 @@ def heldout_vs_teacher(model_dir, teacher_dir, data_dir, config, batches: int) -
                            teacher=load_pretrained(teacher_dir, dtype=torch.float32),
                            temperature=config.loss.temperature,
                            valid_vocab=config.data.valid_vocab or None)
+
+
+# ----------------------------------------------------------------------------- quickstart
+
+
+def _rebased(path: str, old_root: Path, folder: Path) -> str:
+    """`path` as recorded by the quickstart (relative to where it ran), found under `folder`."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return str(p)
+    try:
+        return str(folder / p.relative_to(old_root))
+    except ValueError:
+        return str(p)
+
+
+def finished_quickstart(args) -> dict[str, Any]:
+    """The finished quickstart's summary (quickstart.json) for a study: the one at
+    args.quickstart, or one made under args.out (args.tiny: the tiny one); its paths point into
+    the folder it was read from."""
+    folder = Path(args.quickstart) if args.quickstart else Path(args.out) / "quickstart"
+    if not args.quickstart:
+        code = quickstart.main(["--out-dir", str(folder)] + (["--tiny"] if args.tiny else []))
+        if code not in (0, 1):  # 1: ran, but the distilled student is not ahead (said above)
+            raise SystemExit(f"the quickstart under {folder} failed (exit {code})")
+    try:
+        summary = json.loads((folder / quickstart.MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{folder / quickstart.MARKER}: not a finished quickstart "
+                         f"({exc})") from None
+    if "last_word_task" not in summary:
+        raise SystemExit(f"{folder}: made by an older quickstart (no last-word task); "
+                         "rerun it or omit --quickstart")
+    old_root = Path(summary["data_dir"]).parent
+    summary["data_dir"] = _rebased(summary["data_dir"], old_root, folder)
+    summary["last_word_task"] = _rebased(summary["last_word_task"], old_root, folder)
+    summary["tokenizer"]["path"] = _rebased(summary["tokenizer"]["path"], old_root, folder)
+    for run in summary["runs"].values():
+        run["export_dir"] = _rebased(run["export_dir"], old_root, folder)
+    return summary
+
+
+def quickstart_study(args) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the quickstart's settings, shrunk under args.tiny; its finished summary) for a study
+    at quickstart scale, with the quickstart's thread count set."""
+    settings = quickstart.load_settings(quickstart.DEFAULT_CONFIG)
+    if args.tiny:
+        settings = quickstart.shrink(settings)
+    torch.set_num_threads(settings["quickstart"]["torch_threads"] or torch.get_num_threads())
+    return settings, finished_quickstart(args)

@@ -36,7 +36,6 @@ benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -46,7 +45,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, write_json
+from benchmarks.common import RESULTS_DIR, quickstart_study, write_json
 from engine.data.loader import build_dataset
 from engine.eval.heldout import heldout_batches, heldout_loader
 from engine.kernels.constants import IGNORE_INDEX
@@ -71,41 +70,6 @@ DIVERGENCE = "reverse_kl"
 PROMPT_BATCHES = 8  # held-out micro-batches whose prefixes prompt the sample-NLL measure
 NLL_SEED = 1234  # the sampler seed of that measure, the same for every model
 COST_REPEATS = 8  # interleaved off- and on-policy steps timed, after one warm-up of each
-
-
-def _rebased(path: str, old_root: Path, folder: Path) -> str:
-    """`path` as recorded by the quickstart (relative to where it ran), found under `folder`."""
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return str(p)
-    try:
-        return str(folder / p.relative_to(old_root))
-    except ValueError:
-        return str(p)
-
-
-def quickstart_run(args) -> dict[str, Any]:
-    """The finished quickstart's summary, its paths pointing into the folder it was read from."""
-    folder = Path(args.quickstart) if args.quickstart else Path(args.out) / "quickstart"
-    if not args.quickstart:
-        code = quickstart.main(["--out-dir", str(folder)] + (["--tiny"] if args.tiny else []))
-        if code not in (0, 1):  # 1: ran, but the distilled student is not ahead (said above)
-            raise SystemExit(f"the quickstart under {folder} failed (exit {code})")
-    try:
-        summary = json.loads((folder / quickstart.MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"{folder / quickstart.MARKER}: not a finished quickstart "
-                         f"({exc})") from None
-    if "last_word_task" not in summary:
-        raise SystemExit(f"{folder}: made by an older quickstart (no last-word task); "
-                         "rerun it or omit --quickstart")
-    old_root = Path(summary["data_dir"]).parent
-    summary["data_dir"] = _rebased(summary["data_dir"], old_root, folder)
-    summary["last_word_task"] = _rebased(summary["last_word_task"], old_root, folder)
-    summary["tokenizer"]["path"] = _rebased(summary["tokenizer"]["path"], old_root, folder)
-    for run in summary["runs"].values():
-        run["export_dir"] = _rebased(run["export_dir"], old_root, folder)
-    return summary
 
 
 def run_config(settings, summary, fraction: float, steps: int, out_dir: Path):
@@ -362,11 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the PNG (default: beside --json, same name)")
     parser.add_argument("--tiny", action="store_true", help="the quickstart's --tiny scale")
     args = parser.parse_args(argv)
-    settings = quickstart.load_settings(quickstart.DEFAULT_CONFIG)
-    if args.tiny:
-        settings = quickstart.shrink(settings)
-    torch.set_num_threads(settings["quickstart"]["torch_threads"] or torch.get_num_threads())
-    summary = quickstart_run(args)
+    settings, summary = quickstart_study(args)
     steps = quickstart.stage_config(settings, "distill", {}, check=False).run.steps
     reference = run_config(settings, summary, 1.0, steps, Path(args.out))
     teacher = load_pretrained(summary["runs"]["teacher_pretrain"]["export_dir"],

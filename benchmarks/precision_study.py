@@ -17,7 +17,6 @@ without it the quickstart runs first under --out. CPU only; numbers in benchmark
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, write_json
+from benchmarks.common import RESULTS_DIR, quickstart_study, write_json
 from engine.metrics import read_records
 from engine.quickstart import pipeline as quickstart
 from engine.train.loop import run as train_run
@@ -35,20 +34,6 @@ PRECISIONS = ("fp32", "bf16-autocast", "bf16-pure")
 SEED_OPTIMIZER = {"lr": 1e-4, "schedule": "constant", "warmup_steps": 0, "min_lr": 0.0,
                   "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 0.0}
 WATCH_EVERY = 20  # steps between last-word scores during each run
-
-
-def quickstart_run(args) -> dict[str, Any]:
-    """The finished quickstart's summary (quickstart.json): reused, or made under --out."""
-    folder = Path(args.quickstart) if args.quickstart else Path(args.out) / "quickstart"
-    if not args.quickstart:
-        code = quickstart.main(["--out-dir", str(folder)] + (["--tiny"] if args.tiny else []))
-        if code not in (0, 1):  # 1: ran, but the distilled student is not ahead (said above)
-            raise SystemExit(f"the quickstart under {folder} failed (exit {code})")
-    summary = json.loads((folder / quickstart.MARKER).read_text(encoding="utf-8"))
-    if "last_word_task" not in summary:
-        raise SystemExit(f"{folder}: made by an older quickstart (no last-word task); "
-                         "rerun it or omit --quickstart")
-    return summary
 
 
 def study_config(settings, summary: dict[str, Any], precision: str, out_dir: Path):
@@ -130,11 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=str(RESULTS_DIR / "precision_study.json"))
     parser.add_argument("--tiny", action="store_true", help="the quickstart's --tiny scale")
     args = parser.parse_args(argv)
-    settings = quickstart.load_settings(quickstart.DEFAULT_CONFIG)
-    if args.tiny:
-        settings = quickstart.shrink(settings)
-    torch.set_num_threads(settings["quickstart"]["torch_threads"] or torch.get_num_threads())
-    summary = quickstart_run(args)
+    settings, summary = quickstart_study(args)
     base = next(r for r in summary["rows"] if r["stage"] == "student_base")
     eval_batches = settings["quickstart"]["eval_batches"]
     rows = with_gains([study_row(settings, summary, p, Path(args.out), eval_batches)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import on_policy
+from benchmarks import common, on_policy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ROW_KEYS = {"run", "fraction", "steps", "step_cost_s", "cpu_time_s", "step_time_s",
@@ -32,7 +32,7 @@ def test_reused_quickstart_paths_point_into_its_folder(tmp_path):
     class Args:
         quickstart, out, tiny = str(folder), str(tmp_path / "out"), False
 
-    got = on_policy.quickstart_run(Args)
+    got = common.finished_quickstart(Args)
     assert got["data_dir"] == str(folder / "data")
     assert got["tokenizer"]["path"] == str(folder / "tokenizer" / "tokenizer.json")
     assert got["runs"]["teacher_pretrain"]["export_dir"] == str(

@@ -34,16 +34,8 @@ pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_two_ranks_match_one_process(assets, tmp_path):
-    # One process: 4 micro-batches of 2 per step. Two ranks: 2 micro-batches of 2 each. The
-    # loader deals the epoch's permutation out round-robin, so the global windows coincide.
-    # The ranks run the fused head + loss (the default), the one process the full logits: the
-    # comparison covers DDP's reduction of embed_out's gradient, which the fused loss forms.
-    single = run(make_config(assets, tmp_path / "single", data__mode="padded",
-                             batch__accum_steps=4, run__steps=3, loss__fused_head=False))
-    out = tmp_path / "ddp"
-    overrides = base_overrides(assets, out, data__mode="padded", batch__accum_steps=2,
-                               run__steps=3, run__save_every=2)
+def torchrun_train(overrides: list[str]) -> subprocess.CompletedProcess:
+    """`python -m engine.train` on two gloo ranks under torchrun; fails the test on an error."""
     env = {**os.environ, **LOOPBACK_ENV, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "NEOX_DIST_TIMEOUT_S": "300"}
     proc = subprocess.run(
@@ -54,6 +46,20 @@ def test_two_ranks_match_one_process(assets, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_ranks_match_one_process(assets, tmp_path):
+    # One process: 4 micro-batches of 2 per step. Two ranks: 2 micro-batches of 2 each. The
+    # loader deals the epoch's permutation out round-robin, so the global windows coincide.
+    # The ranks run the fused head + loss (the default), the one process the full logits: the
+    # comparison covers DDP's reduction of embed_out's gradient, which the fused loss forms.
+    single = run(make_config(assets, tmp_path / "single", data__mode="padded",
+                             batch__accum_steps=4, run__steps=3, loss__fused_head=False))
+    out = tmp_path / "ddp"
+    overrides = base_overrides(assets, out, data__mode="padded", batch__accum_steps=2,
+                               run__steps=3, run__save_every=2)
+    proc = torchrun_train(overrides)
     # Rank 0 alone logs and saves.
     assert proc.stdout.count("step 3/3") == 1, proc.stdout
     assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2, 3]
@@ -80,14 +86,7 @@ def test_two_ranks_sample_their_own_and_match_one_process_on_policy(assets, tmp_
     single = run(make_config(assets, tmp_path / "single", batch__accum_steps=4, **on_policy))
     out = tmp_path / "ddp"
     overrides = base_overrides(assets, out, batch__accum_steps=2, **on_policy)
-    env = {**os.environ, **LOOPBACK_ENV, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "NEOX_DIST_TIMEOUT_S": "300"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "engine.train", *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun_train(overrides)
     for d, s in zip(train_records(out), train_records(single["out_dir"]), strict=True):
         assert d["valid_tokens"] == s["valid_tokens"] == 4 * 2 * 6
         assert d["loss"] == pytest.approx(s["loss"], rel=1e-5)
