@@ -876,7 +876,7 @@ def heldout_vs_teacher(model_dir, teacher_dir, data_dir, config, batches: int) -
 def _rebased(path: str, old_root: Path, folder: Path) -> str:
     """`path` as recorded by the quickstart (relative to where it ran), found under `folder`."""
     p = Path(path)
-    if p.exists() or p.is_absolute():
+    if p.is_absolute():
         return str(p)
     try:
         return str(folder / p.relative_to(old_root))

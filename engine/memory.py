@@ -490,7 +490,10 @@ def sampler_components(cfg, *, micro_batch: int, prompt_tokens: int, new_tokens:
     transients; under autocast the block's fp32 LayerNorm output too) and a decode step (its
     [B,V] logits with their fp32 scaled copy and softmax, plus under autocast the head
     weight's bf16 cast); under autocast, the bf16 casts of every block's weights and biases,
-    which autocast caches for the whole sampling. Top-k / top-p cuts add [B,V] sorts on top.
+    which autocast caches for the whole sampling (the prefill's transients peak before the
+    last block's are made). Top-k / top-p cuts add [B,V] sorts on top. On the CPU an fp32
+    sampler also makes oneDNN-packed copies of the weights (engine.model.network
+    .PackedLinears), which this GPU plan leaves out.
     Checked on the CPU against every tensor `sample` allocates (tests/engine/test_memory.py:
     within 3%; up to 9% over where a decode step sets the peak under autocast)."""
     if prompt_tokens < 1 or new_tokens < 1:
@@ -502,13 +505,19 @@ def sampler_components(cfg, *, micro_batch: int, prompt_tokens: int, new_tokens:
     positions = prompt_tokens + new_tokens
     prefill = b * prompt_tokens * (max(4 * h + 2 * i, 9 * h) * a + (4 * h if autocast else 0))
     decode = b * v * (a + 8) + (a * v * h if autocast else 0)
+    block_casts = 2 * (_block_weights(cfg) + 5 * h + i) if autocast else 0
+    if cfg.num_layers > 1:
+        # The last block of the prefill runs its attention and MLP on the last position only,
+        # so the whole-prompt transients peak in the block before it, while the last block's
+        # casts are not made yet.
+        prefill -= block_casts
     out = [(f"sampler: student KV cache [2 x L x B x {positions} x H]",
             kv_cache_bytes(cfg, micro_batch, positions, precision)),
            ("sampler: prefill over the prompt or a decode step's logits (the larger)",
             max(prefill, decode))]
     if autocast:
         out.append(("sampler: bf16 casts of every block (autocast keeps them)",
-                    2 * cfg.num_layers * (_block_weights(cfg) + 5 * h + i)))
+                    cfg.num_layers * block_casts))
     return out
 
 

@@ -31,16 +31,15 @@ class SimulatedCrash(RuntimeError):
 
 
 def crash_after_step(monkeypatch, crash_step: int) -> None:
-    """Make Trainer.train_step raise once the run reaches `crash_step` (its record written)."""
-    original = Trainer.train_step
+    """Make the run raise once it reaches `crash_step`, its record written (Trainer.log_step)."""
+    original = Trainer.log_step
 
-    def train_step(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
+    def log_step(self, *args, **kwargs):
+        original(self, *args, **kwargs)
         if self.step == crash_step:
             raise SimulatedCrash(f"killed after step {crash_step}")
-        return result
 
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "log_step", log_step)
 
 
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
