@@ -78,7 +78,11 @@ def run(config: Config) -> dict[str, Any]:
             trainer = Trainer(config, info)
             lock.keep()  # past its checks, the run has written into out_dir
             with StopRequest() as stop:
-                return trainer.train(stop)
+                result = trainer.train(stop)
+            # Leave the group together: no rank tears down its connections while a peer is
+            # still finishing (its export, its last collective).
+            dist.barrier()
+            return result
     finally:
         dist.teardown()
 
