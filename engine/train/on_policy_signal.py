@@ -73,11 +73,12 @@ class OnPolicyTeacher:
                                       autocast_dtype=self.autocast_dtype,
                                       gathered=self.live.gathered)
                 batch["onpolicy"] = True
-                tokens = float((batch["labels"] != IGNORE_INDEX).sum())
+            tokens = float((batch["labels"] != IGNORE_INDEX).sum())
+            if batch.get("onpolicy"):
                 self._sums[0] += tokens
                 self._sums[2] += float(batch["generated"].sum())
                 self._sums[3] += batch["input_ids"].shape[0]
-            self._sums[1] += float((batch["labels"] != IGNORE_INDEX).sum())
+            self._sums[1] += tokens
             out.append(batch)
         self._sums[5] = time.perf_counter() - started
         return out
@@ -87,15 +88,13 @@ class OnPolicyTeacher:
         on = bool(batch.get("onpolicy", False))
         if on:
             labels = batch["labels"].to(input_ids.device)
-            head = None
+            teacher = unwrap_model(self.live.model)
+            columns = spec.valid_vocab or teacher.config.vocab_size
             with self.live.gathered(self.live.model), torch.no_grad():
-                if spec.fused_head:
-                    head = unwrap_model(self.live.model).embed_out.weight
-                    head = head[: spec.valid_vocab or unwrap_model(self.live.model).config
-                                .vocab_size]
-                    self._nll += teacher_nll_sum(side, labels, head)
+                if spec.fused_head:  # side: hidden states; only labelled rows meet the head
+                    self._nll += teacher_nll_sum(side, labels, teacher.embed_out.weight[:columns])
                 else:
-                    self._nll += teacher_nll_sum(side[..., : spec.valid_vocab or None], labels)
+                    self._nll += teacher_nll_sum(side[..., :columns], labels)
         return side, on
 
     def head_loss(self, side, hidden, head, labels, spec, *, normalizer, chunk_tokens):
@@ -112,9 +111,9 @@ class OnPolicyTeacher:
 
     def window_metrics(self, step_seconds: float) -> dict:
         """The step's onpolicy_* record fields, summed over ranks (every rank calls it)."""
-        sums = self._sums.clone()
-        sums[4] = float(self._nll)
-        total = dist.all_reduce_sum(sums.to(self._nll.device, torch.float32)).tolist()
+        sums = self._sums.to(self._nll.device, torch.float32)
+        sums[4] = self._nll  # stays on the device: the one host sync is the reduced total
+        total = dist.all_reduce_sum(sums).tolist()
         on_tokens, all_tokens, written, rows, nll, seconds = total
         world = dist.get_world_size()
         return {
